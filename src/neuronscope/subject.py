@@ -1,0 +1,410 @@
+"""Subject: a loaded causal LM, its tokenizer and its ArchSpec, loaded from a folder, a hub id or a GGUF file.
+
+`Subject.load(...)` is the one way neuronscope loads a model; every failure is turned into one sentence
+(`NeuronscopeError`) that names what was wrong and what is supported.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from .arch import SUPPORTED_MODEL_TYPES, ArchSpec, spec_for, spec_for_model_type
+from .errors import NeuronscopeError
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
+
+
+@dataclass
+class ResolvedSource:
+    """Where a model comes from: a local folder, a hub id, or a GGUF file inside a folder."""
+    location: str
+    gguf_file: str | None = None
+    is_local: bool = True
+
+    @property
+    def display(self) -> str:
+        return str(Path(self.location) / self.gguf_file) if self.gguf_file else self.location
+
+
+def resolve_source(source: str | os.PathLike | None, gguf_file: str | None = None) -> ResolvedSource:
+    """Turn what a user typed into a loadable location; `None` means the default model (see `models`)."""
+    if source is None:
+        from .models import default_model_path
+        path = default_model_path()
+        return ResolvedSource(str(path.parent), path.name)
+    text = str(source)
+    path = Path(text).expanduser()
+    if gguf_file is not None:
+        if not path.is_dir():
+            raise NeuronscopeError(f"No folder at '{text}' to hold the GGUF file '{gguf_file}'.")
+        if not (path / gguf_file).is_file():
+            raise NeuronscopeError(f"No GGUF file '{gguf_file}' in '{text}'.")
+        return ResolvedSource(str(path), gguf_file)
+    if path.is_file():
+        if path.suffix.lower() == ".gguf":
+            return ResolvedSource(str(path.parent), path.name)
+        raise NeuronscopeError(
+            f"'{text}' is a file but not a .gguf file; give a model folder (config.json + weights), "
+            "a .gguf file, or a Hugging Face hub id."
+        )
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return ResolvedSource(str(path))
+        ggufs = sorted(p.name for p in path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return ResolvedSource(str(path), ggufs[0])
+        if len(ggufs) > 1:
+            raise NeuronscopeError(
+                f"'{text}' holds several GGUF files ({', '.join(ggufs)}); name one with --gguf-file or its path."
+            )
+        raise NeuronscopeError(
+            f"The folder '{text}' has no config.json and no .gguf file, so it is not a Hugging Face model folder."
+        )
+    looks_local = text.startswith((".", "/", "~")) or os.sep in text.strip("/").replace("/", "", 1) \
+        or text.count("/") > 1 or text.endswith(".gguf")
+    if looks_local or not _HUB_ID.match(text):
+        raise NeuronscopeError(
+            f"No model at '{text}': it is not an existing folder, not a .gguf file, and not a Hugging Face hub id "
+            "(like 'HuggingFaceTB/SmolLM2-135M-Instruct')."
+        )
+    return ResolvedSource(text, None, is_local=False)
+
+
+def _load_config(src: ResolvedSource, trust_remote_code: bool):
+    from transformers import AutoConfig
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if src.gguf_file:
+        kwargs["gguf_file"] = src.gguf_file
+    try:
+        return AutoConfig.from_pretrained(src.location, **kwargs)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if not src.is_local:
+            raise NeuronscopeError(
+                f"Could not fetch the model '{src.location}' from the Hugging Face hub ({first}). "
+                "Check the id and your network, or give a local folder or .gguf file."
+            ) from None
+        raise NeuronscopeError(f"Could not read the model configuration at '{src.display}': {first}") from None
+
+
+def fingerprint_model(model: nn.Module) -> str:
+    """A short, stable hash of a model's weights: names, shapes and a strided sample of every tensor's values."""
+    h = hashlib.sha256()
+    seen: set[int] = set()
+    for name, p in model.state_dict(keep_vars=True).items():
+        if p.data_ptr() in seen:
+            continue
+        seen.add(p.data_ptr())
+        flat = p.detach().reshape(-1)
+        step = max(1, flat.numel() // 4096)
+        sample = flat[::step].float().cpu().contiguous()
+        h.update(name.encode())
+        h.update(str(tuple(p.shape)).encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class Subject:
+    """A causal LM under study: the HF model, its tokenizer and where its parts are (`spec`)."""
+    model: nn.Module
+    tokenizer: Any
+    spec: ArchSpec
+    name: str = "model"
+    source: ResolvedSource | None = None
+    _fingerprint: str | None = field(default=None, repr=False)
+
+    # ---- loading ----------------------------------------------------------------------------------------
+    @classmethod
+    def load(
+        cls,
+        source: str | os.PathLike | None = None,
+        *,
+        gguf_file: str | None = None,
+        dtype: str | torch.dtype = "float32",
+        device: str | None = None,
+        device_map: str | dict | None = None,
+        trust_remote_code: bool = False,
+    ) -> "Subject":
+        """Load a causal LM from a folder, a hub id or a GGUF file (`None`: the default model).
+
+        dtype: float32 (default; the fast choice on CPUs), bfloat16 or float16. device: "cpu", "cuda", "cuda:1"...
+        device_map: "auto" to spread a big model over several GPUs (accelerate).
+        """
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        src = resolve_source(source, gguf_file)
+        torch_dtype = _parse_dtype(dtype)
+        config = _load_config(src, trust_remote_code)
+        model_type = getattr(config, "model_type", "?")
+        spec_for_model_type(model_type)  # clear error before any weights are read
+        kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
+        if src.gguf_file:
+            kwargs["gguf_file"] = src.gguf_file
+        if device_map is not None:
+            kwargs["device_map"] = device_map
+        try:
+            model = AutoModelForCausalLM.from_pretrained(src.location, **kwargs)
+            tok_kwargs = {"gguf_file": src.gguf_file} if src.gguf_file else {}
+            tokenizer = AutoTokenizer.from_pretrained(src.location, **tok_kwargs)
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise NeuronscopeError(f"Could not load the model at '{src.display}': {first}") from None
+        if device is not None and device_map is None:
+            model.to(device)
+        model.eval()
+        model.requires_grad_(False)
+        name = src.display if src.is_local else src.location
+        return cls.from_model(model, tokenizer, name=name, source=src)
+
+    @classmethod
+    def from_model(cls, model: nn.Module, tokenizer: Any = None, *, name: str = "model",
+                   source: ResolvedSource | None = None) -> "Subject":
+        """Wrap an already loaded `*ForCausalLM` model (for notebooks and tests)."""
+        spec = spec_for(model)
+        if tokenizer is not None and getattr(tokenizer, "pad_token_id", None) is None:
+            eos = getattr(tokenizer, "eos_token", None)
+            if eos is not None:
+                tokenizer.pad_token = eos
+        return cls(model=model, tokenizer=tokenizer, spec=spec, name=name, source=source)
+
+    # ---- shape ------------------------------------------------------------------------------------------
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def family(self) -> str:
+        return self.spec.family
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.spec.decoder_layers(self.model)
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def n_neurons(self) -> int:
+        """MLP neurons per layer (the width of the down projection's input)."""
+        return self.spec.write_vectors(self.model, 0).shape[0]
+
+    @property
+    def hidden_size(self) -> int:
+        return self.spec.unembedding(self.model).shape[1]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.spec.unembedding(self.model).shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.spec.get(self.model, self.spec.embed).weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.spec.get(self.model, self.spec.embed).weight.dtype
+
+    @property
+    def tied(self) -> bool:
+        return self.spec.is_tied(self.model)
+
+    @property
+    def has_mid_site(self) -> bool:
+        return self.spec.has_mid(self.model)
+
+    @property
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            self._fingerprint = fingerprint_model(self.model)
+        return self._fingerprint
+
+    def sites(self) -> list[str]:
+        """Names of the places capabilities can read or write."""
+        s = ["neurons", "resid.post"]
+        if self.has_mid_site:
+            s.insert(1, "resid.mid")
+        return s
+
+    def info(self) -> dict[str, Any]:
+        """Facts about the model, as shown by `neuronscope info`."""
+        n_params = sum(p.numel() for p in {id(p): p for p in self.model.parameters()}.values())
+        return {
+            "name": self.name,
+            "family": self.family,
+            "model_type": getattr(self.config, "model_type", None),
+            "class": type(self.model).__name__,
+            "layers": self.n_layers,
+            "neurons_per_layer": self.n_neurons,
+            "neurons_total": self.n_layers * self.n_neurons,
+            "hidden_size": self.hidden_size,
+            "vocab_size": self.vocab_size,
+            "gated_mlp": self.spec.gated,
+            "tied_lm_head": self.tied,
+            "parameters": n_params,
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "device": str(self.device),
+            "sites": self.sites(),
+            "has_chat_template": self.has_chat_template,
+            "fingerprint": self.fingerprint,
+        }
+
+    # ---- validation -------------------------------------------------------------------------------------
+    def check_layer(self, layer: int) -> int:
+        if not isinstance(layer, int) or isinstance(layer, bool):
+            raise NeuronscopeError(f"Layer must be an integer, got {layer!r}.")
+        if not 0 <= layer < self.n_layers:
+            raise NeuronscopeError(f"Layer {layer} is out of range: this model has layers 0 to {self.n_layers - 1}.")
+        return layer
+
+    def check_neurons(self, neurons: Sequence[int]) -> list[int]:
+        out = []
+        for n in neurons:
+            if not isinstance(n, int) or isinstance(n, bool):
+                raise NeuronscopeError(f"Neuron ids must be integers, got {n!r}.")
+            if not 0 <= n < self.n_neurons:
+                raise NeuronscopeError(
+                    f"Neuron {n} is out of range: each layer has neurons 0 to {self.n_neurons - 1}.")
+            out.append(n)
+        return out
+
+    def parse_layers(self, text: str | Sequence[int] | None) -> list[int]:
+        """Layer sets: 'all', '0-7', '3,7,11', '0-3,8' or a list of ints; `None` means all."""
+        if text is None:
+            return list(range(self.n_layers))
+        if not isinstance(text, str):
+            return [self.check_layer(int(x)) for x in text]
+        return [self.check_layer(x) for x in parse_index_set(text, self.n_layers, what="layer")]
+
+    # ---- text -------------------------------------------------------------------------------------------
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    def encode(self, prompt: str, *, chat: bool = False, system: str | None = None) -> torch.Tensor:
+        """Token ids [1, T] for a prompt, through the chat template when `chat` (and a system message if given)."""
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise NeuronscopeError("The prompt is empty; give some text.")
+        if self.tokenizer is None:
+            raise NeuronscopeError("This subject has no tokenizer.")
+        if chat:
+            if not self.has_chat_template:
+                raise NeuronscopeError(f"The model '{self.name}' has no chat template; drop --chat.")
+            messages = ([{"role": "system", "content": system}] if system else []) + \
+                [{"role": "user", "content": prompt}]
+            return self.encode_chat(messages)
+        ids = self.tokenizer(prompt, return_tensors="pt")["input_ids"]
+        return ids.to(self.device)
+
+    def encode_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> torch.Tensor:
+        out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                 return_tensors="pt")
+        ids = out if torch.is_tensor(out) else out["input_ids"]
+        return ids.to(self.device)
+
+    def decode(self, ids) -> str:
+        if torch.is_tensor(ids):
+            ids = ids.tolist()
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def token_strings(self, ids) -> list[str]:
+        """Each id as the text it stands for (for tables and the web page)."""
+        if torch.is_tensor(ids):
+            ids = ids.tolist()
+        return [self.tokenizer.decode([i]) for i in ids]
+
+    # ---- running ----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model(input_ids=input_ids.to(self.device), attention_mask=attention_mask).logits
+
+    @torch.no_grad()
+    def generate_ids(self, input_ids: torch.Tensor, *, max_new_tokens: int = 64, temperature: float = 0.0,
+                     top_p: float = 1.0, seed: int | None = None, attention_mask: torch.Tensor | None = None,
+                     streamer: Any = None, stop_strings: Any = None) -> torch.Tensor:
+        """Generate after `input_ids` ([B, T]); temperature 0 means greedy. Returns only the new ids [B, n]."""
+        if max_new_tokens < 1:
+            raise NeuronscopeError("max_new_tokens must be at least 1.")
+        if not (temperature >= 0.0) or temperature != temperature or temperature == float("inf"):
+            raise NeuronscopeError(f"Temperature must be a finite number >= 0, got {temperature}.")
+        kwargs: dict[str, Any] = {"max_new_tokens": int(max_new_tokens)}
+        if temperature > 0:
+            kwargs.update(do_sample=True, temperature=float(temperature), top_p=float(top_p), top_k=0)
+            if seed is not None:
+                torch.manual_seed(seed)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        pad = getattr(self.tokenizer, "pad_token_id", None)
+        if pad is not None:
+            kwargs["pad_token_id"] = pad
+        if streamer is not None:
+            kwargs["streamer"] = streamer
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        out = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
+                                  **kwargs)
+        return out[:, input_ids.shape[1]:]
+
+    def generate(self, prompt: str, *, chat: bool = False, max_new_tokens: int = 64, temperature: float = 0.0,
+                 seed: int | None = None, system: str | None = None, interventions: Sequence[Any] = ()) -> str:
+        """Text generated after `prompt` (with `interventions` active in prefill and every decoded position)."""
+        from .interventions import intervene
+        ids = self.encode(prompt, chat=chat, system=system)
+        with intervene(self, *interventions):
+            new = self.generate_ids(ids, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+        return self.decode(new[0])
+
+
+def _parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise NeuronscopeError(f"Unknown dtype '{dtype}'; use one of float32, bfloat16, float16.") from None
+
+
+def parse_index_set(text: str, size: int, *, what: str = "index") -> list[int]:
+    """'all' | 'a-b' | 'a,b,c' | mixes like '0-3,8' -> sorted unique ints in [0, size)."""
+    text = text.strip().lower()
+    if text in ("all", "*", ""):
+        if text == "":
+            raise NeuronscopeError(f"Empty {what} set; use 'all', a range like 0-7, or a list like 3,7,11.")
+        return list(range(size))
+    out: set[int] = set()
+    for part in text.split(","):
+        part = part.strip()
+        m = re.fullmatch(r"(-?\d+)\s*-\s*(-?\d+)", part)
+        try:
+            if m:
+                a, b = int(m.group(1)), int(m.group(2))
+                if a > b:
+                    raise NeuronscopeError(f"The {what} range '{part}' runs backwards.")
+                vals = range(a, b + 1)
+            else:
+                vals = [int(part)]
+        except ValueError:
+            raise NeuronscopeError(
+                f"Cannot read the {what} set '{text}': use 'all', a range like 0-7, or a list like 3,7,11.") from None
+        for v in vals:
+            if not 0 <= v < size:
+                raise NeuronscopeError(f"{what.capitalize()} {v} is out of range: valid {what}s are 0 to {size - 1}.")
+            out.add(v)
+    return sorted(out)
+
+
+def supported_families_sentence() -> str:
+    return "Supported model types: " + ", ".join(SUPPORTED_MODEL_TYPES) + "."
+
+
+__all__ = ["Subject", "ResolvedSource", "resolve_source", "parse_index_set", "fingerprint_model"]

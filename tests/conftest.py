@@ -1,0 +1,47 @@
+"""Shared fixtures: the real models in ../shared/models, tiny random models of every family, a private cache."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("NEURONSCOPE_SHARED", REPO.parent / "shared"))
+STORIES = SHARED / "models" / "stories260k"
+SMOLLM_DIR = SHARED / "models" / "smollm2-135m-instruct"
+SMOLLM_GGUF = SMOLLM_DIR / "SmolLM2-135M-Instruct.Q4_1.gguf"
+CORPORA = SHARED / "corpora"
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    """Keep every test's cache writes out of the user's home."""
+    os.environ["NEURONSCOPE_HOME"] = str(tmp_path_factory.mktemp("nshome"))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    yield
+
+
+@pytest.fixture(scope="session")
+def stories():
+    """The real 260K-parameter TinyStories Llama (5 ms a forward)."""
+    from neuronscope.subject import Subject
+    assert STORIES.is_dir(), f"missing test model {STORIES}"
+    return Subject.load(STORIES)
+
+
+@pytest.fixture(scope="session")
+def smollm():
+    """The real SmolLM2-135M-Instruct, from its GGUF (about 15 s to load, once per worker)."""
+    from neuronscope.subject import Subject
+    assert SMOLLM_GGUF.is_file(), f"missing test model {SMOLLM_GGUF}"
+    return Subject.load(SMOLLM_GGUF)
+
+
+@pytest.fixture(scope="session")
+def stories_tokenizer(stories):
+    return stories.tokenizer
