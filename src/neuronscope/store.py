@@ -73,3 +73,41 @@ def connect(db_path: str | os.PathLike) -> sqlite3.Connection:
     con.execute("PRAGMA journal_mode=WAL")
     con.execute("PRAGMA synchronous=NORMAL")
     return con
+
+
+# ---- the atlas folder's manifest.json: one section per capability ---------------------------------------------
+MANIFEST = "manifest.json"
+DB = "atlas.sqlite"
+
+
+@contextmanager
+def folder_lock(folder: str | os.PathLike) -> Iterator[None]:
+    """An exclusive lock on a results folder (a `.lock` file), for read-modify-write of shared files."""
+    import fcntl
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    with open(Path(folder) / ".lock", "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
+    """The folder's manifest.json as a dict ({} when there is none yet)."""
+    path = Path(folder) / MANIFEST
+    return read_json(path) if path.is_file() else {}
+
+
+def update_manifest(folder: str | os.PathLike, section: str, value: Any) -> dict[str, Any]:
+    """Replace one top-level section of manifest.json atomically, under the folder lock; returns the manifest."""
+    with folder_lock(folder):
+        manifest = read_manifest(folder)
+        manifest[section] = value
+        write_json(Path(folder) / MANIFEST, manifest)
+        return manifest
+
+
+def open_db(folder: str | os.PathLike) -> sqlite3.Connection:
+    """The folder's atlas.sqlite (created if missing). Each capability creates its own tables in it."""
+    return connect(Path(folder) / DB)
