@@ -1,0 +1,120 @@
+"""Attribution: which neurons caused a token, by |activation x gradient of its probability|, in one backward.
+
+    result = attribute(subject, ids, target_position=12)      # why did token 12 come out?
+    result.rows()[:5]  # [{"layer", "position", "neuron", "activation", "gradient", "score"}, ...]
+
+The token at `target_position` s is predicted by the logits at s - 1, so only the prefix ids[:, :s] is run (later
+tokens cannot matter in a causal model). p = softmax(logits[s - 1])[y] with y = ids[s] (or `target_token`; for
+s == T, one past the end, y defaults to the model's argmax). Every neuron activation of every layer is a leaf of the
+autograd graph through a zero "probe" added to it (a + 0, the probe requiring grad), so a single backward of p
+gives the TOTAL derivative dp/da of every neuron, through all later layers; the weights stay frozen. (Capture(grad=
+True) would detach each layer's activations, which cuts the paths through later neurons.)
+Score of neuron (l, i) at position t = |a * dp/da| (DESIGN.md section 2); the top `top` scores are returned.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import NeuronscopeError
+from .interventions import Intervention, intervene
+
+
+class _GradProbe(Intervention):
+    """Adds a zero tensor that requires grad to every layer's neuron activations; keeps the activations."""
+
+    def bind(self, subject) -> None:
+        self.layers = list(range(subject.n_layers))
+        self.acts: dict[int, torch.Tensor] = {}
+        self.probes: dict[int, torch.Tensor] = {}
+
+    def edits(self, subject):
+        def make(layer: int):
+            def fn(x: torch.Tensor, ctx) -> torch.Tensor:
+                probe = torch.zeros_like(x, requires_grad=True)
+                self.acts[layer], self.probes[layer] = x.detach(), probe
+                return x + probe
+            return fn
+        for layer in self.layers:
+            yield layer, "neurons", make(layer)
+
+
+@dataclass
+class Attribution:
+    """The top neurons behind one predicted token, sorted by score (highest first); tensors are 1-D, on the CPU."""
+    target_position: int
+    target_token: int
+    probability: float
+    layer: torch.Tensor
+    position: torch.Tensor
+    neuron: torch.Tensor
+    activation: torch.Tensor
+    gradient: torch.Tensor
+    score: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.score.numel())
+
+    def rows(self) -> list[dict]:
+        """One dict per (layer, position, neuron): activation, gradient and score as floats."""
+        cols = [self.layer.tolist(), self.position.tolist(), self.neuron.tolist(), self.activation.tolist(),
+                self.gradient.tolist(), self.score.tolist()]
+        return [{"layer": l, "position": t, "neuron": i, "activation": a, "gradient": g, "score": s}
+                for l, t, i, a, g, s in zip(*cols)]
+
+
+def attribute(subject, input_ids: torch.Tensor, target_position: int, target_token: int | None = None,
+              top: int = 1000, *, interventions: tuple[Intervention, ...] = ()) -> Attribution:
+    """Top `top` neurons (all layers, all positions before the target) by |a * d p(target) / d a|.
+
+    input_ids: [1, T] (or [T]). target_position: s in 1..T (the position of the token to explain).
+    interventions: extra edits active during the forward (e.g. the steering that produced the token).
+    """
+    ids = torch.as_tensor(input_ids)
+    if ids.ndim == 1:
+        ids = ids.unsqueeze(0)
+    if ids.ndim != 2 or ids.shape[0] != 1:
+        raise NeuronscopeError(f"Attribution takes one sequence of token ids [1, T], got shape {list(ids.shape)}.")
+    T = int(ids.shape[1])
+    if isinstance(target_position, bool) or not isinstance(target_position, int):
+        raise NeuronscopeError(f"The target position must be an integer, got {target_position!r}.")
+    if not 1 <= target_position <= T:
+        raise NeuronscopeError(
+            f"Target position {target_position} is out of range: explain a token at positions 1 to {T - 1} "
+            f"(or {T}, the next token); position 0 has no prediction before it.")
+    if isinstance(top, bool) or not isinstance(top, int) or top < 1:
+        raise NeuronscopeError(f"top must be a positive integer, got {top!r}.")
+    if target_token is None and target_position < T:
+        target_token = int(ids[0, target_position])
+    if target_token is not None and not 0 <= int(target_token) < subject.vocab_size:
+        raise NeuronscopeError(f"Target token {target_token} is out of range: the vocabulary has "
+                               f"{subject.vocab_size} tokens.")
+
+    prefix = ids[:, :target_position].to(subject.device)
+    probe = _GradProbe()
+    with intervene(subject, *interventions, probe), torch.enable_grad():
+        logits = subject.model(input_ids=prefix, use_cache=False).logits[0, -1]
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        probs = torch.softmax(logits, dim=-1)
+        if target_token is None:
+            target_token = int(probs.argmax())
+        p = probs[int(target_token)]
+        leaves = [probe.probes[l] for l in probe.layers]
+        grads = torch.autograd.grad(p, leaves, allow_unused=True)
+    acts = torch.stack([probe.acts[l][0] for l in probe.layers])                       # [L, T', N]
+    grad = torch.stack([torch.zeros_like(a[0]) if g is None else g[0] for a, g in zip(leaves, grads)])
+    score = (acts * grad).abs()
+    L, Tp, N = score.shape
+    k = min(top, score.numel())
+    vals, flat = torch.topk(score.reshape(-1), k)
+    layer_idx = torch.as_tensor(probe.layers, dtype=torch.long)[flat // (Tp * N)]
+    pos = (flat // N) % Tp
+    neuron = flat % N
+    return Attribution(
+        target_position=target_position, target_token=int(target_token), probability=float(p.detach()),
+        layer=layer_idx.cpu(), position=pos.cpu(), neuron=neuron.cpu(),
+        activation=acts.reshape(-1)[flat].cpu(), gradient=grad.reshape(-1)[flat].cpu(), score=vals.detach().cpu())
+
+
+__all__ = ["attribute", "Attribution"]
