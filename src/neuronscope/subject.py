@@ -86,7 +86,7 @@ def _load_config(src: ResolvedSource, trust_remote_code: bool):
         kwargs["gguf_file"] = src.gguf_file
     try:
         return AutoConfig.from_pretrained(src.location, **kwargs)
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+    except Exception as exc:  # transformers raises many types here; the user needs one sentence
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if not src.is_local:
             raise NeuronscopeError(
@@ -97,19 +97,17 @@ def _load_config(src: ResolvedSource, trust_remote_code: bool):
 
 
 def fingerprint_model(model: nn.Module) -> str:
-    """A short, stable hash of a model's weights: names, shapes and a strided sample of every tensor's values."""
-    h = hashlib.sha256()
+    """A stable hash of a model's weights: every tensor's name, shape, dtype and bytes (blake2b; ~1 GB/s on a CPU)."""
+    h = hashlib.blake2b(digest_size=16)
     seen: set[int] = set()
     for name, p in model.state_dict(keep_vars=True).items():
         if p.data_ptr() in seen:
             continue
         seen.add(p.data_ptr())
-        flat = p.detach().reshape(-1)
-        step = max(1, flat.numel() // 4096)
-        sample = flat[::step].float().cpu().contiguous()
-        h.update(name.encode())
-        h.update(str(tuple(p.shape)).encode())
-        h.update(sample.numpy().tobytes())
+        t = p.detach().contiguous().cpu()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().data)
     return h.hexdigest()[:16]
 
 
@@ -141,7 +139,9 @@ class Subject:
         device_map: "auto" to spread a big model over several GPUs (accelerate).
         """
         from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
 
+        hf_logging.disable_progress_bar()  # our own status line says what is loading
         src = resolve_source(source, gguf_file)
         torch_dtype = _parse_dtype(dtype)
         config = _load_config(src, trust_remote_code)
@@ -156,7 +156,9 @@ class Subject:
             model = AutoModelForCausalLM.from_pretrained(src.location, **kwargs)
             tok_kwargs = {"gguf_file": src.gguf_file} if src.gguf_file else {}
             tokenizer = AutoTokenizer.from_pretrained(src.location, **tok_kwargs)
-        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        except NeuronscopeError:
+            raise
+        except Exception as exc:  # safetensors, gguf and transformers each raise their own types
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise NeuronscopeError(f"Could not load the model at '{src.display}': {first}") from None
         if device is not None and device_map is None:
