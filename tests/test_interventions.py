@@ -222,6 +222,20 @@ def test_capture_with_grad_gives_gradients(stories):
     leaves = cap.leaves()
     assert len(leaves) == 2 and all(t.grad is not None and t.grad.abs().sum() > 0 for t in leaves)
     assert all(p.grad is None for p in stories.model.parameters())
+    # total derivatives: layer 1's gradient is the same whether or not layer 3 is captured too
+    alone = Capture(layers=[1], grad=True)
+    with intervene(stories, alone):
+        stories.model(input_ids=ids).logits[0, -1].softmax(-1)[42].backward()
+    torch.testing.assert_close(alone.grads()[0], cap.grads()[0], atol=1e-9, rtol=1e-6)
+    # and it matches a finite difference of the probability
+    layer, t, i, eps = 1, 3, 7, 1e-3
+    base = cap.get("neurons", layer)[0, t, i].item()
+
+    def prob(value):
+        with intervene(stories, Clamp(layer=layer, neurons=[i], value=value, positions=[t])):
+            return stories.logits(ids)[0, -1].double().softmax(-1)[42].item()
+    fd = (prob(base + eps) - prob(base - eps)) / (2 * eps)
+    assert abs(fd - cap.grads()[0, 0, t, i].item()) < 1e-3 * max(1.0, abs(fd)) + 1e-6
 
 
 @pytest.mark.parametrize("bad", [

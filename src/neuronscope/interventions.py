@@ -279,7 +279,8 @@ class Capture(Intervention):
 
     layers: which layers (None: all). sites: any of "neurons", "resid.mid", "resid.post".
     neurons: restrict the neuron capture to these ids (None: all). to_cpu: move each chunk to the CPU as it comes.
-    grad: keep activations as leaves of the autograd graph so a backward fills `.grad` (attribution).
+    grad: add a zero probe that requires grad to the activations, so that one backward gives the total derivative
+    of any output with respect to every captured activation (`.grads()`; attribution).
     """
     layers: Sequence[int] | None = None
     sites: Sequence[str] = ("neurons",)
@@ -305,6 +306,7 @@ class Capture(Intervention):
 
     def reset(self) -> None:
         self._chunks = {}
+        self._probes: dict[tuple[str, int], list[torch.Tensor]] = {}
 
     def edits(self, subject):
         idx_cache: dict[Any, torch.Tensor] = {}
@@ -315,9 +317,12 @@ class Capture(Intervention):
             def fn(x: torch.Tensor, ctx: StepContext):
                 out = None
                 if self.grad:
-                    x = x.detach().requires_grad_(True)
-                    out = x
-                    keep = x
+                    # a zero probe that requires grad: its .grad is the TOTAL derivative d(out)/dx through every
+                    # later layer (detaching x itself would cut the paths through later captured layers)
+                    probe = torch.zeros_like(x, requires_grad=True)
+                    self._probes.setdefault(key, []).append(probe)
+                    out = x + probe
+                    keep = x.detach()
                 else:
                     keep = x.detach()
                     if site == "neurons" and self.neurons is not None:
@@ -355,8 +360,19 @@ class Capture(Intervention):
         return self.get(site)
 
     def leaves(self, site: str = "neurons") -> list[torch.Tensor]:
-        """With grad=True: the leaf tensors of each captured chunk, layer by layer (to read `.grad`)."""
-        return [c for l in self.layers for c in self._chunks.get((site, l), [])]
+        """With grad=True: one zero leaf per captured chunk, layer by layer, added to the activations; after a
+        backward its `.grad` is the total derivative of the output with respect to those activations."""
+        return [c for l in self.layers for c in self._probes.get((site, l), [])]
+
+    def grads(self, site: str = "neurons") -> torch.Tensor:
+        """With grad=True, after a backward: d(output)/d(activation) as [layers, batch, positions, width]."""
+        per_layer = []
+        for l in self.layers:
+            g = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._probes.get((site, l), [])]
+            if not g:
+                raise NeuronscopeError(f"No gradients were captured at {site} of layer {l}.")
+            per_layer.append(g[0] if len(g) == 1 else torch.cat(g, dim=1))
+        return torch.stack(per_layer)
 
 
 class ResidualFunction(Intervention):
