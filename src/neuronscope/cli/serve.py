@@ -1,0 +1,52 @@
+"""`neuronscope serve`: start the Monitor web app (FastAPI + a static page) for a model and its atlas."""
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from .common import DeviceOpt, DtypeOpt, GgufOpt, ModelArg, console, load_subject
+
+
+def serve(model: Optional[str] = ModelArg, atlas: Optional[str] = typer.Option(
+              None, "--atlas", help="Atlas folder of this model (decodes, corpus statistics, descriptions)."),
+          host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (default: this machine only)."),
+          port: int = typer.Option(8000, "--port", help="Port to listen on (0: any free port)."),
+          session_ttl: float = typer.Option(1800.0, "--session-ttl", help="Seconds before an idle session expires."),
+          gguf_file: Optional[str] = GgufOpt, dtype: str = DtypeOpt, device: Optional[str] = DeviceOpt) -> None:
+    """Start the Monitor: chat with the model, watch neurons fire, attribute tokens, steer by concept.
+
+    Example: neuronscope serve ../shared/models/stories260k --atlas atlas/stories260k --port 8000
+    """
+    import socket
+
+    import uvicorn
+
+    from ..errors import NeuronscopeError
+    from ..server import Knowledge, Monitor, SessionStore, create_app
+
+    if not 0 <= port <= 65535:
+        raise NeuronscopeError(f"Port {port} is out of range (0 to 65535).")
+    if not session_ttl > 0:
+        raise NeuronscopeError("--session-ttl must be a positive number of seconds.")
+    subject = load_subject(model, gguf_file, dtype, device)
+    knowledge = Knowledge.load(subject, atlas)
+    app = create_app(Monitor(subject, knowledge, sessions=SessionStore(ttl=session_ttl)))
+    for note in knowledge.notes:
+        console.print(f"[yellow]note:[/yellow] {note}")
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        raise NeuronscopeError(f"Cannot listen on {host}:{port} ({exc.strerror}); pick another --port.") from None
+    real_port = sock.getsockname()[1]
+    shown = f"[{host}]" if ":" in host else host
+    console.print(f"Monitor for {subject.name} at [bold]http://{shown}:{real_port}/[/bold]  (Ctrl+C to stop)",
+                  highlight=False, soft_wrap=True)
+    config = uvicorn.Config(app, log_level="warning")
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+def register(app: typer.Typer) -> None:
+    app.command("serve")(serve)

@@ -1,0 +1,620 @@
+"""The Monitor's logic, free of HTTP: chat with streaming, token views, activations, attribution, steering.
+
+    mon = Monitor(subject, Knowledge.load(subject, "atlas/smollm2"))
+    s = mon.sessions.create()
+    for event in mon.send(s, "Tell me about dogs", max_new_tokens=40): ...   # {"type": "token", ...}
+    mon.activations(s, page_size=20)["rows"]
+
+One model serves every session: all model work runs under `Monitor.model_lock` (requests queue on it). Views of a
+conversation state are computed once and cached in the session until the conversation or its steerings change.
+Models without a chat template chat by plain continuation: the conversation is the text of its turns, one after the
+other, and the model continues it.
+"""
+from __future__ import annotations
+
+import math
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+
+from ..attribution import attribute
+from ..errors import NeuronscopeError
+from ..interventions import Capture, Clamp, intervene
+from .knowledge import Knowledge
+from .sessions import Message, Session, SessionStore, Steering
+
+MODES = ("strengthen", "suppress", "clamp")
+SORTS = ("activation", "layer", "neuron", "count")
+
+
+@dataclass
+class Limits:
+    """Bounds on every input (each breach is a NeuronscopeError: a 400 with a message)."""
+    max_message_chars: int = 4000
+    max_tokens: int = 1024          # whole conversation, generated tokens included
+    max_new_tokens: int = 256
+    max_temperature: float = 2.0
+    max_strength: float = 2.0
+    max_clamp: float = 1e4
+    max_steer_neurons: int = 1000
+    attribution_top: int = 1000
+    raw_per_token: int = 10         # without statistics: strongest raw activations shown per token
+    max_page_size: int = 1000
+
+
+class _Cancelled(Exception):
+    pass
+
+
+class _QueueStreamer:
+    """A transformers streamer that forwards each new token id to a queue (the first `put` is the prompt)."""
+
+    def __init__(self, q: queue.Queue, cancel: threading.Event):
+        self.q, self.cancel, self.prompt_seen = q, cancel, False
+
+    def put(self, value):
+        if self.cancel.is_set():
+            raise _Cancelled()
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        for t in value.reshape(-1).tolist():
+            self.q.put(("token", int(t)))
+
+    def end(self):
+        pass
+
+
+class Monitor:
+    def __init__(self, subject, knowledge: Knowledge | None = None, limits: Limits | None = None,
+                 sessions: SessionStore | None = None):
+        self.subject = subject
+        self.knowledge = knowledge or Knowledge.load(subject, None)
+        self.limits = limits or Limits()
+        self.sessions = sessions or SessionStore()
+        self.model_lock = threading.Lock()
+        max_pos = getattr(subject.config, "max_position_embeddings", None)
+        if max_pos:
+            self.limits.max_tokens = min(self.limits.max_tokens, int(max_pos))
+        self.chat_template = subject.has_chat_template
+        self.eos = set()
+        for e in (getattr(subject.tokenizer, "eos_token_id", None), getattr(subject.config, "eos_token_id", None)):
+            self.eos.update(e if isinstance(e, (list, tuple)) else ([] if e is None else [e]))
+
+    # ---- info ---------------------------------------------------------------------------------------------
+    def info(self) -> dict[str, Any]:
+        s = self.subject
+        return {"model": {"name": s.name, "family": s.family, "n_layers": s.n_layers, "n_neurons": s.n_neurons,
+                          "hidden_size": s.hidden_size, "vocab_size": s.vocab_size, "fingerprint": s.fingerprint},
+                "chat_template": self.chat_template,
+                "chat_mode": "chat template" if self.chat_template else "plain continuation (no chat template)",
+                "capabilities": self.knowledge.capabilities, "notes": list(self.knowledge.notes),
+                "limits": dict(self.limits.__dict__)}
+
+    # ---- rendering the conversation ----------------------------------------------------------------------
+    def _encode_chat(self, msgs: list[Message], gen: bool) -> list[int]:
+        if not msgs:
+            return []
+        ids = self.subject.encode_chat([{"role": m.role, "content": m.content} for m in msgs],
+                                       add_generation_prompt=gen)
+        return ids[0].tolist()
+
+    def _plain_ids(self, msgs: list[Message]) -> tuple[list[int], list[tuple[int, int]]]:
+        tok = self.subject.tokenizer
+        ids: list[int] = [tok.bos_token_id] if getattr(tok, "bos_token_id", None) is not None else []
+        spans = []
+        for m in msgs:
+            part = m.ids if m.ids is not None else tok(m.content, add_special_tokens=False)["input_ids"]
+            spans.append((len(ids), len(ids) + len(part)))
+            ids += list(part)
+        return ids, spans
+
+    def render(self, s: Session) -> dict[str, Any]:
+        """The conversation's token ids, with the span [start, end) of each message (cached per version)."""
+        r = s.cache.get("render")
+        if r is not None:
+            return r
+        if self.chat_template:
+            spans = []
+            for k, m in enumerate(s.messages):
+                start = len(self._encode_chat(s.messages[:k], gen=(m.role == "assistant"))) if k else 0
+                spans.append((start, len(self._encode_chat(s.messages[: k + 1], gen=False))))
+            ids = self._encode_chat(s.messages, gen=False)
+        else:
+            ids, spans = self._plain_ids(s.messages)
+        roles = ["template"] * len(ids)
+        msg_of = [-1] * len(ids)
+        for k, (a, b) in enumerate(spans):
+            for t in range(a, min(b, len(ids))):
+                roles[t], msg_of[t] = s.messages[k].role, k
+        r = s.cache["render"] = {"ids": ids, "spans": spans, "roles": roles, "message": msg_of}
+        return r
+
+    def _prompt_ids(self, s: Session) -> list[int]:
+        if self.chat_template:
+            return self._encode_chat(s.messages, gen=True)
+        return self._plain_ids(s.messages)[0]
+
+    def display_tokens(self, ids: list[int]) -> list[str]:
+        """Each token as it reads in context (with its leading space, special tokens shown)."""
+        tok = self.subject.tokenizer
+        out = []
+        for t in range(len(ids)):
+            one = tok.decode(ids[t:t + 1], skip_special_tokens=False)
+            if t:
+                prev = tok.decode(ids[t - 1:t], skip_special_tokens=False)
+                two = tok.decode(ids[t - 1:t + 1], skip_special_tokens=False)
+                if two.startswith(prev) and len(two) > len(prev):
+                    one = two[len(prev):]
+            out.append(one)
+        return out
+
+    # ---- chat ---------------------------------------------------------------------------------------------
+    def _check_gen(self, max_new_tokens: int, temperature: float) -> None:
+        L = self.limits
+        if not 1 <= int(max_new_tokens) <= L.max_new_tokens:
+            raise NeuronscopeError(f"max_new_tokens must be between 1 and {L.max_new_tokens}, got {max_new_tokens}.")
+        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature)
+                and 0.0 <= temperature <= L.max_temperature):
+            raise NeuronscopeError(f"Temperature must be between 0 (greedy) and {L.max_temperature}, "
+                                   f"got {temperature}.")
+
+    def send(self, s: Session, content: str, *, max_new_tokens: int = 64, temperature: float = 0.0,
+             seed: int | None = None) -> Iterator[dict]:
+        """Add a user message and stream the answer (events: token..., then done). Validates before anything."""
+        if not isinstance(content, str) or not content.strip():
+            raise NeuronscopeError("The message is empty; type something to send.")
+        if len(content) > self.limits.max_message_chars:
+            raise NeuronscopeError(f"The message has {len(content)} characters; the limit is "
+                                   f"{self.limits.max_message_chars}.")
+        self._check_gen(max_new_tokens, temperature)
+        with s.lock:
+            if s.messages and s.messages[-1].role == "user" and not self.chat_template:
+                pass
+            s.messages.append(Message("user", content))
+            try:
+                prompt = self._checked_prompt(s, max_new_tokens)
+            except NeuronscopeError:
+                s.messages.pop()
+                raise
+            s.changed()
+        return self._stream(s, prompt, max_new_tokens, temperature, seed)
+
+    def regenerate(self, s: Session, *, max_new_tokens: int = 64, temperature: float = 0.0,
+                   seed: int | None = None) -> Iterator[dict]:
+        """Drop the last answer (if any) and answer the last user message again, with the current steerings."""
+        self._check_gen(max_new_tokens, temperature)
+        with s.lock:
+            msgs = list(s.messages)
+            if msgs and msgs[-1].role == "assistant":
+                msgs.pop()
+            if not msgs or msgs[-1].role != "user":
+                raise NeuronscopeError("There is no message to answer yet; send one first.")
+            old = s.messages
+            s.messages = msgs
+            try:
+                prompt = self._checked_prompt(s, max_new_tokens)
+            except NeuronscopeError:
+                s.messages = old
+                raise
+            s.changed()
+        return self._stream(s, prompt, max_new_tokens, temperature, seed)
+
+    def new_chat(self, s: Session) -> None:
+        """Clear the conversation; steerings on generated tokens stay (their prompt ranges are dropped)."""
+        with s.lock:
+            s.messages = []
+            for sid in list(s.steerings):
+                st = s.steerings[sid]
+                st.ranges = []
+                if not st.generated:
+                    del s.steerings[sid]
+            s.changed()
+
+    def _checked_prompt(self, s: Session, max_new_tokens: int) -> list[int]:
+        prompt = self._prompt_ids(s)
+        if len(prompt) + max_new_tokens > self.limits.max_tokens:
+            raise NeuronscopeError(
+                f"The conversation would reach {len(prompt) + max_new_tokens} tokens, over the limit of "
+                f"{self.limits.max_tokens}; start a new chat or ask for fewer new tokens.")
+        return prompt
+
+    def _generation_edits(self, s: Session, prompt_len: int) -> list:
+        ivs = []
+        for st in s.steerings.values():
+            ranges = [(a, min(b, prompt_len)) for a, b in st.ranges if a < prompt_len]
+            positions = sorted({t for a, b in ranges for t in range(a, b)})
+            if positions:
+                ivs += _clamps(st, positions)
+            if st.generated:
+                ivs += _clamps(st, "generated")
+        return ivs
+
+    def _stream(self, s: Session, prompt: list[int], max_new_tokens: int, temperature: float,
+                seed: int | None) -> Iterator[dict]:
+        q: queue.Queue = queue.Queue()
+        cancel = threading.Event()
+        version = s.version
+        ivs = self._generation_edits(s, len(prompt))
+        steering_ids = [st.id for st in s.steerings.values() if st.generated]
+        ids = torch.tensor([prompt])
+
+        def work():
+            try:
+                with self.model_lock, intervene(self.subject, *ivs):
+                    self.subject.generate_ids(ids, max_new_tokens=max_new_tokens, temperature=float(temperature),
+                                              seed=seed, streamer=_QueueStreamer(q, cancel))
+                q.put(("end", None))
+            except _Cancelled:
+                q.put(("end", None))
+            except Exception as exc:  # reported to the client as an error event
+                q.put(("error", f"Generation failed: {exc}"))
+
+        def events() -> Iterator[dict]:
+            thread = threading.Thread(target=work, daemon=True)
+            thread.start()
+            new: list[int] = []
+            text = ""
+            try:
+                while True:
+                    kind, val = q.get()
+                    if kind == "error":
+                        yield {"type": "error", "error": val}
+                        return
+                    if kind == "end":
+                        break
+                    if val in self.eos:
+                        new.append(val)
+                        continue
+                    new.append(val)
+                    full = self.subject.decode([t for t in new if t not in self.eos])
+                    delta, text = full[len(text):], full
+                    yield {"type": "token", "id": val, "text": delta, "token": self.subject.token_strings([val])[0]}
+                thread.join()
+                content_ids = [t for t in new if t not in self.eos]
+                with s.lock:
+                    if s.version != version:
+                        yield {"type": "error", "error": "The conversation changed while answering; answer dropped."}
+                        return
+                    s.messages.append(Message("assistant", self.subject.decode(content_ids),
+                                              ids=content_ids, steerings=steering_ids))
+                    s.changed()
+                finish = "eos" if any(t in self.eos for t in new) else "length"
+                yield {"type": "done", "text": text, "n_tokens": len(new), "finish_reason": finish,
+                       "version": s.version, "steered": bool(steering_ids) or bool(ivs)}
+            finally:
+                cancel.set()
+        return events()
+
+    # ---- one forward: tokens, top-5, activations ----------------------------------------------------------
+    def _analysis_edits(self, s: Session) -> tuple[list, set[int]]:
+        r = self.render(s)
+        ivs, steered = [], set()
+        for st in s.steerings.values():
+            pos = {t for a, b in st.ranges for t in range(a, min(b, len(r["ids"])))}
+            if st.generated:
+                for k, m in enumerate(s.messages):
+                    if m.role == "assistant" and st.id in m.steerings:
+                        a, b = r["spans"][k]
+                        pos.update(range(a, b))
+            if pos:
+                ivs += _clamps(st, sorted(pos))
+                steered |= pos
+        return ivs, steered
+
+    def analysis(self, s: Session) -> dict[str, Any]:
+        """One forward of the conversation (with its steerings): tokens, top-5, firing neurons. Cached."""
+        with s.lock:
+            a = s.cache.get("analysis")
+            if a is not None:
+                return a
+            r = self.render(s)
+            if not r["ids"]:
+                a = {"tokens": [], "rows": [], "mode": "empty"}
+                s.cache["analysis"] = a
+                return a
+            ivs, steered = self._analysis_edits(s)
+            ids = torch.tensor([r["ids"]], device=self.subject.device)
+            cap = Capture(layers=None, sites=("neurons",))
+            with self.model_lock, intervene(self.subject, *ivs, cap), torch.no_grad():
+                logits = self.subject.model(input_ids=ids, use_cache=False).logits[0].float()
+            acts = cap.activations[:, 0].float()                                   # [L, T, N]
+            a = self._summarise(r, logits, acts, steered)
+            s.cache["analysis"] = a
+            return a
+
+    def _summarise(self, r, logits: torch.Tensor, acts: torch.Tensor, steered: set[int]) -> dict[str, Any]:
+        ids = r["ids"]
+        T = len(ids)
+        probs = torch.softmax(logits, -1)
+        tp, ti = probs.topk(5, dim=-1)
+        vocab_str = self.subject.token_strings
+        own = [None] + probs[torch.arange(T - 1), torch.tensor(ids[1:], dtype=torch.long)].tolist() if T > 1 else [None]
+        strs = self.display_tokens(ids)
+        tokens = []
+        for t in range(T):
+            alts = ti[t].tolist()
+            tokens.append({"position": t, "id": ids[t], "text": strs[t], "role": r["roles"][t],
+                           "message": r["message"][t], "steered": t in steered, "prob": own[t],
+                           "top5": [{"token": x, "id": i, "prob": p}
+                                    for x, i, p in zip(vocab_str(alts), alts, tp[t].tolist())]})
+        L, _, N = acts.shape
+        norm = self.knowledge.normalise(acts)
+        if norm is not None:
+            mode = "normalised"
+            idx = (norm.abs() > 1).nonzero()
+            vals = norm[idx[:, 0], idx[:, 1], idx[:, 2]]
+        else:
+            mode = "raw"
+            k = min(self.limits.raw_per_token, L * N)
+            flat = acts.permute(1, 0, 2).reshape(T, L * N)
+            top = flat.abs().topk(k, dim=1).indices                               # [T, k]
+            pos = torch.arange(T).unsqueeze(1).expand_as(top).reshape(-1)
+            idx = torch.stack([top.reshape(-1) // N, pos, top.reshape(-1) % N], dim=1)
+            vals = acts[idx[:, 0], idx[:, 1], idx[:, 2]]
+        raw = acts[idx[:, 0], idx[:, 1], idx[:, 2]]
+        groups: dict[tuple[int, int, str], dict] = {}
+        for (l, t, i), v, rv in zip(idx.tolist(), vals.tolist(), raw.tolist()):
+            pol = "pos" if rv >= 0 else "neg"
+            g = groups.setdefault((l, i, pol), {"layer": l, "neuron": i, "polarity": pol, "positions": [],
+                                                "values": [], "raw": []})
+            g["positions"].append(t)
+            g["values"].append(v)
+            g["raw"].append(rv)
+        return {"tokens": tokens, "rows": list(groups.values()), "mode": mode}
+
+    def tokens(self, s: Session) -> dict[str, Any]:
+        a = self.analysis(s)
+        return {"version": s.version, "tokens": a["tokens"], "chat_mode": self.info()["chat_mode"]}
+
+    def _meta(self, row: dict) -> dict:
+        if "description" not in row:
+            row["description"] = self.knowledge.description(row["layer"], row["neuron"], row["polarity"])
+            row["top_tokens"] = self.knowledge.top_tokens(row["layer"], row["neuron"], row["polarity"])
+        return row
+
+    def _check_range(self, s: Session, start: int | None, end: int | None, T: int) -> tuple[int, int]:
+        a = 0 if start is None else start
+        b = T if end is None else end
+        if not (0 <= a < b <= T) and not (T == 0 and a == 0 and b == 0):
+            raise NeuronscopeError(f"The token range [{a}, {b}) is outside the conversation, which has tokens "
+                                   f"0 to {T - 1}." if T else "The conversation is empty: there is no token range.")
+        return a, b
+
+    def activations(self, s: Session, *, start: int | None = None, end: int | None = None, sort: str = "activation",
+                    order: str = "desc", page: int = 0, page_size: int = 50, filter: str = "",
+                    polarity: str | None = None) -> dict[str, Any]:
+        """Neurons firing in the token range [start, end): one row per (layer, neuron, polarity), paged."""
+        if sort not in SORTS:
+            raise NeuronscopeError(f"Unknown sort '{sort}'; use one of {', '.join(SORTS)}.")
+        if order not in ("asc", "desc"):
+            raise NeuronscopeError("Order must be asc or desc.")
+        if polarity not in (None, "pos", "neg"):
+            raise NeuronscopeError("Polarity must be pos or neg.")
+        if not 1 <= page_size <= self.limits.max_page_size or page < 0:
+            raise NeuronscopeError(f"page must be >= 0 and page_size between 1 and {self.limits.max_page_size}.")
+        a = self.analysis(s)
+        T = len(a["tokens"])
+        lo, hi = self._check_range(s, start, end, T)
+        needle = filter.strip().lower()
+        view = []
+        for row in a["rows"]:
+            if polarity and row["polarity"] != polarity:
+                continue
+            inside = [(t, v) for t, v in zip(row["positions"], row["values"]) if lo <= t < hi]
+            if not inside:
+                continue
+            if needle:
+                self._meta(row)
+                hay = " ".join([f"l{row['layer']}/n{row['neuron']}", f"{row['layer']}:{row['neuron']}",
+                                row["description"] or "", " ".join(row["top_tokens"]), row["polarity"]]).lower()
+                if needle not in hay:
+                    continue
+            best = max(inside, key=lambda tv: abs(tv[1]))
+            view.append((row, best, len(inside)))
+        keys = {"activation": lambda x: abs(x[1][1]), "layer": lambda x: (x[0]["layer"], x[0]["neuron"]),
+                "neuron": lambda x: (x[0]["neuron"], x[0]["layer"]), "count": lambda x: (x[2], abs(x[1][1]))}
+        view.sort(key=keys[sort], reverse=(order == "desc"))
+        tints = [0.0] * T
+        for row, _, _ in view:
+            for t, v in zip(row["positions"], row["values"]):
+                tints[t] += v
+        rows = []
+        for row, (t, v), count in view[page * page_size:(page + 1) * page_size]:
+            self._meta(row)
+            rows.append({"layer": row["layer"], "neuron": row["neuron"], "polarity": row["polarity"],
+                         "activation": v, "position": t, "count": count, "description": row["description"],
+                         "top_tokens": row["top_tokens"],
+                         "fires": [{"position": p, "value": x} for p, x in zip(row["positions"], row["values"])]})
+        notes = list(self.knowledge.notes)
+        if a["mode"] == "raw":
+            notes.insert(0, f"Not normalised: no corpus statistics, so this shows the {self.limits.raw_per_token} "
+                            "strongest raw activations of each token (values are raw activations).")
+        return {"version": s.version, "mode": a["mode"], "start": lo, "end": hi, "total": len(view), "page": page,
+                "page_size": page_size, "rows": rows, "token_sums": tints, "notes": notes}
+
+    # ---- attribution --------------------------------------------------------------------------------------
+    def attribution(self, s: Session, position: int, token_id: int | None = None, *, page: int = 0,
+                    page_size: int = 50) -> dict[str, Any]:
+        """The neurons that caused the token at `position` (top 1000 by |a * dp/da|), once per state, cached."""
+        if not 1 <= page_size <= self.limits.max_page_size or page < 0:
+            raise NeuronscopeError(f"page must be >= 0 and page_size between 1 and {self.limits.max_page_size}.")
+        with s.lock:
+            r = self.render(s)
+            T = len(r["ids"])
+            if not 1 <= position < T:
+                raise NeuronscopeError(f"Position {position} has no token to explain: pick a token at positions 1 "
+                                       f"to {T - 1}." if T > 1 else "The conversation is too short to attribute.")
+            if token_id is not None and not 0 <= token_id < self.subject.vocab_size:
+                raise NeuronscopeError(f"Token id {token_id} is out of range: the vocabulary has "
+                                       f"{self.subject.vocab_size} tokens.")
+            key = ("attr", position, token_id)
+            res = s.cache.get(key)
+            if res is None:
+                ivs, _ = self._analysis_edits(s)
+                with self.model_lock:
+                    att = attribute(self.subject, torch.tensor([r["ids"]]), position, token_id,
+                                    top=self.limits.attribution_top, interventions=tuple(ivs))
+                strs = self.display_tokens(r["ids"])
+                rows = []
+                for row in att.rows():
+                    pol = "pos" if row["activation"] >= 0 else "neg"
+                    row.update(polarity=pol, token=strs[row["position"]],
+                               normalised=self.knowledge.normalise_one(row["layer"], row["neuron"], row["activation"]))
+                    rows.append(row)
+                sums = [0.0] * T
+                for row in rows:
+                    sums[row["position"]] += row["score"]
+                res = s.cache[key] = {"target_position": position, "target_token": att.target_token,
+                                      "target_text": self.subject.token_strings([att.target_token])[0],
+                                      "probability": att.probability, "rows": rows, "position_scores": sums}
+        out = {k: v for k, v in res.items() if k != "rows"}
+        page_rows = [self._meta(row) for row in res["rows"][page * page_size:(page + 1) * page_size]]
+        out.update(version=s.version, total=len(res["rows"]), page=page, page_size=page_size, rows=page_rows,
+                   notes=list(self.knowledge.notes))
+        return out
+
+    # ---- neurons, concepts, clusters -----------------------------------------------------------------------
+    def _check_neuron(self, layer: int, neuron: int) -> None:
+        self.subject.check_layer(layer)
+        self.subject.check_neurons([neuron])
+
+    def neuron(self, layer: int, neuron: int, n_exemplars: int = 10) -> dict[str, Any]:
+        """A neuron's decodes, description and top exemplars (with each token's normalised activation)."""
+        self._check_neuron(layer, neuron)
+        if not 0 <= n_exemplars <= 50:
+            raise NeuronscopeError("n_exemplars must be between 0 and 50.")
+        k = self.knowledge
+        decodes, source = k.decodes(layer, neuron)
+        exemplars = {}
+        for pol in ("pos", "neg"):
+            ex = []
+            if n_exemplars and k.stats is not None:
+                with self.model_lock:
+                    found = k.exemplars(layer, neuron, pol, n_exemplars, subject=self.subject)
+                for e in found:
+                    acts = e.get("acts")
+                    marks = [k.normalise_one(layer, neuron, x) for x in acts] if acts else None
+                    ex.append({"activation": float(e["activation"]), "normalised": k.normalise_one(
+                        layer, neuron, float(e["activation"])), "position": int(e["position"]),
+                        "tokens": list(e["tokens"]), "text": e.get("text", ""), "marks": marks})
+            exemplars[pol] = ex
+        return {"layer": layer, "neuron": neuron, "decodes": decodes, "decodes_source": source,
+                "descriptions": {p: k.description(layer, neuron, p) for p in ("pos", "neg")},
+                "exemplars": exemplars, "quantiles": k.quantiles_of(layer, neuron), "notes": list(k.notes)}
+
+    def concepts(self, query: str, k: int = 50) -> dict[str, Any]:
+        if not 1 <= k <= self.limits.max_steer_neurons:
+            raise NeuronscopeError(f"k must be between 1 and {self.limits.max_steer_neurons}.")
+        if len(query) > 200:
+            raise NeuronscopeError("The concept is longer than 200 characters.")
+        return {"query": query, "results": self.knowledge.search(query, k=k), "notes": list(self.knowledge.notes)}
+
+    def clusters(self, s: Session, start: int | None = None, end: int | None = None,
+                 max_neurons: int = 300) -> dict[str, Any]:
+        """The neurons firing in [start, end) grouped into named clusters of related neurons."""
+        view = self.activations(s, start=start, end=end, page_size=max_neurons)
+        neurons = [(r["layer"], r["neuron"], r["polarity"]) for r in view["rows"]]
+        clusters, method = self.knowledge.clusters(neurons)
+        return {"version": s.version, "method": method, "n_neurons": len(neurons), "clusters": clusters,
+                "notes": view["notes"]}
+
+    # ---- steering -----------------------------------------------------------------------------------------
+    def add_steering(self, s: Session, *, mode: str, concept: str | None = None,
+                     neurons: list[list[int]] | None = None, strength: float = 0.75, value: float | None = None,
+                     n_neurons: int | None = None, ranges: list[list[int]] | None = None,
+                     generated: bool = True) -> dict[str, Any]:
+        L = self.limits
+        if mode not in MODES:
+            raise NeuronscopeError(f"Unknown steering mode '{mode}'; use strengthen, suppress or clamp.")
+        if not (isinstance(strength, (int, float)) and math.isfinite(strength) and 0 <= strength <= L.max_strength):
+            raise NeuronscopeError(f"Strength must be a finite number between 0 and {L.max_strength}.")
+        if mode == "clamp":
+            if value is None or not math.isfinite(value) or abs(value) > L.max_clamp:
+                raise NeuronscopeError(f"A clamp needs a finite value between -{L.max_clamp:g} and {L.max_clamp:g}.")
+        n = n_neurons if n_neurons is not None else (50 if mode == "strengthen" else 500)
+        if not 1 <= n <= L.max_steer_neurons:
+            raise NeuronscopeError(f"The number of neurons must be between 1 and {L.max_steer_neurons}.")
+        if (concept is None or not concept.strip()) == (not neurons):
+            raise NeuronscopeError("Give either a concept or a list of neurons to steer (not both, not neither).")
+        with s.lock:
+            T = len(self.render(s)["ids"])
+            clean_ranges = []
+            for rg in ranges or []:
+                if len(rg) != 2:
+                    raise NeuronscopeError("Each token range is a pair [start, end).")
+                a, b = int(rg[0]), int(rg[1])
+                if not 0 <= a < b <= T:
+                    raise NeuronscopeError(f"The token range [{a}, {b}) is outside the conversation "
+                                           f"({T} tokens).")
+                clean_ranges.append((a, b))
+            if not clean_ranges and not generated:
+                raise NeuronscopeError("Choose where to steer: prompt token ranges and/or the generated tokens.")
+            if neurons:
+                picked = []
+                for nrn in neurons[:L.max_steer_neurons]:
+                    if len(nrn) not in (2, 3):
+                        raise NeuronscopeError("Each neuron is [layer, neuron] or [layer, neuron, polarity].")
+                    l, i = int(nrn[0]), int(nrn[1])
+                    self._check_neuron(l, i)
+                    pol = "pos"
+                    if len(nrn) == 3:
+                        pol = {0: "pos", 1: "neg"}.get(nrn[2], None) if not isinstance(nrn[2], str) else nrn[2]
+                        if pol not in ("pos", "neg"):
+                            raise NeuronscopeError("A neuron's polarity is pos or neg.")
+                    picked.append((l, i, pol))
+                if len(neurons) > L.max_steer_neurons:
+                    raise NeuronscopeError(f"At most {L.max_steer_neurons} neurons can be steered at once.")
+            else:
+                found = self.knowledge.search(concept, k=n)
+                if not found:
+                    raise NeuronscopeError(f"No neurons found for the concept '{concept}'.")
+                picked = [(r["layer"], r["neuron"], r["polarity"]) for r in found[:n]]
+            vals = []
+            for l, i, pol in picked:
+                if mode == "suppress":
+                    v = 0.0
+                elif mode == "clamp":
+                    v = float(value)
+                else:
+                    v = self.knowledge.strengthen_value(l, i, pol, strength)
+                vals.append((l, i, pol, v))
+            st = Steering(id=f"st{len(s.steerings) + 1}-{s.version}", mode=mode,
+                          concept=concept.strip() if concept else None,
+                          strength=float(strength) if mode == "strengthen" else None, neurons=vals,
+                          ranges=clean_ranges, generated=bool(generated))
+            while st.id in s.steerings:
+                st.id += "x"
+            s.steerings[st.id] = st
+            s.changed()
+            return st.public()
+
+    def remove_steering(self, s: Session, steering_id: str) -> bool:
+        with s.lock:
+            if s.steerings.pop(steering_id, None) is None:
+                return False
+            s.changed()
+            return True
+
+    def state(self, s: Session) -> dict[str, Any]:
+        with s.lock:
+            r = self.render(s)
+            return {"session_id": s.id, "version": s.version, "n_tokens": len(r["ids"]),
+                    "messages": [{"role": m.role, "content": m.content, "steered": bool(m.steerings),
+                                  "start": r["spans"][k][0], "end": r["spans"][k][1]}
+                                 for k, m in enumerate(s.messages)],
+                    "steerings": [st.public() for st in s.steerings.values()]}
+
+
+def _clamps(st: Steering, positions) -> list[Clamp]:
+    by_layer: dict[int, list[tuple[int, float]]] = {}
+    for l, i, _, v in st.neurons:
+        by_layer.setdefault(l, []).append((i, v))
+    out = []
+    for l, items in by_layer.items():
+        dedup = dict(items)
+        out.append(Clamp(l, list(dedup), positions=positions, value=list(dedup.values())))
+    return out

@@ -1,0 +1,118 @@
+"""Browser sessions: each has its own conversation, steerings and cached views; idle sessions expire.
+
+A `SessionStore` hands out unguessable ids, touches a session on every use, and drops sessions idle for longer than
+`ttl` seconds (and the least recently used one when `max_sessions` is reached). A session's state is only reachable
+through its id, so one session's conversation, steerings or caches never leak into another's. Every change to the
+conversation or the steerings bumps `version`, which keys the cached views (tokens + activations, attributions).
+"""
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class Message:
+    role: str                     # "user" | "assistant"
+    content: str
+    ids: list[int] | None = None  # the exact generated ids (used to render models without a chat template)
+    steerings: list[str] = field(default_factory=list)  # steering ids active when this answer was generated
+
+
+@dataclass
+class Steering:
+    id: str
+    mode: str                                   # strengthen | suppress | clamp
+    concept: str | None
+    strength: float | None
+    neurons: list[tuple[int, int, str, float]]  # (layer, neuron, polarity, clamp value)
+    ranges: list[tuple[int, int]]               # prompt token ranges [start, end)
+    generated: bool                             # also every generated token
+
+    def public(self) -> dict[str, Any]:
+        return {"id": self.id, "mode": self.mode, "concept": self.concept, "strength": self.strength,
+                "n_neurons": len(self.neurons), "ranges": [list(r) for r in self.ranges], "generated": self.generated,
+                "neurons": [{"layer": l, "neuron": i, "polarity": p, "value": v} for l, i, p, v in self.neurons]}
+
+
+@dataclass
+class Session:
+    id: str
+    created: float
+    last_used: float
+    messages: list[Message] = field(default_factory=list)
+    steerings: dict[str, Steering] = field(default_factory=dict)
+    version: int = 0
+    cache: dict[str, Any] = field(default_factory=dict)
+    lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+
+    def changed(self) -> None:
+        """The conversation or the steerings changed: bump the version and drop every cached view."""
+        self.version += 1
+        self.cache.clear()
+
+    def memory_bytes(self) -> int:
+        """Approximate memory held by this session: cached tensors plus conversation text."""
+        total = sum(len(m.content) + 8 * len(m.ids or []) for m in self.messages)
+
+        def size(obj) -> int:
+            if torch.is_tensor(obj):
+                return obj.element_size() * obj.numel()
+            if isinstance(obj, dict):
+                return sum(size(v) for v in obj.values())
+            if isinstance(obj, (list, tuple)):
+                return sum(size(v) for v in obj) + 8 * len(obj)
+            if isinstance(obj, str):
+                return len(obj)
+            return 8
+        return total + size(self.cache) + sum(48 * len(s.neurons) for s in self.steerings.values())
+
+
+class SessionStore:
+    """Thread-safe map of live sessions with idle expiry."""
+
+    def __init__(self, ttl: float = 1800.0, max_sessions: int = 64, clock=time.monotonic):
+        self.ttl, self.max_sessions, self.clock = float(ttl), int(max_sessions), clock
+        self._sessions: dict[str, Session] = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._sessions)
+
+    def sweep(self) -> int:
+        """Drop idle sessions; returns how many were dropped."""
+        now = self.clock()
+        with self._lock:
+            dead = [k for k, s in self._sessions.items() if now - s.last_used > self.ttl]
+            for k in dead:
+                del self._sessions[k]
+        return len(dead)
+
+    def create(self) -> Session:
+        self.sweep()
+        now = self.clock()
+        s = Session(id=secrets.token_urlsafe(16), created=now, last_used=now)
+        with self._lock:
+            while len(self._sessions) >= self.max_sessions:
+                oldest = min(self._sessions.values(), key=lambda x: x.last_used)
+                del self._sessions[oldest.id]
+            self._sessions[s.id] = s
+        return s
+
+    def get(self, sid: str) -> Session | None:
+        self.sweep()
+        with self._lock:
+            s = self._sessions.get(sid)
+            if s is not None:
+                s.last_used = self.clock()
+            return s
+
+    def delete(self, sid: str) -> bool:
+        with self._lock:
+            return self._sessions.pop(sid, None) is not None
