@@ -1,0 +1,218 @@
+"""`compute_stats`: stream a corpus through the model in fixed windows and keep every neuron's extremes.
+
+The run goes batch by batch over this shard's windows (window w belongs to shard (i, n) when w % n == i). After
+each batch the state may be checkpointed (`.stats-partial/` in the atlas folder, atomically); a later call with the
+same settings continues from the last checkpoint and gives the same result as an uninterrupted run. At the end the
+results are written (see results.py) and the checkpoint is removed.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from .. import store
+from ..errors import NeuronscopeError
+from .corpus import Window, check_corpus, corpus_signature, iter_windows, parse_shard, shard_of
+from .extremes import LayerExtremes
+from .quantiles import LEVELS
+from .results import NeuronStats, exemplar_windows, write_arrays, write_windows
+
+PARTIAL = ".stats-partial"
+FORMAT = 1
+
+
+def default_batch(subject, window: int) -> int:
+    """Windows per forward: about 1024 tokens on a CPU, 8192 on a GPU."""
+    tokens = 8192 if subject.device.type == "cuda" else 1024
+    return max(1, tokens // window)
+
+
+def _after_batch(batch_no: int) -> None:
+    """Called after each batch is folded in and checkpointed (a seam for tests that interrupt a run)."""
+
+
+def _settings(subject, paths, window, tokens, batch, k, n_exemplars, shard, chat) -> dict[str, Any]:
+    return {
+        "format": FORMAT,
+        "model": subject.name, "fingerprint": subject.fingerprint,
+        "corpus": corpus_signature(paths), "window": window, "tokens_limit": tokens, "batch": batch,
+        "k": k, "n_exemplars": n_exemplars, "shard": list(shard) if shard else None, "chat": bool(chat),
+        "n_layers": subject.n_layers, "n_neurons": subject.n_neurons,
+    }
+
+
+def _forward_neurons(subject, base, ids: torch.Tensor) -> list[torch.Tensor]:
+    """One forward of the decoder stack (no LM head); returns each layer's neuron activations [B*T, N]."""
+    from ..interventions import Capture, intervene
+    cap = Capture(layers=None, sites=("neurons",), to_cpu=subject.device.type != "cpu")
+    with intervene(subject, cap), torch.no_grad():
+        base(input_ids=ids.to(subject.device), use_cache=False)
+    return [cap.get("neurons", l).reshape(-1, subject.n_neurons) for l in range(subject.n_layers)]
+
+
+def compute_stats(subject, corpus, atlas_dir, *, tokens: int | None = None, window: int = 64,
+                  batch: int | None = None, k: int = 10000, n_exemplars: int = 100,
+                  shard: str | tuple[int, int] | None = None, chat: bool = False, progress: bool = True,
+                  checkpoint_every: float = 120.0, restart: bool = False) -> NeuronStats:
+    """Per-neuron count, mean, variance, top/bottom-K values, quantiles and exemplars over a corpus.
+
+    corpus: a file or list of files (see corpus.py for formats). tokens: stop after this many tokens (whole windows;
+    over the whole corpus, before sharding). window: tokens per window. batch: windows per forward (default: about
+    1024 tokens on CPU). k: extremes kept per neuron and side. n_exemplars: exemplar positions kept per neuron and
+    side. shard: 'i/n' to process windows w with w % n == i (merge the shards with `merge_shards`). chat: also put
+    plain-text documents through the chat template as user turns (chat-format records always go through it).
+    checkpoint_every: seconds between checkpoints (0: after every batch). restart: discard a partial run.
+    """
+    paths = check_corpus(corpus)
+    shard = parse_shard(shard)
+    for name, v, lo in (("window", window, 2), ("k", k, 1), ("n_exemplars", n_exemplars, 1)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+            raise NeuronscopeError(f"{name} must be an integer >= {lo}, got {v!r}.")
+    if tokens is not None and (not isinstance(tokens, int) or tokens < window):
+        raise NeuronscopeError(f"--tokens must be at least one window ({window} tokens), got {tokens!r}.")
+    if batch is None:
+        batch = default_batch(subject, window)
+    if not isinstance(batch, int) or batch < 1:
+        raise NeuronscopeError(f"The batch must be at least 1 window, got {batch!r}.")
+    if subject.tokenizer is None:
+        raise NeuronscopeError("This subject has no tokenizer, so it cannot read a corpus.")
+    max_windows = tokens // window if tokens else None
+    folder = Path(atlas_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    settings = _settings(subject, paths, window, tokens, batch, k, n_exemplars, shard, chat)
+    _model_section(folder, subject)
+
+    L, N = subject.n_layers, subject.n_neurons
+    layers = [LayerExtremes(N, k, n_exemplars) for _ in range(L)]
+    partial = folder / PARTIAL
+    done_batches, done_windows = 0, 0
+    elapsed_before = 0.0
+    if restart and partial.exists():
+        shutil.rmtree(partial)
+    if (partial / "state.json").is_file():
+        prev = store.read_json(partial / "state.json")
+        if prev.get("settings") != settings:
+            raise NeuronscopeError(f"'{folder}' holds a partial statistics run with other settings (model, corpus, "
+                                   "window, K, shard...); pass restart=True (--restart) to discard it.")
+        tensors = store.load_tensors(partial / "state.safetensors")
+        for l, st in enumerate(layers):
+            st.load_state(tensors, f"{l}.")
+        done_batches, done_windows = prev["batches"], prev["windows"]
+        elapsed_before = prev.get("seconds", 0.0)
+
+    # the LM head is not needed for statistics: run the decoder stack only
+    base = subject.spec.get(subject.model, subject.spec.base)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        total = None
+        if max_windows is not None:
+            total = (max_windows // shard[1] + (1 if shard and shard[0] < max_windows % shard[1] else 0)
+                     if shard else max_windows) * window
+        bar = tqdm(total=total, unit="tok", unit_scale=True, desc="stats", initial=done_windows * window,
+                   dynamic_ncols=True)
+
+    def save_checkpoint(batches: int, windows: int, seconds: float) -> None:
+        state: dict[str, torch.Tensor] = {}
+        for l, st in enumerate(layers):
+            state.update(st.state(f"{l}."))
+        partial.mkdir(exist_ok=True)
+        store.save_tensors(partial / "state.safetensors", state)
+        store.write_json(partial / "state.json", {"settings": settings, "batches": batches, "windows": windows,
+                                                  "seconds": seconds})
+
+    t0 = time.perf_counter()
+    last_ckpt = t0
+    batch_no, processed = 0, 0
+    pending: list[Window] = []
+
+    def run_batch(ws: list[Window]) -> None:
+        nonlocal processed, last_ckpt
+        ids = torch.tensor([w.token_ids for w in ws], dtype=torch.long)
+        index = (torch.tensor([w.index for w in ws], dtype=torch.int64).unsqueeze(1) * window
+                 + torch.arange(window, dtype=torch.int64)).reshape(-1)
+        acts = _forward_neurons(subject, base, ids)
+        for st, a in zip(layers, acts):
+            st.add(a, index)
+        processed += len(ws)
+        now = time.perf_counter()
+        if now - last_ckpt >= checkpoint_every:
+            save_checkpoint(batch_no, done_windows + processed, elapsed_before + now - t0)
+            last_ckpt = now
+        if bar is not None:
+            bar.update(len(ws) * window)
+        _after_batch(batch_no)
+
+    try:
+        stream = (w for w in iter_windows(subject.tokenizer, paths, window, chat=chat, max_windows=max_windows)
+                  if shard_of(w.index, shard))
+        for w in stream:
+            pending.append(w)
+            if len(pending) < batch:
+                continue
+            batch_no += 1
+            if batch_no > done_batches:
+                run_batch(pending)
+            pending = []
+        if pending:
+            batch_no += 1
+            if batch_no > done_batches:
+                run_batch(pending)
+    finally:
+        if bar is not None:
+            bar.close()
+    n_windows = done_windows + processed
+    seconds = elapsed_before + time.perf_counter() - t0
+    if n_windows == 0:
+        raise NeuronscopeError(f"The corpus gave no complete window of {window} tokens"
+                               + (f" for shard {shard[0]}/{shard[1]}" if shard else "") + "; give more text or a "
+                               "smaller --window.")
+    return finish(subject, folder, layers, settings, paths, n_windows, seconds, window, chat, max_windows)
+
+
+def finish(subject, folder: Path, layers: Sequence[LayerExtremes], settings: dict[str, Any], paths, n_windows: int,
+           seconds: float, window: int, chat: bool, max_windows: int | None) -> NeuronStats:
+    """Write the results of a finished run, store the exemplar windows, update the manifest, drop the checkpoint."""
+    need = exemplar_windows(layers, window)
+    rows: dict[int, list[int]] = {}
+    if need:
+        last = max(need)
+        for w in iter_windows(subject.tokenizer, paths, window, chat=chat, max_windows=max_windows):
+            if w.index in need:
+                rows[w.index] = w.token_ids
+            if w.index >= last:
+                break
+    write_windows(folder, rows, subject.token_strings)
+    extra = write_arrays(folder, layers, settings)
+    n = layers[0].count
+    section = dict(settings)
+    section.update({
+        "complete": True, "tokens": n, "windows": n_windows, "seconds": round(seconds, 3),
+        "tokens_per_s": round(n / seconds, 1) if seconds > 0 else None, "levels": list(LEVELS),
+        "quantile_definition": "q(p) = r-th smallest, q(1-p) = r-th largest activation, r = ceil(p*n); NaN when "
+                               "r > K",
+        "unresolved_levels": extra["unresolved_levels"], "files": ["stats.safetensors",
+                                                                   "stats_extremes.safetensors"],
+    })
+    store.update_manifest(folder, "stats", section)
+    shutil.rmtree(folder / PARTIAL, ignore_errors=True)
+    return NeuronStats.open(folder)
+
+
+def _model_section(folder: Path, subject) -> None:
+    """Add the manifest's "model" section when the folder has none yet (a stats-only folder)."""
+    man = store.read_manifest(folder)
+    if "model" in man:
+        if man["model"].get("fingerprint") not in (None, subject.fingerprint):
+            raise NeuronscopeError(f"The atlas '{folder}' belongs to another model ({man['model'].get('name')}); "
+                                   "use a separate folder for each model.")
+        return
+    store.update_manifest(folder, "model", {
+        "name": subject.name, "fingerprint": subject.fingerprint, "family": subject.family,
+        "n_layers": subject.n_layers, "n_neurons": subject.n_neurons, "hidden_size": subject.hidden_size,
+        "vocab_size": subject.vocab_size, "tied": subject.tied})

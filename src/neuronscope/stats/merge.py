@@ -1,0 +1,77 @@
+"""`merge_shards`: combine the results of shard runs into the answer one run over all their windows gives.
+
+Extremes merge exactly (concatenate the top-K of each shard and take the top-K again; exemplar keys break ties by
+token index), so values, quantiles and exemplars are bit-for-bit those of a single run; count, mean and variance
+merge with Chan's formula (equal to a single run up to float64 rounding).
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Sequence
+
+from .. import store
+from ..errors import NeuronscopeError
+from .quantiles import LEVELS
+from .results import NeuronStats, copy_windows, exemplar_windows, load_layers, write_arrays
+
+SAME = ("fingerprint", "corpus", "window", "tokens_limit", "k", "n_exemplars", "chat", "n_layers", "n_neurons",
+        "format")
+
+
+def merge_shards(shard_dirs: Sequence, out_atlas_dir) -> "NeuronStats":
+    """Merge finished shard folders (runs with shard='i/n', same settings, distinct i) into `out_atlas_dir`."""
+    dirs = [Path(d) for d in shard_dirs]
+    if not dirs:
+        raise NeuronscopeError("No shard folders given to merge.")
+    secs = []
+    for d in dirs:
+        sec = store.read_manifest(d).get("stats") if d.is_dir() else None
+        if not sec or not sec.get("complete"):
+            raise NeuronscopeError(f"'{d}' holds no finished statistics shard; finish that shard first.")
+        secs.append(sec)
+    first = secs[0]
+    for d, sec in zip(dirs[1:], secs[1:]):
+        for key in SAME:
+            if sec.get(key) != first.get(key):
+                raise NeuronscopeError(f"Shard '{d}' differs from '{dirs[0]}' in '{key}'; only shards of the same "
+                                       "run can be merged.")
+    shards = [tuple(s["shard"]) if s.get("shard") else None for s in secs]
+    if any(s is None for s in shards):
+        if len(dirs) > 1:
+            raise NeuronscopeError("Only runs made with a shard (i/n) can be merged; a full run has no other part.")
+    else:
+        ns = {s[1] for s in shards}
+        if len(ns) != 1:
+            raise NeuronscopeError("The shards come from splits into different numbers of parts.")
+        ids = [s[0] for s in shards]
+        if len(set(ids)) != len(ids):
+            raise NeuronscopeError(f"Shard {sorted(i for i in ids if ids.count(i) > 1)[0]} is given twice.")
+    t0 = time.perf_counter()
+    merged = load_layers(dirs[0])
+    for d in dirs[1:]:
+        for st, other in zip(merged, load_layers(d)):
+            st.merge(other)
+    out = Path(out_atlas_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    man_model = store.read_manifest(dirs[0]).get("model")
+    out_model = store.read_manifest(out).get("model")
+    if out_model and man_model and out_model.get("fingerprint") != man_model.get("fingerprint"):
+        raise NeuronscopeError(f"The atlas '{out}' belongs to another model ({out_model.get('name')}).")
+    need = exemplar_windows(merged, first["window"])
+    copy_windows(dirs, out, need)
+    extra = write_arrays(out, merged, first)
+    if man_model and not out_model:
+        store.update_manifest(out, "model", man_model)
+    n_shards = shards[0][1] if shards[0] else 1
+    section = {k: first.get(k) for k in SAME + ("model", "batch", "levels", "quantile_definition", "files")}
+    section.update({
+        "complete": True, "shard": None, "merged_from": [str(d) for d in dirs],
+        "shards": sorted(s[0] for s in shards if s) if shards[0] else None, "n_shards": n_shards,
+        "all_shards": shards[0] is None or len(dirs) == n_shards,
+        "tokens": merged[0].count, "windows": sum(s.get("windows", 0) for s in secs),
+        "seconds": round(sum(s.get("seconds", 0.0) for s in secs), 3), "merge_seconds":
+            round(time.perf_counter() - t0, 3), "levels": list(LEVELS), "unresolved_levels": extra["unresolved_levels"],
+    })
+    store.update_manifest(out, "stats", section)
+    return NeuronStats.open(out)
