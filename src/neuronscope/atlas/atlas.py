@@ -1,0 +1,151 @@
+"""`Atlas`: a finished atlas folder, read without the model: each neuron's decoded tokens per site, and lookups."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from .. import store
+from ..errors import NeuronscopeError
+from .build import site_file
+from .vocab import normalise, read_vocab
+
+
+class Atlas:
+    """A built atlas. `Atlas.open(folder)`; arrays load lazily, one file per site."""
+
+    def __init__(self, folder: Path, manifest: dict, vocab: list[str]):
+        self.folder = Path(folder)
+        self.manifest = manifest
+        a = manifest["atlas"]
+        m = manifest.get("model", {})
+        self.n_layers: int = int(a["n_layers"])
+        self.n_neurons: int = int(a["n_neurons"])
+        self.sites: list[str] = list(a["sites"])
+        self.top_k: int = int(a["top_k"])
+        self.apply_norm: bool = bool(a["apply_norm"])
+        self.model_name: str = m.get("name", "?")
+        self.fingerprint: str | None = m.get("fingerprint")
+        self.vocab = vocab
+        self._arrays: dict[str, dict[str, torch.Tensor]] = {}
+
+    # ---- opening ------------------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, folder: str | os.PathLike) -> "Atlas":
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise NeuronscopeError(f"No atlas folder at '{folder}'; build one with `neuronscope atlas build`.")
+        try:
+            manifest = store.read_manifest(folder)
+        except ValueError:
+            raise NeuronscopeError(f"The manifest.json in '{folder}' is not valid JSON.") from None
+        a = manifest.get("atlas")
+        if not a:
+            raise NeuronscopeError(f"'{folder}' holds no atlas (no 'atlas' section in manifest.json); build one "
+                                   "with `neuronscope atlas build`.")
+        if a.get("status") != "complete":
+            raise NeuronscopeError(f"The atlas in '{folder}' is incomplete (its build was interrupted); run the "
+                                   "same `neuronscope atlas build` again to resume it.")
+        missing = [s for s in a.get("sites", []) if not site_file(folder, s).is_file()]
+        if missing:
+            raise NeuronscopeError(f"The atlas in '{folder}' is missing its {', '.join(missing)} file(s); "
+                                   "rebuild it with --overwrite.")
+        vocab = read_vocab(folder)
+        if vocab is None:
+            raise NeuronscopeError(f"The atlas in '{folder}' has no vocabulary table in atlas.sqlite; rebuild it "
+                                   "with --overwrite.")
+        return cls(folder, manifest, vocab)
+
+    def __repr__(self) -> str:
+        return (f"Atlas({str(self.folder)!r}, model={self.model_name!r}, layers={self.n_layers}, "
+                f"neurons={self.n_neurons}, sites={self.sites}, top_k={self.top_k})")
+
+    # ---- arrays -------------------------------------------------------------------------------------------
+    def _site(self, site: str) -> dict[str, torch.Tensor]:
+        if site not in self.sites:
+            raise NeuronscopeError(f"This atlas has no site '{site}'; it has {', '.join(self.sites)}.")
+        if site not in self._arrays:
+            self._arrays[site] = store.load_tensors(site_file(self.folder, site))
+        return self._arrays[site]
+
+    def top_ids(self, site: str) -> torch.Tensor:
+        """Token ids [L, N, k] (int64), best first."""
+        return self._site(site)["ids"]
+
+    def top_logits(self, site: str) -> torch.Tensor:
+        """Logits [L, N, k] of those tokens (for down.neg: logits of the negated write vector)."""
+        return self._site(site)["logits"]
+
+    def top_probs(self, site: str) -> torch.Tensor:
+        """Softmax probabilities [L, N, k] over the whole vocabulary."""
+        return self._site(site)["probs"]
+
+    def lse(self, site: str) -> torch.Tensor:
+        """The log-sum-exp of each neuron's logits over the vocabulary [L, N]."""
+        return self._site(site)["lse"]
+
+    # ---- one neuron -----------------------------------------------------------------------------------------
+    def check(self, layer: int, neuron: int) -> None:
+        for name, v, top in (("Layer", layer, self.n_layers), ("Neuron", neuron, self.n_neurons)):
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise NeuronscopeError(f"{name} must be an integer, got {v!r}.")
+            if not 0 <= v < top:
+                raise NeuronscopeError(f"{name} {v} is out of range: this atlas has {name.lower()}s 0 to {top - 1}.")
+
+    def token(self, i: int) -> str:
+        return self.vocab[i] if 0 <= i < len(self.vocab) else f"<{i}>"
+
+    def neuron(self, layer: int, i: int) -> dict[str, list[dict]]:
+        """{site: [{"token", "id", "logit", "prob"}, ...]} for neuron i of `layer`, best first."""
+        self.check(layer, i)
+        out = {}
+        for s in self.sites:
+            ids = self.top_ids(s)[layer, i].tolist()
+            lg = self.top_logits(s)[layer, i].tolist()
+            pr = self.top_probs(s)[layer, i].tolist()
+            out[s] = [{"token": self.token(t), "id": t, "logit": a, "prob": p} for t, a, p in zip(ids, lg, pr)]
+        return out
+
+    def top_tokens(self, layer: int, i: int, site: str = "down.pos", k: int = 5) -> list[str]:
+        self.check(layer, i)
+        return [self.token(t) for t in self.top_ids(site)[layer, i, :k].tolist()]
+
+    # ---- lookups --------------------------------------------------------------------------------------------
+    def token_ids(self, token: str) -> list[int]:
+        """Vocabulary ids whose text is exactly `token`; failing that, those equal after normalisation
+        (space markers stripped, lower case)."""
+        exact = [i for i, t in enumerate(self.vocab) if t == token]
+        if exact:
+            return exact
+        n = normalise(token)
+        return [i for i, t in enumerate(self.vocab) if n and normalise(t) == n]
+
+    def top_neurons_for(self, token: str, site: str | None = None, k: int = 50) -> list[dict]:
+        """The neurons whose decoded top-k holds `token`, by that token's probability (highest first).
+
+        Returns [{"layer", "neuron", "site", "score", "tokens"}] (score = the token's probability)."""
+        if not isinstance(token, str) or not token:
+            raise NeuronscopeError("Give a token to look up.")
+        ids = self.token_ids(token)
+        if not ids:
+            raise NeuronscopeError(f"No token '{token}' in this atlas's vocabulary.")
+        sites = [site] if site else self.sites
+        found = []
+        idt = torch.tensor(ids)
+        for s in sites:
+            hit = torch.isin(self.top_ids(s), idt)                     # [L, N, k]
+            score = (self.top_probs(s) * hit).sum(-1)                 # [L, N]
+            for l, n in hit.any(-1).nonzero().tolist():
+                found.append((float(score[l, n]), l, n, s))
+        found.sort(key=lambda x: -x[0])
+        return [self._row(l, n, s, sc) for sc, l, n, s in found[:k]]
+
+    def search(self, query: str, k: int = 50, sites=None, subject=None) -> list[dict]:
+        """Neurons for a concept (one or more words), best first: see `neuronscope.atlas.search.search`."""
+        from .search import search
+        return search(self, query, k=k, sites=sites, subject=subject)
+
+    def _row(self, layer: int, neuron: int, site: str, score: float, n_tokens: int = 5) -> dict:
+        return {"layer": layer, "neuron": neuron, "site": site, "score": score,
+                "tokens": self.top_tokens(layer, neuron, site, n_tokens)}

@@ -1,0 +1,187 @@
+"""Building an atlas: decode every neuron's read and write vectors of every layer, resumable per layer.
+
+Each finished layer is saved to `parts/layer_NNN.safetensors` (atomically) before the next one starts, so an
+interrupted build resumes at the first missing layer. When all layers are done the per-site arrays are written as
+`atlas_<site>.safetensors`, the vocabulary goes to atlas.sqlite, and the manifest's "atlas" section is marked
+complete last: a reader never sees a half-written atlas.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .. import store
+from ..errors import NeuronscopeError
+from .decode import decode, shuffled_unembedding
+
+ALL_SITES = ("up", "gate", "down.pos", "down.neg")
+FORMAT_VERSION = 1
+
+
+def model_section(subject) -> dict:
+    return {"name": subject.name, "fingerprint": subject.fingerprint, "family": subject.family,
+            "n_layers": subject.n_layers, "n_neurons": subject.n_neurons, "hidden_size": subject.hidden_size,
+            "vocab_size": subject.vocab_size, "tied": subject.tied}
+
+
+def site_file(folder: str | os.PathLike, site: str) -> Path:
+    return Path(folder) / f"atlas_{site}.safetensors"
+
+
+def build_atlas(subject, out_dir: str | os.PathLike, *, top_k: int = 20, apply_norm: bool = True,
+                sites: Sequence[str] | None = None, chunk: int = 512, progress: bool = True,
+                method: str = "auto", vocab_block: int = 1024, overwrite: bool = False, device: str | None = None,
+                approx_dtype: torch.dtype | None = None):
+    """Decode every neuron of `subject` through its LM head and save the atlas in `out_dir`; returns the `Atlas`.
+
+    sites: any of "up", "gate" (gated MLPs), "down.pos", "down.neg" (default: all the model has). top_k tokens are
+    kept per neuron and site. apply_norm: multiply by the final norm's gain before the LM head (recorded in the
+    manifest). chunk: neurons decoded per GEMM (bounds memory). device: where to decode (default: the model's;
+    "cuda" uses a bf16 first pass with an exact float32 re-score). An interrupted build resumes at the first
+    missing layer; a folder holding a complete atlas built with other options needs `overwrite=True`.
+    """
+    from .atlas import Atlas
+    from .vocab import write_vocab
+
+    sites = _check_sites(subject, sites)
+    if not isinstance(top_k, int) or top_k < 1 or top_k > subject.vocab_size:
+        raise NeuronscopeError(f"top_k must be an integer between 1 and {subject.vocab_size}, got {top_k!r}.")
+    if chunk < 1:
+        raise NeuronscopeError(f"chunk must be at least 1, got {chunk}.")
+    folder = Path(out_dir)
+    if folder.exists() and not folder.is_dir():
+        raise NeuronscopeError(f"'{folder}' exists and is not a folder.")
+    options = {"top_k": top_k, "apply_norm": bool(apply_norm), "sites": list(sites), "format": FORMAT_VERSION}
+    model = model_section(subject)
+    manifest = store.read_manifest(folder)
+    old = manifest.get("atlas", {})
+    same = old.get("options") == options and manifest.get("model", {}).get("fingerprint") == model["fingerprint"]
+    if old.get("status") == "complete":
+        if same and not overwrite:
+            return Atlas.open(folder)
+        if not overwrite:
+            raise NeuronscopeError(
+                f"'{folder}' already holds an atlas of {manifest.get('model', {}).get('name')} built with other "
+                "options or another model; pass overwrite=True (--overwrite) or choose another folder.")
+    parts = folder / "parts"
+    if not same or overwrite:
+        shutil.rmtree(parts, ignore_errors=True)
+    if manifest.get("model", {}).get("fingerprint") not in (None, model["fingerprint"]) and not overwrite:
+        raise NeuronscopeError(f"'{folder}' belongs to another model ({manifest['model'].get('name')}); "
+                               "choose another folder or pass overwrite=True.")
+    store.update_manifest(folder, "model", model)
+    store.update_manifest(folder, "versions", {**store.read_manifest(folder).get("versions", {}), **_versions()})
+    store.update_manifest(folder, "atlas", {"status": "building", "options": options})
+
+    dev = torch.device(device) if device else subject.device
+    spec, hf = subject.spec, subject.model
+    with torch.no_grad():
+        W_U = spec.unembedding(hf).detach().to(dev)
+        gain = spec.final_norm_gain(hf).detach().float().to(dev) if apply_norm else None
+        if dev.type == "cuda" or method in ("twopass", "plain"):
+            W, perm = W_U.float().contiguous(), None
+        else:
+            W, perm = shuffled_unembedding(W_U)
+    L = subject.n_layers
+    todo = [l for l in range(L) if not (parts / f"layer_{l:03d}.safetensors").is_file()]
+    bar = _bar(progress, len(todo) * len(sites), f"atlas {subject.name}")
+    start = time.perf_counter()
+    for l in todo:
+        tensors = _decode_layer(subject, l, sites, W, perm, gain, top_k=top_k, chunk=chunk, method=method,
+                                vocab_block=vocab_block, device=dev, approx_dtype=approx_dtype, bar=bar)
+        store.save_tensors(parts / f"layer_{l:03d}.safetensors", tensors)
+    if bar is not None:
+        bar.close()
+    elapsed = time.perf_counter() - start
+    _finish(folder, subject, sites, L, top_k)
+    write_vocab(folder, subject)
+    store.update_manifest(folder, "atlas", {
+        "status": "complete", "options": options, "sites": list(sites), "top_k": top_k,
+        "apply_norm": bool(apply_norm), "n_layers": L, "n_neurons": subject.n_neurons,
+        "down_neg": "decode of the negated write vector: logits and probabilities of -v (tokens it suppresses)",
+        "build_seconds_last_run": round(elapsed, 3), "method": method, "device": str(dev),
+        "files": {s: site_file(folder, s).name for s in sites},
+    })
+    shutil.rmtree(parts, ignore_errors=True)
+    return Atlas.open(folder)
+
+
+def _check_sites(subject, sites) -> tuple[str, ...]:
+    have = ALL_SITES if subject.spec.gated else tuple(s for s in ALL_SITES if s != "gate")
+    if sites is None:
+        return have
+    if isinstance(sites, str):
+        sites = [s.strip() for s in sites.split(",") if s.strip()]
+    out = []
+    for s in sites:
+        if s == "down":
+            out += ["down.pos", "down.neg"]
+        elif s not in ALL_SITES:
+            raise NeuronscopeError(f"Unknown atlas site '{s}'; use {', '.join(ALL_SITES)}.")
+        elif s not in have:
+            raise NeuronscopeError(f"The site '{s}' does not exist here: {subject.family} MLPs are not gated.")
+        else:
+            out.append(s)
+    if not out:
+        raise NeuronscopeError("No atlas sites given; use up, gate, down.pos, down.neg.")
+    return tuple(s for s in ALL_SITES if s in out)
+
+
+def _decode_layer(subject, layer, sites, W, perm, gain, *, top_k, chunk, method, vocab_block, device,
+                  approx_dtype, bar) -> dict[str, torch.Tensor]:
+    """All requested sites of one layer as {f"{site}.ids"/".logits"/".probs"/".lse": tensor}."""
+    spec, hf = subject.spec, subject.model
+    out: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        reads = spec.read_vectors(hf, layer) if ("up" in sites or "gate" in sites) else {}
+        jobs = [(s, reads[s], ("pos",)) for s in ("up", "gate") if s in sites]
+        down_sides = tuple(side for side in ("pos", "neg") if f"down.{side}" in sites)
+        if down_sides:
+            jobs.append(("down", spec.write_vectors(hf, layer), down_sides))
+        for name, vec, sides in jobs:
+            v = vec.detach().to(device).float()
+            if gain is not None:
+                v = v * gain
+            res = decode(v, W, k=top_k, sides=sides, method=method, chunk=chunk, vocab_block=vocab_block,
+                         permutation=perm, approx_dtype=approx_dtype)
+            for side, d in res.items():
+                site = name if name != "down" else f"down.{side}"
+                out[f"{site}.ids"] = d.ids.to(torch.int32).cpu()
+                out[f"{site}.logits"] = d.logits.float().cpu()
+                out[f"{site}.probs"] = d.probs.float().cpu()
+                out[f"{site}.lse"] = d.lse.float().cpu()
+                if bar is not None:
+                    bar.update(1)
+    return out
+
+
+def _finish(folder: Path, subject, sites, L: int, top_k: int) -> None:
+    """Stack the per-layer parts into one file per site: ids/logits/probs [L, N, k], lse [L, N]."""
+    parts = [store.load_tensors(folder / "parts" / f"layer_{l:03d}.safetensors") for l in range(L)]
+    for s in sites:
+        t = {f: torch.stack([p[f"{s}.{f}"] for p in parts]) for f in ("ids", "logits", "probs", "lse")}
+        t["ids"] = t["ids"].long()
+        store.save_tensors(site_file(folder, s), t, metadata={"site": s, "top_k": str(top_k),
+                                                               "fingerprint": subject.fingerprint})
+
+
+def _versions() -> dict:
+    import transformers
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        ns = version("neuronscope")
+    except PackageNotFoundError:
+        ns = "dev"
+    return {"neuronscope": ns, "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def _bar(progress: bool, total: int, desc: str):
+    if not progress or total == 0:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc=desc, unit="site")

@@ -1,0 +1,94 @@
+"""Comparing two atlases of models with the same shape and vocabulary (base vs instruct, Davies 2025): share of
+neurons whose top-1 decoded token agrees, per layer and overall, mean top-k overlap, the neurons that changed most,
+a PNG plot and a JSON summary."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from .. import store
+from ..errors import NeuronscopeError
+
+
+def compare_atlases(a, b, *, site: str = "up", out_dir: str | os.PathLike | None = None,
+                    n_changed: int = 20) -> dict:
+    """Compare atlas `a` with atlas `b` (Atlas objects or folders) at `site`.
+
+    Returns {"site", "a", "b", "top_k", "top1_agreement", "topk_overlap", "per_layer": [{"layer",
+    "top1_agreement", "topk_overlap"}], "changed_most": [...]}; with `out_dir`, also writes compare.json and
+    agreement.png there.
+    """
+    from .atlas import Atlas
+    a = a if isinstance(a, Atlas) else Atlas.open(a)
+    b = b if isinstance(b, Atlas) else Atlas.open(b)
+    _check_match(a, b, site)
+    ia, ib = a.top_ids(site), b.top_ids(site)                     # [L, N, k]
+    k = ia.shape[-1]
+    top1 = ia[..., 0] == ib[..., 0]                                # [L, N]
+    overlap = (ia[..., :, None] == ib[..., None, :]).any(-1).float().mean(-1)   # [L, N]
+    per_layer = [{"layer": l, "top1_agreement": float(top1[l].float().mean()),
+                  "topk_overlap": float(overlap[l].mean())} for l in range(a.n_layers)]
+    # most changed: lowest top-k overlap, then top-1 disagreement, then the strongest top-1 in A
+    key = overlap + 0.5 * top1.float() / k - 1e-3 * a.top_probs(site)[..., 0]
+    order = key.reshape(-1).argsort()[:n_changed].tolist()
+    changed = []
+    for j in order:
+        l, n = divmod(j, a.n_neurons)
+        changed.append({"layer": l, "neuron": n, "topk_overlap": float(overlap[l, n]),
+                        "top1_agree": bool(top1[l, n]), "tokens_a": a.top_tokens(l, n, site, 5),
+                        "tokens_b": b.top_tokens(l, n, site, 5)})
+    summary = {"site": site, "a": {"folder": str(a.folder), "model": a.model_name, "fingerprint": a.fingerprint},
+               "b": {"folder": str(b.folder), "model": b.model_name, "fingerprint": b.fingerprint},
+               "top_k": k, "n_layers": a.n_layers, "n_neurons": a.n_neurons,
+               "top1_agreement": float(top1.float().mean()), "topk_overlap": float(overlap.mean()),
+               "per_layer": per_layer, "changed_most": changed}
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        summary["plot"] = str(out / "agreement.png")
+        plot_agreement(summary, out / "agreement.png")
+        store.write_json(out / "compare.json", summary)
+    return summary
+
+
+def _check_match(a, b, site: str) -> None:
+    for what, x, y in (("layer count", a.n_layers, b.n_layers), ("neurons per layer", a.n_neurons, b.n_neurons),
+                       ("vocabulary size", len(a.vocab), len(b.vocab)), ("top_k", a.top_k, b.top_k)):
+        if x != y:
+            raise NeuronscopeError(f"The atlases do not match: {what} is {x} in '{a.folder}' but {y} in "
+                                   f"'{b.folder}'.")
+    if a.vocab != b.vocab:
+        diff = next(i for i, (x, y) in enumerate(zip(a.vocab, b.vocab)) if x != y)
+        raise NeuronscopeError(f"The atlases do not match: their vocabularies differ (token {diff} is "
+                               f"{a.vocab[diff]!r} vs {b.vocab[diff]!r}).")
+    for at in (a, b):
+        if site not in at.sites:
+            raise NeuronscopeError(f"The atlas '{at.folder}' has no site '{site}'; it has {', '.join(at.sites)}.")
+    if a.apply_norm != b.apply_norm:
+        raise NeuronscopeError("The atlases do not match: one was built with the final norm's gain and the other "
+                               "without (--no-norm); build both the same way.")
+
+
+def plot_agreement(summary: dict, path: str | os.PathLike) -> None:
+    """Bar plot of top-1 agreement by layer, with the mean top-k overlap as a line; saved atomically as PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    layers = [r["layer"] for r in summary["per_layer"]]
+    fig, ax = plt.subplots(figsize=(max(6, 0.25 * len(layers) + 2), 3.5))
+    ax.bar(layers, [100 * r["top1_agreement"] for r in summary["per_layer"]], color="#4878a8",
+           label="top-1 token agrees")
+    ax.plot(layers, [100 * r["topk_overlap"] for r in summary["per_layer"]], color="#d0703a", marker="o",
+            label=f"mean top-{summary['top_k']} overlap")
+    ax.set_ylim(0, 105)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("% of neurons")
+    ax.set_title(f"{summary['a']['model']} vs {summary['b']['model']} ({summary['site']}): "
+                 f"{100 * summary['top1_agreement']:.1f}% top-1 agree", fontsize=9)
+    ax.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    with store.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)

@@ -1,0 +1,217 @@
+"""Decoding vectors through the LM head: top-k tokens, their logits and probabilities, fast and exact.
+
+`decode(vectors, W_U, k=...)` returns, per side ("pos": tokens the vectors promote, "neg": tokens they suppress,
+i.e. the decode of the negated vector), the top-k token ids, logits and softmax probabilities (with the full
+log-sum-exp over the vocabulary, computed in the same pass).
+
+Three methods give the same answer:
+- "fused" (the CPU default): the vocabulary is cut into cache-sized blocks; each block's logits come from one
+  GEMM into a reused buffer, add to a running log-sum-exp, and only the entries above a per-row threshold (the
+  k-th largest logit of the first block, a lower bound of the final k-th largest) are kept as candidates. No
+  full-vocabulary top-k is ever run, and the logits never leave the cache.
+- "twopass" (the GPU default, with bf16): a low-precision first pass proposes every token whose logit could be in
+  the top-k given a rigorous bound on the rounding error, and the candidates are re-scored exactly (float32 on a
+  GPU); tests force it with float32/float64 and with bf16 on CPU to show it equals the plain result.
+- "plain": one matmul, `topk` and `logsumexp` (the reference).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import NeuronscopeError
+
+SIDES = ("pos", "neg")
+
+
+@dataclass
+class Decoded:
+    """Top-k of one side for n vectors: ids [n, k] (int64), logits [n, k], probs [n, k], lse [n] (float32)."""
+    ids: torch.Tensor
+    logits: torch.Tensor
+    probs: torch.Tensor
+    lse: torch.Tensor
+
+
+def decode(vectors: torch.Tensor, unembedding: torch.Tensor, *, k: int = 20, sides=("pos",), method: str = "auto",
+           chunk: int = 512, vocab_block: int = 1024, approx_dtype: torch.dtype | None = None,
+           exact_dtype: torch.dtype = torch.float32, permutation: torch.Tensor | None = None) -> dict[str, Decoded]:
+    """Decode `vectors` [n, H] through `unembedding` [V, H] (gain already folded into the vectors).
+
+    Returns {side: Decoded} for each requested side. `chunk` rows are decoded at a time (memory is bounded by
+    chunk x vocab_block for "fused", chunk x V for the others). `permutation` (fused only): the order in which
+    vocabulary rows are visited, as given by `shuffled_unembedding` (a random first block gives a tight threshold).
+    """
+    n, h = vectors.shape
+    V = unembedding.shape[0]
+    if unembedding.shape[1] != h:
+        raise NeuronscopeError(f"Vectors have {h} dimensions but the unembedding has {unembedding.shape[1]}.")
+    if not 1 <= k <= V:
+        raise NeuronscopeError(f"top_k must be between 1 and the vocabulary size {V}, got {k}.")
+    bad = [s for s in sides if s not in SIDES]
+    if bad or not sides:
+        raise NeuronscopeError(f"Unknown decode side(s) {bad or sides}; use 'pos' and/or 'neg'.")
+    if method == "auto":
+        method = "twopass" if unembedding.device.type == "cuda" else "fused"
+    if method not in ("fused", "twopass", "plain"):
+        raise NeuronscopeError(f"Unknown decode method '{method}'; use auto, fused, twopass or plain.")
+    parts: dict[str, list[Decoded]] = {s: [] for s in sides}
+    for c in range(0, n, max(1, chunk)):
+        u = vectors[c:c + chunk]
+        if method == "plain":
+            out = _decode_plain(u, unembedding, k, sides)
+        elif method == "twopass":
+            out = _decode_twopass(u, unembedding, k, sides, approx_dtype or torch.bfloat16, exact_dtype)
+        else:
+            out = _decode_fused(u, unembedding, k, sides, vocab_block, permutation)
+        for s in sides:
+            parts[s].append(out[s])
+    return {s: Decoded(*(torch.cat([getattr(d, f) for d in parts[s]]) for f in ("ids", "logits", "probs", "lse")))
+            for s in sides}
+
+
+def shuffled_unembedding(unembedding: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A float32 contiguous copy of W_U with its rows in a fixed random order, and that order (for `decode`)."""
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(unembedding.shape[0], generator=g).to(unembedding.device)
+    return unembedding.detach().float()[perm].contiguous(), perm
+
+
+# ---- plain (reference) ---------------------------------------------------------------------------------------
+def _decode_plain(u: torch.Tensor, W: torch.Tensor, k: int, sides) -> dict[str, Decoded]:
+    logits = u.float() @ W.float().T
+    out = {}
+    for s in sides:
+        x = logits if s == "pos" else -logits
+        vals, ids = x.topk(k, dim=1)
+        lse = torch.logsumexp(x, dim=1)
+        out[s] = Decoded(ids.long(), vals, (vals - lse[:, None]).exp(), lse)
+    return out
+
+
+# ---- fused blocked GEMM + threshold candidates + running log-sum-exp ----------------------------------------------
+def _decode_fused(u: torch.Tensor, W: torch.Tensor, k: int, sides, block: int,
+                  perm: torch.Tensor | None) -> dict[str, Decoded]:
+    u = u.float().contiguous()
+    W = W if W.dtype == torch.float32 else W.float()
+    n, V = u.shape[0], W.shape[0]
+    first = min(V, max(block, k))
+    buf = torch.empty(n, max(block, first), dtype=torch.float32, device=u.device)
+    tmp = torch.empty_like(buf)
+    b0 = buf[:, :first]
+    torch.mm(u, W[:first].T, out=b0)
+    sign = {"pos": 1.0, "neg": -1.0}
+    state = {}
+    for s in sides:
+        x = b0 if s == "pos" else torch.neg(b0, out=tmp[:, :first])
+        v0, i0 = x.topk(k, dim=1)
+        m = v0[:, :1].clone()                       # shift for the running sum (overflow handled below)
+        tau = v0[:, -1:].clone()                    # k-th largest of block 0 <= final k-th largest
+        acc = torch.sub(x, m, out=tmp[:, :first]).exp_().sum(1, dtype=torch.float64)
+        state[s] = dict(m=m, tau=tau if s == "pos" else -tau, acc=acc, rows=[], cols=[i0.reshape(-1)],
+                        vals=[v0.reshape(-1)], rows0=torch.arange(n, device=u.device).repeat_interleave(k))
+    for b in range(first, V, block):
+        e = min(V, b + block)
+        x = buf[:, :e - b]
+        t = tmp[:, :e - b]
+        torch.mm(u, W[b:e].T, out=x)
+        for s in sides:
+            st = state[s]
+            mask = torch.gt(x, st["tau"]) if s == "pos" else torch.lt(x, st["tau"])
+            r, c = mask.nonzero(as_tuple=True)
+            if r.numel():
+                st["rows"].append(r)
+                st["cols"].append(c + b)
+                st["vals"].append(sign[s] * x[r, c])
+            if s == "pos":
+                torch.sub(x, st["m"], out=t)
+            else:
+                torch.add(x, st["m"], out=t).neg_()
+            st["acc"] += t.exp_().sum(1, dtype=torch.float64)
+    out = {}
+    for s in sides:
+        st = state[s]
+        rows = torch.cat([st["rows0"]] + st["rows"])
+        cols = torch.cat(st["cols"])
+        vals = torch.cat(st["vals"])
+        vals, ids = _ragged_topk(rows, cols, vals, n, k)
+        lse = (st["acc"].log() + st["m"][:, 0].double()).float()
+        # rows whose maximum is far above the block-0 shift may have overflowed: recompute them exactly
+        redo = (vals[:, 0] - st["m"][:, 0] > 60.0) | ~torch.isfinite(lse)
+        if redo.any():
+            x = (u[redo] @ W.T) * sign[s]
+            lse[redo] = torch.logsumexp(x, 1)
+        if perm is not None:
+            ids = perm[ids]
+        out[s] = Decoded(ids.long(), vals, (vals - lse[:, None]).exp(), lse)
+    return out
+
+
+def _ragged_topk(rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, n: int, k: int):
+    """Top-k per row of a ragged set of (row, col, value) candidates (every row has at least k)."""
+    order = torch.argsort(rows, stable=True)
+    rows, cols, vals = rows[order], cols[order], vals[order]
+    counts = torch.bincount(rows, minlength=n)
+    starts = torch.cumsum(counts, 0) - counts
+    pos = torch.arange(rows.numel(), device=rows.device) - starts[rows]
+    width = int(counts.max())
+    dense_v = torch.full((n, width), float("-inf"), device=vals.device, dtype=vals.dtype)
+    dense_c = torch.zeros((n, width), device=vals.device, dtype=cols.dtype)
+    dense_v[rows, pos] = vals
+    dense_c[rows, pos] = cols
+    top_v, j = dense_v.topk(k, dim=1)
+    return top_v, dense_c.gather(1, j)
+
+
+# ---- two passes: low-precision proposal, exact re-score --------------------------------------------------------
+_UNIT_ROUNDOFF = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11, torch.float32: 2.0 ** -24,
+                  torch.float64: 2.0 ** -53}
+
+
+def _decode_twopass(u: torch.Tensor, W: torch.Tensor, k: int, sides, approx: torch.dtype,
+                    exact: torch.dtype) -> dict[str, Decoded]:
+    """First pass in `approx` precision; every token whose approximate logit is within twice the rounding-error
+    bound of the approximate k-th value is re-scored in `exact` precision, so the final top-k is exact."""
+    ua, Wa = u.to(approx), W.to(approx)
+    A = (ua @ Wa.T).float()                            # [n, V] approximate logits
+    ur = _UNIT_ROUNDOFF.get(approx, 2.0 ** -8)
+    h = u.shape[1]
+    # |A - exact| <= (2ur + ur^2 + h*2^-24) * sum|u||w| + ur*|A| (inputs rounded, fp32 accumulation, output
+    # rounded); sum|u||w| <= |u|_2 * max_j |w_j|_2.
+    wmax = W.float().norm(dim=1).max()
+    unorm = u.float().norm(dim=1)
+    acc_err = h * 2.0 ** -24 if approx != torch.float64 else h * 2.0 ** -53
+    eps = (2 * ur + ur * ur + acc_err) * unorm * wmax + ur * A.abs().amax(1)
+    eps = eps * 1.01 + 1e-30
+    out = {}
+    for s in sides:
+        x = A if s == "pos" else -A
+        vk = x.topk(k, dim=1).values[:, -1]
+        ncand = int((x >= (vk - 2 * eps)[:, None]).sum(1).max())
+        cand = x.topk(min(ncand, x.shape[1]), dim=1).indices           # a superset of the exact top-k
+        ex = torch.einsum("nh,nch->nc", u.to(exact), W[cand].to(exact))
+        if s == "neg":
+            ex = -ex
+        vals, j = ex.topk(k, dim=1)
+        ids = cand.gather(1, j)
+        lse = torch.logsumexp(x, 1)
+        vals = vals.float()
+        out[s] = Decoded(ids.long(), vals, (vals - lse[:, None]).exp(), lse)
+    return out
+
+
+def naive_decode(vectors: torch.Tensor, unembedding: torch.Tensor, k: int = 20) -> Decoded:
+    """The per-neuron loop a first implementation would write (softmax of W_U @ v, then top-k): the benchmark's
+    baseline, and a readable statement of what `decode` computes for the "pos" side."""
+    ids, logits, probs, lses = [], [], [], []
+    W = unembedding.float()
+    for v in vectors.float():
+        z = W @ v
+        p = torch.softmax(z, 0)
+        pv, pi = p.topk(k)
+        ids.append(pi)
+        probs.append(pv)
+        logits.append(z[pi])
+        lses.append(torch.logsumexp(z, 0))
+    return Decoded(torch.stack(ids), torch.stack(logits), torch.stack(probs), torch.stack(lses))
