@@ -152,6 +152,16 @@ class Monitor:
             out.append(one)
         return out
 
+    def _next_strings(self, prev: int, alts: list[int]) -> list[str]:
+        """How each candidate next token reads after `prev` (keeps its leading space)."""
+        tok = self.subject.tokenizer
+        p = tok.decode([prev], skip_special_tokens=False)
+        out = []
+        for a in alts:
+            two = tok.decode([prev, a], skip_special_tokens=False)
+            out.append(two[len(p):] if two.startswith(p) and len(two) > len(p) else tok.decode([a]))
+        return out
+
     # ---- chat ---------------------------------------------------------------------------------------------
     def _check_gen(self, max_new_tokens: int, temperature: float) -> None:
         L = self.limits
@@ -331,7 +341,6 @@ class Monitor:
         T = len(ids)
         probs = torch.softmax(logits, -1)
         tp, ti = probs.topk(5, dim=-1)
-        vocab_str = self.subject.token_strings
         own = [None] + probs[torch.arange(T - 1), torch.tensor(ids[1:], dtype=torch.long)].tolist() if T > 1 else [None]
         strs = self.display_tokens(ids)
         tokens = []
@@ -340,7 +349,7 @@ class Monitor:
             tokens.append({"position": t, "id": ids[t], "text": strs[t], "role": r["roles"][t],
                            "message": r["message"][t], "steered": t in steered, "prob": own[t],
                            "top5": [{"token": x, "id": i, "prob": p}
-                                    for x, i, p in zip(vocab_str(alts), alts, tp[t].tolist())]})
+                                    for x, i, p in zip(self._next_strings(ids[t], alts), alts, tp[t].tolist())]})
         L, _, N = acts.shape
         norm = self.knowledge.normalise(acts)
         if norm is not None:
