@@ -21,6 +21,8 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 def _private_cache(tmp_path_factory):
     """Keep every test's cache writes out of the user's home."""
     os.environ["NEURONSCOPE_HOME"] = str(tmp_path_factory.mktemp("nshome"))
+    # de-quantized GGUF models are shared by all workers and runs (converting takes ~20 s, loading then ~1 s)
+    os.environ.setdefault("NEURONSCOPE_CONVERTED_DIR", str(REPO / ".test-cache" / "converted"))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     yield
@@ -36,7 +38,7 @@ def stories():
 
 @pytest.fixture(scope="session")
 def smollm():
-    """The real SmolLM2-135M-Instruct, from its GGUF (about 15 s to load, once per worker)."""
+    """The real SmolLM2-135M-Instruct, from its GGUF (de-quantized once into .test-cache, then ~1 s to load)."""
     from neuronscope.subject import Subject
     assert SMOLLM_GGUF.is_file(), f"missing test model {SMOLLM_GGUF}"
     return Subject.load(SMOLLM_GGUF)

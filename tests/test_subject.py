@@ -35,6 +35,20 @@ def test_gguf_chat_answers(smollm):
 
 
 @pytest.mark.slow
+def test_gguf_conversion_cache_gives_the_same_model(smollm, tmp_path, monkeypatch):
+    from neuronscope.subject import converted_gguf_dir, resolve_source
+    cached = converted_gguf_dir(resolve_source(SMOLLM_GGUF))
+    assert (cached / "model.safetensors").is_file()  # the fixture's load wrote it (or found it)
+    monkeypatch.setenv("NEURONSCOPE_GGUF_CACHE", "0")
+    direct = Subject.load(SMOLLM_GGUF)
+    assert direct.fingerprint == smollm.fingerprint
+    ids = smollm.encode("What is the capital of France?", chat=True)
+    assert torch.equal(ids, direct.encode("What is the capital of France?", chat=True))
+    assert torch.equal(smollm.logits(ids), direct.logits(ids))
+    assert direct.name == smollm.name == str(SMOLLM_GGUF)
+
+
+@pytest.mark.slow
 def test_temperature_zero_is_greedy_and_sampling_honours_seed(smollm):
     ids = smollm.encode("Tell me about cats.", chat=True)
     a = smollm.generate_ids(ids, max_new_tokens=8, temperature=0)
@@ -97,7 +111,8 @@ def test_bad_gguf(tmp_path):
         Subject.load(tmp_path / "m.gguf")
 
 
-def test_default_model_missing_says_pull():
+def test_default_model_missing_says_pull(tmp_path, monkeypatch):
+    monkeypatch.setenv("NEURONSCOPE_HOME", str(tmp_path))
     with pytest.raises(NeuronscopeError, match="models pull"):
         Subject.load(None)
 

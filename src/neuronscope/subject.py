@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 import re
@@ -132,11 +133,14 @@ class Subject:
         device: str | None = None,
         device_map: str | dict | None = None,
         trust_remote_code: bool = False,
+        _convert: bool = True,
     ) -> "Subject":
         """Load a causal LM from a folder, a hub id or a GGUF file (`None`: the default model).
 
         dtype: float32 (default; the fast choice on CPUs), bfloat16 or float16. device: "cpu", "cuda", "cuda:1"...
         device_map: "auto" to spread a big model over several GPUs (accelerate).
+        A GGUF file is de-quantized once and kept as safetensors in the cache (see `converted_gguf_dir`), so later
+        loads take a second instead of tens of seconds; set NEURONSCOPE_GGUF_CACHE=0 to turn that off.
         """
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as hf_logging
@@ -144,6 +148,16 @@ class Subject:
         hf_logging.disable_progress_bar()  # our own status line says what is loading
         src = resolve_source(source, gguf_file)
         torch_dtype = _parse_dtype(dtype)
+        if src.gguf_file and _convert and gguf_cache_enabled():
+            converted = converted_gguf_dir(src)
+            if not (converted / "config.json").is_file():
+                subject = cls.load(source, gguf_file=gguf_file, dtype="float32", trust_remote_code=trust_remote_code,
+                                   _convert=False)
+                save_converted(subject, converted)
+            subject = cls.load(converted, dtype=torch_dtype, device=device, device_map=device_map,
+                               trust_remote_code=trust_remote_code)
+            subject.name, subject.source = src.display, src
+            return subject
         config = _load_config(src, trust_remote_code)
         model_type = getattr(config, "model_type", "?")
         spec_for_model_type(model_type)  # clear error before any weights are read
@@ -365,6 +379,65 @@ class Subject:
         with intervene(self, *interventions):
             new = self.generate_ids(ids, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
         return self.decode(new[0])
+
+
+def gguf_cache_enabled() -> bool:
+    return os.environ.get("NEURONSCOPE_GGUF_CACHE", "1") not in ("0", "false", "no", "off")
+
+
+def converted_gguf_dir(src: ResolvedSource) -> Path:
+    """Where the de-quantized copy of a GGUF file lives: keyed by the file's path, size and modification time.
+
+    $NEURONSCOPE_CONVERTED_DIR, else <neuronscope home>/converted.
+    """
+    from .models import home
+    path = (Path(src.location) / src.gguf_file).resolve()
+    st = path.stat()
+    key = hashlib.blake2b(f"{path}|{st.st_size}|{st.st_mtime_ns}".encode(), digest_size=8).hexdigest()
+    root = os.environ.get("NEURONSCOPE_CONVERTED_DIR")
+    base = Path(root).expanduser() if root else home() / "converted"
+    return base / f"{path.stem}-{key}"
+
+
+def save_converted(subject: "Subject", folder: Path) -> None:
+    """Write a loaded (de-quantized) model as an HF safetensors folder, atomically (temp folder + rename).
+
+    Best effort: a failure to write (disk full, read-only cache) is reported as a warning, never an error.
+    """
+    import shutil
+    import tempfile
+    import warnings
+    from safetensors.torch import save_file
+
+    model = subject.model
+    tmp = None
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+        seen: dict[int, str] = {}
+        tensors = {}
+        for name, t in model.state_dict().items():
+            if t.data_ptr() in seen:  # tied weights are stored once, as transformers does
+                continue
+            seen[t.data_ptr()] = name
+            tensors[name] = t.detach().to("cpu").contiguous()
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        config = copy.deepcopy(model.config)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        subject.tokenizer.save_pretrained(tmp)
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another process finished first: theirs is as good as ours
+            pass
+    except Exception as exc:  # noqa: BLE001 - a cache must never break loading
+        warnings.warn(f"neuronscope could not cache the converted GGUF model in {folder}: {exc}")
+    finally:
+        if tmp is not None and tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
