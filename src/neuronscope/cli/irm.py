@@ -1,0 +1,185 @@
+"""`neuronscope irm train | generate | eval | analyze`: the Injectable Realignment Model from the command line."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.table import Table
+
+from .common import DeviceOpt, DtypeOpt, GgufOpt, ModelArg, console, load_subject
+
+irm_app = typer.Typer(help="Injectable Realignment Model: train on a frozen LLM, generate, evaluate, analyse.",
+                      no_args_is_help=True)
+RunArg = typer.Argument(..., help="A run folder made by `neuronscope irm train`.")
+ModelOpt = typer.Option(None, "--model", "-m", help="Model to load instead of the one the run names.")
+
+
+def _run_subject(run_dir: Path, model: Optional[str], gguf_file, dtype, device):
+    from ..irm.training import load_run
+    irm, run = load_run(run_dir)
+    subject = load_subject(model or run["model"], gguf_file, dtype, device)
+    irm.check_subject(subject, strict=True)
+    return irm.to(subject.device), run, subject
+
+
+@irm_app.command("train")
+def train(
+    model: Optional[str] = ModelArg,
+    data: Path = typer.Option(..., "--data", "-d", help="CSV, JSONL or Parquet with a text column or "
+                              "prompt and response columns."),
+    out: Path = typer.Option(..., "--out", "-o", help="Run folder (checkpoints, config, best IRM)."),
+    layers: str = typer.Option("all", "--layers", "-l", help="Injected layers: all, 0-7, 3,7,11 ..."),
+    read_layer: int = typer.Option(0, "--read-layer", help="Layer whose residual the IRM reads."),
+    read_site: str = typer.Option("resid.mid", "--read-site", help="resid.mid (after attention) or resid.post."),
+    inject_site: str = typer.Option("resid.mid", "--inject-site", help="resid.mid (mid-block, as in the paper) "
+                                    "or resid.post (block output)."),
+    width: int = typer.Option(256, "--width", min=1, help="Hidden width of the IRM's MLP."),
+    depth: int = typer.Option(1, "--depth", min=0, help="Hidden layers of the IRM's MLP."),
+    steps: int = typer.Option(300, "--steps", min=1, help="Optimisation steps."),
+    batch_size: int = typer.Option(8, "--batch-size", "-b", min=1),
+    lr: float = typer.Option(1e-3, "--lr", help="Adam learning rate."),
+    l1: float = typer.Option(0.0, "--l1", help="L1 penalty on the IRM's outputs."),
+    max_len: int = typer.Option(256, "--max-len", min=2, help="Tokens per example (longer ones are cut)."),
+    val_fraction: float = typer.Option(0.1, "--val-fraction", help="Held-out share of the rows (seeded split)."),
+    eval_every: int = typer.Option(50, "--eval-every", min=1, help="Validate and checkpoint every N steps."),
+    patience: int = typer.Option(4, "--patience", min=0, help="Stop after N validations without improvement "
+                                 "(0: never)."),
+    seed: int = typer.Option(0, "--seed"),
+    chat: bool = typer.Option(False, "--chat", help="Wrap prompts in the model's chat template."),
+    alignment: Optional[str] = typer.Option(None, "--alignment", help="Name of the alignment (default: data "
+                                            "file name)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
+    gguf_file: Optional[str] = GgufOpt,
+    dtype: str = DtypeOpt,
+    device: Optional[str] = DeviceOpt,
+) -> None:
+    """Train an IRM on a frozen model (only the IRM's weights learn).
+
+    Example: neuronscope irm train SmolLM2.gguf --data anger.jsonl --chat --layers 0-29 -o runs/anger
+    """
+    from ..irm.training import TrainConfig, train_irm
+    cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, l1=l1, max_len=max_len, val_fraction=val_fraction,
+                      eval_every=eval_every, patience=patience, seed=seed, chat=chat).validate()
+    subject = load_subject(model, gguf_file, dtype, device)
+    res = train_irm(subject, data, out, inject_layers=layers, read_layer=read_layer, read_site=read_site,
+                    inject_site=inject_site, width=width, depth=depth, config=cfg, resume=resume,
+                    alignment=alignment)
+    first = next((h.get("val_loss") for h in res.history if "val_loss" in h), None)
+    console.print(f"{res.step} steps in {res.seconds:.0f} s{' (stopped early)' if res.stopped_early else ''}; "
+                  f"IRM {res.irm.n_parameters():,} parameters; validation loss "
+                  f"{first if first is None else f'{first:.4f}'} -> "
+                  f"{res.best_val if res.best_val is None else f'{res.best_val:.4f}'} (best at step {res.best_step})"
+                  f"; saved in {out}")
+
+
+@irm_app.command("generate")
+def generate(
+    run_dir: Path = RunArg,
+    prompt: List[str] = typer.Option(..., "--prompt", "-p", help="Prompt (repeatable)."),
+    chat: Optional[bool] = typer.Option(None, "--chat/--no-chat", help="Chat template (default: as in training)."),
+    max_new_tokens: int = typer.Option(48, "--max-new-tokens", "-n", min=1, max=4096),
+    temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 = greedy."),
+    seed: int = typer.Option(0, "--seed"),
+    scale: float = typer.Option(1.0, "--scale", help="Multiply the IRM's output (0 = off, 2 = twice)."),
+    model: Optional[str] = ModelOpt,
+    gguf_file: Optional[str] = GgufOpt,
+    dtype: str = DtypeOpt,
+    device: Optional[str] = DeviceOpt,
+) -> None:
+    """The same prompts with the IRM off and on, side by side.
+
+    Example: neuronscope irm generate runs/anger -p "How do I make tea?"
+    """
+    from ..irm.generation import generate_side_by_side
+    irm, run, subject = _run_subject(run_dir, model, gguf_file, dtype, device)
+    use_chat = run["train"].get("chat", False) if chat is None else chat
+    rows = generate_side_by_side(subject, irm, prompt, chat=use_chat, max_new_tokens=max_new_tokens,
+                                 temperature=temperature, seed=seed, scale=scale)
+    table = Table("prompt", "IRM off", "IRM on", show_lines=True)
+    for r in rows:
+        table.add_row(r.prompt, r.off, r.on)
+    console.print(table)
+
+
+@irm_app.command("eval")
+def evaluate(
+    run_dir: Path = RunArg,
+    data: Optional[Path] = typer.Option(None, "--data", "-d", help="Aligned rows (default: the run's held-out "
+                                        "validation rows)."),
+    neutral: Optional[Path] = typer.Option(None, "--neutral", help="Neutral text: .txt (blank-line paragraphs) "
+                                           "or a table with a text column."),
+    neutral_limit: int = typer.Option(64, "--neutral-limit", min=1, help="Use at most N neutral paragraphs."),
+    max_len: Optional[int] = typer.Option(None, "--max-len", min=2, help="Tokens per example (default: as trained)."),
+    batch_size: int = typer.Option(8, "--batch-size", "-b", min=1),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    model: Optional[str] = ModelOpt,
+    gguf_file: Optional[str] = GgufOpt,
+    dtype: str = DtypeOpt,
+    device: Optional[str] = DeviceOpt,
+) -> None:
+    """Held-out loss with the IRM off vs on, on aligned text and on neutral text (saved as eval.json in the run).
+
+    Example: neuronscope irm eval runs/anger --neutral ../shared/corpora/wikitext-2-raw/wiki.valid.raw
+    """
+    from ..irm.data import read_table, read_texts
+    from ..irm.evaluation import evaluate_irm, held_out_rows
+    from ..store import write_json
+    irm, run, subject = _run_subject(run_dir, model, gguf_file, dtype, device)
+    rows = read_table(data) if data else held_out_rows(run, run_dir)
+    texts = read_texts(neutral)[:neutral_limit] if neutral else None
+    rep = evaluate_irm(subject, irm, rows, neutral_texts=texts, chat=run["train"].get("chat", False),
+                       max_len=max_len or run["train"].get("max_len", 256), batch_size=batch_size)
+    rep["data"] = str(data) if data else "held-out validation rows"
+    rep["neutral_source"] = str(neutral) if neutral else None
+    write_json(Path(run_dir) / "eval.json", rep)
+    if as_json:
+        typer.echo(json.dumps(rep, indent=2))
+        return
+    table = Table("text", "loss IRM off", "loss IRM on", "delta", "ppl off", "ppl on", "tokens")
+    for k in ("aligned", "neutral"):
+        if k in rep:
+            r = rep[k]
+            table.add_row(k, f"{r['off']:.4f}", f"{r['on']:.4f}", f"{r['delta']:+.4f}", f"{r['ppl_off']:.2f}",
+                          f"{r['ppl_on']:.2f}", str(r["tokens"]))
+    console.print(table)
+
+
+@irm_app.command("analyze")
+def analyze(
+    run_dirs: List[Path] = typer.Argument(..., help="One or more run folders (same model)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Report folder (report.md, PNGs, analysis.json)."),
+    prompts_file: Optional[Path] = typer.Option(None, "--prompts", help="Prompts, one a line (default: held-out "
+                                                "prompts of the runs' data)."),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens", "-n", min=1, max=1024),
+    top_k: int = typer.Option(10, "--top-k", min=1, help="Top hidden indices per run."),
+    model: Optional[str] = ModelOpt,
+    gguf_file: Optional[str] = GgufOpt,
+    dtype: str = DtypeOpt,
+    device: Optional[str] = DeviceOpt,
+) -> None:
+    """Heat-maps, striation scores, top indices, run correlations and the model's outlier dimensions.
+
+    Example: neuronscope irm analyze runs/anger runs/sad -o report/
+    """
+    from ..errors import NeuronscopeError
+    from ..irm.analysis import analyze_runs
+    from ..irm.training import load_run
+    prompts = None
+    if prompts_file:
+        if not prompts_file.is_file():
+            raise NeuronscopeError(f"No prompts file at '{prompts_file}'.")
+        prompts = [l.strip() for l in prompts_file.read_text(encoding="utf-8").splitlines() if l.strip()]
+    _, run = load_run(run_dirs[0])
+    subject = load_subject(model or run["model"], gguf_file, dtype, device)
+    res = analyze_runs(run_dirs, out, subject=subject, prompts=prompts, max_new_tokens=max_new_tokens, top_k=top_k)
+    for r in res["runs"]:
+        hits = [f"{c['index']} ({', '.join(c['coincides_with'])})" for c in r["coincidences"] if c["coincides_with"]]
+        console.print(f"{r['name']}: striation {r['striation']['index_share']:.2f}, top indices "
+                      f"{r['top_indices'][:5]}; outlier matches: {', '.join(hits) or 'none'}")
+    console.print(f"report: {Path(out) / 'report.md'}")
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(irm_app, name="irm")

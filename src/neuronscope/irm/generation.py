@@ -1,0 +1,61 @@
+"""Generation with an IRM: the same prompts with the IRM off and on, side by side (batched, greedy by default)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from ..errors import NeuronscopeError
+from .model import IRM
+
+
+@dataclass
+class SideBySide:
+    prompt: str
+    off: str
+    on: str
+
+
+def encode_batch(subject, prompts: Sequence[str], chat: bool = False, system: str | None = None):
+    """Left-padded ids and attention mask [B, T] for a batch of prompts (for batched generation)."""
+    rows = [subject.encode(p, chat=chat, system=system)[0].tolist() for p in prompts]
+    pad = subject.tokenizer.pad_token_id
+    pad = pad if pad is not None else (subject.tokenizer.eos_token_id or 0)
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), int(pad), dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, T - len(r):] = torch.tensor(r)
+        mask[i, T - len(r):] = 1
+    return ids.to(subject.device), mask.to(subject.device)
+
+
+def generate_texts(subject, prompts: Sequence[str], *, irm: IRM | None = None, chat: bool = False,
+                   system: str | None = None, max_new_tokens: int = 64, temperature: float = 0.0,
+                   seed: int | None = None, scale: float = 1.0, batch_size: int = 8,
+                   on_output=None) -> list[str]:
+    """Completions of `prompts`, with the IRM injected (when given) in the prompt and every generated token."""
+    from contextlib import nullcontext
+    if not prompts:
+        raise NeuronscopeError("No prompts given.")
+    out: list[str] = []
+    for i in range(0, len(prompts), batch_size):
+        ids, mask = encode_batch(subject, prompts[i:i + batch_size], chat=chat, system=system)
+        ctx = irm.attached(subject, on_output=on_output, scale=scale) if irm is not None else nullcontext()
+        with ctx:
+            new = subject.generate_ids(ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                       temperature=temperature, seed=seed)
+        out += [subject.decode(row) for row in new]
+    return out
+
+
+def generate_side_by_side(subject, irm: IRM, prompts: Sequence[str], **kwargs) -> list[SideBySide]:
+    """Each prompt completed with the IRM off, then on (same decoding settings)."""
+    irm.check_subject(subject)
+    off = generate_texts(subject, prompts, irm=None, **kwargs)
+    on = generate_texts(subject, prompts, irm=irm, **kwargs)
+    return [SideBySide(p, a, b) for p, a, b in zip(prompts, off, on)]
+
+
+__all__ = ["generate_side_by_side", "generate_texts", "encode_batch", "SideBySide"]

@@ -1,0 +1,314 @@
+"""Training an IRM on a frozen LLM: seeded batches, Adam on the IRM's parameters only, validation at intervals,
+early stopping, checkpoints of the IRM alone (plus optimizer state), exact resume.
+
+    result = train_irm(subject, "anger.jsonl", "runs/anger", inject_layers="0-29", config=TrainConfig(steps=300))
+
+Run folder: run.json (model, fingerprint, IRM and training options, data file + sha256, split, status, history),
+irm.safetensors + irm.json (the best IRM by validation loss; the last one when there is no validation split),
+checkpoints/step-NNNNNN/ (irm, optimizer, trainer state) and checkpoints/latest.json naming the newest complete one.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from ..errors import NeuronscopeError
+from ..store import load_tensors, read_json, save_tensors, write_json
+from .data import (Example, collate, file_sha256, lm_loss, read_table, split, table_kind, tokenize_rows)
+from .model import IRM
+
+RUN = "run.json"
+SPLIT = "split.json"
+
+
+@dataclass
+class TrainConfig:
+    """Training options (all recorded in run.json)."""
+    steps: int = 300
+    batch_size: int = 8
+    lr: float = 1e-3
+    l1: float = 0.0               # L1 penalty on the IRM's outputs (mean |out| per element)
+    max_len: int = 256
+    val_fraction: float = 0.1
+    eval_every: int = 50
+    patience: int = 4             # validations without improvement before stopping; 0 = never stop early
+    min_delta: float = 1e-4
+    seed: int = 0
+    chat: bool = False            # apply the chat template to prompts
+    keep_checkpoints: int = 2
+
+    def validate(self) -> "TrainConfig":
+        if self.steps < 1 or self.batch_size < 1 or self.eval_every < 1:
+            raise NeuronscopeError("steps, batch size and eval interval must all be at least 1.")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise NeuronscopeError(f"The learning rate must be a positive number, got {self.lr}.")
+        if not (self.l1 >= 0 and math.isfinite(self.l1)):
+            raise NeuronscopeError(f"The L1 weight must be >= 0, got {self.l1}.")
+        if self.patience < 0:
+            raise NeuronscopeError("patience must be >= 0.")
+        return self
+
+
+@dataclass
+class TrainResult:
+    irm: IRM
+    run_dir: Path
+    step: int
+    best_val: float | None
+    best_step: int | None
+    stopped_early: bool
+    history: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+# ---- public API --------------------------------------------------------------------------------------------------
+def train_irm(subject, data: str | Path | Sequence[dict[str, Any]], run_dir: str | Path, *,
+              inject_layers: str | Sequence[int] | None = "all", read_layer: int = 0, read_site: str = "resid.mid",
+              inject_site: str = "resid.mid", width: int = 256, depth: int = 1, input_norm: bool = True,
+              config: TrainConfig | None = None, resume: bool = False, progress: bool = True,
+              alignment: str | None = None) -> TrainResult:
+    """Train an IRM on `subject` (frozen) with the rows in `data` (a CSV/JSONL/Parquet path or a list of dicts).
+
+    resume=True continues from run_dir's newest checkpoint (the options must match); a run folder that already
+    holds a run is never overwritten without it.
+    """
+    cfg = (config or TrainConfig()).validate()
+    run_dir = Path(run_dir)
+    rows, data_info = _load_rows(data)
+    data_info["alignment"] = alignment or data_info.get("alignment") or "alignment"
+    irm = IRM.for_subject(subject, inject_layers, read_layer=read_layer, read_site=read_site,
+                          inject_site=inject_site, width=width, depth=depth, input_norm=input_norm, seed=cfg.seed)
+    irm.to(subject.device)
+    plan = {"irm": irm.config.to_dict(), "train": asdict(cfg), "data": data_info}
+
+    existing = run_dir / RUN
+    if existing.is_file() and not resume:
+        raise NeuronscopeError(f"'{run_dir}' already holds a run; pass --resume to continue it or pick a new folder.")
+    if resume and existing.is_file():
+        _check_same_plan(read_json(existing), plan)
+    _freeze_check(subject)
+
+    examples = tokenize_rows(subject, rows, chat=cfg.chat, max_len=cfg.max_len)
+    train_idx, val_idx = split(len(examples), cfg.val_fraction, cfg.seed)
+    write_json(run_dir / SPLIT, {"seed": cfg.seed, "val_fraction": cfg.val_fraction, "train": train_idx,
+                                 "val": val_idx, "n_examples": len(examples),
+                                 "val_rows": [examples[i].row for i in val_idx]})
+    train_ex = [examples[i] for i in train_idx]
+    val_ex = [examples[i] for i in val_idx]
+
+    opt = torch.optim.Adam(irm.parameters(), lr=cfg.lr)
+    state = {"step": 0, "best_val": None, "best_step": None, "bad_evals": 0, "history": [], "stopped_early": False,
+             "seconds": 0.0, "running": None}
+    if resume:
+        ck = latest_checkpoint(run_dir)
+        if ck is not None:
+            irm.load_state_dict(load_tensors(ck / "irm.safetensors", device=str(subject.device)))
+            _load_optimizer(opt, ck / "optim.safetensors", subject.device)
+            state.update(read_json(ck / "trainer.json"))
+    run_info = dict(plan, status="running", model=subject.name, fingerprint=subject.fingerprint,
+                    n_train=len(train_ex), n_val=len(val_ex), irm_parameters=irm.n_parameters())
+    write_json(run_dir / RUN, dict(run_info, step=state["step"], history=state["history"]))
+
+    pad = _pad_id(subject)
+    if not val_ex and not (run_dir / "irm.safetensors").is_file():
+        irm.save(run_dir)
+    if val_ex and state["step"] == 0 and not state["history"]:
+        v = validation_loss(subject, irm, val_ex, cfg.batch_size, pad)
+        state["history"].append({"step": 0, "val_loss": v})
+        state["best_val"], state["best_step"] = v, 0
+        irm.save(run_dir)
+
+    from tqdm.auto import tqdm
+    bar = tqdm(total=cfg.steps, initial=min(state["step"], cfg.steps), desc="irm train", unit="step",
+               disable=not progress, dynamic_ncols=True)
+    t0 = time.perf_counter() - float(state["seconds"])
+    try:
+        while state["step"] < cfg.steps and not state["stopped_early"]:
+            step = state["step"]
+            batch = collate(_batch_examples(train_ex, step, cfg.batch_size, cfg.seed), pad)
+            loss, lm = train_step(subject, irm, opt, batch, cfg.l1)
+            state["step"] = step + 1
+            running = state["running"] = lm if state["running"] is None else 0.9 * state["running"] + 0.1 * lm
+            bar.update(1)
+            bar.set_postfix(loss=f"{running:.4f}", val=_fmt(state["best_val"]))
+            if state["step"] % cfg.eval_every == 0 or state["step"] == cfg.steps:
+                rec: dict[str, Any] = {"step": state["step"], "train_loss": running}
+                if val_ex:
+                    v = validation_loss(subject, irm, val_ex, cfg.batch_size, pad)
+                    rec["val_loss"] = v
+                    if state["best_val"] is None or v < state["best_val"] - cfg.min_delta:
+                        state["best_val"], state["best_step"], state["bad_evals"] = v, state["step"], 0
+                        irm.save(run_dir)
+                    else:
+                        state["bad_evals"] += 1
+                        if cfg.patience and state["bad_evals"] >= cfg.patience:
+                            state["stopped_early"] = True
+                else:
+                    irm.save(run_dir)
+                state["history"].append(rec)
+                state["seconds"] = time.perf_counter() - t0
+                _save_checkpoint(run_dir, irm, opt, state, cfg.keep_checkpoints)
+                write_json(run_dir / RUN, dict(run_info, step=state["step"], history=state["history"]))
+    finally:
+        bar.close()
+    state["seconds"] = time.perf_counter() - t0
+    if not latest_checkpoint(run_dir) or read_json(run_dir / "checkpoints" / "latest.json")["step"] != state["step"]:
+        _save_checkpoint(run_dir, irm, opt, state, cfg.keep_checkpoints)
+    if not val_ex:
+        irm.save(run_dir)
+    write_json(run_dir / RUN, dict(run_info, status="stopped early" if state["stopped_early"] else "done",
+                                   step=state["step"], best_val=state["best_val"], best_step=state["best_step"],
+                                   seconds=state["seconds"], history=state["history"]))
+    best = IRM.load(run_dir, device=subject.device)
+    return TrainResult(best, run_dir, state["step"], state["best_val"], state["best_step"], state["stopped_early"],
+                       state["history"], state["seconds"])
+
+
+def train_step(subject, irm: IRM, opt: torch.optim.Optimizer, batch: dict[str, torch.Tensor], l1: float = 0.0):
+    """One optimisation step of the IRM on one batch; returns (total loss, LM loss) as floats."""
+    outs: list[torch.Tensor] = []
+    dev = subject.device
+    with irm.attached(subject, on_output=(lambda o, ctx: outs.append(o)) if l1 > 0 else None):
+        logits = subject.model(input_ids=batch["input_ids"].to(dev),
+                               attention_mask=batch["attention_mask"].to(dev)).logits
+    lm = lm_loss(logits, batch["labels"])
+    loss = lm
+    if l1 > 0:
+        m = batch["attention_mask"].to(dev).bool()
+        loss = lm + l1 * torch.stack([o[m].abs().mean() for o in outs]).mean()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return float(loss.detach()), float(lm.detach())
+
+
+@torch.no_grad()
+def validation_loss(subject, irm: IRM | None, examples: Sequence[Example], batch_size: int, pad_id: int) -> float:
+    """Token-weighted mean next-token loss on `examples`, with the IRM on (or the frozen model when irm is None)."""
+    from contextlib import nullcontext
+    total = torch.zeros(2, dtype=torch.float64)
+    ctx = irm.attached(subject) if irm is not None else nullcontext()
+    with ctx:
+        for i in range(0, len(examples), batch_size):
+            b = collate(examples[i:i + batch_size], pad_id)
+            logits = subject.model(input_ids=b["input_ids"].to(subject.device),
+                                   attention_mask=b["attention_mask"].to(subject.device)).logits
+            total += lm_loss(logits, b["labels"], reduction="sum").double().cpu()
+    return float(total[0] / total[1].clamp(min=1))
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    p = Path(run_dir) / "checkpoints" / "latest.json"
+    if not p.is_file():
+        return None
+    ck = Path(run_dir) / "checkpoints" / read_json(p)["dir"]
+    return ck if ck.is_dir() else None
+
+
+def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[IRM, dict[str, Any]]:
+    """The best IRM of a run folder and its run.json."""
+    run_dir = Path(run_dir)
+    if not (run_dir / RUN).is_file():
+        raise NeuronscopeError(f"'{run_dir}' is not an IRM run folder (no {RUN}); make one with `neuronscope irm train`.")
+    return IRM.load(run_dir, device=device), read_json(run_dir / RUN)
+
+
+# ---- internals ---------------------------------------------------------------------------------------------------
+def _fmt(v):
+    return "-" if v is None else f"{v:.4f}"
+
+
+def _load_rows(data) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    if isinstance(data, (str, Path)):
+        path = Path(data)
+        rows = read_table(path)
+        info = {"path": str(path.resolve()), "sha256": file_sha256(path), "rows": len(rows),
+                "alignment": path.stem}
+    else:
+        rows = [dict(r) for r in data]
+        if not rows:
+            raise NeuronscopeError("No training rows given.")
+        digest = __import__("hashlib").sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()
+        info = {"path": None, "sha256": digest, "rows": len(rows)}
+    info["kind"] = table_kind(rows)
+    return rows, info
+
+
+def _check_same_plan(saved: dict[str, Any], plan: dict[str, Any]) -> None:
+    keys = [("data", "sha256"), ("irm", "inject_layers"), ("irm", "read_layer"), ("irm", "read_site"),
+            ("irm", "inject_site"), ("irm", "width"), ("irm", "depth"), ("irm", "model_fingerprint"),
+            ("train", "seed"), ("train", "batch_size"), ("train", "lr"), ("train", "max_len"),
+            ("train", "val_fraction"), ("train", "chat"), ("train", "l1")]
+    for a, b in keys:
+        if saved.get(a, {}).get(b) != plan[a][b]:
+            raise NeuronscopeError(f"Cannot resume: {a}.{b} was {saved.get(a, {}).get(b)!r} in this run and is now "
+                                   f"{plan[a][b]!r}; use the same options or a new run folder.")
+
+
+def _freeze_check(subject) -> None:
+    subject.model.requires_grad_(False)
+    if any(p.requires_grad for p in subject.model.parameters()):
+        raise NeuronscopeError("The model's weights must be frozen to train an IRM.")
+
+
+def _pad_id(subject) -> int:
+    tok = subject.tokenizer
+    for v in (getattr(tok, "pad_token_id", None), getattr(tok, "eos_token_id", None)):
+        if v is not None:
+            return int(v)
+    return 0
+
+
+def _batch_examples(train: Sequence[Example], step: int, batch_size: int, seed: int) -> list[Example]:
+    """The batch for a global step: epoch e uses a permutation seeded by (seed, e); a function of step alone."""
+    per_epoch = max(1, math.ceil(len(train) / batch_size))
+    epoch, i = divmod(step, per_epoch)
+    g = torch.Generator().manual_seed(int(seed) * 1_000_003 + epoch)
+    perm = torch.randperm(len(train), generator=g).tolist()
+    return [train[j] for j in perm[i * batch_size:(i + 1) * batch_size]]
+
+
+def _save_checkpoint(run_dir: Path, irm: IRM, opt, state: dict[str, Any], keep: int) -> None:
+    ck_root = run_dir / "checkpoints"
+    name = f"step-{state['step']:06d}"
+    ck = ck_root / name
+    ck.mkdir(parents=True, exist_ok=True)
+    save_tensors(ck / "irm.safetensors", irm.state_dict())
+    _save_optimizer(opt, ck / "optim.safetensors")
+    write_json(ck / "trainer.json", state)
+    write_json(ck_root / "latest.json", {"dir": name, "step": state["step"]})
+    old = sorted(p for p in ck_root.glob("step-*") if p.is_dir() and p.name != name)
+    for p in old[:max(0, len(old) - max(0, keep - 1))]:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def _save_optimizer(opt, path: Path) -> None:
+    sd = opt.state_dict()
+    tensors = {}
+    for idx, st in sd["state"].items():
+        for k, v in st.items():
+            tensors[f"{idx}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+    save_tensors(path, tensors, metadata={"param_groups": json.dumps(sd["param_groups"])})
+
+
+def _load_optimizer(opt, path: Path, device) -> None:
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        groups = json.loads(f.metadata()["param_groups"])
+    flat = load_tensors(path)
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, v in flat.items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = v if name == "step" else v.to(device)
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+__all__ = ["TrainConfig", "TrainResult", "train_irm", "train_step", "validation_loss", "load_run",
+           "latest_checkpoint"]
