@@ -171,20 +171,28 @@ class Knowledge:
         if self.atlas is None and self.descriptions is None:
             raise NeuronscopeError("Concept search needs an atlas or descriptions; start the server with --atlas.")
         found: dict[tuple[int, int, str], dict] = {}
+        atlas_error = None
+        hits = []
         if self.atlas is not None:
-            for r in self.atlas.search(query, k=k):
+            try:
+                hits = self.atlas.search(query, k=3 * k)  # several sites can name the same neuron
+            except NeuronscopeError as exc:  # e.g. no vocabulary token matches: the descriptions may still match
+                atlas_error = exc
+            for r in hits:
                 pol = "neg" if r.get("site") == "down.neg" else "pos"
                 key = (int(r["layer"]), int(r["neuron"]), pol)
                 if key not in found or found[key]["score"] < float(r["score"]):
                     found[key] = {"layer": key[0], "neuron": key[1], "polarity": pol, "score": float(r["score"]),
                                   "tokens": list(r.get("tokens") or []), "source": f"atlas:{r.get('site')}"}
         if self.descriptions is not None:
-            for r in self.descriptions.search(query, k=k):
+            for r in self.descriptions.search(query, k=2 * k):
                 key = (int(r["layer"]), int(r["neuron"]), str(r["polarity"]))
                 score = float(r["score"]) if r.get("score") is not None else 0.0
                 if key not in found or found[key]["score"] < score:
                     found[key] = {"layer": key[0], "neuron": key[1], "polarity": key[2], "score": score,
                                   "tokens": self.top_tokens(key[0], key[1], key[2]), "source": "description"}
+        if not found and atlas_error is not None:
+            raise atlas_error
         rows = sorted(found.values(), key=lambda r: -r["score"])[:k]
         for r in rows:
             r["description"] = self.description(r["layer"], r["neuron"], r["polarity"])

@@ -72,9 +72,9 @@ class Monitor:
     def __init__(self, subject, knowledge: Knowledge | None = None, limits: Limits | None = None,
                  sessions: SessionStore | None = None):
         self.subject = subject
-        self.knowledge = knowledge or Knowledge.load(subject, None)
-        self.limits = limits or Limits()
-        self.sessions = sessions or SessionStore()
+        self.knowledge = knowledge if knowledge is not None else Knowledge.load(subject, None)
+        self.limits = limits if limits is not None else Limits()
+        self.sessions = sessions if sessions is not None else SessionStore()
         self.model_lock = threading.Lock()
         max_pos = getattr(subject.config, "max_position_embeddings", None)
         if max_pos:
@@ -509,7 +509,8 @@ class Monitor:
                     marks = [k.normalise_one(layer, neuron, x) for x in acts] if acts else None
                     ex.append({"activation": float(e["activation"]), "normalised": k.normalise_one(
                         layer, neuron, float(e["activation"])), "position": int(e["position"]),
-                        "tokens": list(e["tokens"]), "text": e.get("text", ""), "marks": marks})
+                        "tokens": self.display_tokens(list(e["token_ids"])) if e.get("token_ids") else
+                        list(e["tokens"]), "text": e.get("text", ""), "marks": marks})
             exemplars[pol] = ex
         return {"layer": layer, "neuron": neuron, "decodes": decodes, "decodes_source": source,
                 "descriptions": {p: k.description(layer, neuron, p) for p in ("pos", "neg")},
