@@ -34,7 +34,7 @@ def site_file(folder: str | os.PathLike, site: str) -> Path:
 
 
 def build_atlas(subject, out_dir: str | os.PathLike, *, top_k: int = 20, apply_norm: bool = True,
-                sites: Sequence[str] | None = None, chunk: int = 512, progress: bool = True,
+                sites: Sequence[str] | None = None, chunk: int = 256, progress: bool = True,
                 method: str = "auto", vocab_block: int = 1024, overwrite: bool = False, device: str | None = None,
                 approx_dtype: torch.dtype | None = None):
     """Decode every neuron of `subject` through its LM head and save the atlas in `out_dir`; returns the `Atlas`.

@@ -36,6 +36,8 @@ def compare_atlases(a, b, *, site: str = "up", out_dir: str | os.PathLike | None
     changed = []
     for j in order:
         l, n = divmod(j, a.n_neurons)
+        if overlap[l, n] == 1.0 and top1[l, n]:
+            break                                                  # the rest did not change at all
         changed.append({"layer": l, "neuron": n, "topk_overlap": float(overlap[l, n]),
                         "top1_agree": bool(top1[l, n]), "tokens_a": a.top_tokens(l, n, site, 5),
                         "tokens_b": b.top_tokens(l, n, site, 5)})

@@ -35,7 +35,7 @@ class Decoded:
 
 
 def decode(vectors: torch.Tensor, unembedding: torch.Tensor, *, k: int = 20, sides=("pos",), method: str = "auto",
-           chunk: int = 512, vocab_block: int = 1024, approx_dtype: torch.dtype | None = None,
+           chunk: int = 256, vocab_block: int = 1024, approx_dtype: torch.dtype | None = None,
            exact_dtype: torch.dtype = torch.float32, permutation: torch.Tensor | None = None) -> dict[str, Decoded]:
     """Decode `vectors` [n, H] through `unembedding` [V, H] (gain already folded into the vectors).
 
@@ -56,18 +56,32 @@ def decode(vectors: torch.Tensor, unembedding: torch.Tensor, *, k: int = 20, sid
         method = "twopass" if unembedding.device.type == "cuda" else "fused"
     if method not in ("fused", "twopass", "plain"):
         raise NeuronscopeError(f"Unknown decode method '{method}'; use auto, fused, twopass or plain.")
-    parts: dict[str, list[Decoded]] = {s: [] for s in sides}
-    for c in range(0, n, max(1, chunk)):
+    starts = list(range(0, n, max(1, chunk)))
+
+    def one(c: int) -> dict[str, Decoded]:
         u = vectors[c:c + chunk]
         if method == "plain":
-            out = _decode_plain(u, unembedding, k, sides)
-        elif method == "twopass":
-            out = _decode_twopass(u, unembedding, k, sides, approx_dtype or torch.bfloat16, exact_dtype)
-        else:
-            out = _decode_fused(u, unembedding, k, sides, vocab_block, permutation)
-        for s in sides:
-            parts[s].append(out[s])
-    return {s: Decoded(*(torch.cat([getattr(d, f) for d in parts[s]]) for f in ("ids", "logits", "probs", "lse")))
+            return _decode_plain(u, unembedding, k, sides)
+        if method == "twopass":
+            return _decode_twopass(u, unembedding, k, sides, approx_dtype or torch.bfloat16, exact_dtype)
+        return _decode_fused(u, unembedding, k, sides, vocab_block, permutation)
+
+    workers = min(torch.get_num_threads(), len(starts)) if method == "fused" and unembedding.device.type == "cpu" \
+        else 1
+    if workers > 1:
+        # One single-threaded worker per core, each on its own chunk: no thread barrier inside the many small
+        # per-block ops (with intra-op threads, a busy machine stalls every op on its slowest thread).
+        from concurrent.futures import ThreadPoolExecutor
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            with ThreadPoolExecutor(workers) as pool:
+                results = list(pool.map(one, starts))
+        finally:
+            torch.set_num_threads(threads)
+    else:
+        results = [one(c) for c in starts]
+    return {s: Decoded(*(torch.cat([getattr(r[s], f) for r in results]) for f in ("ids", "logits", "probs", "lse")))
             for s in sides}
 
 
@@ -92,56 +106,55 @@ def _decode_plain(u: torch.Tensor, W: torch.Tensor, k: int, sides) -> dict[str, 
 
 # ---- fused blocked GEMM + threshold candidates + running log-sum-exp ----------------------------------------------
 def _decode_fused(u: torch.Tensor, W: torch.Tensor, k: int, sides, block: int,
-                  perm: torch.Tensor | None) -> dict[str, Decoded]:
+                  perm: torch.Tensor | None, first_blocks: int = 4) -> dict[str, Decoded]:
+    """Per vocabulary block: one GEMM into a reused buffer, exp into a second buffer and a row sum (the running
+    sum of exp(logit)), and a compare against each row's threshold to keep candidates. The first, larger block
+    sets the thresholds (its k-th largest logit per row). Rows whose logits are too large or small for an unshifted
+    float32 exp (|max| > 80) are recomputed with an exact `logsumexp`."""
     u = u.float().contiguous()
     W = W if W.dtype == torch.float32 else W.float()
     n, V = u.shape[0], W.shape[0]
-    first = min(V, max(block, k))
+    first = min(V, max(first_blocks * block, k))
     buf = torch.empty(n, max(block, first), dtype=torch.float32, device=u.device)
     tmp = torch.empty_like(buf)
     b0 = buf[:, :first]
     torch.mm(u, W[:first].T, out=b0)
-    sign = {"pos": 1.0, "neg": -1.0}
     state = {}
+    ex = torch.exp(b0, out=tmp[:, :first])
     for s in sides:
-        x = b0 if s == "pos" else torch.neg(b0, out=tmp[:, :first])
-        v0, i0 = x.topk(k, dim=1)
-        m = v0[:, :1].clone()                       # shift for the running sum (overflow handled below)
-        tau = v0[:, -1:].clone()                    # k-th largest of block 0 <= final k-th largest
-        acc = torch.sub(x, m, out=tmp[:, :first]).exp_().sum(1, dtype=torch.float64)
-        state[s] = dict(m=m, tau=tau if s == "pos" else -tau, acc=acc, rows=[], cols=[i0.reshape(-1)],
-                        vals=[v0.reshape(-1)], rows0=torch.arange(n, device=u.device).repeat_interleave(k))
+        v0, i0 = (b0 if s == "pos" else torch.neg(b0)).topk(k, dim=1)
+        acc = (ex.sum(1) if s == "pos" else ex.reciprocal().sum(1)).double()
+        tau = v0[:, -1:].clone()                    # k-th largest of the first block <= final k-th largest
+        state[s] = dict(tau=tau if s == "pos" else -tau, acc=acc, rows=[torch.arange(n, device=u.device).repeat_interleave(k)],
+                        cols=[i0.reshape(-1)], vals=[v0.reshape(-1)])
     for b in range(first, V, block):
         e = min(V, b + block)
         x = buf[:, :e - b]
         t = tmp[:, :e - b]
         torch.mm(u, W[b:e].T, out=x)
+        torch.exp(x, out=t)
         for s in sides:
             st = state[s]
-            mask = torch.gt(x, st["tau"]) if s == "pos" else torch.lt(x, st["tau"])
+            if s == "pos":
+                st["acc"] += t.sum(1)
+                mask = torch.gt(x, st["tau"])
+            else:
+                st["acc"] += t.reciprocal_().sum(1)
+                mask = torch.lt(x, st["tau"])
             r, c = mask.nonzero(as_tuple=True)
             if r.numel():
                 st["rows"].append(r)
                 st["cols"].append(c + b)
-                st["vals"].append(sign[s] * x[r, c])
-            if s == "pos":
-                torch.sub(x, st["m"], out=t)
-            else:
-                torch.add(x, st["m"], out=t).neg_()
-            st["acc"] += t.exp_().sum(1, dtype=torch.float64)
+                st["vals"].append(x[r, c] if s == "pos" else -x[r, c])
     out = {}
     for s in sides:
         st = state[s]
-        rows = torch.cat([st["rows0"]] + st["rows"])
-        cols = torch.cat(st["cols"])
-        vals = torch.cat(st["vals"])
-        vals, ids = _ragged_topk(rows, cols, vals, n, k)
-        lse = (st["acc"].log() + st["m"][:, 0].double()).float()
-        # rows whose maximum is far above the block-0 shift may have overflowed: recompute them exactly
-        redo = (vals[:, 0] - st["m"][:, 0] > 60.0) | ~torch.isfinite(lse)
+        vals, ids = _ragged_topk(torch.cat(st["rows"]), torch.cat(st["cols"]), torch.cat(st["vals"]), n, k)
+        lse = st["acc"].log().float()
+        redo = (vals[:, 0].abs() > 80.0) | ~torch.isfinite(lse)
         if redo.any():
-            x = (u[redo] @ W.T) * sign[s]
-            lse[redo] = torch.logsumexp(x, 1)
+            z = u[redo] @ W.T
+            lse[redo] = torch.logsumexp(z if s == "pos" else -z, 1)
         if perm is not None:
             ids = perm[ids]
         out[s] = Decoded(ids.long(), vals, (vals - lse[:, None]).exp(), lse)

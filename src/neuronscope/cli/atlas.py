@@ -1,0 +1,182 @@
+"""`neuronscope atlas build|show|search|compare`: the neuron atlas from the command line (thin over
+`neuronscope.atlas`)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from .common import DeviceOpt, DtypeOpt, GgufOpt, ModelArg, console, load_subject
+
+atlas_app = typer.Typer(help="Decode every MLP neuron through the LM head; show, search and compare atlases.",
+                        no_args_is_help=True)
+
+
+@atlas_app.command("build")
+def build(
+    model: Optional[str] = ModelArg,
+    out: Path = typer.Option(..., "--out", "-o", help="Atlas folder to write (one per model)."),
+    top_k: int = typer.Option(20, "--top-k", "-k", min=1, help="Tokens kept per neuron and site."),
+    no_norm: bool = typer.Option(False, "--no-norm", help="Do not apply the final norm's gain before the LM head."),
+    sites: Optional[str] = typer.Option(None, "--sites", help="Comma list of up, gate, down.pos, down.neg "
+                                        "(default: all the model has)."),
+    chunk: int = typer.Option(256, "--chunk", min=1, help="Neurons per GEMM (bounds memory)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an atlas built with other options."),
+    gguf_file: Optional[str] = GgufOpt,
+    dtype: str = DtypeOpt,
+    device: Optional[str] = DeviceOpt,
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Decode every neuron's up/gate rows and down column through the LM head into an atlas folder.
+
+    Interrupted builds resume per layer when run again. Example: neuronscope atlas build -o atlas-smollm
+    """
+    from ..atlas import build_atlas
+    subject = load_subject(model, gguf_file, dtype, device)
+    atlas = build_atlas(subject, out, top_k=top_k, apply_norm=not no_norm, sites=sites, chunk=chunk,
+                        progress=not quiet, overwrite=overwrite, device=device)
+    secs = atlas.manifest["atlas"].get("build_seconds_last_run")
+    console.print(f"atlas of {escape(atlas.model_name)}: {atlas.n_layers} layers x {atlas.n_neurons} neurons, "
+                  f"sites {', '.join(atlas.sites)}, top {atlas.top_k} -> {escape(str(atlas.folder))}"
+                  + (f" ({secs:.1f} s)" if secs is not None else ""))
+
+
+def _parse_neuron(text: str) -> tuple[int, int]:
+    from ..errors import NeuronscopeError
+    try:
+        l, n = text.split(":")
+        return int(l), int(n)
+    except ValueError:
+        raise NeuronscopeError(f"Cannot read the neuron '{text}'; write LAYER:NEURON, like 20:1234.") from None
+
+
+@atlas_app.command("show")
+def show(
+    atlas_dir: Path = typer.Argument(..., help="Atlas folder."),
+    neuron: str = typer.Argument(..., help="LAYER:NEURON, like 20:1234."),
+    k: int = typer.Option(10, "--k", "-k", min=1, help="Tokens shown per site."),
+    exemplars: int = typer.Option(5, "--exemplars", "-e", min=0, help="Top and bottom exemplars shown (needs stats)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Show one neuron's decoded tokens per site (and its corpus exemplars when the atlas has stats).
+
+    Example: neuronscope atlas show atlas-smollm 20:1234
+    """
+    from ..atlas import Atlas
+    atlas = Atlas.open(atlas_dir)
+    layer, i = _parse_neuron(neuron)
+    dec = atlas.neuron(layer, i)
+    if as_json:
+        typer.echo(json.dumps({"layer": layer, "neuron": i, "decodes": {s: v[:k] for s, v in dec.items()}}, indent=2))
+        return
+    console.print(f"[bold]neuron {layer}:{i}[/bold] of {escape(atlas.model_name)}"
+                  f" (final norm gain {'applied' if atlas.apply_norm else 'not applied'})")
+    table = Table(*(f"{s}" for s in dec), title="top tokens (probability)", title_justify="left")
+    for r in range(min(k, atlas.top_k)):
+        table.add_row(*(f"{escape(repr(dec[s][r]['token']))} {dec[s][r]['prob']:.3f}" for s in dec))
+    console.print(table)
+    if exemplars:
+        _show_exemplars(atlas_dir, layer, i, exemplars)
+
+
+def _show_exemplars(atlas_dir, layer: int, i: int, n: int) -> None:
+    try:
+        from ..stats import NeuronStats
+    except ImportError:
+        console.print("[dim]no exemplars: the stats package is not available in this build.[/dim]")
+        return
+    from ..errors import NeuronscopeError
+    try:
+        stats = NeuronStats.open(atlas_dir)
+    except NeuronscopeError:
+        console.print(f"[dim]no exemplars: this atlas has no corpus statistics (run `neuronscope stats ... "
+                      f"--atlas {escape(str(atlas_dir))}`).[/dim]")
+        return
+    for pol, level, title in (("pos", 1 - 1e-5, "top"), ("neg", 1e-5, "bottom")):
+        q = abs(float(stats.quantile(level)[layer, i])) or 1.0
+        rows = stats.exemplars(layer, i, polarity=pol, n=n)
+        table = Table("norm. act", "window (firing token in [ ])", title=f"{title} exemplars (act / |q({level:g})|)",
+                      title_justify="left")
+        for ex in rows:
+            p = ex["position"]
+            toks = ex["tokens"]
+            lo = max(0, p - 12)
+            text = "".join(escape(t) for t in toks[lo:p]) + f"[bold red]\\[{escape(toks[p])}][/bold red]" + \
+                "".join(escape(t) for t in toks[p + 1:p + 5])
+            table.add_row(f"{ex['activation'] / q:+.2f}", text.replace("\n", "⏎"))
+        console.print(table)
+
+
+@atlas_app.command("search")
+def search(
+    atlas_dir: Path = typer.Argument(..., help="Atlas folder."),
+    query: str = typer.Argument(..., help="A concept: one or more words."),
+    k: int = typer.Option(20, "--k", "-k", min=1, help="Neurons listed."),
+    sites: Optional[str] = typer.Option(None, "--sites", help="Comma list of sites to search (default: all)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="The atlas's model, for vector similarity "
+                                        "(default: the model recorded in the atlas, when it is on disk)."),
+    tokens_only: bool = typer.Option(False, "--tokens-only", help="Rank by decoded tokens only (no model load)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Rank neurons for a concept by their decoded tokens and by the cosine of their vectors with the concept's
+    unembedding rows.
+
+    Example: neuronscope atlas search atlas-smollm "dog"
+    """
+    from ..atlas import Atlas
+    atlas = Atlas.open(atlas_dir)
+    subject = None
+    if not tokens_only:
+        source = model or atlas.model_name
+        if model or Path(source).exists():
+            subject = load_subject(source)
+    rows = atlas.search(query, k=k, sites=sites, subject=subject)
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    table = Table("layer", "neuron", "site", "score", "top tokens",
+                  title=f"neurons for {query!r}" + ("" if subject else " (decoded tokens only)"), title_justify="left")
+    for r in rows:
+        table.add_row(str(r["layer"]), str(r["neuron"]), r["site"], f"{r['score']:.3f}",
+                      escape(" | ".join(repr(t) for t in r["tokens"])))
+    console.print(table)
+
+
+@atlas_app.command("compare")
+def compare(
+    atlas_a: Path = typer.Argument(..., help="Atlas folder of model A (e.g. the base model)."),
+    atlas_b: Path = typer.Argument(..., help="Atlas folder of model B (e.g. the instruct model)."),
+    site: str = typer.Option("up", "--site", help="Site compared (up: Davies 2025)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for compare.json and agreement.png "
+                                       "(default: ATLAS_B/compare-<name of A>)."),
+    n_changed: int = typer.Option(10, "--changed", min=0, help="Most-changed neurons listed."),
+) -> None:
+    """Share of neurons whose top-1 token agrees between two atlases (per layer and overall), mean top-k overlap,
+    the most changed neurons, a PNG plot and a JSON summary.
+
+    Example: neuronscope atlas compare atlas-smollm-base atlas-smollm-instruct -o cmp
+    """
+    from ..atlas import compare_atlases
+    out = out or Path(atlas_b) / f"compare-{Path(atlas_a).name}"
+    s = compare_atlases(atlas_a, atlas_b, site=site, out_dir=out, n_changed=n_changed)
+    table = Table("layer", "top-1 agree", f"top-{s['top_k']} overlap", title=f"{site}: A={escape(s['a']['model'])} "
+                  f"B={escape(s['b']['model'])}", title_justify="left")
+    for r in s["per_layer"]:
+        table.add_row(str(r["layer"]), f"{100 * r['top1_agreement']:.1f}%", f"{100 * r['topk_overlap']:.1f}%")
+    table.add_row("all", f"{100 * s['top1_agreement']:.1f}%", f"{100 * s['topk_overlap']:.1f}%", style="bold")
+    console.print(table)
+    if s["changed_most"]:
+        ch = Table("neuron", "overlap", "A tokens", "B tokens", title="changed most", title_justify="left")
+        for c in s["changed_most"]:
+            ch.add_row(f"{c['layer']}:{c['neuron']}", f"{100 * c['topk_overlap']:.0f}%",
+                       escape(" | ".join(c["tokens_a"])), escape(" | ".join(c["tokens_b"])))
+        console.print(ch)
+    console.print(f"summary: {escape(str(Path(out) / 'compare.json'))}  plot: {escape(s['plot'])}")
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(atlas_app, name="atlas")
