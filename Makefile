@@ -16,8 +16,15 @@ setup:
 test:
 	$(BIN)/python -m pytest -n 2 --dist loadgroup -q
 
+# The benchmark gets its own venv: the peer libraries (nnsight, pyvene, transformer-lens) never enter .venv.
+BENCH_VENV := .venv-bench
+BENCH_ARGS ?= --models stories,smollm --repeats 11
+
 bench:
-	$(BIN)/pip install --quiet -e '.[bench]'
+	test -x $(BENCH_VENV)/bin/python || $(PY) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install --quiet torch==2.13.0
+	$(BENCH_VENV)/bin/pip install --quiet -e '.[bench]'
+	$(BENCH_VENV)/bin/python bench/capture.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info
