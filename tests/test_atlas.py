@@ -264,3 +264,17 @@ def test_cli_build_show_search_compare(stories_atlas, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "neuronscope", "atlas", "show", str(out), "two:3"],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.startswith("error: Cannot read the neuron 'two:3'")
+
+
+def test_build_methods_agree(stories, stories_atlas, tmp_path):
+    """The plain path and the GPU two-pass path (forced on CPU, bf16 proposal + float32 re-score) give the atlas
+    the fused CPU path gives (ids up to float32 near-ties, logits and probabilities to float32 precision)."""
+    for method, approx in (("plain", None), ("twopass", torch.bfloat16)):
+        other = build_atlas(stories, tmp_path / method, method=method, approx_dtype=approx, progress=False)
+        for site in stories_atlas.sites:
+            same = (other.top_ids(site) == stories_atlas.top_ids(site)).float().mean()
+            assert same > 0.995, (method, site, same)
+            torch.testing.assert_close(other.top_logits(site), stories_atlas.top_logits(site), atol=1e-4, rtol=1e-4)
+            if method == "plain":
+                torch.testing.assert_close(other.top_probs(site), stories_atlas.top_probs(site), atol=1e-6,
+                                           rtol=1e-4)

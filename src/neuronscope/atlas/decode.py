@@ -7,8 +7,9 @@ log-sum-exp over the vocabulary, computed in the same pass).
 Three methods give the same answer:
 - "fused" (the CPU default): the vocabulary is cut into cache-sized blocks; each block's logits come from one
   GEMM into a reused buffer, add to a running log-sum-exp, and only the entries above a per-row threshold (the
-  k-th largest logit of the first block, a lower bound of the final k-th largest) are kept as candidates. No
-  full-vocabulary top-k is ever run, and the logits never leave the cache.
+  k-th largest logit of the first, larger block, a lower bound of the final k-th largest) are kept as candidates.
+  No full-vocabulary top-k is ever run, and the logits never leave the cache. Chunks of vectors run on one
+  single-threaded worker per core (no thread barriers inside the many small per-block ops).
 - "twopass" (the GPU default, with bf16): a low-precision first pass proposes every token whose logit could be in
   the top-k given a rigorous bound on the rounding error, and the candidates are re-scored exactly (float32 on a
   GPU); tests force it with float32/float64 and with bf16 on CPU to show it equals the plain result.
@@ -58,12 +59,17 @@ def decode(vectors: torch.Tensor, unembedding: torch.Tensor, *, k: int = 20, sid
         raise NeuronscopeError(f"Unknown decode method '{method}'; use auto, fused, twopass or plain.")
     starts = list(range(0, n, max(1, chunk)))
 
+    if method == "twopass":
+        approx = approx_dtype or torch.bfloat16
+        Wa = unembedding.to(approx)                     # converted once, not per chunk
+        wmax = unembedding.float().norm(dim=1).max()
+
     def one(c: int) -> dict[str, Decoded]:
         u = vectors[c:c + chunk]
         if method == "plain":
             return _decode_plain(u, unembedding, k, sides)
         if method == "twopass":
-            return _decode_twopass(u, unembedding, k, sides, approx_dtype or torch.bfloat16, exact_dtype)
+            return _decode_twopass(u, unembedding, Wa, wmax, k, sides, approx, exact_dtype)
         return _decode_fused(u, unembedding, k, sides, vocab_block, permutation)
 
     workers = min(torch.get_num_threads(), len(starts)) if method == "fused" and unembedding.device.type == "cpu" \
@@ -182,17 +188,15 @@ _UNIT_ROUNDOFF = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11, torch.fl
                   torch.float64: 2.0 ** -53}
 
 
-def _decode_twopass(u: torch.Tensor, W: torch.Tensor, k: int, sides, approx: torch.dtype,
-                    exact: torch.dtype) -> dict[str, Decoded]:
+def _decode_twopass(u: torch.Tensor, W: torch.Tensor, Wa: torch.Tensor, wmax: torch.Tensor, k: int, sides,
+                    approx: torch.dtype, exact: torch.dtype) -> dict[str, Decoded]:
     """First pass in `approx` precision; every token whose approximate logit is within twice the rounding-error
     bound of the approximate k-th value is re-scored in `exact` precision, so the final top-k is exact."""
-    ua, Wa = u.to(approx), W.to(approx)
-    A = (ua @ Wa.T).float()                            # [n, V] approximate logits
+    A = (u.to(approx) @ Wa.T).float()                            # [n, V] approximate logits
     ur = _UNIT_ROUNDOFF.get(approx, 2.0 ** -8)
     h = u.shape[1]
     # |A - exact| <= (2ur + ur^2 + h*2^-24) * sum|u||w| + ur*|A| (inputs rounded, fp32 accumulation, output
     # rounded); sum|u||w| <= |u|_2 * max_j |w_j|_2.
-    wmax = W.float().norm(dim=1).max()
     unorm = u.float().norm(dim=1)
     acc_err = h * 2.0 ** -24 if approx != torch.float64 else h * 2.0 ** -53
     eps = (2 * ur + ur * ur + acc_err) * unorm * wmax + ur * A.abs().amax(1)
