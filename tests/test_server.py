@@ -367,3 +367,34 @@ def test_page_is_served(client):
     assert r.status_code == 200 and "neuronscope" in r.text and "/static/app.js" in r.text
     assert client.get("/static/app.js").status_code == 200
     assert "/api/sessions/{sid}/attribution" in client.get("/openapi.json").json()["paths"]
+
+
+def test_cli_serve_prints_the_url_and_serves(atlas_dir):
+    import re
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    from tests.conftest import STORIES
+    proc = subprocess.Popen([sys.executable, "-m", "neuronscope", "serve", str(STORIES), "--atlas", atlas_dir,
+                             "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url, lines, t0 = None, [], time.time()
+        while url is None and time.time() - t0 < 60:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            m = re.search(r"(http://127\.0\.0\.1:\d+/)", line)
+            url = m.group(1) if m else None
+        assert url, "".join(lines)
+        info = httpx.get(url + "api/info", timeout=10).json()
+        assert info["capabilities"]["stats"] is True and info["model"]["n_layers"] == 5
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    bad = subprocess.run([sys.executable, "-m", "neuronscope", "serve", str(STORIES), "--atlas", "/nonexistent/atlas"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "error: No atlas folder" in bad.stderr
