@@ -25,6 +25,7 @@ import argparse
 import copy
 import gc
 import json
+import math
 import os
 import platform
 import random
@@ -53,20 +54,32 @@ PEERS = ("nnsight", "transformer-lens", "pyvene")
 # ---------------------------------------------------------------------------------------------------------------
 # timing
 # ---------------------------------------------------------------------------------------------------------------
-def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1,
-                     seed: int = 0) -> dict[str, list[float]]:
-    """Run every callable once per round, in a shuffled order, `warmup + repeats` rounds; seconds per call."""
+def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1, seed: int = 0,
+                     min_seconds: float = 0.0, max_repeats: int = 400) -> dict[str, list[float]]:
+    """Run every callable once per round, in a shuffled order, `warmup + repeats` rounds; seconds per call.
+
+    min_seconds: when one round is short, run more rounds (up to `max_repeats`) so that the measured rounds take
+    about this long in all; on a noisy machine a millisecond forward needs hundreds of rounds for a stable median.
+    """
     rng = random.Random(seed)
     names = list(fns)
     times: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(warmup + repeats):
+    rounds, r = warmup + repeats, 0
+    while r < rounds:
         rng.shuffle(names)
+        round_s = 0.0
         for n in names:
             t0 = time.perf_counter()
             fns[n]()
             dt = time.perf_counter() - t0
+            round_s += dt
             if r >= warmup:
                 times[n].append(dt)
+        if r == warmup - 1 or (warmup == 0 and r == 0):
+            if min_seconds > 0 and round_s > 0:
+                wanted = min(max_repeats, math.ceil(min_seconds / round_s))
+                rounds = max(rounds, warmup + wanted)
+        r += 1
     return times
 
 
@@ -312,7 +325,8 @@ def check_same(a: torch.Tensor, b: torch.Tensor) -> dict[str, Any]:
     return {"same": diff <= 1e-3 * scale + 1e-5, "max_abs_diff": diff}
 
 
-def bench_forward(subject, peers: dict, shape, repeats: int, log=print) -> dict[str, Any]:
+def bench_forward(subject, peers: dict, shape, repeats: int, log=print,
+                  min_seconds: float = 0.0) -> dict[str, Any]:
     """Forward with all MLP neurons captured / plain forward, for every contestant, interleaved."""
     B, T = shape
     ids = make_inputs(subject, B, T, seed=B * 1000 + T)
@@ -336,7 +350,7 @@ def bench_forward(subject, peers: dict, shape, repeats: int, log=print) -> dict[
             checks[name] = {"same": False, "note": f"failed: {type(exc).__name__}"}
     del ref
     gc.collect()
-    times = time_interleaved(fns, repeats)
+    times = time_interleaved(fns, repeats, min_seconds=min_seconds)
     return {"task": "forward", "shape": f"{B}x{T}", "results": summarize(times, "plain"), "checks": checks,
             "bytes_per_token_neuron": memory}
 
@@ -349,7 +363,7 @@ def pick_clamp(subject, new_tokens: int) -> ClampSpec:
 
 
 def bench_generate(subject, peers: dict, prompt_len: int, new_tokens: int, repeats: int,
-                   log=print) -> dict[str, Any]:
+                   log=print, min_seconds: float = 0.0) -> dict[str, Any]:
     """Greedy generation of `new_tokens` with a clamp active / plain generation, interleaved."""
     ids = make_inputs(subject, 1, prompt_len, seed=prompt_len)
     clamp = pick_clamp(subject, new_tokens)
@@ -381,7 +395,7 @@ def bench_generate(subject, peers: dict, prompt_len: int, new_tokens: int, repea
         except Exception as exc:  # noqa: BLE001
             log(f"[skip] {name} generate: {type(exc).__name__}: {str(exc)[:160]}")
             checks[name] = {"same_tokens": False, "note": f"failed: {type(exc).__name__}"}
-    times = time_interleaved(fns, repeats)
+    times = time_interleaved(fns, repeats, min_seconds=min_seconds)
     return {"task": "generate", "shape": f"1x{prompt_len}+{new_tokens}", "results": summarize(times, "plain"),
             "checks": checks}
 
@@ -412,10 +426,11 @@ def run(args, log=print) -> dict[str, Any]:
         rows = []
         with torch.inference_mode():
             for shape in args.shapes:
-                rows.append(bench_forward(subject, peers, shape, args.repeats, log=log))
+                rows.append(bench_forward(subject, peers, shape, args.repeats, log=log, min_seconds=args.min_time))
                 log(f"  forward {rows[-1]['shape']} done")
             for p_len in args.gen_prompts:
-                rows.append(bench_generate(subject, peers, p_len, args.new_tokens, args.repeats, log=log))
+                rows.append(bench_generate(subject, peers, p_len, args.new_tokens, args.repeats, log=log,
+                                           min_seconds=args.min_time))
                 log(f"  generate {rows[-1]['shape']} done")
         report["models"][mname] = {"name": subject.name, "layers": subject.n_layers, "neurons": subject.n_neurons,
                                    "peers": {n: getattr(p, "version", "") for n, p in peers.items()},
@@ -432,8 +447,8 @@ def print_report(report: dict[str, Any]) -> None:
     console = Console(width=max(150, Console().width))
     for mname, m in report["models"].items():
         t = Table(title=f"{mname}: {m['layers']} x {m['neurons']} neurons; ratio = median / plain median "
-                        f"({report['repeats']} interleaved repeats); peak RSS {m['peak_rss_mb']:.0f} MB")
-        for col in ("task", "shape", "variant", "median ms", "ratio", "paired", "target", "check", "B/tok/neuron"):
+                        f"(n interleaved rounds, at least {report['repeats']}); peak RSS {m['peak_rss_mb']:.0f} MB")
+        for col in ("task", "shape", "variant", "n", "median ms", "ratio", "paired", "target", "check", "B/tok/neuron"):
             t.add_column(col, justify="right" if col not in ("task", "variant", "check") else "left")
         for row in m["rows"]:
             target = TARGETS[row["task"]]
@@ -452,7 +467,8 @@ def print_report(report: dict[str, Any]) -> None:
                 ok = "" if v == "plain" or not v.startswith("neuronscope") else \
                     ("ok" if r["ratio"] <= target else "MISS")
                 mem = row.get("bytes_per_token_neuron", {}).get(v)
-                t.add_row(row["task"], row["shape"], escape(v), f"{r['median_ms']:.2f}", f"{r['ratio']:.3f}",
+                t.add_row(row["task"], row["shape"], escape(v), str(r["repeats"]), f"{r['median_ms']:.2f}",
+                          f"{r['ratio']:.3f}",
                           f"{r['paired_ratio']:.3f}", f"<= {target:.2f} {ok}", check,
                           "" if mem is None else f"{mem:.1f}")
         console.print(t)
@@ -467,6 +483,8 @@ def parse_args(argv=None):
                                  epilog="example: bench/capture.py --models stories --repeats 21 --json out.json")
     ap.add_argument("--models", default="stories,smollm", help="comma list of stories, smollm")
     ap.add_argument("--repeats", type=int, default=11, help="interleaved rounds per measurement (median taken)")
+    ap.add_argument("--min-time", type=float, default=20.0,
+                    help="seconds each measurement should last at least: short ones get more rounds (max 400)")
     ap.add_argument("--peers", default=",".join(PEERS), help=f"comma list of {', '.join(PEERS)} ('' for none)")
     ap.add_argument("--shapes", default=",".join(f"{b}x{t}" for b, t in FORWARD_SHAPES),
                     help="forward inputs as BATCHxTOKENS, comma separated")

@@ -29,6 +29,12 @@ def test_interleaved_timing_calls_each_variant_every_round(bench):
     assert len(times["a"]) == len(times["b"]) == 4
 
 
+def test_short_measurements_get_more_rounds(bench):
+    times = bench.time_interleaved({"a": lambda: None, "b": lambda: None}, repeats=3, min_seconds=5.0,
+                                   max_repeats=40)
+    assert len(times["a"]) == len(times["b"]) == 40    # a no-op round is far shorter than 5 s / 40
+
+
 def test_summarize_ratios(bench):
     out = bench.summarize({"plain": [1.0, 2.0, 3.0], "x": [2.0, 2.0, 9.0]}, "plain")
     assert out["plain"]["ratio"] == 1.0
