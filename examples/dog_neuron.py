@@ -4,7 +4,7 @@ candidates, ask varied questions, and print the share of answers that mention do
     .venv/bin/python examples/dog_neuron.py --model PATH/SmolLM2-135M-Instruct.Q4_1.gguf --atlas /tmp/atlas-smollm
 
 The atlas is built first when the folder has none. Candidates: the neurons the search ranks best among the sites
-given (default: down.pos, whose write vector promotes dog tokens, and up, Davies' site). Each is clamped to
+given (default: down.pos and down.neg, whose write vectors promote dog tokens or, negated, do). Each is clamped to
 `--value` times the largest |activation| it reaches on the unclamped answers (sign chosen so that the neuron writes
 its dog direction: positive for down.pos/up/gate, negative for down.neg), at every position.
 """
@@ -46,7 +46,7 @@ def main() -> None:
     ap.add_argument("--model", required=True, help="SmolLM2-135M-Instruct (GGUF file or HF folder)")
     ap.add_argument("--atlas", default="/tmp/atlas-smollm", help="atlas folder (built when missing)")
     ap.add_argument("--concept", default="dog")
-    ap.add_argument("--sites", default="down.pos,up")
+    ap.add_argument("--sites", default="down.pos,down.neg")
     ap.add_argument("--neurons", type=int, default=3, help="how many of the best candidates to clamp")
     ap.add_argument("--value", type=float, default=3.0, help="clamp at VALUE x the neuron's max |activation|")
     ap.add_argument("--questions", type=int, default=len(QUESTIONS))

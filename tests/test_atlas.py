@@ -278,3 +278,25 @@ def test_build_methods_agree(stories, stories_atlas, tmp_path):
             if method == "plain":
                 torch.testing.assert_close(other.top_probs(site), stories_atlas.top_probs(site), atol=1e-6,
                                            rtol=1e-4)
+
+
+def test_show_prints_exemplars_when_the_atlas_has_stats(stories, stories_atlas, tmp_path):
+    import shutil
+    from conftest import CORPORA
+    from neuronscope.cli import app
+    from neuronscope.stats import NeuronStats, compute_stats
+    corpus = CORPORA / "tinystories-sample" / "tinystories_sample.txt"
+    if not corpus.is_file():
+        corpus = tmp_path / "tiny.txt"
+        corpus.write_text("Once upon a time there was a little girl named Lily. She liked to play. " * 80)
+    folder = tmp_path / "with-stats"
+    shutil.copytree(stories_atlas.folder, folder)
+    compute_stats(stories, corpus, folder, tokens=1024, window=32, k=64, n_exemplars=8, progress=False)
+    stats = NeuronStats.open(folder)
+    top = stats.exemplars(2, 23, "pos", n=2)[0]
+    res = CliRunner().invoke(app, ["atlas", "show", str(folder), "2:23", "-e", "2"])
+    assert res.exit_code == 0, res.output
+    assert "top exemplars" in res.output and "bottom exemplars" in res.output
+    q = float(stats.quantile(1 - 1e-5)[2, 23])
+    assert f"{top['activation'] / q:+.2f}" in res.output          # normalised activation of the top exemplar
+    assert f"[{top['tokens'][top['position']]}]" in res.output     # its firing token, marked
