@@ -169,6 +169,8 @@ def test_rebuild_rules_and_open_errors(stories, stories_atlas, tmp_path):
     assert torch.equal(again.top_ids("up"), stories_atlas.top_ids("up"))
     with pytest.raises(NeuronscopeError, match="other\\s+options"):
         build_atlas(stories, stories_atlas.folder, top_k=3, progress=False)
+    with pytest.raises(NeuronscopeError, match="another model"):
+        build_atlas(tiny_subject("llama", stories.tokenizer), stories_atlas.folder, progress=False)
     with pytest.raises(NeuronscopeError, match="No atlas folder"):
         Atlas.open(tmp_path / "nothing")
     (tmp_path / "empty").mkdir()

@@ -68,12 +68,12 @@ def build_atlas(subject, out_dir: str | os.PathLike, *, top_k: int = 20, apply_n
             raise NeuronscopeError(
                 f"'{folder}' already holds an atlas of {manifest.get('model', {}).get('name')} built with other "
                 "options or another model; pass overwrite=True (--overwrite) or choose another folder.")
+    if manifest.get("model", {}).get("fingerprint") not in (None, model["fingerprint"]) and not overwrite:
+        raise NeuronscopeError(f"'{folder}' belongs to another model ({manifest['model'].get('name')}); "
+                               "choose another folder or pass overwrite=True (--overwrite).")
     parts = folder / "parts"
     if not same or overwrite:
         shutil.rmtree(parts, ignore_errors=True)
-    if manifest.get("model", {}).get("fingerprint") not in (None, model["fingerprint"]) and not overwrite:
-        raise NeuronscopeError(f"'{folder}' belongs to another model ({manifest['model'].get('name')}); "
-                               "choose another folder or pass overwrite=True.")
     store.update_manifest(folder, "model", model)
     store.update_manifest(folder, "versions", {**store.read_manifest(folder).get("versions", {}), **_versions()})
     store.update_manifest(folder, "atlas", {"status": "building", "options": options})
