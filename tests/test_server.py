@@ -398,3 +398,15 @@ def test_cli_serve_prints_the_url_and_serves(atlas_dir):
     bad = subprocess.run([sys.executable, "-m", "neuronscope", "serve", str(STORIES), "--atlas", "/nonexistent/atlas"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "error: No atlas folder" in bad.stderr
+
+
+def test_without_an_atlas_decodes_come_from_the_weights(subject):
+    c = TestClient(create_app(Monitor(subject)))
+    d = c.get("/api/neurons/3/7", params={"n_exemplars": 0}).json()
+    assert d["decodes_source"] == "model" and d["exemplars"] == {"pos": [], "neg": []}
+    spec, m = subject.spec, subject.model
+    logits = spec.unembedding(m) @ (spec.write_vectors(m, 3)[7] * spec.final_norm_gain(m))
+    assert [x["id"] for x in d["decodes"]["down.pos"]] == logits.topk(5).indices.tolist()
+    assert [x["id"] for x in d["decodes"]["down.neg"]] == (-logits).topk(5).indices.tolist()
+    assert set(d["decodes"]) == {"down.pos", "down.neg", "up", "gate"}
+    assert c.get("/api/concepts", params={"q": "dog"}).status_code == 400

@@ -112,21 +112,22 @@ class Knowledge:
                 self._cache["vocab"] = self.subject.token_strings(list(range(self.subject.vocab_size)))
             return self._cache["vocab"]
 
-    def _model_decodes(self, layer: int) -> dict[str, torch.Tensor]:
-        """Top-5 decoded token ids per neuron of one layer, from the weights (when there is no atlas)."""
-        key = ("dec", layer)
+    def _model_decodes(self, layer: int, neuron: int) -> dict[str, list[int]]:
+        """Top-5 decoded token ids of one neuron, from the weights (when there is no atlas): W_U (g * v)."""
+        key = ("dec", layer, neuron)
         with self._lock:
             if key in self._cache:
                 return self._cache[key]
         s = self.subject
         with torch.no_grad():
-            W_U = s.spec.unembedding(s.model).float()
-            g = s.spec.final_norm_gain(s.model).float()
-            write = s.spec.write_vectors(s.model, layer).float() * g          # [N, H]
-            logits = write @ W_U.T                                              # [N, V]
-            out = {"down.pos": logits.topk(5, dim=-1).indices.cpu(), "down.neg": (-logits).topk(5, dim=-1).indices.cpu()}
-            reads = s.spec.read_vectors(s.model, layer)
-            out["up"] = ((reads["up"].float() * g) @ W_U.T).topk(5, dim=-1).indices.cpu()
+            if "W_U" not in self._cache:
+                self._cache["W_U"] = (s.spec.unembedding(s.model).float(), s.spec.final_norm_gain(s.model).float())
+            W_U, g = self._cache["W_U"]
+            write = s.spec.write_vectors(s.model, layer)[neuron].float() * g
+            logits = W_U @ write
+            out = {"down.pos": logits.topk(5).indices.tolist(), "down.neg": (-logits).topk(5).indices.tolist()}
+            for site, m in s.spec.read_vectors(s.model, layer).items():
+                out[site] = (W_U @ (m[neuron].float() * g)).topk(5).indices.tolist()
         with self._lock:
             self._cache[key] = out
         return out
@@ -141,16 +142,16 @@ class Knowledge:
                     self._cache[key] = self.atlas.top_ids(site)
                 ids = self._cache[key]
             return [vocab[int(i)] if 0 <= int(i) < len(vocab) else "?" for i in ids[layer, neuron, :k].tolist()]
-        return [vocab[int(i)] for i in self._model_decodes(layer)[site][neuron, :k].tolist()]
+        return [vocab[int(i)] for i in self._model_decodes(layer, neuron)[site][:k]]
 
     def decodes(self, layer: int, neuron: int) -> tuple[dict[str, list[dict]], str]:
         """(decodes per site, source) from the atlas, or from the weights without one."""
         if self.atlas is not None:
             return self.atlas.neuron(layer, neuron), "atlas"
         vocab = self._vocab()
-        d = self._model_decodes(layer)
+        d = self._model_decodes(layer, neuron)
         return ({site: [{"token": vocab[int(i)], "id": int(i), "logit": None, "prob": None}
-                        for i in ids[neuron].tolist()] for site, ids in d.items()}, "model")
+                        for i in ids] for site, ids in d.items()}, "model")
 
     # ---- descriptions, exemplars, search, clusters -------------------------------------------------------
     def description(self, layer: int, neuron: int, polarity: str) -> str | None:
