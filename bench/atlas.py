@@ -38,6 +38,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--naive-neurons", type=int, default=192)
     ap.add_argument("--full", action="store_true", help="also time the whole atlas (all sites) in a subprocess")
+    ap.add_argument("--full-chunks", default="256", help="chunk sizes for --full, comma-separated")
     ap.add_argument("--llama8b", action="store_true", help="time a Llama-3.1-8B-shaped up_proj decode (GPU)")
     args = ap.parse_args()
     from neuronscope.atlas import decode, naive_decode
@@ -99,11 +100,11 @@ def main() -> None:
     res["fused_equals_naive_ids_first64"] = float((a.ids == b.ids).float().mean())
 
     if args.full:
-        res["full_atlas"] = full_build(args.model)
+        res["full_atlas"] = full_build(args.model, [int(c) for c in args.full_chunks.split(",")])
     print(json.dumps(res, indent=2))
 
 
-def full_build(model: str) -> dict:
+def full_build(model: str, chunks: list[int]) -> dict:
     """Build the whole atlas in a fresh process; report its time and peak RSS over the loaded model's RSS."""
     code = (
         "import resource, time, json, sys\n"
@@ -117,7 +118,7 @@ def full_build(model: str) -> dict:
         "print(json.dumps({'seconds': el, 'rss_after_load_mb': base / 1024, 'peak_rss_mb': peak / 1024, "
         "'sites': a.sites}))\n")
     out = {}
-    for chunk in (256, 64):
+    for chunk in chunks:
         with tempfile.TemporaryDirectory() as d:
             p = subprocess.run([sys.executable, "-c", code, model, os.path.join(d, "atlas"), str(chunk)],
                                capture_output=True, text=True, check=True)

@@ -51,7 +51,10 @@ def main() -> None:
     ap.add_argument("--value", type=float, default=3.0, help="clamp at VALUE x the neuron's max |activation|")
     ap.add_argument("--questions", type=int, default=len(QUESTIONS))
     ap.add_argument("--max-new-tokens", type=int, default=40)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for this small model on a "
+                    "shared machine)")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
 
     from neuronscope.atlas import Atlas, build_atlas
     from neuronscope.errors import NeuronscopeError
