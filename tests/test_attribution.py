@@ -107,3 +107,14 @@ def test_on_stories_weights_stay_frozen(stories):
     for b, p in zip(before, stories.model.parameters()):
         assert torch.equal(b, p)
     assert 0 <= int(res.layer.min()) and int(res.layer.max()) < stories.n_layers
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gemma2", "phi3", "qwen3"])
+def test_other_families(family):
+    s = tiny_subject(family, seed=5)
+    ids = torch.randint(3, 500, (1, 8))
+    res = attribute(s, ids, 6, top=20)
+    assert len(res) == 20 and res.target_token == int(ids[0, 6])
+    p = float(torch.softmax(s.logits(ids[:, :6])[0, -1].float(), -1)[res.target_token])
+    assert res.probability == pytest.approx(p, rel=1e-5)
+    assert torch.all(res.score[:-1] >= res.score[1:]) and float(res.score[0]) > 0

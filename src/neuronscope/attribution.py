@@ -64,6 +64,14 @@ class Attribution:
                 for l, t, i, a, g, s in zip(*cols)]
 
 
+def _last_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    """Logits of the last position only (the LM head on one position, not on all of them)."""
+    try:
+        return model(input_ids=ids, use_cache=False, logits_to_keep=1).logits[0, -1]
+    except TypeError:  # a model class without logits_to_keep
+        return model(input_ids=ids, use_cache=False).logits[0, -1]
+
+
 def attribute(subject, input_ids: torch.Tensor, target_position: int, target_token: int | None = None,
               top: int = 1000, *, interventions: tuple[Intervention, ...] = ()) -> Attribution:
     """Top `top` neurons (all layers, all positions before the target) by |a * d p(target) / d a|.
@@ -94,7 +102,7 @@ def attribute(subject, input_ids: torch.Tensor, target_position: int, target_tok
     prefix = ids[:, :target_position].to(subject.device)
     probe = _GradProbe()
     with intervene(subject, *interventions, probe), torch.enable_grad():
-        logits = subject.model(input_ids=prefix, use_cache=False).logits[0, -1]
+        logits = _last_logits(subject.model, prefix)
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         probs = torch.softmax(logits, dim=-1)
         if target_token is None:
