@@ -410,3 +410,20 @@ def test_without_an_atlas_decodes_come_from_the_weights(subject):
     assert [x["id"] for x in d["decodes"]["down.neg"]] == (-logits).topk(5).indices.tolist()
     assert set(d["decodes"]) == {"down.pos", "down.neg", "up", "gate"}
     assert c.get("/api/concepts", params={"q": "dog"}).status_code == 400
+
+
+def test_answers_stream_over_http_token_by_token(monitor):
+    import httpx
+
+    from tests.test_server_support import LiveServer
+    with LiveServer(create_app(monitor)) as srv:
+        sid = httpx.post(srv.url + "/api/sessions").json()["session_id"]
+        chunks = []
+        with httpx.stream("POST", f"{srv.url}/api/sessions/{sid}/chat", timeout=60,
+                          json={"message": PROMPT, "max_new_tokens": 40}) as r:
+            assert r.headers["content-type"].startswith("text/event-stream")
+            for chunk in r.iter_raw():
+                chunks.append(chunk)
+    events = sse_events(b"".join(chunks).decode())
+    assert events[-1]["type"] == "done" and events[-1]["n_tokens"] >= 10
+    assert len(chunks) > 1  # the events left the server one by one, not as one body at the end
