@@ -203,7 +203,8 @@ def read_texts(path: str | Path) -> list[str]:
     if not path.is_file():
         raise NeuronscopeError(f"No text file at '{path}'.")
     text = path.read_text(encoding="utf-8", errors="replace").replace("\r\n", "\n")
-    paras = [p.strip() for p in text.split("\n\n") if len(p.strip()) > 40]
+    import re
+    paras = [p.strip() for p in re.split(r"\n[ \t]*\n", text) if len(p.strip()) > 40]
     if not paras:
         raise NeuronscopeError(f"'{path}' has no paragraphs of text.")
     return paras

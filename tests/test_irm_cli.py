@@ -1,0 +1,72 @@
+"""The `irm` and `data` CLI groups on stories260k: train -> generate -> eval -> analyze, resume, clear errors."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from neuronscope.cli import main
+from tests.conftest import STORIES
+from tests.test_irm import SENTS, _rows
+
+
+def _cli(argv, capsys):
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code or 0
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_irm_cli_end_to_end(tmp_path, capsys):
+    data = tmp_path / "happy.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in _rows("happy", 60)) + "\n")
+    neutral = tmp_path / "neutral.txt"
+    neutral.write_text("\n\n".join(SENTS[240:250]) + "\n")
+    run = tmp_path / "run"
+    common = [str(STORIES), "--data", str(data), "-o", str(run), "--layers", "1-3", "--width", "32",
+              "--batch-size", "8", "--eval-every", "10", "--patience", "0"]
+    code, out, err = _cli(["irm", "train", *common, "--steps", "10"], capsys)
+    assert code == 0, err
+    code, out, err = _cli(["irm", "train", *common, "--steps", "20"], capsys)
+    assert code == 2 and "already holds a run" in err
+    code, out, err = _cli(["irm", "train", *common, "--steps", "20", "--resume"], capsys)
+    assert code == 0 and "20 steps" in out, out + err
+    assert json.loads((run / "run.json").read_text())["step"] == 20
+
+    code, out, err = _cli(["irm", "generate", str(run), "-p", SENTS[250], "-n", "6"], capsys)
+    assert code == 0 and "IRM off" in out and "IRM on" in out
+
+    code, out, err = _cli(["irm", "eval", str(run), "--neutral", str(neutral), "--json"], capsys)
+    assert code == 0, err
+    rep = json.loads(out)
+    assert rep["aligned"]["on"] < rep["aligned"]["off"] and "neutral" in rep
+    assert (run / "eval.json").is_file()
+
+    code, out, err = _cli(["irm", "analyze", str(run), str(run), "-o", str(tmp_path / "rep"), "-n", "4",
+                           "--top-k", "3"], capsys)
+    assert code == 0, err
+    assert (tmp_path / "rep" / "report.md").is_file() and (tmp_path / "rep" / "correlation.png").is_file()
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    code, _, err = _cli(["irm", "generate", str(tmp_path), "-p", "hi"], capsys)
+    assert code == 2 and err.startswith("error:") and "not an IRM run folder" in err
+    bad = tmp_path / "bad.csv"
+    bad.write_text("question\nwhat?\n")
+    code, _, err = _cli(["irm", "train", str(STORIES), "--data", str(bad), "-o", str(tmp_path / "r")], capsys)
+    assert code == 2 and "'text' column or 'prompt' and 'response'" in err
+    assert not (tmp_path / "r" / "run.json").exists()
+    q = tmp_path / "q.txt"
+    q.write_text("Why?\n")
+    code, _, err = _cli(["data", "synth", "--model", str(STORIES), "--tone", "angry", "-q", str(q), "-o",
+                         str(tmp_path / "o.jsonl")], capsys)
+    assert code == 2 and "no chat template" in err
+
+
+def test_help_has_examples(capsys):
+    for cmd in (["irm", "train"], ["irm", "generate"], ["irm", "eval"], ["irm", "analyze"], ["data", "synth"]):
+        code, out, _ = _cli([*cmd, "--help"], capsys)
+        assert code == 0 and "Example:" in out, cmd
