@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 from neuronscope.attribution import attribute
 from neuronscope.interventions import Capture, Clamp, intervene
 from neuronscope.server import Knowledge, Limits, Monitor, SessionStore, create_app
-from tests.test_server_support import _stories, sse_events, stories_atlas_dir
+from tests.test_server_support import HAVE_DESCRIBE, _stories, sse_events, stories_atlas_dir
 
 PROMPT = "Once upon a time there was a little dog"
 
@@ -52,9 +52,9 @@ def chat(client, sid, message=PROMPT, **kw) -> list[dict]:
 
 def test_info_reports_what_the_atlas_provides(client):
     info = client.get("/api/info").json()
-    assert info["capabilities"] == {"atlas": True, "stats": True, "descriptions": False}
+    assert info["capabilities"] == {"atlas": True, "stats": True, "descriptions": HAVE_DESCRIBE}
     assert info["chat_template"] is False and "plain continuation" in info["chat_mode"]
-    assert any("descriptions" in n for n in info["notes"])
+    assert any("descriptions" in n for n in info["notes"]) != HAVE_DESCRIBE
     assert info["model"]["n_layers"] == 5 and info["model"]["n_neurons"] == 172
 
 
@@ -427,3 +427,21 @@ def test_answers_stream_over_http_token_by_token(monitor):
     events = sse_events(b"".join(chunks).decode())
     assert events[-1]["type"] == "done" and events[-1]["n_tokens"] >= 10
     assert len(chunks) > 1  # the events left the server one by one, not as one body at the end
+
+
+@pytest.mark.skipif(not HAVE_DESCRIBE, reason="the describe package (issue 5) is not in this build")
+def test_descriptions_show_in_the_views_and_the_concept_search(client, atlas_dir):
+    from neuronscope.describe import Descriptions
+    D = Descriptions.open(atlas_dir)
+    d = client.get("/api/neurons/2/5", params={"n_exemplars": 0}).json()
+    assert d["descriptions"]["pos"] == D.get(2, 5, "pos")["text"]
+    sid = new_session(client)
+    chat(client, sid, max_new_tokens=24)
+    rows = client.get(f"/api/sessions/{sid}/activations", params={"page_size": 1000}).json()["rows"]
+    for r in rows:
+        want = D.get(r["layer"], r["neuron"], r["polarity"])
+        assert r["description"] == (want["text"] if want else None)
+    word = "promotes"  # in every label; no token of the 512-token vocabulary spells it
+    found = client.get("/api/concepts", params={"q": word, "k": 200}).json()["results"]
+    from_desc = [r for r in found if r["source"] == "description"]
+    assert from_desc and all(word in r["description"] for r in from_desc)

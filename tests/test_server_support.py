@@ -12,6 +12,11 @@ from pathlib import Path
 from tests.conftest import CORPORA
 
 STATS_TOKENS = 6000
+try:
+    import neuronscope.describe  # noqa: F401  (issue 5's package; the Monitor degrades without it)
+    HAVE_DESCRIBE = hasattr(neuronscope.describe, "describe_atlas")
+except ImportError:
+    HAVE_DESCRIBE = False
 
 
 @lru_cache(maxsize=None)
@@ -28,6 +33,9 @@ def stories_atlas_dir(with_stats: bool = True) -> str:
             corpus = folder.parent / "ns-monitor-corpus.txt"
             corpus.write_text("Once upon a time there was a little dog named Max. He liked to run and play.\n" * 200)
         compute_stats(subject, corpus, folder, tokens=STATS_TOKENS, progress=False)
+        if HAVE_DESCRIBE:
+            from neuronscope.describe import describe_atlas
+            describe_atlas(folder, progress=False)  # labels from decodes + exemplars (no explainer LLM)
     return str(folder)
 
 
