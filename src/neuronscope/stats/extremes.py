@@ -78,6 +78,13 @@ class TopBuffer:
 
     def add(self, new: torch.Tensor) -> None:
         """Fold in new values [N, C]."""
+        c = new.shape[1]
+        f0 = int(self.fill[0])
+        if f0 + c <= self.cap and bool(torch.isneginf(self.thr).all()) and bool((self.fill == f0).all()):
+            # before the first compaction every value is kept: a plain copy
+            self.buf[:, f0:f0 + c] = new
+            self.fill += c
+            return
         mask = new > self.thr.unsqueeze(1)
         cnt = mask.sum(dim=1)
         over = (self.fill + cnt) > self.cap
@@ -128,15 +135,30 @@ class TopBuffer:
 
 
 def _fold_keys(state: torch.Tensor, new: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Top-E keys of `state` [N, E] and of the values `new` [N, C] at token indices `index` [C]."""
-    e = state.shape[1]
+    """Top-E keys of `state` [N, E] and of the values `new` [N, C] at token indices `index` [C].
+
+    Only values >= max(the state's E-th value, the chunk's E-th value) can enter (ties included, since the key
+    breaks them), so keys are made for those candidates only.
+    """
+    e, c = state.shape[1], new.shape[1]
     thr_key = state.min(dim=1).values
     thr = torch.where(thr_key == PAD_KEY, torch.full(thr_key.shape, float("-inf")),
                       from_ordered_int(thr_key >> 32))
+    if c > e:
+        vals, pos = torch.topk(new, e, dim=1, sorted=False)
+        kth = vals.min(dim=1).values
+        # the chunk's top-E is exactly its candidate set unless a row has ties at its E-th value
+        if int((new >= kth.unsqueeze(1)).sum(dim=1).max()) == e:
+            keep = vals >= thr.unsqueeze(1)
+            if not bool(keep.any()):
+                return state
+            keys = torch.where(keep, make_keys(vals, index[pos]), torch.full_like(pos, PAD_KEY))
+            return torch.topk(torch.cat([state, keys], dim=1), e, dim=1, sorted=False).values
+        thr = torch.maximum(thr, kth)
     m = int((new >= thr.unsqueeze(1)).sum(dim=1).max())
     if m == 0:
         return state
-    if m >= new.shape[1]:
+    if m >= c:
         keys = make_keys(new, index.unsqueeze(0))
     else:
         vals, pos = torch.topk(new, m, dim=1, sorted=False)

@@ -1,0 +1,120 @@
+"""Benchmark of `neuronscope stats` on SmolLM2-135M-Instruct: tokens/s against a plain forward, and peak memory.
+
+    .venv/bin/python bench/stats.py [--tokens 32768] [--atlas /tmp/atlas-smollm] [--k 10000] [--batch 16]
+
+Builds a mixed corpus (WikiText-2 raw, TinyStories, Alpaca records as chats through the chat template, documents
+interleaved) in a temporary folder, measures the plain forward (the whole model with its LM head, as a user would
+run it) over the first windows before and after the statistics run, runs `compute_stats` over `--tokens` tokens
+into the atlas folder (K extremes, 100 exemplars a side), and prints the ratio of tokens/s (medians of batches for
+the plain forward; the whole run, tokenisation and folding included, for stats), the peak RSS, and a few neurons'
+quantiles and top exemplars.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+GGUF = SHARED / "models" / "smollm2-135m-instruct" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+CORPORA = SHARED / "corpora"
+
+
+def mixed_corpus(folder: Path) -> Path:
+    """One JSONL that interleaves web-style text (WikiText, TinyStories) and chat-style records (Alpaca)."""
+    from neuronscope.stats.corpus import iter_documents
+    sources = [iter_documents(CORPORA / "wikitext-2-raw" / "wiki.valid.raw"),
+               iter_documents(CORPORA / "tinystories-sample" / "tinystories_sample.txt"),
+               iter_documents(CORPORA / "alpaca-subset" / "alpaca_data.json")]
+    out = folder / "mix.jsonl"
+    with open(out, "w", encoding="utf-8") as f:
+        for docs in itertools.zip_longest(*sources):
+            for d in docs:
+                if d is None:
+                    continue
+                f.write(json.dumps({"messages": d} if isinstance(d, list) else {"text": d}) + "\n")
+    return out
+
+
+def plain_forward_rates(subject, windows, batch: int) -> list[float]:
+    rates = []
+    for s in range(0, len(windows) - batch + 1, batch):
+        ids = torch.tensor([w.token_ids for w in windows[s:s + batch]])
+        t = time.perf_counter()
+        with torch.no_grad():
+            subject.model(input_ids=ids)
+        rates.append(ids.numel() / (time.perf_counter() - t))
+    return rates
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, default=32768)
+    ap.add_argument("--atlas", default="/tmp/atlas-smollm" if Path("/tmp/atlas-smollm").is_dir() else
+                    "/tmp/ns-stats-smollm")
+    ap.add_argument("--k", type=int, default=10000)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--window", type=int, default=64)
+    ap.add_argument("--plain-windows", type=int, default=64)
+    ap.add_argument("--restart", action="store_true")
+    args = ap.parse_args()
+
+    from neuronscope.stats import compute_stats
+    from neuronscope.stats.corpus import iter_windows
+    from neuronscope.subject import Subject
+
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, date {time.strftime('%Y-%m-%d %H:%M')}",
+          flush=True)
+    tmp = Path(tempfile.mkdtemp(prefix="ns-bench-stats-"))
+    corpus = mixed_corpus(tmp)
+    t = time.perf_counter()
+    subject = Subject.load(GGUF)
+    print(f"model loaded in {time.perf_counter() - t:.1f} s; rss {rss_mb():.0f} MB", flush=True)
+    windows = list(iter_windows(subject.tokenizer, [corpus], args.window, max_windows=args.plain_windows))
+
+    before = plain_forward_rates(subject, windows, args.batch)
+    print(f"plain forward before: median {statistics.median(before):.1f} tok/s over {len(before)} batches",
+          flush=True)
+    t = time.perf_counter()
+    st = compute_stats(subject, corpus, args.atlas, tokens=args.tokens, window=args.window, batch=args.batch,
+                       k=args.k, n_exemplars=100, progress=True, restart=args.restart, checkpoint_every=300)
+    wall = time.perf_counter() - t
+    after = plain_forward_rates(subject, windows, args.batch)
+    print(f"plain forward after: median {statistics.median(after):.1f} tok/s over {len(after)} batches", flush=True)
+    plain = statistics.median(before + after)
+    info = st.info
+    loop = info["tokens_per_s"]
+    print(f"stats: {info['tokens']:,} tokens, loop {info['seconds']:.1f} s ({loop:.1f} tok/s), "
+          f"end to end {wall:.1f} s ({info['tokens'] / wall:.1f} tok/s incl. writing results)", flush=True)
+    print(f"RATIO stats/plain = {loop / plain:.3f} (loop), {info['tokens'] / wall / plain:.3f} (end to end)")
+    print(f"peak RSS {rss_mb():.0f} MB; extremes state 2 x {subject.n_layers} x {subject.n_neurons} x "
+          f"(K + slack) float32 = {2 * subject.n_layers * subject.n_neurons * (args.k + max(1024, args.k // 2)) * 4 / 2**20:.0f} MB")
+    q_hi, q_lo = st.quantile(1 - 1e-5), st.quantile(1e-5)
+    for layer in (3, 15, 27):
+        i = int(torch.argmax(q_hi[layer]))
+        print(f"\nneuron {layer}:{i}  q(1e-5)={q_lo[layer, i]:.3f} q(1e-4)={st.quantile(1e-4)[layer, i]:.3f} "
+              f"q(1-1e-4)={st.quantile(1 - 1e-4)[layer, i]:.3f} q(1-1e-5)={q_hi[layer, i]:.3f} "
+              f"mean={st.mean[layer, i]:.4f} std={st.var[layer, i].sqrt():.4f}")
+        for e in st.exemplars(layer, i, "pos", n=3):
+            toks = e["tokens"]
+            p = e["position"]
+            left = "".join(toks[max(0, p - 12):p]).replace("\n", " ")
+            print(f"  {e['activation']:8.3f}  ...{left}[[{toks[p]}]]{''.join(toks[p + 1:p + 4])}...")
+    print(f"\natlas folder: {args.atlas}")
+
+
+def rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+if __name__ == "__main__":
+    sys.exit(main())

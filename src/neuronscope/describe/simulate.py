@@ -1,0 +1,99 @@
+"""Simulators: predict a neuron's per-token activations from a description, and score that by Pearson correlation.
+
+- `token_match_predict`: 1 where the token (space markers stripped, lower case) is one of the description's words or
+  quoted items, else 0. Needs no model; good for labels made of tokens and for short concrete descriptions.
+- `LLMSimulator(explainer)`: asks the explainer LLM which numbered tokens of a text the described neuron fires on;
+  1 for those, 0 elsewhere.
+The score of a description is the Pearson correlation between predicted and real activations over the tokens of
+held-out exemplar windows (for the negative polarity, the real activations are negated, so firing is positive).
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Callable, Sequence
+
+_MARKERS = re.compile(r"[\u2581\u0120\u010a\s]+")
+_WORD = re.compile(r"[\w']+", re.UNICODE)
+_QUOTED = re.compile(r"'([^']+)'|\"([^\"]+)\"|\u201c([^\u201d]+)\u201d|<<(.+?)>>")
+
+Predictor = Callable[[str, Sequence[str]], list[float]]
+
+
+def norm_token(tok: str) -> str:
+    """A token as compared with description words: space markers stripped, lower case."""
+    return _MARKERS.sub("", tok).lower()
+
+
+def description_terms(description: str) -> set[str]:
+    """Words and quoted items of a description, normalised."""
+    terms = {norm_token(w) for w in _WORD.findall(description)}
+    for m in _QUOTED.finditer(description):
+        q = next(g for g in m.groups() if g is not None)
+        terms.add(norm_token(q))
+    terms.discard("")
+    return terms
+
+
+def token_match_predict(description: str, tokens: Sequence[str]) -> list[float]:
+    """Predicted activation per token: 1.0 if the normalised token is a term of the description, else 0.0."""
+    terms = description_terms(description)
+    return [1.0 if (t := norm_token(tok)) and t in terms else 0.0 for tok in tokens]
+
+
+def pearson(a: Sequence[float], b: Sequence[float]) -> float:
+    """Pearson correlation; 0.0 when either side is constant."""
+    n = len(a)
+    if n != len(b) or n < 2:
+        return 0.0
+    ma, mb = sum(a) / n, sum(b) / n
+    va = sum((x - ma) ** 2 for x in a)
+    vb = sum((y - mb) ** 2 for y in b)
+    if va <= 0 or vb <= 0:
+        return 0.0
+    cov = sum((x - ma) * (y - mb) for x, y in zip(a, b))
+    return cov / math.sqrt(va * vb)
+
+
+def score_description(description: str, exemplars: Sequence[dict], polarity: str = "pos",
+                      predict: Predictor | None = None) -> float | None:
+    """Pearson correlation of predicted vs real activations over held-out exemplars (None without real acts)."""
+    predict = predict or token_match_predict
+    pred: list[float] = []
+    real: list[float] = []
+    sign = -1.0 if polarity == "neg" else 1.0
+    for e in exemplars:
+        acts = e.get("acts")
+        if acts is None:
+            continue
+        p = predict(description, e["tokens"])
+        if len(p) != len(acts):
+            raise ValueError("the simulator returned a prediction of the wrong length")
+        pred.extend(p)
+        real.extend(sign * a for a in acts)
+    if not real:
+        return None
+    return pearson(pred, real)
+
+
+class LLMSimulator:
+    """Simulate with an explainer LLM: it names the numbered tokens the described neuron fires on."""
+
+    def __init__(self, explainer, max_tokens: int = 64):
+        self.explainer = explainer
+        self.max_tokens = max_tokens
+
+    def prompt(self, description: str, tokens: Sequence[str]) -> list[dict]:
+        listing = " ".join(f"{i}:{tok!r}" for i, tok in enumerate(tokens))
+        return [
+            {"role": "system", "content": "You predict where a language-model neuron fires."},
+            {"role": "user", "content": f"Neuron description: {description}\nNumbered tokens: {listing}\n"
+                                        "Reply only with the numbers of the tokens where this neuron fires, "
+                                        "separated by commas (or 'none')."},
+        ]
+
+    def __call__(self, description: str, tokens: Sequence[str]) -> list[float]:
+        reply = self.explainer.complete(self.prompt(description, tokens), temperature=0.0, seed=0,
+                                        max_tokens=self.max_tokens)
+        hits = {int(x) for x in re.findall(r"\d+", reply or "")}
+        return [1.0 if i in hits else 0.0 for i in range(len(tokens))]
