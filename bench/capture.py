@@ -12,6 +12,7 @@ skipped with the reason printed.
 Variants of the forward task (all under torch.inference_mode, same input ids, logits computed for every position):
   plain            model(input_ids)                                  the baseline
   neuronscope      with intervene(s, Capture()): model(input_ids)    all layers, all neurons, hooks installed per call
+  neuronscope[open] one intervene() context kept open, cap.reset() and model(input_ids) per call (steady state)
   nnsight          model.trace(ids): down_proj.input.save() per layer
   transformer-lens TransformerBridge.run_with_cache(ids, names_filter=[blocks.L.mlp.hook_post])
   tl-bridge-plain  the bridge's forward without a cache (its fixed cost; it forces eager attention)
@@ -54,12 +55,18 @@ PEERS = ("nnsight", "transformer-lens", "pyvene")
 # ---------------------------------------------------------------------------------------------------------------
 # timing
 # ---------------------------------------------------------------------------------------------------------------
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
 def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1, seed: int = 0,
-                     min_seconds: float = 0.0, max_repeats: int = 400) -> dict[str, list[float]]:
+                     min_seconds: float = 0.0, max_repeats: int = 400,
+                     clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
     """Run every callable once per round, in a shuffled order, `warmup + repeats` rounds; seconds per call.
 
     min_seconds: when one round is short, run more rounds (up to `max_repeats`) so that the measured rounds take
     about this long in all; on a noisy machine a millisecond forward needs hundreds of rounds for a stable median.
+    clock: time.perf_counter (wall) or time.process_time (CPU seconds of this process: on a machine shared with
+    other jobs, the time spent waiting for a core is left out, which wall time cannot do).
     """
     rng = random.Random(seed)
     names = list(fns)
@@ -69,9 +76,9 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: in
         rng.shuffle(names)
         round_s = 0.0
         for n in names:
-            t0 = time.perf_counter()
+            t0 = clock()
             fns[n]()
-            dt = time.perf_counter() - t0
+            dt = clock() - t0
             round_s += dt
             if r >= warmup:
                 times[n].append(dt)
@@ -101,12 +108,26 @@ def summarize(times: dict[str, list[float]], baseline: str) -> dict[str, dict[st
 # ---------------------------------------------------------------------------------------------------------------
 # inputs
 # ---------------------------------------------------------------------------------------------------------------
+_CORPUS_IDS: dict[int, torch.Tensor | None] = {}
+
+
+def _corpus_ids(tokenizer) -> torch.Tensor | None:
+    """The first 60,000 characters of the TinyStories sample as ids (tokenized once per tokenizer)."""
+    key = id(tokenizer)
+    if key not in _CORPUS_IDS:
+        _CORPUS_IDS[key] = None
+        if CORPUS.is_file():
+            with open(CORPUS, encoding="utf-8", errors="replace") as f:
+                text = f.read(60_000)
+            _CORPUS_IDS[key] = tokenizer(text, return_tensors="pt")["input_ids"][0]
+    return _CORPUS_IDS[key]
+
+
 def make_inputs(subject, batch: int, tokens: int, seed: int = 0) -> torch.Tensor:
     """[batch, tokens] ids of real text (TinyStories sample) when the corpus is there, else random ids."""
     g = torch.Generator().manual_seed(seed)
-    if CORPUS.is_file():
-        text = CORPUS.read_text(encoding="utf-8", errors="replace")[:400_000]
-        ids = subject.tokenizer(text, return_tensors="pt")["input_ids"][0]
+    ids = _corpus_ids(subject.tokenizer)
+    if ids is not None:
         if ids.numel() >= tokens + batch:
             starts = torch.randint(0, ids.numel() - tokens, (batch,), generator=g)
             return torch.stack([ids[s:s + tokens] for s in starts.tolist()]).to(subject.device)
@@ -174,6 +195,18 @@ class Ours:
         with self._intervene(self.s, cap):
             self.s.model(input_ids=ids)
         return [cap.get("neurons", l) for l in range(self.s.n_layers)]
+
+    def open_capture(self):
+        """The other way to use it: one context kept open over many forwards (hooks installed once)."""
+        cap = self._Capture()
+        ctx = self._intervene(self.s, cap)
+        ctx.__enter__()
+
+        def run(ids):
+            cap.reset()
+            self.s.model(input_ids=ids)
+            return [cap.get("neurons", l) for l in range(self.s.n_layers)]
+        return run, (lambda: ctx.__exit__(None, None, None))
 
     def generate(self, ids, clamp: ClampSpec, positions="all"):
         cl = self._Clamp(clamp.layer, clamp.neurons, positions=positions, value=clamp.value)
@@ -325,8 +358,8 @@ def check_same(a: torch.Tensor, b: torch.Tensor) -> dict[str, Any]:
     return {"same": diff <= 1e-3 * scale + 1e-5, "max_abs_diff": diff}
 
 
-def bench_forward(subject, peers: dict, shape, repeats: int, log=print,
-                  min_seconds: float = 0.0) -> dict[str, Any]:
+def bench_forward(subject, peers: dict, shape, repeats: int, log=print, min_seconds: float = 0.0,
+                  clock: Callable[[], float] = time.perf_counter) -> dict[str, Any]:
     """Forward with all MLP neurons captured / plain forward, for every contestant, interleaved."""
     B, T = shape
     ids = make_inputs(subject, B, T, seed=B * 1000 + T)
@@ -350,7 +383,12 @@ def bench_forward(subject, peers: dict, shape, repeats: int, log=print,
             checks[name] = {"same": False, "note": f"failed: {type(exc).__name__}"}
     del ref
     gc.collect()
-    times = time_interleaved(fns, repeats, min_seconds=min_seconds)
+    run_open, close = ours.open_capture()
+    fns["neuronscope[open]"] = lambda: run_open(ids)
+    try:
+        times = time_interleaved(fns, repeats, min_seconds=min_seconds, clock=clock)
+    finally:
+        close()
     return {"task": "forward", "shape": f"{B}x{T}", "results": summarize(times, "plain"), "checks": checks,
             "bytes_per_token_neuron": memory}
 
@@ -363,7 +401,8 @@ def pick_clamp(subject, new_tokens: int) -> ClampSpec:
 
 
 def bench_generate(subject, peers: dict, prompt_len: int, new_tokens: int, repeats: int,
-                   log=print, min_seconds: float = 0.0) -> dict[str, Any]:
+                   log=print, min_seconds: float = 0.0,
+                   clock: Callable[[], float] = time.perf_counter) -> dict[str, Any]:
     """Greedy generation of `new_tokens` with a clamp active / plain generation, interleaved."""
     ids = make_inputs(subject, 1, prompt_len, seed=prompt_len)
     clamp = pick_clamp(subject, new_tokens)
@@ -395,7 +434,7 @@ def bench_generate(subject, peers: dict, prompt_len: int, new_tokens: int, repea
         except Exception as exc:  # noqa: BLE001
             log(f"[skip] {name} generate: {type(exc).__name__}: {str(exc)[:160]}")
             checks[name] = {"same_tokens": False, "note": f"failed: {type(exc).__name__}"}
-    times = time_interleaved(fns, repeats, min_seconds=min_seconds)
+    times = time_interleaved(fns, repeats, min_seconds=min_seconds, clock=clock)
     return {"task": "generate", "shape": f"1x{prompt_len}+{new_tokens}", "results": summarize(times, "plain"),
             "checks": checks}
 
@@ -415,7 +454,7 @@ def run(args, log=print) -> dict[str, Any]:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, "
                    f"{args.threads} threads",
-        "repeats": args.repeats, "models": {},
+        "repeats": args.repeats, "clock": args.clock, "models": {},
     }
     for mname in args.models.split(","):
         t0 = time.perf_counter()
@@ -426,11 +465,12 @@ def run(args, log=print) -> dict[str, Any]:
         rows = []
         with torch.inference_mode():
             for shape in args.shapes:
-                rows.append(bench_forward(subject, peers, shape, args.repeats, log=log, min_seconds=args.min_time))
+                rows.append(bench_forward(subject, peers, shape, args.repeats, log=log, min_seconds=args.min_time,
+                                          clock=CLOCKS[args.clock]))
                 log(f"  forward {rows[-1]['shape']} done")
             for p_len in args.gen_prompts:
                 rows.append(bench_generate(subject, peers, p_len, args.new_tokens, args.repeats, log=log,
-                                           min_seconds=args.min_time))
+                                           min_seconds=args.min_time, clock=CLOCKS[args.clock]))
                 log(f"  generate {rows[-1]['shape']} done")
         report["models"][mname] = {"name": subject.name, "layers": subject.n_layers, "neurons": subject.n_neurons,
                                    "peers": {n: getattr(p, "version", "") for n, p in peers.items()},
@@ -447,7 +487,8 @@ def print_report(report: dict[str, Any]) -> None:
     console = Console(width=max(150, Console().width))
     for mname, m in report["models"].items():
         t = Table(title=f"{mname}: {m['layers']} x {m['neurons']} neurons; ratio = median / plain median "
-                        f"(n interleaved rounds, at least {report['repeats']}); peak RSS {m['peak_rss_mb']:.0f} MB")
+                        f"({report['clock']} clock, n interleaved rounds, at least {report['repeats']}); "
+                        f"peak RSS {m['peak_rss_mb']:.0f} MB")
         for col in ("task", "shape", "variant", "n", "median ms", "ratio", "paired", "target", "check", "B/tok/neuron"):
             t.add_column(col, justify="right" if col not in ("task", "variant", "check") else "left")
         for row in m["rows"]:
@@ -485,6 +526,8 @@ def parse_args(argv=None):
     ap.add_argument("--repeats", type=int, default=11, help="interleaved rounds per measurement (median taken)")
     ap.add_argument("--min-time", type=float, default=20.0,
                     help="seconds each measurement should last at least: short ones get more rounds (max 400)")
+    ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                    help="wall: perf_counter; cpu: process CPU time (fairer on a machine shared with other jobs)")
     ap.add_argument("--peers", default=",".join(PEERS), help=f"comma list of {', '.join(PEERS)} ('' for none)")
     ap.add_argument("--shapes", default=",".join(f"{b}x{t}" for b, t in FORWARD_SHAPES),
                     help="forward inputs as BATCHxTOKENS, comma separated")

@@ -19,6 +19,15 @@ def bench():
     return mod
 
 
+@pytest.fixture
+def one_thread():
+    """Like the benchmark itself: one torch thread (two run several times slower on a machine shared with others)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def test_interleaved_timing_calls_each_variant_every_round(bench):
     calls = {"a": 0, "b": 0}
 
@@ -52,7 +61,7 @@ def test_check_same_tells_equal_from_different(bench):
     assert not bench.check_same(a[:, :4], a)["same"]
 
 
-def test_our_capture_is_the_down_proj_input(bench, stories):
+def test_our_capture_is_the_down_proj_input(bench, stories, one_thread):
     ids = bench.make_inputs(stories, 2, 12)
     assert ids.shape == (2, 12)
     seen = {}
@@ -69,15 +78,16 @@ def test_our_capture_is_the_down_proj_input(bench, stories):
     assert bench.capture_bytes(got) == 4 * 2 * 12 * stories.n_layers * stories.n_neurons
 
 
-def test_forward_row_without_peers(bench, stories):
+def test_forward_row_without_peers(bench, stories, one_thread):
     with torch.inference_mode():
         row = bench.bench_forward(stories, {}, (1, 16), repeats=2)
-    assert row["shape"] == "1x16" and set(row["results"]) == {"plain", "neuronscope"}
+    assert row["shape"] == "1x16" and set(row["results"]) == {"plain", "neuronscope", "neuronscope[open]"}
     assert row["bytes_per_token_neuron"]["neuronscope"] == 4.0
     assert row["results"]["neuronscope"]["ratio"] > 0
+    assert not stories.model.model.layers[0].mlp.down_proj._forward_pre_hooks    # the open context was closed
 
 
-def test_generate_row_makes_exactly_n_tokens_and_the_clamp_bites(bench, stories):
+def test_generate_row_makes_exactly_n_tokens_and_the_clamp_bites(bench, stories, one_thread):
     with torch.inference_mode():
         row = bench.bench_generate(stories, {}, prompt_len=16, new_tokens=6, repeats=1)
     assert row["checks"]["ours_tokens"] == 6
