@@ -445,3 +445,27 @@ def test_descriptions_show_in_the_views_and_the_concept_search(client, atlas_dir
     found = client.get("/api/concepts", params={"q": word, "k": 200}).json()["results"]
     from_desc = [r for r in found if r["source"] == "description"]
     assert from_desc and all(word in r["description"] for r in from_desc)
+
+
+@pytest.mark.slow
+def test_chat_template_model_smollm2(smollm):
+    mon = Monitor(smollm)
+    c = TestClient(create_app(mon))
+    sid = new_session(c)
+    q = "What is the capital of France?"
+    ev = sse_events(c.post(f"/api/sessions/{sid}/chat", json={"message": q, "max_new_tokens": 8}).text)
+    assert ev[-1]["type"] == "done"
+    assert ev[-1]["text"] == smollm.generate(q, chat=True, max_new_tokens=8)  # through the chat template, greedy
+    state = c.get(f"/api/sessions/{sid}").json()
+    user, answer = state["messages"]
+    toks = c.get(f"/api/sessions/{sid}/tokens").json()["tokens"]
+    assert "".join(t["text"] for t in toks[user["start"]:user["end"]]).count(q) == 1
+    assert [t["role"] for t in toks[answer["start"]:answer["end"]]] == ["assistant"] * (answer["end"] - answer["start"])
+    assert "".join(t["text"] for t in toks[answer["start"]:answer["end"]]).startswith(ev[-1]["text"])
+    assert toks[0]["role"] in ("user", "template")
+    ids = smollm.encode(q, chat=True)[0].tolist()
+    assert [t["id"] for t in toks[:len(ids)]] == ids  # the prompt the model answered is the start of the state
+    att = c.get(f"/api/sessions/{sid}/attribution", params={"position": answer["start"] + 1}).json()
+    assert att["total"] == 1000 and att["target_token"] == toks[answer["start"] + 1]["id"]
+    act = c.get(f"/api/sessions/{sid}/activations").json()
+    assert act["mode"] == "raw" and act["total"] > 0
