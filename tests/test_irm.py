@@ -63,7 +63,8 @@ def _word_prob(subject, irm, prompts, word=WORD) -> float:
 def happy_run(stories, tmp_path_factory):
     d = tmp_path_factory.mktemp("irm") / "happy"
     res = train_irm(stories, _rows("happy"), d, inject_layers="all",
-                    config=TrainConfig(steps=200, batch_size=8, eval_every=50, lr=1e-3, seed=0), progress=False)
+                    config=TrainConfig(steps=200, batch_size=8, eval_every=50, lr=1e-3, seed=0), progress=False,
+                    alignment="happy")
     return res
 
 
@@ -71,7 +72,8 @@ def happy_run(stories, tmp_path_factory):
 def sad_run(stories, tmp_path_factory):
     d = tmp_path_factory.mktemp("irm") / "sad"
     return train_irm(stories, _rows("sad"), d, inject_layers="1-4",
-                     config=TrainConfig(steps=120, batch_size=8, eval_every=40, lr=1e-3, seed=1), progress=False)
+                     config=TrainConfig(steps=120, batch_size=8, eval_every=40, lr=1e-3, seed=1), progress=False,
+                     alignment="sad")
 
 
 # ---- data -----------------------------------------------------------------------------------------------------
@@ -300,7 +302,8 @@ def test_analyze_two_alignments_writes_the_report(stories, happy_run, sad_run, t
     assert "coincide" in md and "massive activations" in md
     r0, r1 = res["runs"]
     assert r0["alignment"] != r1["alignment"] and len(r0["top_indices"]) == 5
-    assert r0["tokens"] == sum(len(stories.encode(p)[0]) for p in SENTS[240:244]) + 4 * 7 or r0["tokens"] > 0
+    # every prompt token and every generated token entered the average (prefill + one call per decoded token)
+    assert r0["tokens"] == sum(len(stories.encode(p)[0]) for p in SENTS[240:244]) + 4 * 7
     assert 0 <= r0["striation"]["index_share"] <= 1
     c = torch.tensor(res["correlation"]["matrix"])
     assert c.shape == (2, 2) and torch.allclose(c.diagonal(), torch.ones(2, dtype=c.dtype))
