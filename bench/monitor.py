@@ -13,7 +13,6 @@ no HTTP), each on a fresh cache, so every timing includes the forward (or forwar
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
@@ -39,8 +38,11 @@ def main() -> None:
     ap.add_argument("--stats-dir", default=str(Path(tempfile.gettempdir()) / "neuronscope-bench-smollm2-stats"))
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--tokens", type=int, default=64, help="conversation length")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (1 on a shared machine: 2 OpenMP threads on an oversubscribed CPU spin at "
+                         "barriers and make the main thread's forwards erratic, 2-20x slower)")
     args = ap.parse_args()
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    torch.set_num_threads(max(1, args.threads))
 
     from neuronscope.server import Knowledge, Monitor
     from neuronscope.server.sessions import Message
