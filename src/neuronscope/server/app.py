@@ -60,6 +60,10 @@ def create_app(monitor: Monitor) -> FastAPI:
     async def _http(request: Request, exc: StarletteHTTPException):
         return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)
 
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception):  # a bug, not bad input: still JSON with a sentence
+        return JSONResponse({"error": f"Internal error ({type(exc).__name__}); please report it."}, status_code=500)
+
     def session(sid: str) -> Session:
         s = monitor.sessions.get(sid)
         if s is None:
