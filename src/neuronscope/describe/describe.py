@@ -295,12 +295,12 @@ class Descriptions:
             scored = [(float(embs[(r["layer"], r["neuron"], r["polarity"])] @ q), r) for r in rows
                       if (r["layer"], r["neuron"], r["polarity"]) in embs]
         else:
-            words = [w for w in (norm_token(x) for x in re.findall(r"[\w']+", text)) if w]
+            words = [w for w in (norm_token(x) for x in re.findall(r"\w+", text)) if w]
             if not words:
                 return []
             scored = []
             for r in rows:
-                terms = [norm_token(x) for x in re.findall(r"[\w']+", r["text"])]
+                terms = [norm_token(x) for x in re.findall(r"\w+", r["text"])]
                 tset = set(terms)
                 s = sum(1.0 if w in tset else 0.5 if any(t.startswith(w) for t in terms) else 0.0
                         for w in words) / len(words)
@@ -313,4 +313,4 @@ class Descriptions:
 
 def description_words(text: str) -> list[str]:
     """Content words of a description (for naming clusters)."""
-    return [w for w in (norm_token(x) for x in re.findall(r"[\w']+", text)) if w and w not in _STOP and len(w) > 1]
+    return [w for w in (norm_token(x) for x in re.findall(r"\w+", text)) if w and w not in _STOP and len(w) > 1]
