@@ -37,6 +37,7 @@ def main() -> None:
     ap.add_argument("--model", default=str(DEFAULT))
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--naive-neurons", type=int, default=192)
+    ap.add_argument("--layers", type=int, default=None, help="use only the first N layers (a shorter run)")
     ap.add_argument("--full", action="store_true", help="also time the whole atlas (all sites) in a subprocess")
     ap.add_argument("--full-chunks", default="256", help="chunk sizes for --full, comma-separated")
     ap.add_argument("--llama8b", action="store_true", help="time a Llama-3.1-8B-shaped up_proj decode (GPU)")
@@ -53,13 +54,14 @@ def main() -> None:
     s = Subject.load(args.model)
     spec, m = s.spec, s.model
     g = spec.final_norm_gain(m)
-    U = torch.cat([spec.read_vectors(m, l)["up"].detach().float() * g for l in range(s.n_layers)]).contiguous()
+    n_layers = min(args.layers or s.n_layers, s.n_layers)
+    U = torch.cat([spec.read_vectors(m, l)["up"].detach().float() * g for l in range(n_layers)]).contiguous()
     W = spec.unembedding(m).detach().float().contiguous()
     Ws, perm = shuffled_unembedding(W)
     n, h = U.shape
     V = W.shape[0]
     flops = 2.0 * n * h * V
-    res.update(model=s.name, neurons=n, hidden=h, vocab=V, site_gflop=flops / 1e9)
+    res.update(model=s.name, layers=n_layers, neurons=n, hidden=h, vocab=V, site_gflop=flops / 1e9)
 
     sq = torch.randn(2048, 2048)
     t_sq, _ = median_time(lambda: torch.mm(sq, sq), 5)
