@@ -63,7 +63,7 @@ def _word_prob(subject, irm, prompts, word=WORD) -> float:
 def happy_run(stories, tmp_path_factory):
     d = tmp_path_factory.mktemp("irm") / "happy"
     res = train_irm(stories, _rows("happy"), d, inject_layers="all",
-                    config=TrainConfig(steps=200, batch_size=8, eval_every=50, lr=1e-3, seed=0), progress=False,
+                    config=TrainConfig(steps=100, batch_size=8, eval_every=50, lr=1e-3, seed=0), progress=False,
                     alignment="happy")
     return res
 
@@ -72,7 +72,7 @@ def happy_run(stories, tmp_path_factory):
 def sad_run(stories, tmp_path_factory):
     d = tmp_path_factory.mktemp("irm") / "sad"
     return train_irm(stories, _rows("sad"), d, inject_layers="1-4",
-                     config=TrainConfig(steps=120, batch_size=8, eval_every=40, lr=1e-3, seed=1), progress=False,
+                     config=TrainConfig(steps=60, batch_size=8, eval_every=30, lr=1e-3, seed=1), progress=False,
                      alignment="sad")
 
 
