@@ -71,7 +71,7 @@ class LocalExplainer:
         ids = self.subject.encode_chat(messages)
         out = self.subject.generate_ids(ids, max_new_tokens=max_tokens or self.max_new_tokens,
                                         temperature=temperature, seed=seed)
-        return self.subject.decode(out)
+        return self.subject.decode(out[0] if out.ndim == 2 else out)
 
 
 class OpenAIExplainer:
