@@ -14,7 +14,8 @@ SMOLLM_DIR = SHARED / "models" / "smollm2-135m-instruct"
 SMOLLM_GGUF = SMOLLM_DIR / "SmolLM2-135M-Instruct.Q4_1.gguf"
 CORPORA = SHARED / "corpora"
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# one thread per pytest worker: `make test` runs 2 workers on 2 cores, and oversubscribed threads are 5-20x slower
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -432,6 +432,7 @@ class _Runner:
         self._collect()
         spec, model = self.subject.spec, self.subject.model
         base = spec.get(model, spec.base)
+        blocks = spec.decoder_layers(model)  # looked up once: install runs on every intervene()
 
         def track(module, args, kwargs):
             ids = kwargs.get("input_ids", args[0] if args else None)
@@ -454,13 +455,13 @@ class _Runner:
         for (layer, site) in list(self.fns):
             key = (layer, site)
             if site == "neurons":
-                mod = spec.layer_part(model, layer, spec.down)
+                mod = spec.get(blocks[layer], spec.down)
 
                 def pre(module, args, _k=key):
                     return (self._run(_k, args[0]),) + tuple(args[1:])
                 self.handles.append(mod.register_forward_pre_hook(pre))
             elif site == "resid.post":
-                mod = spec.decoder_layers(model)[layer]
+                mod = blocks[layer]
 
                 def post(module, args, output, _k=key):
                     if isinstance(output, tuple):
@@ -468,8 +469,8 @@ class _Runner:
                     return self._run(_k, output)
                 self.handles.append(mod.register_forward_hook(post))
             elif site == "resid.mid":
-                norm = spec.layer_part(model, layer, spec.mlp_in_norm)
-                out_mod = spec.layer_part(model, layer, spec.mlp_out)
+                norm = spec.get(blocks[layer], spec.mlp_in_norm)
+                out_mod = spec.get(blocks[layer], spec.mlp_out)
 
                 def mid_pre(module, args, _k=key, _l=layer):
                     x = args[0]

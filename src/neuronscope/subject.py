@@ -10,6 +10,7 @@ import hashlib
 import os
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -206,20 +207,20 @@ class Subject:
     def layers(self) -> nn.ModuleList:
         return self.spec.decoder_layers(self.model)
 
-    @property
+    @cached_property
     def n_layers(self) -> int:
         return len(self.layers)
 
-    @property
+    @cached_property
     def n_neurons(self) -> int:
         """MLP neurons per layer (the width of the down projection's input)."""
         return self.spec.write_vectors(self.model, 0).shape[0]
 
-    @property
+    @cached_property
     def hidden_size(self) -> int:
         return self.spec.unembedding(self.model).shape[1]
 
-    @property
+    @cached_property
     def vocab_size(self) -> int:
         return self.spec.unembedding(self.model).shape[0]
 
