@@ -66,6 +66,8 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=64)
     ap.add_argument("--plain-windows", type=int, default=64)
     ap.add_argument("--restart", action="store_true")
+    ap.add_argument("--interleaved", type=int, default=0, help="Only the interleaved measurement: this many "
+                    "batches, each run as a plain forward and as a stats step (forward + fold), alternating.")
     args = ap.parse_args()
 
     from neuronscope.stats import compute_stats
@@ -81,6 +83,8 @@ def main() -> None:
     print(f"model loaded in {time.perf_counter() - t:.1f} s; rss {rss_mb():.0f} MB", flush=True)
     windows = list(iter_windows(subject.tokenizer, [corpus], args.window, max_windows=args.plain_windows))
 
+    if args.interleaved:
+        return interleaved(subject, corpus, args)
     before = plain_forward_rates(subject, windows, args.batch)
     print(f"plain forward before: median {statistics.median(before):.1f} tok/s over {len(before)} batches",
           flush=True)
@@ -110,6 +114,39 @@ def main() -> None:
             left = "".join(toks[max(0, p - 12):p]).replace("\n", " ")
             print(f"  {e['activation']:8.3f}  ...{left}[[{toks[p]}]]{''.join(toks[p + 1:p + 4])}...")
     print(f"\natlas folder: {args.atlas}")
+
+
+def interleaved(subject, corpus, args) -> None:
+    """Plain forward and stats step on the same batch, alternating, so machine load hits both alike."""
+    from neuronscope.stats.compute import _forward_neurons
+    from neuronscope.stats.corpus import iter_windows
+    from neuronscope.stats.extremes import LayerExtremes
+    wins = list(iter_windows(subject.tokenizer, [corpus], args.window, max_windows=args.interleaved * args.batch))
+    base = subject.spec.get(subject.model, subject.spec.base)
+    layers = [LayerExtremes(subject.n_neurons, args.k, 100) for _ in range(subject.n_layers)]
+    plain_t, stats_t, ratios = [], [], []
+    for b in range(args.interleaved):
+        ws = wins[b * args.batch:(b + 1) * args.batch]
+        ids = torch.tensor([w.token_ids for w in ws])
+        index = (torch.tensor([w.index for w in ws]).unsqueeze(1) * args.window + torch.arange(args.window)).reshape(-1)
+        t = time.perf_counter()
+        with torch.no_grad():
+            subject.model(input_ids=ids)
+        tp = time.perf_counter() - t
+        t = time.perf_counter()
+        for st, a in zip(layers, _forward_neurons(subject, base, ids)):
+            st.add(a, index)
+        ts = time.perf_counter() - t
+        plain_t.append(tp)
+        stats_t.append(ts)
+        ratios.append(tp / ts)
+        print(f"batch {b}: plain {ids.numel() / tp:.0f} tok/s, stats {ids.numel() / ts:.0f} tok/s, "
+              f"ratio {tp / ts:.3f}", flush=True)
+    n = args.batch * args.window
+    print(f"INTERLEAVED {args.interleaved} batches of {n} tokens, K={args.k}: plain {n * len(plain_t) / sum(plain_t):.0f}"
+          f" tok/s, stats {n * len(stats_t) / sum(stats_t):.0f} tok/s, ratio of totals "
+          f"{sum(plain_t) / sum(stats_t):.3f}, median per-batch ratio {statistics.median(ratios):.3f}; "
+          f"peak RSS {rss_mb():.0f} MB")
 
 
 def rss_mb() -> float:
