@@ -18,26 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import NeuronscopeError
-from .interventions import Intervention, intervene
-
-
-class _GradProbe(Intervention):
-    """Adds a zero tensor that requires grad to every layer's neuron activations; keeps the activations."""
-
-    def bind(self, subject) -> None:
-        self.layers = list(range(subject.n_layers))
-        self.acts: dict[int, torch.Tensor] = {}
-        self.probes: dict[int, torch.Tensor] = {}
-
-    def edits(self, subject):
-        def make(layer: int):
-            def fn(x: torch.Tensor, ctx) -> torch.Tensor:
-                probe = torch.zeros_like(x, requires_grad=True)
-                self.acts[layer], self.probes[layer] = x.detach(), probe
-                return x + probe
-            return fn
-        for layer in self.layers:
-            yield layer, "neurons", make(layer)
+from .interventions import Capture, Intervention, intervene
 
 
 @dataclass
@@ -100,7 +81,7 @@ def attribute(subject, input_ids: torch.Tensor, target_position: int, target_tok
                                f"{subject.vocab_size} tokens.")
 
     prefix = ids[:, :target_position].to(subject.device)
-    probe = _GradProbe()
+    probe = Capture(grad=True)  # all layers; zero probes give total derivatives (see interventions.Capture)
     with intervene(subject, *interventions, probe), torch.enable_grad():
         logits = _last_logits(subject.model, prefix)
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
@@ -108,9 +89,9 @@ def attribute(subject, input_ids: torch.Tensor, target_position: int, target_tok
         if target_token is None:
             target_token = int(probs.argmax())
         p = probs[int(target_token)]
-        leaves = [probe.probes[l] for l in probe.layers]
+        leaves = probe.leaves()  # one forward: one leaf per layer
         grads = torch.autograd.grad(p, leaves, allow_unused=True)
-    acts = torch.stack([probe.acts[l][0] for l in probe.layers])                       # [L, T', N]
+    acts = probe.activations[:, 0]                                                      # [L, T', N]
     grad = torch.stack([torch.zeros_like(a[0]) if g is None else g[0] for a, g in zip(leaves, grads)])
     score = (acts * grad).abs()
     L, Tp, N = score.shape

