@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence, Union
 
 import torch
-from torch import nn
 
 from .errors import NeuronscopeError
 

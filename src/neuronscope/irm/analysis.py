@@ -7,7 +7,6 @@ dominant index. Writes PNGs, analysis.json and report.md into one folder.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence

@@ -7,7 +7,6 @@ results are written (see results.py) and the checkpoint is removed.
 """
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from pathlib import Path
