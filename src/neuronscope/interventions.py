@@ -194,9 +194,13 @@ class Clamp(NeuronEdit):
         if v.ndim > 1 or (v.ndim == 1 and v.numel() not in (1, len(self.neurons))):
             raise NeuronscopeError(f"Give one clamp value or one per neuron ({len(self.neurons)}), got {v.numel()}.")
         self._v = v
+        self._v_key = None
 
     def apply(self, sel):
-        return self._v.to(sel.device, sel.dtype).expand_as(sel)
+        key = (sel.device, sel.dtype)
+        if self._v_key != key:  # converted once, not on every decoded token
+            self._v_dev, self._v_key = self._v.to(sel.device, sel.dtype), key
+        return self._v_dev.expand_as(sel)
 
 
 @dataclass
