@@ -3,6 +3,7 @@
     clamp/scale:   LAYER:NEURON[,NEURON...]=VALUE[@WHERE]      e.g. 12:345=8.0@generated
     ablate:        LAYER:NEURON[,NEURON...][@WHERE]            e.g. 3:17,18
     add-vector:    LAYERS[/SITE]=SOURCE[*SCALE][@WHERE]        e.g. 4-6/mid=token:dog*8, 10=steer.safetensors#v
+    neurons:       LAYER:NEURON[+|-][,...] or LAYER:A-B            e.g. 3:17+,4:5-,5:10-20 (describe, cluster, show)
 
 WHERE is all (default), prompt, generated, or token positions like 0-4,9. LAYERS is a layer set (0-7, 3,7, all).
 SOURCE is token:WORD (the unembedding row of WORD's first token), FILE.safetensors[#KEY] or FILE.npy holding a
@@ -133,3 +134,32 @@ def parse_add_vector(text: str, subject) -> AddToResidual:
         scale = _number(s, "vector scale")
     vector = load_vector(rest.strip(), subject)
     return AddToResidual(layers=layers, vector=vector, site=site, positions=where, scale=scale)
+
+
+def parse_neuron_refs(text: str) -> list[tuple]:
+    """'3:17,5:100-102' (both polarities) or '3:17+,4:5-' (+ pos, - neg) -> items for describe/cluster."""
+    out: list[tuple] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        pol = None
+        if part[-1] in "+-" and ":" in part and not part.rstrip("+-").endswith("-"):
+            pol = "pos" if part[-1] == "+" else "neg"
+            part = part[:-1]
+        if ":" not in part:
+            raise NeuronscopeError(f"A neuron is written LAYER:NEURON (e.g. 3:17, 3:17+ or 3:10-20), got '{part}'.")
+        l, n = part.split(":", 1)
+        try:
+            layer = int(l)
+            if "-" in n:
+                a, b = n.split("-", 1)
+                ids = list(range(int(a), int(b) + 1))
+            else:
+                ids = [int(n)]
+        except ValueError:
+            raise NeuronscopeError(f"A neuron is written LAYER:NEURON with integers, got '{part}'.") from None
+        for i in ids:
+            out.append((layer, i) if pol is None else (layer, i, pol))
+    if not out:
+        raise NeuronscopeError("No neurons given.")
+    return out

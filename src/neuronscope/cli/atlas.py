@@ -47,11 +47,14 @@ def build(
 
 def _parse_neuron(text: str) -> tuple[int, int]:
     from ..errors import NeuronscopeError
+    from ..specs import parse_neuron_refs
     try:
-        l, n = text.split(":")
-        return int(l), int(n)
-    except ValueError:
-        raise NeuronscopeError(f"Cannot read the neuron '{text}'; write LAYER:NEURON, like 20:1234.") from None
+        refs = parse_neuron_refs(text)
+    except NeuronscopeError:
+        refs = []
+    if len(refs) != 1 or len(refs[0]) != 2:
+        raise NeuronscopeError(f"Cannot read the neuron '{text}'; write LAYER:NEURON, like 20:1234.")
+    return refs[0]
 
 
 @atlas_app.command("show")

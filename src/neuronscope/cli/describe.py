@@ -8,37 +8,8 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from ..errors import NeuronscopeError
+from ..specs import parse_neuron_refs
 from .common import GgufOpt, console, load_subject
-
-
-def parse_neurons_arg(text: str) -> list[tuple]:
-    """'3:17,5:100-102' (both polarities) or '3:17+,4:5-' (+ pos, - neg) -> items for describe/cluster."""
-    out: list[tuple] = []
-    for part in (p.strip() for p in text.split(",")):
-        if not part:
-            continue
-        pol = None
-        if part[-1] in "+-" and ":" in part and not part.rstrip("+-").endswith("-"):
-            pol = "pos" if part[-1] == "+" else "neg"
-            part = part[:-1]
-        if ":" not in part:
-            raise NeuronscopeError(f"A neuron is written LAYER:NEURON (e.g. 3:17, 3:17+ or 3:10-20), got '{part}'.")
-        l, n = part.split(":", 1)
-        try:
-            layer = int(l)
-            if "-" in n:
-                a, b = n.split("-", 1)
-                ids = list(range(int(a), int(b) + 1))
-            else:
-                ids = [int(n)]
-        except ValueError:
-            raise NeuronscopeError(f"A neuron is written LAYER:NEURON with integers, got '{part}'.") from None
-        for i in ids:
-            out.append((layer, i) if pol is None else (layer, i, pol))
-    if not out:
-        raise NeuronscopeError("No neurons given.")
-    return out
 
 
 def describe(
@@ -69,7 +40,7 @@ def describe(
         rows = Descriptions.open(atlas_dir).search(search, k=k)
     else:
         subject = load_subject(model, gguf_file) if model else None
-        items = parse_neurons_arg(neurons) if neurons else None
+        items = parse_neuron_refs(neurons) if neurons else None
         descs = describe_atlas(atlas_dir, explainer=explainer if explainer is None or not explainer.startswith(
             "http") else _url_explainer(explainer, explainer_model), subject=subject, neurons=items,
             n_candidates=candidates, simulator=simulator, overwrite=overwrite, progress=True)
@@ -111,7 +82,7 @@ def cluster(
     Example: neuronscope cluster atlas-smollm --neurons 20:1234+,21:77+,25:3-
     """
     from ..describe import cluster_neurons
-    items = [it if len(it) == 3 else (it[0], it[1], "pos") for it in parse_neurons_arg(neurons)]
+    items = [it if len(it) == 3 else (it[0], it[1], "pos") for it in parse_neuron_refs(neurons)]
     groups = cluster_neurons(atlas_dir, items, threshold=threshold, min_size=min_size)
     if as_json:
         typer.echo(json.dumps(groups, indent=2))
