@@ -109,7 +109,8 @@ class Knowledge:
     def _vocab(self) -> list[str]:
         with self._lock:
             if "vocab" not in self._cache:
-                self._cache["vocab"] = self.subject.token_strings(list(range(self.subject.vocab_size)))
+                from ..atlas.vocab import token_texts
+                self._cache["vocab"] = token_texts(self.subject)
             return self._cache["vocab"]
 
     def _model_decodes(self, layer: int, neuron: int) -> dict[str, list[int]]:
