@@ -295,8 +295,7 @@ class Capture(Intervention):
     _chunks: dict[tuple[str, int], list[torch.Tensor]] = field(default_factory=dict, repr=False)
 
     def bind(self, subject) -> None:
-        self.layers = subject.parse_layers(self.layers if self.layers is None or not isinstance(self.layers, int)
-                                           else [self.layers])
+        self.layers = subject.parse_layers([self.layers] if isinstance(self.layers, int) else self.layers)
         for s in self.sites:
             if s not in SITES:
                 raise NeuronscopeError(f"Unknown site '{s}'; sites are {', '.join(SITES)}.")
