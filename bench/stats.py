@@ -1,13 +1,15 @@
 """Benchmark of `neuronscope stats` on SmolLM2-135M-Instruct: tokens/s against a plain forward, and peak memory.
 
     .venv/bin/python bench/stats.py [--tokens 32768] [--atlas /tmp/atlas-smollm] [--k 10000] [--batch 16]
+    python bench/stats.py --device cuda --batch 256 --tokens 0      # on a GPU, the whole corpus
 
-Builds a mixed corpus (WikiText-2 raw, TinyStories, Alpaca records as chats through the chat template, documents
-interleaved) in a temporary folder, measures the plain forward (the whole model with its LM head, as a user would
-run it) over the first windows before and after the statistics run, runs `compute_stats` over `--tokens` tokens
-into the atlas folder (K extremes, 100 exemplars a side), and prints the ratio of tokens/s (medians of batches for
-the plain forward; the whole run, tokenisation and folding included, for stats), the peak RSS, and a few neurons'
-quantiles and top exemplars.
+Builds a mixed corpus (WikiText-2 raw valid + test, TinyStories, Alpaca records as chats through the chat template,
+documents interleaved) in a temporary folder, measures the plain forward (the whole model with its LM head, as a
+user would run it) over the first windows before and after the statistics run, runs `compute_stats` over `--tokens`
+tokens (0: all) into the atlas folder (K extremes, 100 exemplars a side), and prints the ratio of tokens/s (medians
+of batches for the plain forward; the whole loop, reading and tokenising the corpus and folding included, for
+stats), the ratio over the first 16K, 64K, 256K, 1M... tokens and over the second half of the run, the peak
+memory, and a few neurons' quantiles and top exemplars.
 """
 from __future__ import annotations
 
@@ -29,12 +31,13 @@ GGUF = SHARED / "models" / "smollm2-135m-instruct" / "SmolLM2-135M-Instruct.Q4_1
 CORPORA = SHARED / "corpora"
 
 
-def mixed_corpus(folder: Path) -> Path:
+def mixed_corpus(folder: Path, corpora: Path = CORPORA) -> Path:
     """One JSONL that interleaves web-style text (WikiText, TinyStories) and chat-style records (Alpaca)."""
     from neuronscope.stats.corpus import iter_documents
-    sources = [iter_documents(CORPORA / "wikitext-2-raw" / "wiki.valid.raw"),
-               iter_documents(CORPORA / "tinystories-sample" / "tinystories_sample.txt"),
-               iter_documents(CORPORA / "alpaca-subset" / "alpaca_data.json")]
+    wiki = itertools.chain(iter_documents(corpora / "wikitext-2-raw" / "wiki.valid.raw"),
+                           iter_documents(corpora / "wikitext-2-raw" / "wiki.test.raw"))
+    sources = [wiki, iter_documents(corpora / "tinystories-sample" / "tinystories_sample.txt"),
+               iter_documents(corpora / "alpaca-subset" / "alpaca_data.json")]
     out = folder / "mix.jsonl"
     with open(out, "w", encoding="utf-8") as f:
         for docs in itertools.zip_longest(*sources):
@@ -45,61 +48,103 @@ def mixed_corpus(folder: Path) -> Path:
     return out
 
 
+def sync(subject) -> None:
+    if subject.device.type == "cuda":
+        torch.cuda.synchronize(subject.device)
+
+
 def plain_forward_rates(subject, windows, batch: int) -> list[float]:
     rates = []
     for s in range(0, len(windows) - batch + 1, batch):
-        ids = torch.tensor([w.token_ids for w in windows[s:s + batch]])
+        ids = torch.tensor([w.token_ids for w in windows[s:s + batch]]).to(subject.device)
+        sync(subject)
         t = time.perf_counter()
         with torch.no_grad():
             subject.model(input_ids=ids)
+        sync(subject)
         rates.append(ids.numel() / (time.perf_counter() - t))
     return rates
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--tokens", type=int, default=32768)
+    ap.add_argument("--tokens", type=int, default=32768, help="tokens to process (0: the whole corpus)")
     ap.add_argument("--atlas", default="/tmp/atlas-smollm" if Path("/tmp/atlas-smollm").is_dir() else
                     "/tmp/ns-stats-smollm")
+    ap.add_argument("--model", default=str(GGUF))
+    ap.add_argument("--corpora", default=str(CORPORA))
+    ap.add_argument("--device", default="cpu")
     ap.add_argument("--k", type=int, default=10000)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--window", type=int, default=64)
-    ap.add_argument("--plain-windows", type=int, default=64)
+    ap.add_argument("--plain-batches", type=int, default=4, help="batches of plain forward before and after")
     ap.add_argument("--restart", action="store_true")
+    ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
     ap.add_argument("--interleaved", type=int, default=0, help="Only the interleaved measurement: this many "
                     "batches, each run as a plain forward and as a stats step (forward + fold), alternating.")
     args = ap.parse_args()
 
+    from neuronscope.stats import compute as compute_mod
     from neuronscope.stats import compute_stats
     from neuronscope.stats.corpus import iter_windows
     from neuronscope.subject import Subject
 
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, date {time.strftime('%Y-%m-%d %H:%M')}",
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, date {time.strftime('%Y-%m-%d %H:%M')}, "
+          f"device {args.device}" + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else ""),
           flush=True)
     tmp = Path(tempfile.mkdtemp(prefix="ns-bench-stats-"))
-    corpus = mixed_corpus(tmp)
+    corpus = mixed_corpus(tmp, Path(args.corpora))
     t = time.perf_counter()
-    subject = Subject.load(GGUF)
-    print(f"model loaded in {time.perf_counter() - t:.1f} s; rss {rss_mb():.0f} MB", flush=True)
-    windows = list(iter_windows(subject.tokenizer, [corpus], args.window, max_windows=args.plain_windows))
+    subject = Subject.load(args.model, device=args.device)
+    print(f"model loaded in {time.perf_counter() - t:.1f} s ({subject.model.dtype}); rss {rss_mb():.0f} MB", flush=True)
+    windows = list(iter_windows(subject.tokenizer, [corpus], args.window,
+                                max_windows=(args.plain_batches + 1) * args.batch))
 
     if args.interleaved:
         return interleaved(subject, corpus, args)
+    plain_forward_rates(subject, windows[:args.batch], args.batch)          # warm-up
     before = plain_forward_rates(subject, windows, args.batch)
     print(f"plain forward before: median {statistics.median(before):.1f} tok/s over {len(before)} batches",
           flush=True)
+    marks: list[float] = []
+
+    def mark(batch_no: int) -> None:
+        sync(subject)
+        marks.append(time.perf_counter())
+
+    compute_mod._after_batch = mark
     t = time.perf_counter()
-    st = compute_stats(subject, corpus, args.atlas, tokens=args.tokens, window=args.window, batch=args.batch,
-                       k=args.k, n_exemplars=100, progress=True, restart=args.restart, checkpoint_every=300)
+    st = compute_stats(subject, corpus, args.atlas, tokens=args.tokens or None, window=args.window,
+                       batch=args.batch, k=args.k, n_exemplars=100, progress=True, restart=args.restart,
+                       )
     wall = time.perf_counter() - t
     after = plain_forward_rates(subject, windows, args.batch)
     print(f"plain forward after: median {statistics.median(after):.1f} tok/s over {len(after)} batches", flush=True)
     plain = statistics.median(before + after)
     info = st.info
-    loop = info["tokens_per_s"]
-    print(f"stats: {info['tokens']:,} tokens, loop {info['seconds']:.1f} s ({loop:.1f} tok/s), "
-          f"end to end {wall:.1f} s ({info['tokens'] / wall:.1f} tok/s incl. writing results)", flush=True)
-    print(f"RATIO stats/plain = {loop / plain:.3f} (loop), {info['tokens'] / wall / plain:.3f} (end to end)")
+    loop = info["tokens"] / (marks[-1] - t)
+    per_batch = args.batch * args.window
+    res = {"device": args.device, "plain_tok_s": plain, "tokens": info["tokens"], "loop_s": marks[-1] - t,
+           "stats_tok_s": loop, "ratio": loop / plain, "end_to_end_s": wall, "k": args.k, "batch": args.batch,
+           "peak_rss_mb": rss_mb()}
+    print(f"stats: {info['tokens']:,} tokens, loop {marks[-1] - t:.1f} s ({loop:.1f} tok/s), end to end {wall:.1f} s "
+          f"(writing results included)", flush=True)
+    print(f"RATIO stats/plain = {loop / plain:.3f} over the whole run ({info['tokens']:,} tokens)")
+    n = 16384
+    while n <= len(marks) * per_batch:
+        b = n // per_batch
+        r = b * per_batch / (marks[b - 1] - t) / plain
+        res[f"ratio_first_{n}"] = r
+        print(f"  ratio over the first {n:>9,} tokens: {r:.3f}")
+        n *= 4
+    if len(marks) >= 4:
+        h = len(marks) // 2
+        r = (len(marks) - h) * per_batch / (marks[-1] - marks[h - 1]) / plain
+        res["ratio_second_half"] = r
+        print(f"  ratio over the second half of the run (batches {h + 1}-{len(marks)}): {r:.3f}")
+    if subject.device.type == "cuda":
+        res["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        print(f"peak GPU memory {res['peak_gpu_mb']:.0f} MB")
     print(f"peak RSS {rss_mb():.0f} MB; extremes state 2 x {subject.n_layers} x {subject.n_neurons} x "
           f"(K + slack) float32 = {2 * subject.n_layers * subject.n_neurons * (args.k + max(1024, args.k // 2)) * 4 / 2**20:.0f} MB")
     q_hi, q_lo = st.quantile(1 - 1e-5), st.quantile(1e-5)
@@ -114,6 +159,8 @@ def main() -> None:
             left = "".join(toks[max(0, p - 12):p]).replace("\n", " ")
             print(f"  {e['activation']:8.3f}  ...{left}[[{toks[p]}]]{''.join(toks[p + 1:p + 4])}...")
     print(f"\natlas folder: {args.atlas}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2))
 
 
 def interleaved(subject, corpus, args) -> None:

@@ -180,6 +180,35 @@ def test_resume_equals_an_uninterrupted_run(single, stories, corpus, tmp_path, m
     assert not (folder / ".stats-partial").exists()
 
 
+def test_torch_fold_of_all_layers_at_once_and_its_checkpoint_equal_the_single_run(single, stories, corpus, tmp_path,
+                                                                                   monkeypatch):
+    """The fold a GPU runs (torch, all layers in one state), here on the CPU; interrupted, then resumed by the
+    default (numba, layer by layer) fold from the same per-layer checkpoint."""
+    folder = tmp_path / "torch"
+
+    def stop(batch_no):
+        if batch_no == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(compute_mod, "_after_batch", stop)
+    with pytest.raises(KeyboardInterrupt):
+        compute_stats(stories, corpus, folder, window=WINDOW, k=K, n_exemplars=E, batch=5, progress=False,
+                      checkpoint_every=0, fold="torch")
+    monkeypatch.setattr(compute_mod, "_after_batch", lambda b: None)
+    resumed = compute_stats(stories, corpus, folder, window=WINDOW, k=K, n_exemplars=E, batch=5, progress=False)
+    full = compute_stats(stories, corpus, tmp_path / "torch-full", window=WINDOW, k=K, n_exemplars=E, batch=5,
+                         progress=False, fold="torch")
+    for st in (resumed, full):
+        for name in ("quantiles", "ex_pos_value", "ex_pos_index", "ex_neg_value", "ex_neg_index", "count"):
+            assert torch.equal(st._a[name], single._a[name]), name
+        for l in range(stories.n_layers):
+            assert all(torch.equal(a, b) for a, b in zip(st.extremes(l), single.extremes(l)))
+        assert torch.allclose(st.mean, single.mean, rtol=1e-5, atol=1e-6)
+        assert torch.allclose(st.var, single.var, rtol=1e-5, atol=1e-6)
+    with pytest.raises(NeuronscopeError, match="fold"):
+        compute_stats(stories, corpus, tmp_path / "bad", window=WINDOW, k=K, fold="fast", progress=False)
+
+
 def test_formats_and_bad_input(stories, tmp_path):
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq

@@ -7,10 +7,12 @@ results are written (see results.py) and the checkpoint is removed.
 """
 from __future__ import annotations
 
+import queue
 import shutil
+import threading
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Generator, Iterator, Sequence
 
 import torch
 
@@ -45,10 +47,23 @@ def _settings(subject, paths, window, tokens, batch, k, n_exemplars, shard, chat
     }
 
 
-def _forward_neurons(subject, base, ids: torch.Tensor) -> list[torch.Tensor]:
+def fold_device(subject, k: int, n_exemplars: int, state_device: str | None = None) -> torch.device:
+    """Where the running extremes live and are folded: the model's GPU when they fit in half its free memory
+    (all layers folded at once by the torch fold), else the CPU (the numba fold, layer by layer)."""
+    if state_device not in (None, "auto"):
+        return torch.device(state_device)
+    dev = subject.device
+    if dev.type != "cuda":
+        return torch.device("cpu")
+    need = LayerExtremes.state_bytes(subject.n_layers * subject.n_neurons, k, n_exemplars)
+    free, _ = torch.cuda.mem_get_info(dev)
+    return dev if need <= free // 2 else torch.device("cpu")
+
+
+def _forward_neurons(subject, base, ids: torch.Tensor, to_cpu: bool | None = None) -> list[torch.Tensor]:
     """One forward of the decoder stack (no LM head); returns each layer's neuron activations [B*T, N]."""
     from ..interventions import Capture, intervene
-    cap = Capture(layers=None, sites=("neurons",), to_cpu=subject.device.type != "cpu")
+    cap = Capture(layers=None, sites=("neurons",), to_cpu=subject.device.type != "cpu" if to_cpu is None else to_cpu)
     with intervene(subject, cap), torch.no_grad():
         base(input_ids=ids.to(subject.device), use_cache=False)
     return [cap.get("neurons", l).reshape(-1, subject.n_neurons) for l in range(subject.n_layers)]
@@ -57,7 +72,8 @@ def _forward_neurons(subject, base, ids: torch.Tensor) -> list[torch.Tensor]:
 def compute_stats(subject, corpus, atlas_dir, *, tokens: int | None = None, window: int = 64,
                   batch: int | None = None, k: int = 10000, n_exemplars: int = 100,
                   shard: str | tuple[int, int] | None = None, chat: bool = False, progress: bool = True,
-                  checkpoint_every: float = 120.0, restart: bool = False) -> NeuronStats:
+                  checkpoint_every: float = 600.0, restart: bool = False,
+                  state_device: str | None = None, fold: str | None = None) -> NeuronStats:
     """Per-neuron count, mean, variance, top/bottom-K values, quantiles and exemplars over a corpus.
 
     corpus: a file or list of files (see corpus.py for formats). tokens: stop after this many tokens (whole windows;
@@ -66,6 +82,9 @@ def compute_stats(subject, corpus, atlas_dir, *, tokens: int | None = None, wind
     side. shard: 'i/n' to process windows w with w % n == i (merge the shards with `merge_shards`). chat: also put
     plain-text documents through the chat template as user turns (chat-format records always go through it).
     checkpoint_every: seconds between checkpoints (0: after every batch). restart: discard a partial run.
+    state_device: where the running extremes live ("cpu", "cuda", ...; default: the model's GPU when they fit in
+    half its free memory, else the CPU). fold: "numba" (CPU state, one layer at a time, the default there) or
+    "torch" (all layers at once, the default on a GPU). The result does not depend on either.
     """
     paths = check_corpus(corpus)
     shard = parse_shard(shard)
@@ -87,7 +106,15 @@ def compute_stats(subject, corpus, atlas_dir, *, tokens: int | None = None, wind
     _model_section(folder, subject)
 
     L, N = subject.n_layers, subject.n_neurons
-    layers = [LayerExtremes(N, k, n_exemplars) for _ in range(L)]
+    fdev = fold_device(subject, k, n_exemplars, state_device)
+    if fold not in (None, "numba", "torch") or (fold == "numba" and fdev.type != "cpu"):
+        raise NeuronscopeError(f"fold must be 'torch', or 'numba' with the state on the CPU; got {fold!r}.")
+    if (fold or ("numba" if fdev.type == "cpu" else "torch")) == "numba":   # one layer at a time
+        groups = [LayerExtremes(N, k, n_exemplars) for _ in range(L)]
+        layers = groups
+    else:                       # the torch fold, all layers at once
+        groups = [LayerExtremes(L * N, k, n_exemplars, device=fdev, fold="torch")]
+        layers = groups[0].split(L)
     partial = folder / PARTIAL
     done_batches, done_windows = 0, 0
     elapsed_before = 0.0
@@ -101,6 +128,9 @@ def compute_stats(subject, corpus, atlas_dir, *, tokens: int | None = None, wind
         tensors = store.load_tensors(partial / "state.safetensors")
         for l, st in enumerate(layers):
             st.load_state(tensors, f"{l}.")
+        for g in groups:
+            g.count = layers[0].count
+            g._heaps = False
         done_batches, done_windows = prev["batches"], prev["windows"]
         elapsed_before = prev.get("seconds", 0.0)
 
@@ -118,7 +148,8 @@ def compute_stats(subject, corpus, atlas_dir, *, tokens: int | None = None, wind
 
     def save_checkpoint(batches: int, windows: int, seconds: float) -> None:
         state: dict[str, torch.Tensor] = {}
-        for l, st in enumerate(layers):
+        views = layers if len(groups) == L else groups[0].split(L)
+        for l, st in enumerate(views):
             state.update(st.state(f"{l}."))
         partial.mkdir(exist_ok=True)
         store.save_tensors(partial / "state.safetensors", state)
@@ -128,16 +159,18 @@ def compute_stats(subject, corpus, atlas_dir, *, tokens: int | None = None, wind
     t0 = time.perf_counter()
     last_ckpt = t0
     batch_no, processed = 0, 0
-    pending: list[Window] = []
 
     def run_batch(ws: list[Window]) -> None:
         nonlocal processed, last_ckpt
         ids = torch.tensor([w.token_ids for w in ws], dtype=torch.long)
         index = (torch.tensor([w.index for w in ws], dtype=torch.int64).unsqueeze(1) * window
                  + torch.arange(window, dtype=torch.int64)).reshape(-1)
-        acts = _forward_neurons(subject, base, ids)
-        for st, a in zip(layers, acts):
-            st.add(a, index)
+        acts = _forward_neurons(subject, base, ids, to_cpu=fdev.type == "cpu" and subject.device.type != "cpu")
+        if len(groups) == 1 and L > 1:
+            groups[0].add(torch.cat(acts, dim=1), index)
+        else:
+            for st, a in zip(groups, acts):
+                st.add(a, index)
         processed += len(ws)
         now = time.perf_counter()
         if now - last_ckpt >= checkpoint_every:
@@ -147,22 +180,16 @@ def compute_stats(subject, corpus, atlas_dir, *, tokens: int | None = None, wind
             bar.update(len(ws) * window)
         _after_batch(batch_no)
 
+    stream = (w for w in iter_windows(subject.tokenizer, paths, window, chat=chat, max_windows=max_windows)
+              if shard_of(w.index, shard))
+    batches = _prefetched(_batched(stream, batch))
     try:
-        stream = (w for w in iter_windows(subject.tokenizer, paths, window, chat=chat, max_windows=max_windows)
-                  if shard_of(w.index, shard))
-        for w in stream:
-            pending.append(w)
-            if len(pending) < batch:
-                continue
+        for ws in batches:
             batch_no += 1
             if batch_no > done_batches:
-                run_batch(pending)
-            pending = []
-        if pending:
-            batch_no += 1
-            if batch_no > done_batches:
-                run_batch(pending)
+                run_batch(ws)
     finally:
+        batches.close()
         if bar is not None:
             bar.close()
     n_windows = done_windows + processed
@@ -171,7 +198,60 @@ def compute_stats(subject, corpus, atlas_dir, *, tokens: int | None = None, wind
         raise NeuronscopeError(f"The corpus gave no complete window of {window} tokens"
                                + (f" for shard {shard[0]}/{shard[1]}" if shard else "") + "; give more text or a "
                                "smaller --window.")
+    if len(groups) != L:
+        layers = [v.to("cpu") for v in groups[0].split(L)]
     return finish(subject, folder, layers, settings, paths, n_windows, seconds, window, chat, max_windows)
+
+
+def _batched(stream: Iterator[Window], batch: int) -> Iterator[list[Window]]:
+    pending: list[Window] = []
+    for w in stream:
+        pending.append(w)
+        if len(pending) == batch:
+            yield pending
+            pending = []
+    if pending:
+        yield pending
+
+
+def _prefetched(batches: Iterator[list[Window]], depth: int = 4) -> Generator[list[Window], None, None]:
+    """Read and tokenise the next batches in a thread while the model runs (the tokenizer releases the GIL), so a
+    fast GPU does not wait for the corpus. Errors in the reader are raised here; closing stops the reader."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def reader() -> None:
+        try:
+            for b in batches:
+                if not put(b):
+                    return
+            put(done)
+        except BaseException as e:      # handed to the consumer
+            put(e)
+
+    th = threading.Thread(target=reader, name="neuronscope-corpus", daemon=True)
+    th.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        th.join(timeout=5)
 
 
 def finish(subject, folder: Path, layers: Sequence[LayerExtremes], settings: dict[str, Any], paths, n_windows: int,

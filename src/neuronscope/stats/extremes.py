@@ -1,6 +1,6 @@
 """Running per-neuron extremes: exact top-K / bottom-K values, top-E exemplar positions, count, mean and variance.
 
-One `LayerExtremes` per layer holds, for its N neurons:
+One `LayerExtremes` holds, for its rows (the neurons of one layer, or of all layers at once on a GPU):
 - `top` [N, K] and `bot` [N, K] float32: the K largest values and the K largest of the negated values (so the K
   smallest), in no particular order while running (padding -inf when fewer than K were seen);
 - `ex_top` / `ex_bot` [N, E] int64 *keys*: a key packs a float32 value (as an order-preserving int32) in the high
@@ -8,10 +8,13 @@ One `LayerExtremes` per layer holds, for its N neurons:
   index first), and a top-E of keys is one exact, deterministic answer whatever the batch or shard order;
 - count, mean and M2 (sum of squared deviations) in float64, merged per batch with Chan's formula.
 
-New activations are buffered and folded in chunks of about 2048 tokens. The values go into a `TopBuffer` with slack:
-a value is appended only if it beats the row's threshold (the K-th largest at the last compaction), and a row is
-compacted back to K (one top-k) only when its slack is full, so after the first K tokens the cost per token is a
-comparison; exemplar keys use the same threshold idea with a small top-k per chunk.
+Values go into a `TopBuffer` with slack: a value is appended only if it beats the row's threshold (the K-th largest
+at the row's last compaction, a lower bound of the final K-th largest), and a row is compacted back to its K largest
+only when its slack is full, so after the first K values few enter and the cost per activation is a comparison.
+
+Two folds implement this, with the same state layout: on a CPU, `fold_cpu.fold` (numba) does everything for a batch
+in one pass over the activations; on other devices (a GPU) the torch fold below works on whole tensors, folding all
+layers at once. A state saved by one can be continued by the other.
 """
 from __future__ import annotations
 
@@ -61,11 +64,11 @@ class TopBuffer:
     K largest (one top-k over that row only).
     """
 
-    def __init__(self, n: int, k: int, slack: int):
+    def __init__(self, n: int, k: int, slack: int, device: torch.device | str = "cpu"):
         self.k, self.cap = k, k + max(1, slack)
-        self.buf = torch.full((n, self.cap), float("-inf"))
-        self.fill = torch.zeros(n, dtype=torch.int64)
-        self.thr = torch.full((n,), float("-inf"))
+        self.buf = torch.full((n, self.cap), float("-inf"), device=device)
+        self.fill = torch.zeros(n, dtype=torch.int64, device=device)
+        self.thr = torch.full((n,), float("-inf"), device=device)
 
     def _compact(self, rows: torch.Tensor) -> None:
         sub = self.buf.index_select(0, rows)
@@ -106,8 +109,9 @@ class TopBuffer:
                 cnt[r2] = 0
         if not bool(cnt.any()):
             return
-        rr, cc = mask.nonzero(as_tuple=True)
-        slot = (mask.cumsum(dim=1) - 1)[rr, cc] + self.fill[rr]
+        rr, cc = mask.nonzero(as_tuple=True)                  # row-major: each row's entries are consecutive
+        start = torch.cumsum(cnt, 0) - cnt
+        slot = torch.arange(rr.numel(), device=rr.device) - start[rr] + self.fill[rr]
         self.buf[rr, slot] = new[rr, cc]
         self.fill += cnt
 
@@ -119,19 +123,29 @@ class TopBuffer:
 
     def set_values(self, vals: torch.Tensor) -> None:
         """Start from these K values per row (a finished run's extremes)."""
+        vals = vals.to(self.buf.device)
         self.buf[:, :self.k] = torch.sort(vals, dim=1, descending=True).values
         self.buf[:, self.k:] = float("-inf")
-        self.fill = (vals > float("-inf")).sum(dim=1)
+        self.fill.copy_((vals > float("-inf")).sum(dim=1))
         full = self.fill >= self.k
-        self.thr = torch.where(full, vals.min(dim=1).values, torch.full_like(self.thr, float("-inf")))
+        self.thr.copy_(torch.where(full, vals.min(dim=1).values, torch.full_like(self.thr, float("-inf"))))
 
     def state(self, prefix: str) -> dict[str, torch.Tensor]:
         return {f"{prefix}buf": self.buf, f"{prefix}fill": self.fill, f"{prefix}thr": self.thr}
 
     def load_state(self, t: dict[str, torch.Tensor], prefix: str) -> None:
+        """Copy a saved state in place (so that views of a larger buffer are filled too)."""
         if t[f"{prefix}buf"].shape != self.buf.shape:
             raise ValueError("checkpoint buffer shape differs")
-        self.buf, self.fill, self.thr = (t[f"{prefix}{n}"].clone() for n in ("buf", "fill", "thr"))
+        for n in ("buf", "fill", "thr"):
+            getattr(self, n).copy_(t[f"{prefix}{n}"])
+
+    def rows(self, start: int, n: int) -> "TopBuffer":
+        """A view of rows [start, start + n) that shares this buffer's memory."""
+        v = TopBuffer.__new__(TopBuffer)
+        v.k, v.cap = self.k, self.cap
+        v.buf, v.fill, v.thr = (t.narrow(0, start, n) for t in (self.buf, self.fill, self.thr))
+        return v
 
 
 def _fold_keys(state: torch.Tensor, new: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -142,7 +156,7 @@ def _fold_keys(state: torch.Tensor, new: torch.Tensor, index: torch.Tensor) -> t
     """
     e, c = state.shape[1], new.shape[1]
     thr_key = state.min(dim=1).values
-    thr = torch.where(thr_key == PAD_KEY, torch.full(thr_key.shape, float("-inf")),
+    thr = torch.where(thr_key == PAD_KEY, torch.full(thr_key.shape, float("-inf"), device=state.device),
                       from_ordered_int(thr_key >> 32))
     if c > e:
         vals, pos = torch.topk(new, e, dim=1, sorted=False)
@@ -166,33 +180,80 @@ def _fold_keys(state: torch.Tensor, new: torch.Tensor, index: torch.Tensor) -> t
     return torch.topk(torch.cat([state, keys], dim=1), e, dim=1, sorted=False).values
 
 
-class LayerExtremes:
-    """The running statistics of one layer's neurons (see the module docstring)."""
+def _default_slack(k: int) -> int:
+    return max(1024, k // 2)
 
-    def __init__(self, n_neurons: int, k: int, n_exemplars: int, chunk: int | None = None,
-                 slack: int | None = None):
+
+class LayerExtremes:
+    """The running statistics of a set of neurons (rows); see the module docstring.
+
+    device: where the state lives and the fold runs. fold: "numba" (CPU only) or "torch"; default numba on a CPU.
+    """
+
+    def __init__(self, n_neurons: int, k: int, n_exemplars: int, slack: int | None = None,
+                 device: torch.device | str = "cpu", fold: str | None = None):
         self.n, self.k, self.e = n_neurons, k, n_exemplars
-        slack = max(1024, k // 2) if slack is None else slack
-        self._top = TopBuffer(n_neurons, k, slack)
-        self._bot = TopBuffer(n_neurons, k, slack)
-        self.ex_top = torch.full((n_neurons, n_exemplars), PAD_KEY, dtype=torch.int64)
-        self.ex_bot = torch.full((n_neurons, n_exemplars), PAD_KEY, dtype=torch.int64)
+        self.device = torch.device(device)
+        self.fold = fold or ("numba" if self.device.type == "cpu" else "torch")
+        if self.fold not in ("numba", "torch") or (self.fold == "numba" and self.device.type != "cpu"):
+            raise ValueError(f"fold must be 'torch', or 'numba' on a CPU; got {fold!r} on {self.device}")
+        slack = _default_slack(k) if slack is None else slack
+        self._top = TopBuffer(n_neurons, k, slack, self.device)
+        self._bot = TopBuffer(n_neurons, k, slack, self.device)
+        self._ex_top = torch.full((n_neurons, n_exemplars), PAD_KEY, dtype=torch.int64, device=self.device)
+        self._ex_bot = torch.full((n_neurons, n_exemplars), PAD_KEY, dtype=torch.int64, device=self.device)
+        self._heaps = True          # ex_top / ex_bot rows are min-heaps (what the CPU fold needs)
         self.count = 0
-        self.mean = torch.zeros(n_neurons, dtype=torch.float64)
-        self.m2 = torch.zeros(n_neurons, dtype=torch.float64)
-        self.chunk = chunk or 2048
-        self._pending: list[torch.Tensor] = []
-        self._pending_idx: list[torch.Tensor] = []
-        self._pending_n = 0
+        self.mean = torch.zeros(n_neurons, dtype=torch.float64, device=self.device)
+        self.m2 = torch.zeros(n_neurons, dtype=torch.float64, device=self.device)
+
+    @staticmethod
+    def state_bytes(n_neurons: int, k: int, n_exemplars: int, slack: int | None = None) -> int:
+        """Memory the state of n_neurons rows takes."""
+        slack = _default_slack(k) if slack is None else slack
+        return n_neurons * (2 * (k + slack) * 4 + 2 * n_exemplars * 8 + 2 * 8 + 2 * 12)
+
+    # ---- exemplar keys ---------------------------------------------------------------------------------------
+    @property
+    def ex_top(self) -> torch.Tensor:
+        return self._ex_top
+
+    @ex_top.setter
+    def ex_top(self, keys: torch.Tensor) -> None:
+        self._ex_top = keys.to(self.device)
+        self._heaps = False
+
+    @property
+    def ex_bot(self) -> torch.Tensor:
+        return self._ex_bot
+
+    @ex_bot.setter
+    def ex_bot(self, keys: torch.Tensor) -> None:
+        self._ex_bot = keys.to(self.device)
+        self._heaps = False
+
+    def _make_heaps(self) -> None:
+        if not self._heaps:         # an ascending row is a min-heap
+            self._ex_top.copy_(torch.sort(self._ex_top, dim=1).values)
+            self._ex_bot.copy_(torch.sort(self._ex_bot, dim=1).values)
+            self._heaps = True
 
     # ---- updates ----------------------------------------------------------------------------------------
     def add(self, acts: torch.Tensor, index: torch.Tensor) -> None:
-        """acts [T, N] float32 at global token indices `index` [T] (int64)."""
-        acts = acts.detach().to("cpu", torch.float32)
-        nb = acts.shape[0]
-        vb, mb = torch.var_mean(acts, dim=0, correction=0)
-        mb = mb.double()
-        m2b = vb.double() * nb
+        """Fold in acts [T, N] (any float dtype; compared as float32) at global token indices `index` [T]."""
+        acts = acts.detach().to(self.device, torch.float32)
+        index = index.to(self.device, torch.int64)
+        if acts.ndim != 2 or acts.shape[1] != self.n or index.shape != (acts.shape[0],):
+            raise ValueError(f"expected activations [T, {self.n}] and indices [T], got {tuple(acts.shape)} and "
+                             f"{tuple(index.shape)}")
+        if acts.shape[0] == 0:
+            return
+        if self.fold == "numba":
+            self._add_cpu(acts.contiguous(), index)
+        else:
+            self._add_torch(acts, index)
+
+    def _merge_moments(self, nb: int, mb: torch.Tensor, m2b: torch.Tensor) -> None:
         if self.count == 0:
             self.mean, self.m2 = mb, m2b
         else:
@@ -201,28 +262,41 @@ class LayerExtremes:
             self.mean = self.mean + delta * (nb / n)
             self.m2 = self.m2 + m2b + delta * delta * (self.count * nb / n)
         self.count += nb
-        self._pending.append(acts)
-        self._pending_idx.append(index.to("cpu", torch.int64))
-        self._pending_n += nb
-        if self._pending_n >= self.chunk:
-            self.flush()
+
+    def _add_cpu(self, acts: torch.Tensor, index: torch.Tensor) -> None:
+        from .fold_cpu import fold
+        self._make_heaps()
+        nb = acts.shape[0]
+        shift = self.mean if self.count else acts[0].double()
+        s1 = torch.empty(self.n, dtype=torch.float64)
+        s2 = torch.empty(self.n, dtype=torch.float64)
+        a = acts.numpy()
+        fold(a, a.view("int32"), ((LOW - 1) - index).numpy(), shift.contiguous().numpy(),
+             self._top.buf.numpy(), self._top.fill.numpy(), self._top.thr.numpy(),
+             self._bot.buf.numpy(), self._bot.fill.numpy(), self._bot.thr.numpy(),
+             self._ex_top.numpy(), self._ex_bot.numpy(), s1.numpy(), s2.numpy(), self.k)
+        mb = shift + s1 / nb
+        m2b = (s2 - s1 * s1 / nb).clamp_min(0.0)
+        self._merge_moments(nb, mb, m2b)
+
+    def _add_torch(self, acts: torch.Tensor, index: torch.Tensor) -> None:
+        nb = acts.shape[0]
+        vb, mb = torch.var_mean(acts, dim=0, correction=0)
+        self._merge_moments(nb, mb.double(), vb.double() * nb)
+        p = acts.t().contiguous()                               # [N, T]
+        self._top.add(p)
+        self._ex_top = _fold_keys(self._ex_top, p, index)
+        p = torch.neg(p)                                        # never in place: p may be a view of acts
+        self._bot.add(p)
+        self._ex_bot = _fold_keys(self._ex_bot, p, index)
+        self._heaps = False
 
     def flush(self) -> None:
-        if not self._pending:
-            return
-        p = torch.cat(self._pending).t().contiguous()          # [N, C]
-        idx = torch.cat(self._pending_idx)
-        self._pending, self._pending_idx, self._pending_n = [], [], 0
-        neg = -p
-        self._top.add(p)
-        self._bot.add(neg)
-        self.ex_top = _fold_keys(self.ex_top, p, idx)
-        self.ex_bot = _fold_keys(self.ex_bot, neg, idx)
+        """Nothing is buffered between batches (kept for callers of the earlier, chunked fold)."""
 
     @property
     def top(self) -> torch.Tensor:
         """The K largest values so far, unordered [N, K]."""
-        self.flush()
         return self._top.values()
 
     @top.setter
@@ -232,7 +306,6 @@ class LayerExtremes:
     @property
     def bot(self) -> torch.Tensor:
         """The K largest negated values (the K smallest, negated), unordered [N, K]."""
-        self.flush()
         return self._bot.values()
 
     @bot.setter
@@ -242,47 +315,68 @@ class LayerExtremes:
     # ---- results ----------------------------------------------------------------------------------------
     def sorted_top(self) -> torch.Tensor:
         """The K largest values, descending [N, K] (-inf padding at the end when fewer were seen)."""
-        self.flush()
         return torch.sort(self.top, dim=1, descending=True).values
 
     def sorted_bottom(self) -> torch.Tensor:
         """The K smallest values, ascending [N, K] (+inf padding at the end)."""
-        self.flush()
         return -torch.sort(self.bot, dim=1, descending=True).values
 
     def var(self) -> torch.Tensor:
         """Population variance (float64)."""
         return self.m2 / max(self.count, 1)
 
+    # ---- views and devices ----------------------------------------------------------------------------------
+    def rows(self, start: int, n: int) -> "LayerExtremes":
+        """A view of rows [start, start + n) sharing this state's memory (for per-layer checkpoints and results)."""
+        v = LayerExtremes.__new__(LayerExtremes)
+        v.n, v.k, v.e, v.device, v._heaps, v.count = n, self.k, self.e, self.device, self._heaps, self.count
+        v.fold = self.fold
+        v._top, v._bot = self._top.rows(start, n), self._bot.rows(start, n)
+        v._ex_top, v._ex_bot, v.mean, v.m2 = (t.narrow(0, start, n) for t in
+                                              (self._ex_top, self._ex_bot, self.mean, self.m2))
+        return v
+
+    def split(self, parts: int) -> list["LayerExtremes"]:
+        """Equal row views (all layers folded at once -> one view per layer)."""
+        if self.n % parts:
+            raise ValueError(f"{self.n} rows do not split into {parts} equal parts")
+        m = self.n // parts
+        return [self.rows(i * m, m) for i in range(parts)]
+
+    def to(self, device: torch.device | str) -> "LayerExtremes":
+        """A copy of this state on another device."""
+        out = LayerExtremes(self.n, self.k, self.e, slack=self._top.cap - self.k, device=device)
+        out.load_state(self.state(""), "")
+        return out
+
     # ---- (de)serialisation --------------------------------------------------------------------------------
     def state(self, prefix: str) -> dict[str, torch.Tensor]:
-        self.flush()
-        return {**self._top.state(f"{prefix}top."), **self._bot.state(f"{prefix}bot."), f"{prefix}ex_top": self.ex_top,
-                f"{prefix}ex_bot": self.ex_bot, f"{prefix}mean": self.mean, f"{prefix}m2": self.m2,
-                f"{prefix}count": torch.tensor([self.count], dtype=torch.int64)}
+        """The whole running state as CPU tensors (a checkpoint)."""
+        out = {**self._top.state(f"{prefix}top."), **self._bot.state(f"{prefix}bot."), f"{prefix}ex_top": self._ex_top,
+               f"{prefix}ex_bot": self._ex_bot, f"{prefix}mean": self.mean, f"{prefix}m2": self.m2,
+               f"{prefix}count": torch.tensor([self.count], dtype=torch.int64)}
+        return {k: v.cpu() for k, v in out.items()}
 
     def load_state(self, tensors: dict[str, torch.Tensor], prefix: str) -> None:
+        """Load a checkpoint in place (into views too)."""
         self._top.load_state(tensors, f"{prefix}top.")
         self._bot.load_state(tensors, f"{prefix}bot.")
-        self.ex_top, self.ex_bot = tensors[f"{prefix}ex_top"].clone(), tensors[f"{prefix}ex_bot"].clone()
-        self.mean, self.m2 = tensors[f"{prefix}mean"].clone(), tensors[f"{prefix}m2"].clone()
+        for name in ("ex_top", "ex_bot", "mean", "m2"):
+            src = tensors[f"{prefix}{name}"]
+            dst = getattr(self, name)
+            if src.shape != dst.shape:
+                raise ValueError("checkpoint shape differs")
+            dst.copy_(src)
+        self._heaps = False
         self.count = int(tensors[f"{prefix}count"][0])
 
     def merge(self, other: "LayerExtremes") -> None:
-        """Fold another run's statistics of the same layer into this one (exact for extremes and exemplars)."""
-        self.flush()
-        other.flush()
+        """Fold another run's statistics of the same rows into this one (exact for extremes and exemplars)."""
         k, e = self.k, self.e
-        self.top = torch.topk(torch.cat([self.top, other.top], 1), k, dim=1, sorted=False).values
-        self.bot = torch.topk(torch.cat([self.bot, other.bot], 1), k, dim=1, sorted=False).values
-        self.ex_top = torch.topk(torch.cat([self.ex_top, other.ex_top], 1), e, dim=1, sorted=False).values
-        self.ex_bot = torch.topk(torch.cat([self.ex_bot, other.ex_bot], 1), e, dim=1, sorted=False).values
+        dev = self.device
+        self.top = torch.topk(torch.cat([self.top, other.top.to(dev)], 1), k, dim=1, sorted=False).values
+        self.bot = torch.topk(torch.cat([self.bot, other.bot.to(dev)], 1), k, dim=1, sorted=False).values
+        self.ex_top = torch.topk(torch.cat([self.ex_top, other.ex_top.to(dev)], 1), e, dim=1, sorted=False).values
+        self.ex_bot = torch.topk(torch.cat([self.ex_bot, other.ex_bot.to(dev)], 1), e, dim=1, sorted=False).values
         if other.count:
-            if self.count == 0:
-                self.mean, self.m2 = other.mean.clone(), other.m2.clone()
-            else:
-                n = self.count + other.count
-                delta = other.mean - self.mean
-                self.mean = self.mean + delta * (other.count / n)
-                self.m2 = self.m2 + other.m2 + delta * delta * (self.count * other.count / n)
-            self.count += other.count
+            self._merge_moments(other.count, other.mean.to(dev).clone(), other.m2.to(dev).clone())

@@ -1,0 +1,166 @@
+"""The CPU fold of one batch of activations into the running extremes: a single pass, compiled with numba.
+
+torch has no "append the values above this row's threshold" primitive, so on a CPU the torch fold (extremes.py)
+spends most of its time in masks, index lists, scatters and transposes over the whole batch. This kernel reads each
+activation once and, per neuron (row), in that one pass:
+
+- adds it to shifted float64 sums (batch mean and sum of squared deviations, merged outside with Chan's formula);
+- appends it to the row's top buffer if it beats the row's threshold (the K-th largest at the last compaction), and
+  compacts the row back to its K largest (a partition) when the buffer is full; the same for the negated value and
+  the bottom buffer;
+- pushes its exemplar key into the row's top-E min-heap when the key beats the heap's root (and the same for the
+  negated value).
+
+Rows are split into blocks handled by separate threads (`prange`), so every row is folded by one thread, in token
+order: the result does not depend on the number of threads. The buffers' layout and meaning are the same as the
+torch fold's (extremes.TopBuffer), so a state can move between the two.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+LOW = np.int64(1) << np.int64(32)
+PAD = np.iinfo(np.int64).min
+BLOCK = 64          # rows per task: their buffers' write positions stay in cache while the tokens stream by
+
+
+@njit(cache=True, inline="always")
+def _ordered(bits):
+    """int32 bits of a float32 -> an int64 that sorts like the float."""
+    b = np.int64(bits)
+    if b < 0:
+        b = b ^ 0x7FFFFFFF
+    return b
+
+
+@njit(cache=True, inline="always")
+def _ordered_negated(bits):
+    """_ordered of the float whose sign is flipped (int32 bits with the sign bit flipped, in int64 arithmetic)."""
+    b = np.int64(bits)
+    b = b - 2147483648 if b >= 0 else b + 2147483648
+    if b < 0:
+        b = b ^ 0x7FFFFFFF
+    return b
+
+
+@njit(cache=True)
+def _compact(buf, fill, thr, r, k):
+    """Keep the k largest values of row r (unordered) at the front; the rest -inf; threshold = the k-th largest."""
+    cap = buf.shape[1]
+    p = np.partition(buf[r], cap - k)
+    for j in range(k):
+        buf[r, j] = p[cap - k + j]
+    for j in range(k, cap):
+        buf[r, j] = -np.inf
+    fill[r] = k
+    thr[r] = p[cap - k]
+
+
+@njit(cache=True, inline="always")
+def _heap_push(heap, r, key):
+    """Replace the root of row r's min-heap of keys with `key` (> root) and restore the heap."""
+    e = heap.shape[1]
+    i = 0
+    while True:
+        c = 2 * i + 1
+        if c >= e:
+            break
+        if c + 1 < e and heap[r, c + 1] < heap[r, c]:
+            c += 1
+        if heap[r, c] < key:
+            heap[r, i] = heap[r, c]
+            i = c
+        else:
+            break
+    heap[r, i] = key
+
+
+@njit(cache=True, inline="always")
+def _key_floor(heap, r, tmp, tmpf):
+    """A float32 that no value whose key can enter row r's heap is below: the root's value (-inf if padding)."""
+    root = heap[r, 0]
+    if root == PAD:
+        return -np.inf
+    o = root >> 32
+    if o < 0:
+        o = o ^ 0x7FFFFFFF
+    tmp[0] = np.int32(o)
+    return tmpf[0]
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def fold(acts, bits, low, shift, tbuf, tfill, tthr, bbuf, bfill, bthr, extop, exbot, s1, s2, k):
+    """Fold acts [T, R] float32 (bits: the same memory as int32) at token keys `low` [T] (2**32 - 1 - index).
+
+    shift [R] float64: subtracted before summing; s1, s2 [R] float64 receive sum(d) and sum(d*d), d = a - shift.
+    tbuf/bbuf [R, cap], tfill/bfill [R] int64, tthr/bthr [R] float32: top buffers of the values and of the
+    negated values. extop/exbot [R, E] int64: min-heaps of exemplar keys.
+
+    Each block of rows keeps two float gates per row: `up` (no value below it can enter the top buffer or the top
+    exemplars) and `dn` (the same for the bottom side, on the values themselves). The inner loop over a token's
+    rows only sums and tests the gates, so it vectorises; the exact updates run for tokens that pass a gate.
+    """
+    t_n, r_n = acts.shape
+    cap = tbuf.shape[1]
+    n_blocks = (r_n + BLOCK - 1) // BLOCK
+    for b in prange(n_blocks):
+        r0 = b * BLOCK
+        w = min(r_n, r0 + BLOCK) - r0
+        ls1 = np.zeros(BLOCK, np.float64)
+        ls2 = np.zeros(BLOCK, np.float64)
+        sh = np.empty(BLOCK, np.float64)
+        up = np.empty(BLOCK, np.float32)
+        dn = np.empty(BLOCK, np.float32)
+        tmp = np.empty(1, np.int32)
+        tmpf = tmp.view(np.float32)
+        for j in range(w):
+            r = r0 + j
+            sh[j] = shift[r]
+            up[j] = min(tthr[r], _key_floor(extop, r, tmp, tmpf))
+            dn[j] = -min(bthr[r], _key_floor(exbot, r, tmp, tmpf))
+        for t in range(t_n):
+            row = acts[t, r0:r0 + w]
+            hit = False
+            for j in range(w):
+                v = row[j]
+                d = np.float64(v) - sh[j]
+                ls1[j] += d
+                ls2[j] += d * d
+                hit |= (v >= up[j]) | (v <= dn[j])
+            if not hit:
+                continue
+            lo = low[t]
+            for j in range(w):
+                v = row[j]
+                if not ((v >= up[j]) | (v <= dn[j])):
+                    continue
+                r = r0 + j
+                if v > tthr[r]:
+                    if tfill[r] == cap:
+                        _compact(tbuf, tfill, tthr, r, k)
+                    if v > tthr[r]:
+                        tbuf[r, tfill[r]] = v
+                        tfill[r] += 1
+                nv = -v
+                if nv > bthr[r]:
+                    if bfill[r] == cap:
+                        _compact(bbuf, bfill, bthr, r, k)
+                    if nv > bthr[r]:
+                        bbuf[r, bfill[r]] = nv
+                        bfill[r] += 1
+                o = _ordered(bits[t, r])
+                if o >= (extop[r, 0] >> 32):
+                    key = o * LOW + lo
+                    if key > extop[r, 0]:
+                        _heap_push(extop, r, key)
+                on = _ordered_negated(bits[t, r])
+                if on >= (exbot[r, 0] >> 32):
+                    key = on * LOW + lo
+                    if key > exbot[r, 0]:
+                        _heap_push(exbot, r, key)
+                up[j] = min(tthr[r], _key_floor(extop, r, tmp, tmpf))
+                dn[j] = -min(bthr[r], _key_floor(exbot, r, tmp, tmpf))
+        for j in range(w):
+            s1[r0 + j] = ls1[j]
+            s2[r0 + j] = ls2[j]

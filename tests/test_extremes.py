@@ -1,0 +1,124 @@
+"""The running extremes (stats/extremes.py and the numba fold in stats/fold_cpu.py) against exact computations.
+
+Random activations with heavy ties, drifting scales (so thresholds move and rows compact many times), batches of
+uneven sizes: the CPU (numba) fold and the torch fold must both give exactly the top-K / bottom-K values and top-E
+exemplar keys of a full sort, the same moments, and states that move between them.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from neuronscope.stats.extremes import PAD_KEY, LayerExtremes, make_keys, sort_keys_desc, split_keys
+
+K, E, SLACK = 37, 5, 11
+
+
+def data(seed: int, t: int = 900, n: int = 23) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(t, n, generator=g) * torch.linspace(0.2, 3.0, t).unsqueeze(1)  # growing scale: many entries
+    x[:, 0] = torch.round(x[:, 0])                # heavy ties
+    x[:, 1] = 0.0                                 # a dead neuron: all ties
+    x[::7, 2] = -0.0                              # signed zeros
+    x[:, 3] = torch.linspace(5, -5, t)            # decreasing: nothing enters the top after the start
+    return x
+
+
+def batches(x: torch.Tensor, sizes=(1, 5, 64, 3, 200, 17)):
+    s, i = 0, 0
+    while s < x.shape[0]:
+        b = sizes[i % len(sizes)]
+        yield x[s:s + b], torch.arange(s, min(s + b, x.shape[0]))
+        s += b
+        i += 1
+
+
+def exact_keys(x: torch.Tensor, e: int) -> torch.Tensor:
+    idx = torch.arange(x.shape[0]).unsqueeze(1).expand_as(x)
+    return torch.sort(make_keys(x, idx).T, dim=1, descending=True).values[:, :e]
+
+
+def run(x: torch.Tensor, device: str) -> LayerExtremes:
+    st = LayerExtremes(x.shape[1], K, E, slack=SLACK, device=device)
+    for a, idx in batches(x):
+        st.add(a, idx)
+    return st
+
+
+def check_exact(st: LayerExtremes, x: torch.Tensor, tol: float = 1e-6) -> None:
+    """tol: the moments' tolerance (the CPU fold sums in float64; the torch fold's batch moments are float32)."""
+    full = torch.sort(x.T, dim=1, descending=True).values
+    assert torch.equal(st.sorted_top(), full[:, :K])
+    assert torch.equal(st.sorted_bottom(), full.flip(1)[:, :K])
+    assert torch.equal(sort_keys_desc(st.ex_top), exact_keys(x, E))
+    assert torch.equal(sort_keys_desc(st.ex_bot), exact_keys(-x, E))
+    assert st.count == x.shape[0]
+    assert torch.allclose(st.mean, x.double().mean(0), rtol=tol, atol=tol)
+    assert torch.allclose(st.var(), x.double().var(0, unbiased=False), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta-torch"])
+def test_fold_equals_a_full_sort(device):
+    x = data(0)
+    if device == "meta-torch":     # the torch fold (what a GPU runs), forced on the CPU
+        st = LayerExtremes(x.shape[1], K, E, slack=SLACK)
+        for a, idx in batches(x):
+            st._add_torch(a, idx)
+        check_exact(st, x)
+    else:
+        check_exact(run(x, device), x, tol=1e-10)
+
+
+def test_fewer_values_than_k_pad_and_exemplars_point_at_tokens():
+    x = data(1, t=20)
+    st = run(x, "cpu")
+    top = st.sorted_top()
+    assert torch.equal(top[:, :20], torch.sort(x.T, dim=1, descending=True).values)
+    assert torch.isneginf(top[:, 20:]).all()
+    vals, index = split_keys(sort_keys_desc(st.ex_top))
+    assert torch.equal(vals, x[index, torch.arange(x.shape[1]).unsqueeze(1)])
+
+
+def test_checkpoint_moves_between_folds_and_views_and_merge():
+    x = data(2)
+    half = 450
+    cpu = LayerExtremes(x.shape[1], K, E, slack=SLACK)
+    cpu.add(x[:half], torch.arange(half))
+    # continue the CPU state with the torch fold, and a torch state with the CPU fold
+    tor = LayerExtremes(x.shape[1], K, E, slack=SLACK)
+    tor.load_state(cpu.state("p."), "p.")
+    tor._add_torch(x[half:], torch.arange(half, x.shape[0]))
+    check_exact(tor, x)
+    back = LayerExtremes(x.shape[1], K, E, slack=SLACK)
+    t2 = LayerExtremes(x.shape[1], K, E, slack=SLACK)
+    t2._add_torch(x[:half], torch.arange(half))
+    back.load_state(t2.state(""), "")
+    back.add(x[half:], torch.arange(half, x.shape[0]))
+    check_exact(back, x)
+    # row views share memory and split the state per layer
+    parts = back.split(1)
+    assert parts[0].ex_top.data_ptr() == back.ex_top.data_ptr()
+    wide = LayerExtremes(2 * x.shape[1], K, E, slack=SLACK)
+    for a, idx in batches(x):
+        wide.add(torch.cat([a, -a], 1), idx)
+    left, right = wide.split(2)
+    check_exact(left, x)
+    check_exact(right, -x)
+    # merging two halves of the tokens gives the single run
+    a = run(x[:half], "cpu")
+    b = LayerExtremes(x.shape[1], K, E, slack=SLACK)
+    for v, idx in batches(x[half:]):
+        b.add(v, idx + half)
+    a.merge(b)
+    check_exact(a, x)
+    a.add(x[:0], torch.arange(0))         # an empty batch is a no-op
+    check_exact(a, x)
+
+
+def test_bad_shapes_are_refused():
+    st = LayerExtremes(4, 3, 2)
+    with pytest.raises(ValueError):
+        st.add(torch.zeros(5, 3), torch.arange(5))
+    with pytest.raises(ValueError):
+        st.add(torch.zeros(5, 4), torch.arange(4))
+    assert (st.ex_top == PAD_KEY).all()
