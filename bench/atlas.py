@@ -129,21 +129,62 @@ def full_build(model: str, chunks: list[int]) -> dict:
 
 
 def llama8b() -> dict:
-    """Up_proj of a Llama-3.1-8B-shaped model (32 x 14336 neurons, hidden 4096, vocab 128256), random weights."""
+    """Up_proj site of a Llama-3.1-8B-shaped model (32 x 14336 neurons, hidden 4096, vocab 128256), random
+    weights: the whole site decoded to top-20 tokens (TF32 first pass + exact fp32 re-score, then both sides), the
+    same-shape bf16 GEMM alone (the peak the decode can reach), and the plain fp32 matmul + topk."""
     if not torch.cuda.is_available():
         return {"skipped": "no CUDA device on this machine"}
     from neuronscope.atlas import decode
     dev = "cuda"
-    W = torch.randn(128256, 4096, device=dev) * 0.02
-    out = {}
-    for approx in (torch.bfloat16,):
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        for l in range(32):
-            U = torch.randn(14336, 4096, device=dev) * 0.02
-            decode(U, W, k=20, method="twopass", chunk=2048, approx_dtype=approx)
-        torch.cuda.synchronize()
-        out[str(approx)] = time.perf_counter() - t
+    g = torch.Generator(device=dev).manual_seed(0)
+    W = torch.randn(128256, 4096, device=dev, generator=g) * 0.02
+    U = torch.randn(14336, 4096, device=dev, generator=g) * 0.02     # one layer's vectors, reused for the 32
+    L, chunk = 32, 2048
+    flops = 2 * L * 14336 * 4096 * 128256
+    out: dict = {"gpu": torch.cuda.get_device_name(), "tflop": flops / 1e12}
+
+    def timed(fn, reps: int = 3) -> float:
+        fn()                                            # warm-up (and one-off conversions)
+        ts = []
+        for _ in range(reps):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            fn()
+            torch.cuda.synchronize()
+            ts.append(time.perf_counter() - t)
+        return statistics.median(ts)
+
+    def site(sides, approx="tf32"):
+        for _ in range(L):
+            decode(U, W, k=20, sides=sides, method="twopass", chunk=chunk, approx_dtype=approx)
+
+    Wb, Ub = W.bfloat16(), U.bfloat16()
+
+    def gemm():
+        for _ in range(L):
+            for c in range(0, 14336, chunk):
+                Ub[c:c + chunk] @ Wb.T
+
+    def plain32():
+        for _ in range(L):
+            for c in range(0, 14336, chunk):
+                torch.topk(U[c:c + chunk] @ W.T, 20, dim=1)
+
+    out["site_pos_s"] = timed(lambda: site(("pos",)))
+    out["site_pos_neg_s"] = timed(lambda: site(("pos", "neg")), reps=1)
+    out["bf16_gemm_s"] = timed(gemm)
+    t = time.perf_counter()
+    plain32()                                           # cuBLAS is warm by now: one run
+    torch.cuda.synchronize()
+    out["fp32_matmul_topk_s"] = time.perf_counter() - t
+    out["bf16_gemm_tflops"] = flops / out["bf16_gemm_s"] / 1e12
+    out["site_pos_tflops"] = flops / out["site_pos_s"] / 1e12
+    out["ratio_site_to_bf16_gemm"] = out["bf16_gemm_s"] / out["site_pos_s"]
+    out["speedup_vs_fp32_matmul_topk"] = out["fp32_matmul_topk_s"] / out["site_pos_s"]
+    # decode agrees with the exact fp32 top-20 on the first chunk
+    d = decode(U[:256], W, k=20, method="twopass", approx_dtype="tf32")["pos"]
+    ref = torch.topk(U[:256] @ W.T, 20, dim=1).indices
+    out["exact_agreement_first_256"] = float((torch.sort(d.ids, 1).values == torch.sort(ref, 1).values).float().mean())
     return out
 
 

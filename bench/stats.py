@@ -80,6 +80,10 @@ def main() -> None:
     ap.add_argument("--plain-batches", type=int, default=4, help="batches of plain forward before and after")
     ap.add_argument("--restart", action="store_true")
     ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    ap.add_argument("--profile", action="store_true", help="time the parts of the loop (synchronised timers; "
+                    "slows the run a little)")
+    ap.add_argument("--fold", default=None, choices=["numba", "torch"], help="the fold (default: numba on a CPU, "
+                    "torch on a GPU)")
     ap.add_argument("--interleaved", type=int, default=0, help="Only the interleaved measurement: this many "
                     "batches, each run as a plain forward and as a stats step (forward + fold), alternating.")
     args = ap.parse_args()
@@ -113,10 +117,11 @@ def main() -> None:
         marks.append(time.perf_counter())
 
     compute_mod._after_batch = mark
+    totals = install_profile(subject) if args.profile else None
     t = time.perf_counter()
     st = compute_stats(subject, corpus, args.atlas, tokens=args.tokens or None, window=args.window,
                        batch=args.batch, k=args.k, n_exemplars=100, progress=True, restart=args.restart,
-                       )
+                       fold=args.fold)
     wall = time.perf_counter() - t
     after = plain_forward_rates(subject, windows, args.batch)
     print(f"plain forward after: median {statistics.median(after):.1f} tok/s over {len(after)} batches", flush=True)
@@ -130,6 +135,9 @@ def main() -> None:
     print(f"stats: {info['tokens']:,} tokens, loop {marks[-1] - t:.1f} s ({loop:.1f} tok/s), end to end {wall:.1f} s "
           f"(writing results included)", flush=True)
     print(f"RATIO stats/plain = {loop / plain:.3f} over the whole run ({info['tokens']:,} tokens)")
+    if totals is not None:
+        res["profile_s"] = dict(totals)
+        print("  time in parts of the loop (s): " + ", ".join(f"{k} {v:.2f}" for k, v in totals.items()))
     n = 16384
     while n <= len(marks) * per_batch:
         b = n // per_batch
@@ -161,6 +169,32 @@ def main() -> None:
     print(f"\natlas folder: {args.atlas}")
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2))
+
+
+def install_profile(subject) -> dict[str, float]:
+    """Wrap the loop's parts in synchronised timers; returns the running totals (seconds)."""
+    from neuronscope.stats import compute as C
+    from neuronscope.stats import extremes as X
+    totals: dict[str, float] = {}
+
+    def wrap(owner, name: str, label: str) -> None:
+        f = getattr(owner, name)
+
+        def timed(*a, **kw):
+            sync(subject)
+            t = time.perf_counter()
+            r = f(*a, **kw)
+            sync(subject)
+            totals[label] = totals.get(label, 0.0) + time.perf_counter() - t
+            return r
+        setattr(owner, name, timed)
+
+    wrap(C, "_forward_neurons", "forward+capture")
+    wrap(X.LayerExtremes, "add", "fold")
+    wrap(X.TopBuffer, "add", "fold: top/bottom buffers (torch)")
+    wrap(X.TopBuffer, "_compact", "fold: of which compactions (torch)")
+    wrap(X, "_fold_keys", "fold: exemplars (torch)")
+    return totals
 
 
 def interleaved(subject, corpus, args) -> None:

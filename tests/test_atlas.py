@@ -61,6 +61,8 @@ def test_decode_methods_equal_plain(scale):
                              exact_dtype=torch.float64),
         "twopass-bf16": decode(U, W, k=7, sides=("pos", "neg"), method="twopass", approx_dtype=torch.bfloat16,
                                exact_dtype=torch.float32),
+        "twopass-tf32": decode(U, W, k=7, sides=("pos", "neg"), method="twopass", approx_dtype="tf32",
+                               exact_dtype=torch.float32),
     }
     for name, got in runs.items():
         for side in ("pos", "neg"):

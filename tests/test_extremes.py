@@ -95,6 +95,13 @@ def test_checkpoint_moves_between_folds_and_views_and_merge():
     back.load_state(t2.state(""), "")
     back.add(x[half:], torch.arange(half, x.shape[0]))
     check_exact(back, x)
+    # a state saved with another slack (GPU) continues exactly
+    wide_slack = LayerExtremes(x.shape[1], K, E, slack=3 * K)
+    wide_slack._add_torch(x[:half], torch.arange(half))
+    narrow = LayerExtremes(x.shape[1], K, E, slack=SLACK)
+    narrow.load_state(wide_slack.state(""), "")
+    narrow.add(x[half:], torch.arange(half, x.shape[0]))
+    check_exact(narrow, x)
     # row views share memory and split the state per layer
     parts = back.split(1)
     assert parts[0].ex_top.data_ptr() == back.ex_top.data_ptr()

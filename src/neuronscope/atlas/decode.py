@@ -17,6 +17,8 @@ Three methods give the same answer:
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 from dataclasses import dataclass
 
 import torch
@@ -60,8 +62,10 @@ def decode(vectors: torch.Tensor, unembedding: torch.Tensor, *, k: int = 20, sid
     starts = list(range(0, n, max(1, chunk)))
 
     if method == "twopass":
-        approx = approx_dtype or torch.bfloat16
-        Wa = unembedding.to(approx)                     # converted once, not per chunk
+        approx = approx_dtype or ("tf32" if unembedding.device.type == "cuda" else torch.bfloat16)
+        if approx not in _UNIT_ROUNDOFF:
+            raise NeuronscopeError(f"approx_dtype must be one of {sorted(map(str, _UNIT_ROUNDOFF))}, got {approx!r}.")
+        Wa = unembedding.to(torch.float32 if approx == "tf32" else approx)   # converted once, not per chunk
         wmax = unembedding.float().norm(dim=1).max()
 
     def one(c: int) -> dict[str, Decoded]:
@@ -184,30 +188,61 @@ def _ragged_topk(rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, n: 
 
 
 # ---- two passes: low-precision proposal, exact re-score --------------------------------------------------------
-_UNIT_ROUNDOFF = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11, torch.float32: 2.0 ** -24,
-                  torch.float64: 2.0 ** -53}
+# unit roundoff of the first pass's inputs; "tf32": fp32 tensors multiplied on tensor cores with 10-bit mantissas
+# (counted as truncation, 2**-10, to be safe whatever the hardware's rounding)
+_UNIT_ROUNDOFF = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11, "tf32": 2.0 ** -10,
+                  torch.float32: 2.0 ** -24, torch.float64: 2.0 ** -53}
+_GATHER_BYTES = 1 << 29         # the exact re-score gathers candidate rows of W in blocks of at most this size
+
+
+@contextmanager
+def _tf32_matmul():
+    """fp32 matrix products on TF32 tensor cores inside the block (CUDA; no effect on a CPU)."""
+    m = torch.backends.cuda.matmul
+    if hasattr(m, "fp32_precision"):
+        old = m.fp32_precision
+        m.fp32_precision = "tf32"
+        try:
+            yield
+        finally:
+            m.fp32_precision = old
+    else:
+        old = m.allow_tf32
+        m.allow_tf32 = True
+        try:
+            yield
+        finally:
+            m.allow_tf32 = old
 
 
 def _decode_twopass(u: torch.Tensor, W: torch.Tensor, Wa: torch.Tensor, wmax: torch.Tensor, k: int, sides,
-                    approx: torch.dtype, exact: torch.dtype) -> dict[str, Decoded]:
+                    approx, exact: torch.dtype) -> dict[str, Decoded]:
     """First pass in `approx` precision; every token whose approximate logit is within twice the rounding-error
     bound of the approximate k-th value is re-scored in `exact` precision, so the final top-k is exact."""
-    A = (u.to(approx) @ Wa.T).float()                            # [n, V] approximate logits
-    ur = _UNIT_ROUNDOFF.get(approx, 2.0 ** -8)
+    if approx == "tf32":
+        with _tf32_matmul():
+            A = u.float() @ Wa.T                                   # [n, V] approximate logits
+    else:
+        A = (u.to(approx) @ Wa.T).float()
+    ur = _UNIT_ROUNDOFF[approx]
     h = u.shape[1]
-    # |A - exact| <= (2ur + ur^2 + h*2^-24) * sum|u||w| + ur*|A| (inputs rounded, fp32 accumulation, output
-    # rounded); sum|u||w| <= |u|_2 * max_j |w_j|_2.
+    # |A - exact| <= (2ur + ur^2 + h*2^-23) * sum|u||w| + 2^-23*|A| (inputs rounded, fp32 accumulation counted as
+    # truncating, output rounded); sum|u||w| <= |u|_2 * max_j |w_j|_2.
     unorm = u.float().norm(dim=1)
-    acc_err = h * 2.0 ** -24 if approx != torch.float64 else h * 2.0 ** -53
-    eps = (2 * ur + ur * ur + acc_err) * unorm * wmax + ur * A.abs().amax(1)
+    acc_err = h * 2.0 ** -23 if approx != torch.float64 else h * 2.0 ** -52
+    out_err = max(ur if approx in (torch.bfloat16, torch.float16) else 0.0, 2.0 ** -23)
+    eps = (2 * ur + ur * ur + acc_err) * unorm * wmax + out_err * A.abs().amax(1)
     eps = eps * 1.01 + 1e-30
     out = {}
+    ue = u.to(exact)
     for s in sides:
         x = A if s == "pos" else -A
         vk = x.topk(k, dim=1).values[:, -1]
         ncand = int((x >= (vk - 2 * eps)[:, None]).sum(1).max())
         cand = x.topk(min(ncand, x.shape[1]), dim=1).indices           # a superset of the exact top-k
-        ex = torch.einsum("nh,nch->nc", u.to(exact), W[cand].to(exact))
+        rows = max(1, _GATHER_BYTES // max(1, cand.shape[1] * h * ue.element_size()))
+        ex = torch.cat([torch.einsum("nh,nch->nc", ue[r:r + rows], W[cand[r:r + rows]].to(exact))
+                        for r in range(0, cand.shape[0], rows)])
         if s == "neg":
             ex = -ex
         vals, j = ex.topk(k, dim=1)

@@ -113,7 +113,11 @@ def compute_stats(subject, corpus, atlas_dir, *, tokens: int | None = None, wind
         groups = [LayerExtremes(N, k, n_exemplars) for _ in range(L)]
         layers = groups
     else:                       # the torch fold, all layers at once
-        groups = [LayerExtremes(L * N, k, n_exemplars, device=fdev, fold="torch")]
+        slack = None
+        if fdev.type == "cuda" and (LayerExtremes.state_bytes(L * N, k, n_exemplars, slack=2 * k)
+                                    <= torch.cuda.mem_get_info(fdev)[0] // 2):
+            slack = 2 * k       # memory to spare on the GPU: fewer compactions
+        groups = [LayerExtremes(L * N, k, n_exemplars, device=fdev, fold="torch", slack=slack)]
         layers = groups[0].split(L)
     partial = folder / PARTIAL
     done_batches, done_windows = 0, 0

@@ -134,9 +134,14 @@ class TopBuffer:
         return {f"{prefix}buf": self.buf, f"{prefix}fill": self.fill, f"{prefix}thr": self.thr}
 
     def load_state(self, t: dict[str, torch.Tensor], prefix: str) -> None:
-        """Copy a saved state in place (so that views of a larger buffer are filled too)."""
-        if t[f"{prefix}buf"].shape != self.buf.shape:
+        """Copy a saved state in place (so that views of a larger buffer are filled too). A state saved with another
+        slack (a GPU run continued on a CPU) is reduced to its K largest values per row, which is exact."""
+        buf = t[f"{prefix}buf"]
+        if buf.shape[0] != self.buf.shape[0] or buf.shape[1] < self.k:
             raise ValueError("checkpoint buffer shape differs")
+        if buf.shape != self.buf.shape:
+            self.set_values(torch.topk(buf, self.k, dim=1, sorted=False).values)
+            return
         for n in ("buf", "fill", "thr"):
             getattr(self, n).copy_(t[f"{prefix}{n}"])
 
@@ -150,6 +155,30 @@ class TopBuffer:
 
 def _fold_keys(state: torch.Tensor, new: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """Top-E keys of `state` [N, E] and of the values `new` [N, C] at token indices `index` [C].
+
+    Once every row's state is full, only values >= the row's E-th value can enter, and after the first few
+    thousand tokens those are rare: they are picked out with one comparison and merged through a small padded
+    matrix. Otherwise (the first batches, or a row with a burst of candidates) the dense path below runs.
+    """
+    e, c = state.shape[1], new.shape[1]
+    thr_key = state.min(dim=1).values
+    if c > e and not bool((thr_key == PAD_KEY).any()):
+        mask = new >= from_ordered_int(thr_key >> 32).unsqueeze(1)
+        cnt = mask.sum(dim=1)
+        m = int(cnt.max())
+        if m == 0:
+            return state
+        if m <= 4 * e:
+            rr, cc = mask.nonzero(as_tuple=True)              # row-major: each row's candidates are consecutive
+            slot = torch.arange(rr.numel(), device=rr.device) - (torch.cumsum(cnt, 0) - cnt)[rr]
+            pad = torch.full((state.shape[0], m), PAD_KEY, dtype=torch.int64, device=state.device)
+            pad[rr, slot] = make_keys(new[rr, cc], index[cc])
+            return torch.topk(torch.cat([state, pad], dim=1), e, dim=1, sorted=False).values
+    return _fold_keys_dense(state, new, index)
+
+
+def _fold_keys_dense(state: torch.Tensor, new: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """_fold_keys by a top-E of each row of the new values.
 
     Only values >= max(the state's E-th value, the chunk's E-th value) can enter (ties included, since the key
     breaks them), so keys are made for those candidates only.
