@@ -136,9 +136,12 @@ def fold(acts, bits, low, shift, tbuf, tfill, tthr, bbuf, bfill, bthr, extop, ex
                 if not ((v >= up[j]) | (v <= dn[j])):
                     continue
                 r = r0 + j
+                ch_up = False
+                ch_dn = False
                 if v > tthr[r]:
                     if tfill[r] == cap:
                         _compact(tbuf, tfill, tthr, r, k)
+                        ch_up = True
                     if v > tthr[r]:
                         tbuf[r, tfill[r]] = v
                         tfill[r] += 1
@@ -146,6 +149,7 @@ def fold(acts, bits, low, shift, tbuf, tfill, tthr, bbuf, bfill, bthr, extop, ex
                 if nv > bthr[r]:
                     if bfill[r] == cap:
                         _compact(bbuf, bfill, bthr, r, k)
+                        ch_dn = True
                     if nv > bthr[r]:
                         bbuf[r, bfill[r]] = nv
                         bfill[r] += 1
@@ -154,13 +158,17 @@ def fold(acts, bits, low, shift, tbuf, tfill, tthr, bbuf, bfill, bthr, extop, ex
                     key = o * LOW + lo
                     if key > extop[r, 0]:
                         _heap_push(extop, r, key)
+                        ch_up = True
                 on = _ordered_negated(bits[t, r])
                 if on >= (exbot[r, 0] >> 32):
                     key = on * LOW + lo
                     if key > exbot[r, 0]:
                         _heap_push(exbot, r, key)
-                up[j] = min(tthr[r], _key_floor(extop, r, tmp, tmpf))
-                dn[j] = -min(bthr[r], _key_floor(exbot, r, tmp, tmpf))
+                        ch_dn = True
+                if ch_up:
+                    up[j] = min(tthr[r], _key_floor(extop, r, tmp, tmpf))
+                if ch_dn:
+                    dn[j] = -min(bthr[r], _key_floor(exbot, r, tmp, tmpf))
         for j in range(w):
             s1[r0 + j] = ls1[j]
             s2[r0 + j] = ls2[j]
