@@ -53,14 +53,17 @@ def sync(subject) -> None:
         torch.cuda.synchronize(subject.device)
 
 
-def plain_forward_rates(subject, windows, batch: int) -> list[float]:
+def plain_forward_rates(subject, windows, batch: int, decoder_only: bool = False) -> list[float]:
+    """tokens/s of plain forwards over consecutive batches of `windows`: the whole model (LM head included), or with
+    decoder_only the decoder stack alone (what the statistics pass runs, without its capture and fold)."""
+    model = subject.spec.get(subject.model, subject.spec.base) if decoder_only else subject.model
     rates = []
     for s in range(0, len(windows) - batch + 1, batch):
         ids = torch.tensor([w.token_ids for w in windows[s:s + batch]]).to(subject.device)
         sync(subject)
         t = time.perf_counter()
         with torch.no_grad():
-            subject.model(input_ids=ids)
+            model(input_ids=ids, use_cache=False)
         sync(subject)
         rates.append(ids.numel() / (time.perf_counter() - t))
     return rates
@@ -78,6 +81,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--window", type=int, default=64)
     ap.add_argument("--plain-batches", type=int, default=4, help="batches of plain forward before and after")
+    ap.add_argument("--plain-every", type=int, default=32, help="during the run, after every this many batches, "
+                    "time one batch of plain forward and one of the decoder stack alone (excluded from the stats "
+                    "time), so the baselines see the same machine state as the run")
     ap.add_argument("--restart", action="store_true")
     ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
     ap.add_argument("--profile", action="store_true", help="time the parts of the loop (synchronised timers; "
@@ -108,13 +114,22 @@ def main() -> None:
         return interleaved(subject, corpus, args)
     plain_forward_rates(subject, windows[:args.batch], args.batch)          # warm-up
     before = plain_forward_rates(subject, windows, args.batch)
-    print(f"plain forward before: median {statistics.median(before):.1f} tok/s over {len(before)} batches",
-          flush=True)
+    base_before = plain_forward_rates(subject, windows, args.batch, decoder_only=True)
+    print(f"plain forward before: median {statistics.median(before):.1f} tok/s over {len(before)} batches "
+          f"(decoder stack alone: {statistics.median(base_before):.1f})", flush=True)
     marks: list[float] = []
+    during: list[float] = []
+    base_during: list[float] = []
+    excluded = [0.0]
 
     def mark(batch_no: int) -> None:
         sync(subject)
-        marks.append(time.perf_counter())
+        now = time.perf_counter()
+        marks.append(now - excluded[0])
+        if args.plain_every and batch_no % args.plain_every == 0:
+            during.extend(plain_forward_rates(subject, windows[:args.batch], args.batch))
+            base_during.extend(plain_forward_rates(subject, windows[:args.batch], args.batch, decoder_only=True))
+            excluded[0] += time.perf_counter() - now
 
     compute_mod._after_batch = mark
     totals = install_profile(subject) if args.profile else None
@@ -124,17 +139,24 @@ def main() -> None:
                        fold=args.fold)
     wall = time.perf_counter() - t
     after = plain_forward_rates(subject, windows, args.batch)
-    print(f"plain forward after: median {statistics.median(after):.1f} tok/s over {len(after)} batches", flush=True)
-    plain = statistics.median(before + after)
+    base_after = plain_forward_rates(subject, windows, args.batch, decoder_only=True)
+    print(f"plain forward after: median {statistics.median(after):.1f} tok/s over {len(after)} batches "
+          f"(decoder stack alone: {statistics.median(base_after):.1f})", flush=True)
+    plain = statistics.median(before + during + after)
+    base_plain = statistics.median(base_before + base_during + base_after)
+    print(f"baselines, medians of {len(before + during + after)} batches before, during and after the run: plain "
+          f"forward {plain:.1f} tok/s, decoder stack alone {base_plain:.1f} tok/s")
     info = st.info
     loop = info["tokens"] / (marks[-1] - t)
     per_batch = args.batch * args.window
-    res = {"device": args.device, "plain_tok_s": plain, "tokens": info["tokens"], "loop_s": marks[-1] - t,
-           "stats_tok_s": loop, "ratio": loop / plain, "end_to_end_s": wall, "k": args.k, "batch": args.batch,
+    res = {"device": args.device, "plain_tok_s": plain, "decoder_only_tok_s": base_plain, "tokens": info["tokens"],
+           "loop_s": marks[-1] - t, "stats_tok_s": loop, "ratio": loop / plain,
+           "ratio_vs_decoder_only": loop / base_plain, "end_to_end_s": wall, "k": args.k, "batch": args.batch,
            "peak_rss_mb": rss_mb()}
     print(f"stats: {info['tokens']:,} tokens, loop {marks[-1] - t:.1f} s ({loop:.1f} tok/s), end to end {wall:.1f} s "
           f"(writing results included)", flush=True)
-    print(f"RATIO stats/plain = {loop / plain:.3f} over the whole run ({info['tokens']:,} tokens)")
+    print(f"RATIO stats/plain = {loop / plain:.3f} over the whole run ({info['tokens']:,} tokens); against the "
+          f"decoder stack alone (no LM head, no capture, no fold) {loop / base_plain:.3f}")
     if totals is not None:
         res["profile_s"] = dict(totals)
         print("  time in parts of the loop (s): " + ", ".join(f"{k} {v:.2f}" for k, v in totals.items()))
@@ -143,13 +165,16 @@ def main() -> None:
         b = n // per_batch
         r = b * per_batch / (marks[b - 1] - t) / plain
         res[f"ratio_first_{n}"] = r
-        print(f"  ratio over the first {n:>9,} tokens: {r:.3f}")
+        res[f"ratio_vs_decoder_only_first_{n}"] = r * plain / base_plain
+        print(f"  ratio over the first {n:>9,} tokens: {r:.3f} (vs the decoder stack alone {r * plain / base_plain:.3f})")
         n *= 4
     if len(marks) >= 4:
         h = len(marks) // 2
         r = (len(marks) - h) * per_batch / (marks[-1] - marks[h - 1]) / plain
         res["ratio_second_half"] = r
-        print(f"  ratio over the second half of the run (batches {h + 1}-{len(marks)}): {r:.3f}")
+        res["ratio_vs_decoder_only_second_half"] = r * plain / base_plain
+        print(f"  ratio over the second half of the run (batches {h + 1}-{len(marks)}): {r:.3f} (vs the decoder "
+              f"stack alone {r * plain / base_plain:.3f})")
     if subject.device.type == "cuda":
         res["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
         print(f"peak GPU memory {res['peak_gpu_mb']:.0f} MB")

@@ -154,17 +154,21 @@ def test_shards_merge_to_the_single_run(single, stories, corpus, tmp_path):
         merge_shards([dirs[0], tmp_path / "nothing"], tmp_path / "bad")
 
 
-def test_resume_equals_an_uninterrupted_run(single, stories, corpus, tmp_path, monkeypatch):
-    folder = tmp_path / "resume"
-
+def interrupted_run(monkeypatch, stories, corpus, folder, at: int, **kw) -> None:
+    """A run stopped by a KeyboardInterrupt after batch `at` (checkpointing after every batch)."""
     def stop(batch_no):
-        if batch_no == 3:
+        if batch_no == at:
             raise KeyboardInterrupt
 
     monkeypatch.setattr(compute_mod, "_after_batch", stop)
     with pytest.raises(KeyboardInterrupt):
         compute_stats(stories, corpus, folder, window=WINDOW, k=K, n_exemplars=E, batch=5, progress=False,
-                      checkpoint_every=0)
+                      checkpoint_every=0, **kw)
+
+
+def test_resume_equals_an_uninterrupted_run(single, stories, corpus, tmp_path, monkeypatch):
+    folder = tmp_path / "resume"
+    interrupted_run(monkeypatch, stories, corpus, folder, at=3)
     state = json.loads((folder / ".stats-partial" / "state.json").read_text())
     assert state["batches"] == 3 and state["windows"] == 15
     with pytest.raises(NeuronscopeError):
@@ -185,15 +189,7 @@ def test_torch_fold_of_all_layers_at_once_and_its_checkpoint_equal_the_single_ru
     """The fold a GPU runs (torch, all layers in one state), here on the CPU; interrupted, then resumed by the
     default (numba, layer by layer) fold from the same per-layer checkpoint."""
     folder = tmp_path / "torch"
-
-    def stop(batch_no):
-        if batch_no == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(compute_mod, "_after_batch", stop)
-    with pytest.raises(KeyboardInterrupt):
-        compute_stats(stories, corpus, folder, window=WINDOW, k=K, n_exemplars=E, batch=5, progress=False,
-                      checkpoint_every=0, fold="torch")
+    interrupted_run(monkeypatch, stories, corpus, folder, at=2, fold="torch")
     monkeypatch.setattr(compute_mod, "_after_batch", lambda b: None)
     resumed = compute_stats(stories, corpus, folder, window=WINDOW, k=K, n_exemplars=E, batch=5, progress=False)
     full = compute_stats(stories, corpus, tmp_path / "torch-full", window=WINDOW, k=K, n_exemplars=E, batch=5,

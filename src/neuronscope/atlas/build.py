@@ -34,15 +34,15 @@ def site_file(folder: str | os.PathLike, site: str) -> Path:
 
 
 def build_atlas(subject, out_dir: str | os.PathLike, *, top_k: int = 20, apply_norm: bool = True,
-                sites: Sequence[str] | None = None, chunk: int = 256, progress: bool = True,
+                sites: Sequence[str] | None = None, chunk: int | None = None, progress: bool = True,
                 method: str = "auto", vocab_block: int = 1024, overwrite: bool = False, device: str | None = None,
-                approx_dtype: torch.dtype | None = None):
+                approx_dtype: torch.dtype | str | None = None):
     """Decode every neuron of `subject` through its LM head and save the atlas in `out_dir`; returns the `Atlas`.
 
     sites: any of "up", "gate" (gated MLPs), "down.pos", "down.neg" (default: all the model has). top_k tokens are
     kept per neuron and site. apply_norm: multiply by the final norm's gain before the LM head (recorded in the
-    manifest). chunk: neurons decoded per GEMM (bounds memory). device: where to decode (default: the model's;
-    "cuda" uses a bf16 first pass with an exact float32 re-score). An interrupted build resumes at the first
+    manifest). chunk: neurons decoded per GEMM (bounds memory; default 256 on a CPU, 2048 on a GPU). device: where
+    to decode (default: the model's; "cuda" uses a TF32 first pass with an exact float32 re-score, see decode.py). An interrupted build resumes at the first
     missing layer; a folder holding a complete atlas built with other options needs `overwrite=True`.
     """
     from .atlas import Atlas
@@ -51,7 +51,9 @@ def build_atlas(subject, out_dir: str | os.PathLike, *, top_k: int = 20, apply_n
     sites = _check_sites(subject, sites)
     if not isinstance(top_k, int) or top_k < 1 or top_k > subject.vocab_size:
         raise NeuronscopeError(f"top_k must be an integer between 1 and {subject.vocab_size}, got {top_k!r}.")
-    if chunk < 1:
+    if chunk is None:
+        chunk = 2048 if (torch.device(device) if device else subject.device).type == "cuda" else 256
+    if not isinstance(chunk, int) or chunk < 1:
         raise NeuronscopeError(f"chunk must be at least 1, got {chunk}.")
     folder = Path(out_dir)
     if folder.exists() and not folder.is_dir():

@@ -24,7 +24,8 @@ def build(
     no_norm: bool = typer.Option(False, "--no-norm", help="Do not apply the final norm's gain before the LM head."),
     sites: Optional[str] = typer.Option(None, "--sites", help="Comma list of up, gate, down.pos, down.neg "
                                         "(default: all the model has)."),
-    chunk: int = typer.Option(256, "--chunk", min=1, help="Neurons per GEMM (bounds memory)."),
+    chunk: Optional[int] = typer.Option(None, "--chunk", min=1, help="Neurons per GEMM (bounds memory; default "
+                                        "256 on a CPU, 2048 on a GPU)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an atlas built with other options."),
     gguf_file: Optional[str] = GgufOpt,
     dtype: str = DtypeOpt,

@@ -77,6 +77,32 @@ def _heap_push(heap, r, key):
 
 
 @njit(cache=True, inline="always")
+def _enter(buf, fill, thr, r, v, k):
+    """Append v to row r's buffer if it beats the threshold (compacting a full row first); True if the threshold
+    moved."""
+    moved = False
+    if v > thr[r]:
+        if fill[r] == buf.shape[1]:
+            _compact(buf, fill, thr, r, k)
+            moved = True
+        if v > thr[r]:
+            buf[r, fill[r]] = v
+            fill[r] += 1
+    return moved
+
+
+@njit(cache=True, inline="always")
+def _offer(heap, r, o, lo):
+    """Push the key of ordered value o at token key lo into row r's heap if it beats the root; True if it did."""
+    if o >= (heap[r, 0] >> 32):
+        key = o * LOW + lo
+        if key > heap[r, 0]:
+            _heap_push(heap, r, key)
+            return True
+    return False
+
+
+@njit(cache=True, inline="always")
 def _key_floor(heap, r, tmp, tmpf):
     """A float32 that no value whose key can enter row r's heap is below: the root's value (-inf if padding)."""
     root = heap[r, 0]
@@ -102,7 +128,6 @@ def fold(acts, bits, low, shift, tbuf, tfill, tthr, bbuf, bfill, bthr, extop, ex
     rows only sums and tests the gates, so it vectorises; the exact updates run for tokens that pass a gate.
     """
     t_n, r_n = acts.shape
-    cap = tbuf.shape[1]
     n_blocks = (r_n + BLOCK - 1) // BLOCK
     for b in prange(n_blocks):
         r0 = b * BLOCK
@@ -136,35 +161,8 @@ def fold(acts, bits, low, shift, tbuf, tfill, tthr, bbuf, bfill, bthr, extop, ex
                 if not ((v >= up[j]) | (v <= dn[j])):
                     continue
                 r = r0 + j
-                ch_up = False
-                ch_dn = False
-                if v > tthr[r]:
-                    if tfill[r] == cap:
-                        _compact(tbuf, tfill, tthr, r, k)
-                        ch_up = True
-                    if v > tthr[r]:
-                        tbuf[r, tfill[r]] = v
-                        tfill[r] += 1
-                nv = -v
-                if nv > bthr[r]:
-                    if bfill[r] == cap:
-                        _compact(bbuf, bfill, bthr, r, k)
-                        ch_dn = True
-                    if nv > bthr[r]:
-                        bbuf[r, bfill[r]] = nv
-                        bfill[r] += 1
-                o = _ordered(bits[t, r])
-                if o >= (extop[r, 0] >> 32):
-                    key = o * LOW + lo
-                    if key > extop[r, 0]:
-                        _heap_push(extop, r, key)
-                        ch_up = True
-                on = _ordered_negated(bits[t, r])
-                if on >= (exbot[r, 0] >> 32):
-                    key = on * LOW + lo
-                    if key > exbot[r, 0]:
-                        _heap_push(exbot, r, key)
-                        ch_dn = True
+                ch_up = _enter(tbuf, tfill, tthr, r, v, k) | _offer(extop, r, _ordered(bits[t, r]), lo)
+                ch_dn = _enter(bbuf, bfill, bthr, r, -v, k) | _offer(exbot, r, _ordered_negated(bits[t, r]), lo)
                 if ch_up:
                     up[j] = min(tthr[r], _key_floor(extop, r, tmp, tmpf))
                 if ch_dn:
