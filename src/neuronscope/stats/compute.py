@@ -109,7 +109,8 @@ def compute_stats(subject, corpus, atlas_dir, *, tokens: int | None = None, wind
     fdev = fold_device(subject, k, n_exemplars, state_device)
     if fold not in (None, "numba", "torch") or (fold == "numba" and fdev.type != "cpu"):
         raise NeuronscopeError(f"fold must be 'torch', or 'numba' with the state on the CPU; got {fold!r}.")
-    if (fold or ("numba" if fdev.type == "cpu" else "torch")) == "numba":   # one layer at a time
+    stacked = (fold or ("numba" if fdev.type == "cpu" else "torch")) == "torch"
+    if not stacked:             # the numba fold, one layer at a time
         groups = [LayerExtremes(N, k, n_exemplars) for _ in range(L)]
         layers = groups
     else:                       # the torch fold, all layers at once
@@ -152,7 +153,7 @@ def compute_stats(subject, corpus, atlas_dir, *, tokens: int | None = None, wind
 
     def save_checkpoint(batches: int, windows: int, seconds: float) -> None:
         state: dict[str, torch.Tensor] = {}
-        views = layers if len(groups) == L else groups[0].split(L)
+        views = groups[0].split(L) if stacked else layers
         for l, st in enumerate(views):
             state.update(st.state(f"{l}."))
         partial.mkdir(exist_ok=True)
@@ -170,8 +171,8 @@ def compute_stats(subject, corpus, atlas_dir, *, tokens: int | None = None, wind
         index = (torch.tensor([w.index for w in ws], dtype=torch.int64).unsqueeze(1) * window
                  + torch.arange(window, dtype=torch.int64)).reshape(-1)
         acts = _forward_neurons(subject, base, ids, to_cpu=fdev.type == "cpu" and subject.device.type != "cpu")
-        if len(groups) == 1 and L > 1:
-            groups[0].add(torch.cat(acts, dim=1), index)
+        if stacked:
+            groups[0].add(torch.cat(acts, dim=1) if L > 1 else acts[0], index)
         else:
             for st, a in zip(groups, acts):
                 st.add(a, index)
@@ -202,7 +203,7 @@ def compute_stats(subject, corpus, atlas_dir, *, tokens: int | None = None, wind
         raise NeuronscopeError(f"The corpus gave no complete window of {window} tokens"
                                + (f" for shard {shard[0]}/{shard[1]}" if shard else "") + "; give more text or a "
                                "smaller --window.")
-    if len(groups) != L:
+    if stacked:
         layers = [v.to("cpu") for v in groups[0].split(L)]
     return finish(subject, folder, layers, settings, paths, n_windows, seconds, window, chat, max_windows)
 

@@ -58,9 +58,10 @@ def sort_keys_desc(keys: torch.Tensor) -> torch.Tensor:
 class TopBuffer:
     """Exact running top-K values of each row, with slack so that a full top-k runs only now and then.
 
-    `buf` [N, K + S]: per row, `fill` valid values (the rest -inf). A new value enters only if it is >= the row's
-    threshold (the K-th largest at the row's last compaction, a lower bound of the final K-th largest, or -inf
-    before the first), so after the first K values few do. When a row's slack runs out it is compacted back to its
+    `buf` [N, K + S]: per row, `fill` valid values (the rest -inf). A new value enters only if it is > the row's
+    threshold: the K-th largest at the row's last compaction, a lower bound of the final K-th largest, or -inf
+    before the first (a value equal to it cannot change the multiset of the K largest), so after the first K values
+    few do. When a row's slack runs out it is compacted back to its
     K largest (one top-k over that row only).
     """
 
