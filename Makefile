@@ -11,6 +11,8 @@ setup:
 	# torch pinned: 2.13.0 (CPU) lies on this machine's disk; an open range would pull a CUDA build.
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[test]'
+	# compile the numba fold of corpus statistics once (~10 s); later processes load the cached machine code
+	$(BIN)/python -m neuronscope.stats.fold_cpu
 	bash scripts/setup_system.sh
 
 test:

@@ -20,7 +20,8 @@ def stats(
     tokens: Optional[int] = typer.Option(None, "--tokens", "-n", min=1, help="Stop after this many tokens."),
     window: int = typer.Option(64, "--window", "-w", min=2, help="Tokens per window."),
     batch: Optional[int] = typer.Option(None, "--batch", "-b", min=1, help="Windows per forward (default: about "
-                                        "1024 tokens on CPU, 8192 on GPU)."),
+                                        "1024 tokens on CPU; on a GPU up to 16384, keeping the batch's "
+                                        "activations within 3 GiB)."),
     k: int = typer.Option(10000, "--k", min=1, help="Extreme values kept per neuron and side (quantiles need "
                           "ceil(p * tokens) <= K)."),
     exemplars: int = typer.Option(100, "--exemplars", min=1, help="Exemplar positions kept per neuron and side."),

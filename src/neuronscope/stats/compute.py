@@ -28,8 +28,12 @@ FORMAT = 1
 
 
 def default_batch(subject, window: int) -> int:
-    """Windows per forward: about 1024 tokens on a CPU, 8192 on a GPU."""
-    tokens = 8192 if subject.device.type == "cuda" else 1024
+    """Windows per forward: about 1024 tokens on a CPU; on a GPU up to 16,384 tokens, as many as keep the batch's
+    captured activations (tokens x layers x neurons floats) within 3 GiB."""
+    if subject.device.type == "cuda":
+        tokens = min(16384, (3 << 30) // (4 * subject.n_layers * subject.n_neurons))
+    else:
+        tokens = 1024
     return max(1, tokens // window)
 
 

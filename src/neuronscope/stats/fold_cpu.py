@@ -170,3 +170,17 @@ def fold(acts, bits, low, shift, tbuf, tfill, tthr, bbuf, bfill, bthr, extop, ex
         for j in range(w):
             s1[r0 + j] = ls1[j]
             s2[r0 + j] = ls2[j]
+
+
+def warm_up() -> None:
+    """Compile the kernel (about 10 s once; numba caches the machine code for later processes)."""
+    acts = np.zeros((2, 3), np.float32)
+    buf = np.full((3, 4), -np.inf, np.float32)
+    heap = np.full((3, 2), PAD, np.int64)
+    fold(acts, acts.view(np.int32), np.array([LOW - 1, LOW - 2]), np.zeros(3), buf, np.zeros(3, np.int64),
+         np.full(3, -np.inf, np.float32), buf.copy(), np.zeros(3, np.int64), np.full(3, -np.inf, np.float32),
+         heap, heap.copy(), np.zeros(3), np.zeros(3), 2)
+
+
+if __name__ == "__main__":
+    warm_up()
