@@ -69,6 +69,40 @@ def test_fold_equals_a_full_sort(device):
         check_exact(run(x, device), x, tol=1e-10)
 
 
+def test_cpu_fold_with_sampled_compactions_equals_a_full_sort():
+    """Rows long enough for the CPU fold's sampled cut (and its fall-back on ties and on the dead neuron)."""
+    x = data(3, t=4000, n=9)
+    st = LayerExtremes(x.shape[1], 300, 7, slack=120)
+    for a, idx in batches(x, sizes=(250, 1, 999, 64)):
+        st.add(a, idx)
+    full = torch.sort(x.T, dim=1, descending=True).values
+    assert torch.equal(st.sorted_top(), full[:, :300])
+    assert torch.equal(st.sorted_bottom(), full.flip(1)[:, :300])
+    assert torch.equal(sort_keys_desc(st.ex_top), exact_keys(x, 7))
+
+
+def test_cpu_compaction_sampled_cut_and_exact_fallback():
+    import numpy as np
+    from neuronscope.stats.fold_cpu import _compact
+    k, cap = 1000, 1500
+    rng = np.random.default_rng(0)
+    buf = np.stack([rng.standard_normal(cap).astype(np.float32),      # distinct values: the sampled cut
+                    np.round(rng.standard_normal(cap)).astype(np.float32),  # heavy ties: the exact partition
+                    np.zeros(cap, np.float32)])                       # all equal
+    orig = buf.copy()
+    fill = np.full(3, cap, np.int64)
+    thr = np.full(3, -np.inf, np.float32)
+    for r in range(3):
+        _compact(buf, fill, thr, r, k)
+        kept = buf[r, :fill[r]]
+        assert k <= fill[r] <= k + (cap - k) // 2
+        assert np.isneginf(buf[r, fill[r]:]).all()
+        assert (kept >= thr[r]).all() and (orig[r] >= thr[r]).sum() >= k
+        assert np.array_equal(np.sort(kept)[::-1][:k], np.sort(orig[r])[::-1][:k])
+    assert fill[0] > k                  # the sampled cut ran (it keeps about k + slack/4)
+    assert fill[1] == k and fill[2] == k    # ties: the exact partition keeps exactly k
+
+
 def test_fewer_values_than_k_pad_and_exemplars_point_at_tokens():
     x = data(1, t=20)
     st = run(x, "cpu")
