@@ -5,9 +5,9 @@ spends most of its time in masks, index lists, scatters and transposes over the 
 activation once and, per neuron (row), in that one pass:
 
 - adds it to shifted float64 sums (batch mean and sum of squared deviations, merged outside with Chan's formula);
-- appends it to the row's top buffer if it beats the row's threshold (the K-th largest at the last compaction), and
-  compacts the row back to its K largest (a partition) when the buffer is full; the same for the negated value and
-  the bottom buffer;
+- appends it to the row's top buffer if it beats the row's threshold (a value that at least K kept values reach),
+  and frees slack when the buffer is full (`_compact`: a sampled cut, or an exact partition); the same for the
+  negated value and the bottom buffer;
 - pushes its exemplar key into the row's top-E min-heap when the key beats the heap's root (and the same for the
   negated value).
 
