@@ -132,6 +132,16 @@ def test_normalise_is_signed_by_the_extreme_quantiles(single, all_acts):
         single.normalise(a[:2])
 
 
+def assert_same_stats(st: NeuronStats, ref: NeuronStats, n_layers: int, tol: float) -> None:
+    """Quantiles, exemplars, counts and extremes identical; mean and variance equal up to `tol` (relative)."""
+    for name in ("quantiles", "ex_pos_value", "ex_pos_index", "ex_neg_value", "ex_neg_index", "count"):
+        assert torch.equal(st._a[name], ref._a[name]), name
+    for l in range(n_layers):
+        assert all(torch.equal(a, b) for a, b in zip(st.extremes(l), ref.extremes(l)))
+    assert torch.allclose(st.mean, ref.mean, rtol=tol, atol=tol / 10)
+    assert torch.allclose(st.var, ref.var, rtol=tol, atol=tol / 10)
+
+
 def test_shards_merge_to_the_single_run(single, stories, corpus, tmp_path):
     dirs = []
     for i in range(3):
@@ -140,12 +150,7 @@ def test_shards_merge_to_the_single_run(single, stories, corpus, tmp_path):
                       progress=False)
         dirs.append(d)
     merged = merge_shards(dirs, tmp_path / "merged")
-    for name in ("quantiles", "ex_pos_value", "ex_pos_index", "ex_neg_value", "ex_neg_index", "count"):
-        assert torch.equal(merged._a[name], single._a[name]), name
-    for l in range(stories.n_layers):
-        assert all(torch.equal(a, b) for a, b in zip(merged.extremes(l), single.extremes(l)))
-    assert torch.allclose(merged.mean, single.mean, rtol=1e-6, atol=1e-7)
-    assert torch.allclose(merged.var, single.var, rtol=1e-6, atol=1e-7)
+    assert_same_stats(merged, single, stories.n_layers, tol=1e-6)
     e1, e2 = merged.exemplars(1, 7, "neg", n=5), single.exemplars(1, 7, "neg", n=5)
     assert e1 == e2
     with pytest.raises(NeuronscopeError, match="given twice"):
@@ -194,13 +199,8 @@ def test_torch_fold_of_all_layers_at_once_and_its_checkpoint_equal_the_single_ru
     resumed = compute_stats(stories, corpus, folder, window=WINDOW, k=K, n_exemplars=E, batch=5, progress=False)
     full = compute_stats(stories, corpus, tmp_path / "torch-full", window=WINDOW, k=K, n_exemplars=E, batch=5,
                          progress=False, fold="torch")
-    for st in (resumed, full):
-        for name in ("quantiles", "ex_pos_value", "ex_pos_index", "ex_neg_value", "ex_neg_index", "count"):
-            assert torch.equal(st._a[name], single._a[name]), name
-        for l in range(stories.n_layers):
-            assert all(torch.equal(a, b) for a, b in zip(st.extremes(l), single.extremes(l)))
-        assert torch.allclose(st.mean, single.mean, rtol=1e-5, atol=1e-6)
-        assert torch.allclose(st.var, single.var, rtol=1e-5, atol=1e-6)
+    for st in (resumed, full):     # the torch fold's batch moments are float32: a looser tolerance on them
+        assert_same_stats(st, single, stories.n_layers, tol=1e-5)
     with pytest.raises(NeuronscopeError, match="fold"):
         compute_stats(stories, corpus, tmp_path / "bad", window=WINDOW, k=K, fold="fast", progress=False)
 
