@@ -51,17 +51,22 @@ def _settings(subject, paths, window, tokens, batch, k, n_exemplars, shard, chat
     }
 
 
-def fold_device(subject, k: int, n_exemplars: int, state_device: str | None = None) -> torch.device:
-    """Where the running extremes live and are folded: the model's GPU when they fit in half its free memory
-    (all layers folded at once by the torch fold), else the CPU (the numba fold, layer by layer)."""
-    if state_device not in (None, "auto"):
-        return torch.device(state_device)
-    dev = subject.device
+def fold_device(subject, k: int, n_exemplars: int,
+                state_device: str | None = None) -> tuple[torch.device, int | None]:
+    """Where the running extremes live and are folded, and their slack (None: the default): the model's GPU when
+    they fit in half its free memory (all layers folded at once by the torch fold; twice K of slack when that fits
+    too, for fewer compactions), else the CPU (the numba fold, layer by layer)."""
+    explicit = state_device not in (None, "auto")
+    dev = torch.device(state_device) if explicit else subject.device
     if dev.type != "cuda":
-        return torch.device("cpu")
-    need = LayerExtremes.state_bytes(subject.n_layers * subject.n_neurons, k, n_exemplars)
-    free, _ = torch.cuda.mem_get_info(dev)
-    return dev if need <= free // 2 else torch.device("cpu")
+        return (dev if explicit else torch.device("cpu")), None
+    rows = subject.n_layers * subject.n_neurons
+    half_free = torch.cuda.mem_get_info(dev)[0] // 2
+    if LayerExtremes.state_bytes(rows, k, n_exemplars, slack=2 * k) <= half_free:
+        return dev, 2 * k
+    if explicit or LayerExtremes.state_bytes(rows, k, n_exemplars) <= half_free:
+        return dev, None
+    return torch.device("cpu"), None
 
 
 def _forward_neurons(subject, base, ids: torch.Tensor, to_cpu: bool | None = None) -> list[torch.Tensor]:
@@ -110,7 +115,7 @@ def compute_stats(subject, corpus, atlas_dir, *, tokens: int | None = None, wind
     _model_section(folder, subject)
 
     L, N = subject.n_layers, subject.n_neurons
-    fdev = fold_device(subject, k, n_exemplars, state_device)
+    fdev, slack = fold_device(subject, k, n_exemplars, state_device)
     if fold not in (None, "numba", "torch") or (fold == "numba" and fdev.type != "cpu"):
         raise NeuronscopeError(f"fold must be 'torch', or 'numba' with the state on the CPU; got {fold!r}.")
     stacked = (fold or ("numba" if fdev.type == "cpu" else "torch")) == "torch"
@@ -118,10 +123,6 @@ def compute_stats(subject, corpus, atlas_dir, *, tokens: int | None = None, wind
         groups = [LayerExtremes(N, k, n_exemplars) for _ in range(L)]
         layers = groups
     else:                       # the torch fold, all layers at once
-        slack = None
-        if fdev.type == "cuda" and (LayerExtremes.state_bytes(L * N, k, n_exemplars, slack=2 * k)
-                                    <= torch.cuda.mem_get_info(fdev)[0] // 2):
-            slack = 2 * k       # memory to spare on the GPU: fewer compactions
         groups = [LayerExtremes(L * N, k, n_exemplars, device=fdev, fold="torch", slack=slack)]
         layers = groups[0].split(L)
     partial = folder / PARTIAL
@@ -137,9 +138,8 @@ def compute_stats(subject, corpus, atlas_dir, *, tokens: int | None = None, wind
         tensors = store.load_tensors(partial / "state.safetensors")
         for l, st in enumerate(layers):
             st.load_state(tensors, f"{l}.")
-        for g in groups:
-            g.count = layers[0].count
-            g._heaps = False
+        if stacked:             # the per-layer views loaded the memory; the count lives on the whole state
+            groups[0].count = layers[0].count
         done_batches, done_windows = prev["batches"], prev["windows"]
         elapsed_before = prev.get("seconds", 0.0)
 

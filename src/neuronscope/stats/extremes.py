@@ -110,10 +110,8 @@ class TopBuffer:
                 cnt[r2] = 0
         if not bool(cnt.any()):
             return
-        rr, cc = mask.nonzero(as_tuple=True)                  # row-major: each row's entries are consecutive
-        start = torch.cumsum(cnt, 0) - cnt
-        slot = torch.arange(rr.numel(), device=rr.device) - start[rr] + self.fill[rr]
-        self.buf[rr, slot] = new[rr, cc]
+        rr, cc = mask.nonzero(as_tuple=True)
+        self.buf[rr, _slots(rr, cnt) + self.fill[rr]] = new[rr, cc]
         self.fill += cnt
 
     def values(self) -> torch.Tensor:
@@ -154,6 +152,12 @@ class TopBuffer:
         return v
 
 
+def _slots(rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """For the row ids of a row-major `nonzero` (each row's entries consecutive) and the entries per row: each
+    entry's rank within its row, 0, 1, 2..."""
+    return torch.arange(rows.numel(), device=rows.device) - (torch.cumsum(counts, 0) - counts)[rows]
+
+
 def _fold_keys(state: torch.Tensor, new: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """Top-E keys of `state` [N, E] and of the values `new` [N, C] at token indices `index` [C].
 
@@ -170,22 +174,21 @@ def _fold_keys(state: torch.Tensor, new: torch.Tensor, index: torch.Tensor) -> t
         if m == 0:
             return state
         if m <= 4 * e:
-            rr, cc = mask.nonzero(as_tuple=True)              # row-major: each row's candidates are consecutive
-            slot = torch.arange(rr.numel(), device=rr.device) - (torch.cumsum(cnt, 0) - cnt)[rr]
+            rr, cc = mask.nonzero(as_tuple=True)
             pad = torch.full((state.shape[0], m), PAD_KEY, dtype=torch.int64, device=state.device)
-            pad[rr, slot] = make_keys(new[rr, cc], index[cc])
+            pad[rr, _slots(rr, cnt)] = make_keys(new[rr, cc], index[cc])
             return torch.topk(torch.cat([state, pad], dim=1), e, dim=1, sorted=False).values
-    return _fold_keys_dense(state, new, index)
+    return _fold_keys_dense(state, new, index, thr_key)
 
 
-def _fold_keys_dense(state: torch.Tensor, new: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """_fold_keys by a top-E of each row of the new values.
+def _fold_keys_dense(state: torch.Tensor, new: torch.Tensor, index: torch.Tensor,
+                     thr_key: torch.Tensor) -> torch.Tensor:
+    """_fold_keys by a top-E of each row of the new values (thr_key: each row's smallest key in `state`).
 
     Only values >= max(the state's E-th value, the chunk's E-th value) can enter (ties included, since the key
     breaks them), so keys are made for those candidates only.
     """
     e, c = state.shape[1], new.shape[1]
-    thr_key = state.min(dim=1).values
     thr = torch.where(thr_key == PAD_KEY, torch.full(thr_key.shape, float("-inf"), device=state.device),
                       from_ordered_int(thr_key >> 32))
     if c > e:
@@ -320,9 +323,6 @@ class LayerExtremes:
         self._bot.add(p)
         self._ex_bot = _fold_keys(self._ex_bot, p, index)
         self._heaps = False
-
-    def flush(self) -> None:
-        """Nothing is buffered between batches (kept for callers of the earlier, chunked fold)."""
 
     @property
     def top(self) -> torch.Tensor:

@@ -38,7 +38,6 @@ def exemplar_windows(layers: Sequence[LayerExtremes], window: int) -> set[int]:
     """Ids of the windows that any exemplar of any neuron points into."""
     need: set[int] = set()
     for st in layers:
-        st.flush()
         for keys in (st.ex_top, st.ex_bot):
             _, idx = split_keys(keys)
             w = torch.unique(idx[idx >= 0] // window)
