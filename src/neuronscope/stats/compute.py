@@ -20,7 +20,6 @@ from .. import store
 from ..errors import NeuronscopeError
 from .corpus import Window, check_corpus, corpus_signature, iter_windows, parse_shard, shard_of
 from .extremes import LayerExtremes
-from .quantiles import LEVELS
 from .results import NeuronStats, exemplar_windows, write_arrays, write_windows
 
 PARTIAL = ".stats-partial"
@@ -281,10 +280,10 @@ def finish(subject, folder: Path, layers: Sequence[LayerExtremes], settings: dic
     section = dict(settings)
     section.update({
         "complete": True, "tokens": n, "windows": n_windows, "seconds": round(seconds, 3),
-        "tokens_per_s": round(n / seconds, 1) if seconds > 0 else None, "levels": list(LEVELS),
+        "tokens_per_s": round(n / seconds, 1) if seconds > 0 else None,
         "quantile_definition": "q(p) = r-th smallest, q(1-p) = r-th largest activation, r = ceil(p*n); NaN when "
                                "r > K",
-        "unresolved_levels": extra["unresolved_levels"], "files": ["stats.safetensors",
+        **extra, "files": ["stats.safetensors",
                                                                    "stats_extremes.safetensors"],
     })
     store.update_manifest(folder, "stats", section)

@@ -12,7 +12,6 @@ from typing import Sequence
 
 from .. import store
 from ..errors import NeuronscopeError
-from .quantiles import LEVELS
 from .results import NeuronStats, copy_windows, exemplar_windows, load_layers, write_arrays
 
 SAME = ("fingerprint", "corpus", "window", "tokens_limit", "k", "n_exemplars", "chat", "n_layers", "n_neurons",
@@ -71,7 +70,7 @@ def merge_shards(shard_dirs: Sequence, out_atlas_dir) -> "NeuronStats":
         "all_shards": shards[0] is None or len(dirs) == n_shards,
         "tokens": merged[0].count, "windows": sum(s.get("windows", 0) for s in secs),
         "seconds": round(sum(s.get("seconds", 0.0) for s in secs), 3), "merge_seconds":
-            round(time.perf_counter() - t0, 3), "levels": list(LEVELS), "unresolved_levels": extra["unresolved_levels"],
+            round(time.perf_counter() - t0, 3), **extra,
     })
     store.update_manifest(out, "stats", section)
     return NeuronStats.open(out)

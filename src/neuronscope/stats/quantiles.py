@@ -5,29 +5,18 @@ With n activations of a neuron and a level p < 1/2, let r = ceil(p * n) (at leas
     q(1 - p) = the r-th largest activation   (sorted descending, index r - 1).
 So q(p) is numpy's "inverted_cdf" quantile at p, and q(1 - p) is the mirror image (-q(p) of the negated values); the
 two tails are treated alike. The value is resolvable only when r <= K (the kept extremes) and r <= n; otherwise the
-quantile is NaN and a warning says how many more values (a larger K) or fewer tokens it would need.
+quantile is NaN and a warning says how many more values (a larger K) or fewer tokens it would need. Levels, ranks
+and which levels a corpus resolves: levels.py.
 """
 from __future__ import annotations
 
-import math
 import warnings
 
 import torch
 
-LEVELS = (1e-7, 1e-6, 1e-5, 1e-4, 1 - 1e-4, 1 - 1e-5, 1 - 1e-6, 1 - 1e-7)
-LOW_LEVELS = (1e-7, 1e-6, 1e-5, 1e-4)
+from .levels import LEVELS, tail_of, tail_rank
 
-
-def tail_rank(p: float, n: int) -> int:
-    """r = ceil(p * n), at least 1, computed without float noise (1e-5 * 100000 is exactly rank 1)."""
-    x = p * n
-    r = math.ceil(x - 1e-9 * max(1.0, abs(x)))
-    return max(1, r)
-
-
-def tail_of(level: float) -> tuple[str, float]:
-    """('low', p) for level p < 1/2, ('high', 1 - level) otherwise."""
-    return ("low", level) if level < 0.5 else ("high", 1.0 - level)
+LOW_LEVELS = tuple(x for x in LEVELS if x < 0.5)
 
 
 def quantiles_from_extremes(top_desc: torch.Tensor, bottom_asc: torch.Tensor, n: int,

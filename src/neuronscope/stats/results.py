@@ -22,7 +22,9 @@ import torch
 from .. import store
 from ..errors import NeuronscopeError
 from .extremes import LayerExtremes, sort_keys_desc, split_keys
-from .quantiles import LEVELS, quantiles_from_extremes
+from . import levels as levels_mod
+from .levels import LEVELS, Levels, fmt_level
+from .quantiles import quantiles_from_extremes
 
 STATS_FILE = "stats.safetensors"
 EXTREMES_FILE = "stats_extremes.safetensors"
@@ -88,16 +90,17 @@ def copy_windows(src_folders: Sequence[Path], dest: Path, need: set[int]) -> Non
 
 
 def write_arrays(folder: Path, layers: Sequence[LayerExtremes], meta: dict[str, Any]) -> dict[str, Any]:
-    """Write stats.safetensors and stats_extremes.safetensors from finished per-layer statistics."""
+    """Write stats.safetensors and stats_extremes.safetensors from finished per-layer statistics; returns the
+    manifest entries about the levels (`Levels.to_manifest`: ranks, unresolved levels, normalisation levels)."""
     n = layers[0].count
     extremes: dict[str, torch.Tensor] = {}
+    levels = tuple(meta.get("levels") or LEVELS)
     quants, means, vars_, ex = [], [], [], {k: [] for k in ("pv", "pi", "nv", "ni")}
-    unresolved = []
     for l, st in enumerate(layers):
         top, bot = st.sorted_top(), st.sorted_bottom()
         kt, kb = sort_keys_desc(st.ex_top), sort_keys_desc(st.ex_bot)
         extremes.update({f"top.{l}": top, f"bottom.{l}": bot, f"ex_top.{l}": kt, f"ex_bot.{l}": kb})
-        q = quantiles_from_extremes(top, bot, n, LEVELS, warn=False)
+        q = quantiles_from_extremes(top, bot, n, levels, warn=False)
         quants.append(q)
         means.append(st.mean)
         vars_.append(st.var())
@@ -108,17 +111,15 @@ def write_arrays(folder: Path, layers: Sequence[LayerExtremes], meta: dict[str, 
         ex["nv"].append(-nv)
         ex["ni"].append(ni)
     q = torch.stack(quants, dim=1)                        # [levels, L, N]
-    for i, level in enumerate(LEVELS):
-        if torch.isnan(q[i]).all():
-            unresolved.append(level)
-    if unresolved:
+    info = Levels(levels, n, layers[0].k).to_manifest()
+    if info["not_stored_levels"]:
         import warnings
-        warnings.warn(f"Quantiles {', '.join(f'{x:g}' for x in unresolved)} are not resolvable from {n} tokens "
-                      f"with K={layers[0].k}; stored as NaN.", stacklevel=3)
+        warnings.warn(f"Quantiles {', '.join(fmt_level(x) for x in info['not_stored_levels'])} are not resolvable "
+                      f"from {n} tokens with K={layers[0].k} (rank > K); stored as NaN.", stacklevel=3)
     L, N = len(layers), layers[0].n
     arrays = {
         "quantiles": q,
-        "levels": torch.tensor(LEVELS, dtype=torch.float64),
+        "levels": torch.tensor(levels, dtype=torch.float64),
         "count": torch.full((L, N), n, dtype=torch.int64),
         "mean": torch.stack(means), "var": torch.stack(vars_),
         "ex_pos_value": torch.stack(ex["pv"]), "ex_pos_index": torch.stack(ex["pi"]),
@@ -126,7 +127,7 @@ def write_arrays(folder: Path, layers: Sequence[LayerExtremes], meta: dict[str, 
     }
     store.save_tensors(folder / EXTREMES_FILE, extremes, {"k": str(layers[0].k), "count": str(n)})
     store.save_tensors(folder / STATS_FILE, arrays, {"window": str(meta["window"])})
-    return {"unresolved_levels": unresolved}
+    return info
 
 
 def load_layers(folder: Path) -> list[LayerExtremes]:
@@ -202,27 +203,41 @@ class NeuronStats:
         raise NeuronscopeError(f"No quantile at level {level}; the stored levels are "
                                f"{', '.join(f'{x:g}' for x in self.levels)}.")
 
-    def normalise(self, acts: torch.Tensor, layers: Sequence[int] | None = None) -> torch.Tensor:
-        """Signed normalised activations: positive values / q(1-1e-5), negative values / |q(1e-5)|.
+    @property
+    def level_info(self) -> Levels:
+        """The stored levels over this corpus: each one's rank r, effective rank r/n, and whether the corpus
+        resolves it (n * p >= 1; else it is only the sample extreme) and it is stored (r <= K)."""
+        k = self.info.get("k")
+        return Levels(self.levels, self.tokens, int(k) if k is not None else None)
 
-        acts: [..., L, T, N] (or [L, T, N]) for all layers, or for `layers` (their count as L). |result| > 1 means
-        beyond the extreme quantile; the sign is the polarity. A neuron whose positive (negative) tail never
-        passes zero divides by a tiny number instead, so any activation of that sign reads as firing.
-        """
-        acts = torch.as_tensor(acts)
-        hi = self.quantile(1 - 1e-5)
-        lo = self.quantile(1e-5)
+    def norm_levels(self) -> tuple[float, float]:
+        """(high, low) levels that `normalise` divides by: 1 - 1e-5 and 1e-5, or the most extreme levels this
+        corpus resolves that are not beyond them (see levels.py)."""
+        return self.level_info.norm_levels()
+
+    def norm_scale(self, layers: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The positive divisors (hi, lo) [L, N] float32 of the normalised activation (for `layers`, or all)."""
+        lv_hi, lv_lo = self.norm_levels()
+        hi, lo = levels_mod.divisors(self.quantile(lv_hi), self.quantile(lv_lo))
         if layers is not None:
             idx = torch.as_tensor(list(layers), dtype=torch.long)
             hi, lo = hi[idx], lo[idx]
+        return hi, lo
+
+    def normalise(self, acts: torch.Tensor, layers: Sequence[int] | None = None) -> torch.Tensor:
+        """Signed normalised activations: positive values / q(1-1e-5), negative values / |q(1e-5)| (DESIGN.md),
+        or by the most extreme levels the corpus resolves (`norm_levels`) when it is too small for 1e-5.
+
+        acts: [..., L, T, N] (or [L, T, N]) for all layers, or for `layers` (their count as L). |result| > 1 means
+        beyond the level; the sign is the polarity. A neuron whose positive (negative) tail never passes zero
+        divides by a tiny number instead, so any activation of that sign reads as firing.
+        """
+        acts = torch.as_tensor(acts)
+        hi, lo = self.norm_scale(layers)
         if acts.ndim < 3 or acts.shape[-3] != hi.shape[0] or acts.shape[-1] != hi.shape[1]:
             raise NeuronscopeError(f"Activations must have shape [..., {hi.shape[0]}, T, {hi.shape[1]}], "
                                    f"got {list(acts.shape)}.")
-        tiny = 1e-12
-        hi = hi.clamp_min(tiny).unsqueeze(1).to(acts.device, torch.float32)
-        lo = (-lo).clamp_min(tiny).unsqueeze(1).to(acts.device, torch.float32)
-        a = acts.float()
-        return torch.where(a >= 0, a / hi, a / lo)
+        return levels_mod.normalise(acts, hi.unsqueeze(1), lo.unsqueeze(1))
 
     # ---- exemplars ----------------------------------------------------------------------------------------
     def _window(self, w: int) -> tuple[list[int], list[str], str]:
