@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup test bench clean
+.PHONY: setup test lint bench clean
 
 setup:
 	$(PY) -m venv $(VENV)
@@ -15,8 +15,13 @@ setup:
 	$(BIN)/python -m neuronscope.stats.fold_cpu
 	bash scripts/setup_system.sh
 
-test:
+# lint and types first: `make test` fails when ruff or mypy does (the config is in pyproject.toml)
+test: lint
 	$(BIN)/python -m pytest -n 2 --dist loadgroup -q
+
+lint:
+	$(BIN)/ruff check src tests bench
+	$(BIN)/mypy
 
 # The benchmark gets its own venv: the peer libraries (nnsight, pyvene, transformer-lens) never enter .venv.
 BENCH_VENV := .venv-bench

@@ -65,7 +65,7 @@ def test_read_vectors_compute_the_activation(model_type):
     x = norm(h)  # the model's own norm module, applied to the captured stream
     reads = s.spec.read_vectors(s.model, layer)
     mlp = s.spec.layer_part(s.model, layer, "mlp")
-    act = getattr(mlp, "act_fn", None) or getattr(mlp, "activation_fn", None) or getattr(mlp, "act")
+    act = getattr(mlp, "act_fn", None) or getattr(mlp, "activation_fn", None) or mlp.act
     if s.spec.gated:
         expected = act(x @ reads["gate"].T) * (x @ reads["up"].T)
     else:

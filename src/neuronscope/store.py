@@ -53,7 +53,8 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.load(f)
 
 
-def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
+                 metadata: dict[str, str] | None = None) -> None:
     """Save tensors as safetensors, atomically (contiguous CPU copies)."""
     from safetensors.torch import save_file
     clean = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}

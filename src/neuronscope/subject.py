@@ -435,7 +435,7 @@ def save_converted(subject: "Subject", folder: Path) -> None:
         except OSError:  # another process finished first: theirs is as good as ours
             pass
     except Exception as exc:  # noqa: BLE001 - a cache must never break loading
-        warnings.warn(f"neuronscope could not cache the converted GGUF model in {folder}: {exc}")
+        warnings.warn(f"neuronscope could not cache the converted GGUF model in {folder}: {exc}", stacklevel=2)
     finally:
         if tmp is not None and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -135,7 +135,8 @@ def _decode_fused(u: torch.Tensor, W: torch.Tensor, k: int, sides, block: int,
         v0, i0 = (b0 if s == "pos" else torch.neg(b0)).topk(k, dim=1)
         acc = (ex.sum(1) if s == "pos" else ex.reciprocal().sum(1)).double()
         tau = v0[:, -1:].clone()                    # k-th largest of the first block <= final k-th largest
-        state[s] = dict(tau=tau if s == "pos" else -tau, acc=acc, rows=[torch.arange(n, device=u.device).repeat_interleave(k)],
+        state[s] = dict(tau=tau if s == "pos" else -tau, acc=acc,
+                        rows=[torch.arange(n, device=u.device).repeat_interleave(k)],
                         cols=[i0.reshape(-1)], vals=[v0.reshape(-1)])
     for b in range(first, V, block):
         e = min(V, b + block)
