@@ -33,7 +33,12 @@ def monitor(subject, atlas_dir):
 
 @pytest.fixture(scope="module")
 def client(monitor):
-    return TestClient(create_app(monitor))
+    return Client(create_app(monitor))
+
+
+def Client(app, **kw) -> TestClient:
+    """A test client that reaches the app by this machine's address (the Host check's default)."""
+    return TestClient(app, base_url="http://127.0.0.1", **kw)
 
 
 def new_session(client) -> str:
@@ -92,12 +97,14 @@ def test_tokens_have_top5_matching_the_logits(client, subject):
     toks = client.get(f"/api/sessions/{sid}/tokens").json()["tokens"]
     ids = torch.tensor([[t["id"] for t in toks]])
     probs = torch.softmax(subject.logits(ids)[0].float(), -1)
-    for t in toks:
+    assert toks[0]["prob"] is None and toks[0]["top5"] == []
+    for t in toks[1:]:  # the rivals of a token are what the model predicted at ITS position (from the logits before)
         top = t["top5"]
+        p = probs[t["position"] - 1]
         assert len(top) == 5 and all(a["prob"] >= b["prob"] for a, b in zip(top, top[1:]))
-        assert [a["id"] for a in top] == probs[t["position"]].topk(5).indices.tolist()
-        assert top[0]["prob"] == pytest.approx(float(probs[t["position"]].max()), rel=1e-4)
-    assert toks[0]["prob"] is None
+        assert [a["id"] for a in top] == p.topk(5).indices.tolist()
+        assert top[0]["prob"] == pytest.approx(float(p.max()), rel=1e-4)
+        assert t["prob"] == pytest.approx(float(p[t["id"]]), rel=1e-4) and t["prob"] <= top[0]["prob"] + 1e-6
     assert toks[3]["prob"] == pytest.approx(float(probs[2, toks[3]["id"]]), rel=1e-4)
     assert "".join(t["text"] for t in toks if t["role"] == "user").strip() == PROMPT
 
@@ -161,7 +168,7 @@ def test_attribution_matches_the_library_and_is_cached(client, monitor, subject)
         [(r["layer"], r["position"], r["neuron"]) for r in ref.rows()[:50]]
     assert all(r["position"] < pos for r in d["rows"])
     assert sum(d["position_scores"]) == pytest.approx(float(ref.score.sum()), rel=1e-4)
-    session = monitor.sessions.get(sid)
+    session = monitor.sessions.get(sid, client.cookies["ns_client"])
     cached = session.cache[("attr", pos, None)]
     again = client.get(f"/api/sessions/{sid}/attribution", params={"position": pos, "page": 1}).json()
     assert session.cache[("attr", pos, None)] is cached  # computed once for this conversation state
@@ -291,7 +298,7 @@ def test_other_bad_inputs(client):
 
 def test_conversation_length_is_capped(subject, atlas_dir):
     mon = Monitor(subject, Knowledge.load(subject, atlas_dir), limits=Limits(max_tokens=40))
-    c = TestClient(create_app(mon))
+    c = Client(create_app(mon))
     sid = new_session(c)
     r = c.post(f"/api/sessions/{sid}/chat", json={"message": PROMPT, "max_new_tokens": 40})
     assert r.status_code == 400 and "limit of 40" in r.json()["error"]
@@ -309,7 +316,7 @@ def test_sessions_share_the_model_safely_and_do_not_leak(client, subject):
 
     def run(p):
         try:
-            c = TestClient(client.app)
+            c = Client(client.app, cookies=dict(client.cookies))
             ev = sse_events(c.post(f"/api/sessions/{sids[p]}/chat",
                                    json={"message": p, "max_new_tokens": 16}).text)
             att = c.get(f"/api/sessions/{sids[p]}/attribution", params={"position": 3}).json()
@@ -331,7 +338,7 @@ def test_sessions_share_the_model_safely_and_do_not_leak(client, subject):
 def test_idle_sessions_expire(subject):
     now = [0.0]
     store = SessionStore(ttl=60, max_sessions=3, clock=lambda: now[0])
-    c = TestClient(create_app(Monitor(subject, sessions=store)))
+    c = Client(create_app(Monitor(subject, sessions=store)))
     a = new_session(c)
     now[0] = 30
     b = new_session(c)
@@ -348,7 +355,7 @@ def test_without_statistics_the_views_degrade_clearly(subject):
     import tempfile
     folder = tempfile.mkdtemp(prefix="ns-atlas-nostats-")
     build_atlas(subject, folder, progress=False)
-    c = TestClient(create_app(Monitor(subject, Knowledge.load(subject, folder))))
+    c = Client(create_app(Monitor(subject, Knowledge.load(subject, folder))))
     info = c.get("/api/info").json()
     assert info["capabilities"]["stats"] is False and any("statistics" in n for n in info["notes"])
     sid = new_session(c)
@@ -401,7 +408,7 @@ def test_cli_serve_prints_the_url_and_serves(atlas_dir):
 
 
 def test_without_an_atlas_decodes_come_from_the_weights(subject):
-    c = TestClient(create_app(Monitor(subject)))
+    c = Client(create_app(Monitor(subject)))
     d = c.get("/api/neurons/3/7", params={"n_exemplars": 0}).json()
     assert d["decodes_source"] == "model" and d["exemplars"] == {"pos": [], "neg": []}
     spec, m = subject.spec, subject.model
@@ -416,11 +423,11 @@ def test_answers_stream_over_http_token_by_token(monitor):
     import httpx
 
     from tests.test_server_support import LiveServer
-    with LiveServer(create_app(monitor)) as srv:
-        sid = httpx.post(srv.url + "/api/sessions").json()["session_id"]
+    with LiveServer(create_app(monitor)) as srv, httpx.Client(timeout=60) as http:  # keeps the client cookie
+        sid = http.post(srv.url + "/api/sessions").json()["session_id"]
         chunks = []
-        with httpx.stream("POST", f"{srv.url}/api/sessions/{sid}/chat", timeout=60,
-                          json={"message": PROMPT, "max_new_tokens": 40}) as r:
+        with http.stream("POST", f"{srv.url}/api/sessions/{sid}/chat",
+                         json={"message": PROMPT, "max_new_tokens": 40}) as r:
             assert r.headers["content-type"].startswith("text/event-stream")
             for chunk in r.iter_raw():
                 chunks.append(chunk)
@@ -450,7 +457,7 @@ def test_descriptions_show_in_the_views_and_the_concept_search(client, atlas_dir
 @pytest.mark.slow
 def test_chat_template_model_smollm2(smollm):
     mon = Monitor(smollm)
-    c = TestClient(create_app(mon))
+    c = Client(create_app(mon))
     sid = new_session(c)
     q = "What is the capital of France?"
     ev = sse_events(c.post(f"/api/sessions/{sid}/chat", json={"message": q, "max_new_tokens": 8}).text)

@@ -13,6 +13,10 @@ def serve(model: Optional[str] = ModelArg, atlas: Optional[str] = typer.Option(
           host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (default: this machine only)."),
           port: int = typer.Option(8000, "--port", help="Port to listen on (0: any free port)."),
           session_ttl: float = typer.Option(1800.0, "--session-ttl", help="Seconds before an idle session expires."),
+          allow_host: Optional[list[str]] = typer.Option(
+              None, "--allow-host", help="Also answer requests whose Host header names this (repeatable; '*': any). "
+                                         "By default only the bound address (and localhost names for a loopback "
+                                         "bind) are accepted, against DNS rebinding."),
           gguf_file: Optional[str] = GgufOpt, dtype: str = DtypeOpt, device: Optional[str] = DeviceOpt) -> None:
     """Start the Monitor: chat with the model, watch neurons fire, attribute tokens, steer by concept.
 
@@ -24,6 +28,7 @@ def serve(model: Optional[str] = ModelArg, atlas: Optional[str] = typer.Option(
 
     from ..errors import NeuronscopeError
     from ..server import Knowledge, Monitor, SessionStore, create_app
+    from ..server.guard import host_names
 
     if not 0 <= port <= 65535:
         raise NeuronscopeError(f"Port {port} is out of range (0 to 65535).")
@@ -31,7 +36,11 @@ def serve(model: Optional[str] = ModelArg, atlas: Optional[str] = typer.Option(
         raise NeuronscopeError("--session-ttl must be a positive number of seconds.")
     subject = load_subject(model, gguf_file, dtype, device)
     knowledge = Knowledge.load(subject, atlas)
-    app = create_app(Monitor(subject, knowledge, sessions=SessionStore(ttl=session_ttl)))
+    mon = Monitor(subject, knowledge)
+    mon.sessions = SessionStore(ttl=session_ttl, max_sessions=mon.limits.max_sessions,
+                                max_per_client=mon.limits.max_sessions_per_client)
+    allowed = host_names(host, allow_host or ())
+    app = create_app(mon, allowed_hosts=allowed)
     for note in knowledge.notes:
         console.print(f"[yellow]note:[/yellow] {note}")
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
@@ -44,6 +53,8 @@ def serve(model: Optional[str] = ModelArg, atlas: Optional[str] = typer.Option(
     shown = f"[{host}]" if ":" in host else host
     console.print(f"Monitor for {subject.name} at [bold]http://{shown}:{real_port}/[/bold]  (Ctrl+C to stop)",
                   highlight=False, soft_wrap=True)
+    if allowed is None:
+        console.print("[yellow]note:[/yellow] any Host header is accepted (wildcard bind or --allow-host '*').")
     config = uvicorn.Config(app, log_level="warning")
     uvicorn.Server(config).run(sockets=[sock])
 

@@ -7,7 +7,8 @@
 """
 from .app import create_app
 from .knowledge import Knowledge
-from .monitor import Limits, Monitor
-from .sessions import Session, SessionStore
+from .limits import Limits
+from .monitor import Monitor
+from .sessions import Session, SessionStore, StoreFull
 
-__all__ = ["create_app", "Monitor", "Knowledge", "Limits", "Session", "SessionStore"]
+__all__ = ["create_app", "Monitor", "Knowledge", "Limits", "Session", "SessionStore", "StoreFull"]

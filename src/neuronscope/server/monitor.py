@@ -5,17 +5,19 @@
     for event in mon.send(s, "Tell me about dogs", max_new_tokens=40): ...   # {"type": "token", ...}
     mon.activations(s, page_size=20)["rows"]
 
-One model serves every session: all model work runs under `Monitor.model_lock` (requests queue on it). Views of a
-conversation state are computed once and cached in the session until the conversation or its steerings change.
-Models without a chat template chat by plain continuation: the conversation is the text of its turns, one after the
-other, and the model continues it.
+One model serves every session: every model call runs under `Monitor.model_lock`, a first-come first-served lock,
+and answers are decoded one token per lock hold (`decoding.decode`), so one session's answer never waits for another
+session's whole answer, only for its current model call. An answer is generated to its end on the server even if the
+client goes away, and kept in the session (a reload mid-answer finds it; `state()["generating"]` shows the partial
+text meanwhile). Views of a conversation state are computed once and cached in the session until the conversation or
+its steerings change. Models without a chat template chat by plain continuation: the conversation is the text of its
+turns, the model continues it, and a separator (`PLAIN_SEPARATOR`, shown on the page) goes before each new user turn.
 """
 from __future__ import annotations
 
 import math
 import queue
 import threading
-from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
@@ -23,49 +25,17 @@ import torch
 from ..attribution import attribute
 from ..errors import NeuronscopeError
 from ..interventions import Capture, Clamp, intervene
+from .decoding import FairLock, decode
 from .knowledge import Knowledge
+from .limits import Limits
 from .sessions import Message, Session, SessionStore, Steering
 
 MODES = ("strengthen", "suppress", "clamp")
 SORTS = ("activation", "layer", "neuron", "count")
-
-
-@dataclass
-class Limits:
-    """Bounds on every input (each breach is a NeuronscopeError: a 400 with a message)."""
-    max_message_chars: int = 4000
-    max_tokens: int = 1024          # whole conversation, generated tokens included
-    max_new_tokens: int = 256
-    max_temperature: float = 2.0
-    max_strength: float = 2.0
-    max_clamp: float = 1e4
-    max_steer_neurons: int = 1000
-    attribution_top: int = 1000
-    raw_per_token: int = 10         # without statistics: strongest raw activations shown per token
-    max_page_size: int = 1000
-
-
-class _Cancelled(Exception):
-    pass
-
-
-class _QueueStreamer:
-    """A transformers streamer that forwards each new token id to a queue (the first `put` is the prompt)."""
-
-    def __init__(self, q: queue.Queue, cancel: threading.Event):
-        self.q, self.cancel, self.prompt_seen = q, cancel, False
-
-    def put(self, value):
-        if self.cancel.is_set():
-            raise _Cancelled()
-        if not self.prompt_seen:
-            self.prompt_seen = True
-            return
-        for t in value.reshape(-1).tolist():
-            self.q.put(("token", int(t)))
-
-    def end(self):
-        pass
+CONTENT_ROLES = ("user", "assistant")      # other tokens are chat template, system prompt or turn separators
+PLAIN_SEPARATOR = "\n\n"                   # between turns of a plain-continuation chat (no chat template)
+INTERPRETABLE_SCORE = 0.3                  # a description's simulator score from which a neuron counts as interpretable
+EXPORT_FORMAT = "neuronscope-monitor-session/1"
 
 
 class Monitor:
@@ -74,8 +44,11 @@ class Monitor:
         self.subject = subject
         self.knowledge = knowledge if knowledge is not None else Knowledge.load(subject, None)
         self.limits = limits if limits is not None else Limits()
-        self.sessions = sessions if sessions is not None else SessionStore()
-        self.model_lock = threading.Lock()
+        self.sessions = sessions if sessions is not None else SessionStore(
+            max_sessions=self.limits.max_sessions, max_per_client=self.limits.max_sessions_per_client)
+        self.model_lock = FairLock()
+        self._desc: dict | None = None
+        self._desc_lock = threading.Lock()
         max_pos = getattr(subject.config, "max_position_embeddings", None)
         if max_pos:
             self.limits.max_tokens = min(self.limits.max_tokens, int(max_pos))
@@ -92,7 +65,7 @@ class Monitor:
                 "chat_template": self.chat_template,
                 "chat_mode": "chat template" if self.chat_template else "plain continuation (no chat template)",
                 "capabilities": self.knowledge.capabilities, "notes": list(self.knowledge.notes),
-                "limits": dict(self.limits.__dict__)}
+                "limits": self.limits.public()}
 
     # ---- rendering the conversation ----------------------------------------------------------------------
     def _encode_chat(self, msgs: list[Message], gen: bool) -> list[int]:
@@ -106,11 +79,19 @@ class Monitor:
         tok = self.subject.tokenizer
         ids: list[int] = [tok.bos_token_id] if getattr(tok, "bos_token_id", None) is not None else []
         spans = []
-        for m in msgs:
+        sep = self._separator_ids()
+        for k, m in enumerate(msgs):
+            if k and m.role == "user":
+                ids += sep
             part = m.ids if m.ids is not None else tok(m.content, add_special_tokens=False)["input_ids"]
             spans.append((len(ids), len(ids) + len(part)))
             ids += list(part)
         return ids, spans
+
+    def _separator_ids(self) -> list[int]:
+        if not hasattr(self, "_sep"):
+            self._sep = list(self.subject.tokenizer(PLAIN_SEPARATOR, add_special_tokens=False)["input_ids"])
+        return self._sep
 
     def render(self, s: Session) -> dict[str, Any]:
         """The conversation's token ids, with the span [start, end) of each message (cached per version)."""
@@ -127,11 +108,34 @@ class Monitor:
             ids, spans = self._plain_ids(s.messages)
         roles = ["template"] * len(ids)
         msg_of = [-1] * len(ids)
+        strs = self.display_tokens(ids)
         for k, (a, b) in enumerate(spans):
-            for t in range(a, min(b, len(ids))):
-                roles[t], msg_of[t] = s.messages[k].role, k
-        r = s.cache["render"] = {"ids": ids, "spans": spans, "roles": roles, "message": msg_of}
+            b = min(b, len(ids))
+            content = self._content_positions(strs, a, b, s.messages[k].content)
+            for t in range(a, b):
+                msg_of[t] = k
+                if t in content:
+                    roles[t] = s.messages[k].role
+        if not self.chat_template:
+            for t in range(len(ids)):
+                if msg_of[t] < 0 and t > 0:
+                    roles[t] = "separator"
+        r = s.cache["render"] = {"ids": ids, "spans": spans, "roles": roles, "message": msg_of, "strings": strs}
         return r
+
+    @staticmethod
+    def _content_positions(strs: list[str], a: int, b: int, content: str) -> set[int]:
+        """Positions in [a, b) whose text is part of the message's own text (not its template or system prompt)."""
+        offsets, text = [], ""
+        for t in range(a, b):
+            offsets.append(len(text))
+            text += strs[t]
+        needle = content.strip()
+        at = text.rfind(needle) if needle else -1
+        if at < 0:
+            return set(range(a, b))
+        lo, hi = at, at + len(needle)
+        return {a + k for k, o in enumerate(offsets) if o < hi and o + len(strs[a + k]) > lo}
 
     def _prompt_ids(self, s: Session) -> list[int]:
         if self.chat_template:
@@ -182,8 +186,7 @@ class Monitor:
                                    f"{self.limits.max_message_chars}.")
         self._check_gen(max_new_tokens, temperature)
         with s.lock:
-            if s.messages and s.messages[-1].role == "user" and not self.chat_template:
-                pass
+            self._check_idle(s)
             s.messages.append(Message("user", content))
             try:
                 prompt = self._checked_prompt(s, max_new_tokens)
@@ -191,6 +194,7 @@ class Monitor:
                 s.messages.pop()
                 raise
             s.changed()
+            s.generating = {"text": "", "n_tokens": 0}
         return self._stream(s, prompt, max_new_tokens, temperature, seed)
 
     def regenerate(self, s: Session, *, max_new_tokens: int = 64, temperature: float = 0.0,
@@ -198,9 +202,13 @@ class Monitor:
         """Drop the last answer (if any) and answer the last user message again, with the current steerings."""
         self._check_gen(max_new_tokens, temperature)
         with s.lock:
+            self._check_idle(s)
             msgs = list(s.messages)
+            previous: list[dict] = []
             if msgs and msgs[-1].role == "assistant":
-                msgs.pop()
+                last = msgs.pop()
+                previous = ([{"content": last.content, "steered_by": last.steered_by}] +
+                            last.previous)[:self.limits.max_previous_answers]
             if not msgs or msgs[-1].role != "user":
                 raise NeuronscopeError("There is no message to answer yet; send one first.")
             old = s.messages
@@ -211,11 +219,18 @@ class Monitor:
                 s.messages = old
                 raise
             s.changed()
-        return self._stream(s, prompt, max_new_tokens, temperature, seed)
+            s.generating = {"text": "", "n_tokens": 0}
+        return self._stream(s, prompt, max_new_tokens, temperature, seed, previous=previous)
+
+    @staticmethod
+    def _check_idle(s: Session) -> None:
+        if s.generating is not None:
+            raise NeuronscopeError("An answer is still being generated in this session; wait for it to finish.")
 
     def new_chat(self, s: Session) -> None:
         """Clear the conversation; steerings on generated tokens stay (their prompt ranges are dropped)."""
         with s.lock:
+            self._check_idle(s)
             s.messages = []
             for sid in list(s.steerings):
                 st = s.steerings[sid]
@@ -234,7 +249,7 @@ class Monitor:
 
     def _generation_edits(self, s: Session, prompt_len: int) -> list:
         ivs = []
-        for st in s.steerings.values():
+        for st in self._active(s):
             ranges = [(a, min(b, prompt_len)) for a, b in st.ranges if a < prompt_len]
             positions = sorted({t for a, b in ranges for t in range(a, b)})
             if positions:
@@ -243,67 +258,73 @@ class Monitor:
                 ivs += _clamps(st, "generated")
         return ivs
 
+    @staticmethod
+    def _active(s: Session) -> list[Steering]:
+        return [st for st in s.steerings.values() if st.enabled]
+
     def _stream(self, s: Session, prompt: list[int], max_new_tokens: int, temperature: float,
-                seed: int | None) -> Iterator[dict]:
+                seed: int | None, previous: list[dict] | None = None) -> Iterator[dict]:
+        """Start generating in a thread that finishes (and stores the answer) even if nobody reads the events."""
         q: queue.Queue = queue.Queue()
-        cancel = threading.Event()
-        version = s.version
         ivs = self._generation_edits(s, len(prompt))
-        steering_ids = [st.id for st in s.steerings.values() if st.generated]
-        ids = torch.tensor([prompt])
+        active = [st for st in self._active(s) if st.generated or st.ranges]
+        steering_ids = [st.id for st in active if st.generated]
+        steered_by = [st.public() for st in active]
+        new: list[int] = []
+
+        def on_token(t: int) -> None:
+            new.append(t)
+            text = self.subject.decode([x for x in new if x not in self.eos])
+            with s.lock:
+                s.generating = {"text": text, "n_tokens": len(new)}
+            q.put(("token", t))
 
         def work():
             try:
-                with self.model_lock, intervene(self.subject, *ivs):
-                    self.subject.generate_ids(ids, max_new_tokens=max_new_tokens, temperature=float(temperature),
-                                              seed=seed, streamer=_QueueStreamer(q, cancel))
-                q.put(("end", None))
-            except _Cancelled:
-                q.put(("end", None))
-            except Exception as exc:  # reported to the client as an error event
-                q.put(("error", f"Generation failed: {exc}"))
-
-        def events() -> Iterator[dict]:
-            thread = threading.Thread(target=work, daemon=True)
-            thread.start()
-            new: list[int] = []
-            text = ""
-            try:
-                while True:
-                    kind, val = q.get()
-                    if kind == "error":
-                        yield {"type": "error", "error": val}
-                        return
-                    if kind == "end":
-                        break
-                    if val in self.eos:
-                        new.append(val)
-                        continue
-                    new.append(val)
-                    full = self.subject.decode([t for t in new if t not in self.eos])
-                    delta, text = full[len(text):], full
-                    yield {"type": "token", "id": val, "text": delta, "token": self.subject.token_strings([val])[0]}
-                thread.join()
+                decode(self.subject, prompt, interventions=ivs, lock=self.model_lock, max_new_tokens=max_new_tokens,
+                       temperature=float(temperature), seed=seed, eos=self.eos, on_token=on_token)
                 content_ids = [t for t in new if t not in self.eos]
                 with s.lock:
-                    if s.version != version:
-                        yield {"type": "error", "error": "The conversation changed while answering; answer dropped."}
-                        return
-                    s.messages.append(Message("assistant", self.subject.decode(content_ids),
-                                              ids=content_ids, steerings=steering_ids))
+                    s.messages.append(Message("assistant", self.subject.decode(content_ids), ids=content_ids,
+                                              steerings=steering_ids, steered_by=steered_by,
+                                              previous=list(previous or [])))
+                    s.generating = None
                     s.changed()
+                    version = s.version
                 finish = "eos" if any(t in self.eos for t in new) else "length"
-                yield {"type": "done", "text": text, "n_tokens": len(new), "finish_reason": finish,
-                       "version": s.version, "steered": bool(steering_ids) or bool(ivs)}
-            finally:
-                cancel.set()
+                q.put(("end", {"finish": finish, "version": version}))
+            except Exception as exc:  # reported to the client as an error event
+                with s.lock:
+                    s.generating = None
+                q.put(("error", f"Generation failed: {exc}"))
+
+        threading.Thread(target=work, daemon=True, name=f"answer-{s.id[:6]}").start()
+
+        def events() -> Iterator[dict]:
+            text = ""
+            seen: list[int] = []
+            while True:
+                kind, val = q.get()
+                if kind == "error":
+                    yield {"type": "error", "error": val}
+                    return
+                if kind == "end":
+                    break
+                seen.append(val)
+                if val in self.eos:
+                    continue
+                full = self.subject.decode([t for t in seen if t not in self.eos])
+                delta, text = full[len(text):], full
+                yield {"type": "token", "id": val, "text": delta, "token": self.subject.token_strings([val])[0]}
+            yield {"type": "done", "text": text, "n_tokens": len(seen), "finish_reason": val["finish"],
+                   "version": val["version"], "steered": bool(steering_ids) or bool(ivs)}
         return events()
 
     # ---- one forward: tokens, top-5, activations ----------------------------------------------------------
     def _analysis_edits(self, s: Session) -> tuple[list, set[int]]:
         r = self.render(s)
         ivs, steered = [], set()
-        for st in s.steerings.values():
+        for st in self._active(s):
             pos = {t for a, b in st.ranges for t in range(a, min(b, len(r["ids"])))}
             if st.generated:
                 for k, m in enumerate(s.messages):
@@ -342,14 +363,16 @@ class Monitor:
         probs = torch.softmax(logits, -1)
         tp, ti = probs.topk(5, dim=-1)
         own = [None] + probs[torch.arange(T - 1), torch.tensor(ids[1:], dtype=torch.long)].tolist() if T > 1 else [None]
-        strs = self.display_tokens(ids)
+        strs = r["strings"]
         tokens = []
         for t in range(T):
-            alts = ti[t].tolist()
+            top5 = []
+            if t:  # what the model predicted AT this position (from the tokens before it): this token's rivals
+                alts = ti[t - 1].tolist()
+                top5 = [{"token": x, "id": i, "prob": p}
+                        for x, i, p in zip(self._next_strings(ids[t - 1], alts), alts, tp[t - 1].tolist())]
             tokens.append({"position": t, "id": ids[t], "text": strs[t], "role": r["roles"][t],
-                           "message": r["message"][t], "steered": t in steered, "prob": own[t],
-                           "top5": [{"token": x, "id": i, "prob": p}
-                                    for x, i, p in zip(self._next_strings(ids[t], alts), alts, tp[t].tolist())]})
+                           "message": r["message"][t], "steered": t in steered, "prob": own[t], "top5": top5})
         L, _, N = acts.shape
         norm = self.knowledge.normalise(acts)
         if norm is not None:
@@ -379,9 +402,30 @@ class Monitor:
         a = self.analysis(s)
         return {"version": s.version, "tokens": a["tokens"], "chat_mode": self.info()["chat_mode"]}
 
+    def _descriptions(self) -> dict[tuple[int, int, str], dict] | None:
+        """Every description, read once: {(layer, neuron, polarity): {"text", "score", "interpretable"}}."""
+        d = self.knowledge.descriptions
+        if d is None:
+            return None
+        with self._desc_lock:
+            if self._desc is None:
+                index = {}
+                for row in d.all():
+                    score = row.get("score")
+                    flag = row.get("interpretable")
+                    if flag is None:
+                        flag = score is not None and float(score) >= INTERPRETABLE_SCORE
+                    index[(int(row["layer"]), int(row["neuron"]), str(row["polarity"]))] = {
+                        "text": row.get("text"), "score": score, "interpretable": bool(flag)}
+                self._desc = index
+            return self._desc
+
     def _meta(self, row: dict) -> dict:
         if "description" not in row:
-            row["description"] = self.knowledge.description(row["layer"], row["neuron"], row["polarity"])
+            index = self._descriptions()
+            d = index.get((row["layer"], row["neuron"], row["polarity"])) if index is not None else None
+            row["description"] = d["text"] if d else None
+            row["interpretable"] = bool(d and d["interpretable"])
             row["top_tokens"] = self.knowledge.top_tokens(row["layer"], row["neuron"], row["polarity"])
         return row
 
@@ -395,8 +439,13 @@ class Monitor:
 
     def activations(self, s: Session, *, start: int | None = None, end: int | None = None, sort: str = "activation",
                     order: str = "desc", page: int = 0, page_size: int = 50, filter: str = "",
-                    polarity: str | None = None) -> dict[str, Any]:
-        """Neurons firing in the token range [start, end): one row per (layer, neuron, polarity), paged."""
+                    polarity: str | None = None, content_only: bool = False,
+                    interpretable: bool = False) -> dict[str, Any]:
+        """Neurons firing in the token range [start, end): one row per (layer, neuron, polarity), paged.
+
+        `content_only` keeps firings on the messages' own tokens (not the chat template, system prompt or turn
+        separators); `interpretable` keeps neurons whose description counts as interpretable (needs descriptions).
+        """
         if sort not in SORTS:
             raise NeuronscopeError(f"Unknown sort '{sort}'; use one of {', '.join(SORTS)}.")
         if order not in ("asc", "desc"):
@@ -408,14 +457,24 @@ class Monitor:
         a = self.analysis(s)
         T = len(a["tokens"])
         lo, hi = self._check_range(s, start, end, T)
+        if len(filter) > self.limits.max_filter_chars:
+            raise NeuronscopeError(f"The filter has {len(filter)} characters; the limit is "
+                                   f"{self.limits.max_filter_chars}.")
         needle = filter.strip().lower()
+        roles = self.render(s)["roles"]
+        index = self._descriptions() if interpretable else None
         view = []
         for row in a["rows"]:
             if polarity and row["polarity"] != polarity:
                 continue
-            inside = [(t, v) for t, v in zip(row["positions"], row["values"]) if lo <= t < hi]
+            inside = [(t, v) for t, v in zip(row["positions"], row["values"]) if lo <= t < hi
+                      and (not content_only or roles[t] in CONTENT_ROLES)]
             if not inside:
                 continue
+            if index is not None:
+                d = index.get((row["layer"], row["neuron"], row["polarity"]))
+                if not (d and d["interpretable"]):
+                    continue
             if needle:
                 self._meta(row)
                 hay = " ".join([f"l{row['layer']}/n{row['neuron']}", f"{row['layer']}:{row['neuron']}",
@@ -430,15 +489,18 @@ class Monitor:
         tints = [0.0] * T
         for row, _, _ in view:
             for t, v in zip(row["positions"], row["values"]):
-                tints[t] += v
+                if not content_only or roles[t] in CONTENT_ROLES:
+                    tints[t] += v
         rows = []
         for row, (t, v), count in view[page * page_size:(page + 1) * page_size]:
             self._meta(row)
             rows.append({"layer": row["layer"], "neuron": row["neuron"], "polarity": row["polarity"],
                          "activation": v, "position": t, "count": count, "description": row["description"],
-                         "top_tokens": row["top_tokens"],
+                         "interpretable": row["interpretable"], "top_tokens": row["top_tokens"],
                          "fires": [{"position": p, "value": x} for p, x in zip(row["positions"], row["values"])]})
         notes = list(self.knowledge.notes)
+        if interpretable and index is None:
+            notes.insert(0, "No descriptions: every firing neuron is shown (none can be judged interpretable).")
         if a["mode"] == "raw":
             notes.insert(0, f"Not normalised: no corpus statistics, so this shows the {self.limits.raw_per_token} "
                             "strongest raw activations of each token (values are raw activations).")
@@ -523,21 +585,69 @@ class Monitor:
             raise NeuronscopeError("The concept is longer than 200 characters.")
         return {"query": query, "results": self.knowledge.search(query, k=k), "notes": list(self.knowledge.notes)}
 
-    def clusters(self, s: Session, start: int | None = None, end: int | None = None,
-                 max_neurons: int = 300) -> dict[str, Any]:
-        """The neurons firing in [start, end) grouped into named clusters of related neurons."""
-        view = self.activations(s, start=start, end=end, page_size=max_neurons)
-        neurons = [(r["layer"], r["neuron"], r["polarity"]) for r in view["rows"]]
-        clusters, method = self.knowledge.clusters(neurons)
-        return {"version": s.version, "method": method, "n_neurons": len(neurons), "clusters": clusters,
-                "notes": view["notes"]}
+    def clusters(self, s: Session, start: int | None = None, end: int | None = None, *, max_neurons: int = 300,
+                 content_only: bool = False, interpretable: bool = False, sort: str = "activation",
+                 position: int | None = None) -> dict[str, Any]:
+        """The active concepts: neurons firing in [start, end) grouped into named clusters of related neurons.
+
+        Each cluster has its size, its summed activation (sum over members of |normalised activation| at their
+        firing tokens in the range) and, with `position`, its attribution to that token (sum of the members'
+        |a * dp/da| scores, any position); `sort` orders by "activation" or "attribution" (needs `position`).
+        """
+        if sort not in ("activation", "attribution", "size"):
+            raise NeuronscopeError(f"Unknown cluster sort '{sort}'; use activation, attribution or size.")
+        if sort == "attribution" and position is None:
+            raise NeuronscopeError("Sorting clusters by attribution needs a token: give its position.")
+        view = self.activations(s, start=start, end=end, page_size=min(max_neurons, self.limits.max_page_size),
+                                content_only=content_only, interpretable=interpretable)
+        lo, hi = view["start"], view["end"]
+        key = ("clusters", lo, hi, content_only, interpretable, max_neurons)
+        with s.lock:
+            base = s.cache.get(key)
+        if base is None:
+            neurons = [(r["layer"], r["neuron"], r["polarity"]) for r in view["rows"]]
+            found, method = self.knowledge.clusters(neurons)
+            act = {(r["layer"], r["neuron"], r["polarity"]): sum(abs(f["value"]) for f in r["fires"]
+                                                                 if lo <= f["position"] < hi)
+                   for r in view["rows"]}
+            out = []
+            for c in found:
+                members = [[int(m[0]), int(m[1]), str(m[2]) if len(m) > 2 else "pos"] for m in c["members"]]
+                out.append({"name": c["name"], "members": members, "tokens": list(c.get("tokens") or []),
+                            "size": len(members), "activation": float(sum(act.get(tuple(m), 0.0) for m in members))})
+            base = {"method": method, "n_neurons": len(neurons), "clusters": out}
+            with s.lock:
+                s.cache[key] = base
+        clusters = [dict(c, attribution=None) for c in base["clusters"]]
+        if position is not None:
+            att = self.attribution(s, position, page_size=1)
+            with s.lock:
+                rows = s.cache[("attr", position, None)]["rows"]
+            score: dict[tuple[int, int], float] = {}
+            for r in rows:
+                score[(r["layer"], r["neuron"])] = score.get((r["layer"], r["neuron"]), 0.0) + abs(r["score"])
+            for c in clusters:
+                c["attribution"] = float(sum(score.get((m[0], m[1]), 0.0) for m in c["members"]))
+            del att
+        by = {"activation": lambda c: -c["activation"], "size": lambda c: (-c["size"], -c["activation"]),
+              "attribution": lambda c: -(c["attribution"] or 0.0)}[sort]
+        clusters.sort(key=by)
+        return {"version": s.version, "method": base["method"], "n_neurons": base["n_neurons"], "sort": sort,
+                "position": position, "clusters": clusters, "notes": view["notes"]}
 
     # ---- steering -----------------------------------------------------------------------------------------
     def add_steering(self, s: Session, *, mode: str, concept: str | None = None,
                      neurons: list[list[int]] | None = None, strength: float = 0.75, value: float | None = None,
                      n_neurons: int | None = None, ranges: list[list[int]] | None = None,
-                     generated: bool = True) -> dict[str, Any]:
+                     generated: bool = True, label: str | None = None, enabled: bool = True) -> dict[str, Any]:
+        """Steer a concept (its neurons found by search) or explicit neurons; `label` names it (e.g. a cluster)."""
         L = self.limits
+        if label is not None and len(label) > L.max_concept_chars:
+            raise NeuronscopeError(f"The label has {len(label)} characters; the limit is {L.max_concept_chars}.")
+        if len(s.steerings) >= L.max_steerings:
+            raise NeuronscopeError(f"A session holds at most {L.max_steerings} steerings; remove one first.")
+        if ranges is not None and len(ranges) > L.max_ranges:
+            raise NeuronscopeError(f"A steering has at most {L.max_ranges} token ranges, got {len(ranges)}.")
         if mode not in MODES:
             raise NeuronscopeError(f"Unknown steering mode '{mode}'; use strengthen, suppress or clamp.")
         if not (isinstance(strength, (int, float)) and math.isfinite(strength) and 0 <= strength <= L.max_strength):
@@ -592,10 +702,11 @@ class Monitor:
                 else:
                     v = self.knowledge.strengthen_value(l, i, pol, strength)
                 vals.append((l, i, pol, v))
-            st = Steering(id=f"st{len(s.steerings) + 1}-{s.version}", mode=mode,
-                          concept=concept.strip() if concept else None,
+            s.n_steerings_made += 1
+            st = Steering(id=f"st{s.n_steerings_made}", mode=mode, concept=concept.strip() if concept else None,
                           strength=float(strength) if mode == "strengthen" else None, neurons=vals,
-                          ranges=clean_ranges, generated=bool(generated))
+                          ranges=clean_ranges, generated=bool(generated), enabled=bool(enabled),
+                          label=label.strip() if label and label.strip() else None)
             while st.id in s.steerings:
                 st.id += "x"
             s.steerings[st.id] = st
@@ -609,14 +720,118 @@ class Monitor:
             s.changed()
             return True
 
+    def set_steering(self, s: Session, steering_id: str, enabled: bool) -> dict[str, Any] | None:
+        """Switch a steering off (kept, not applied) or on again; None if there is no such steering."""
+        with s.lock:
+            st = s.steerings.get(steering_id)
+            if st is None:
+                return None
+            if st.enabled != bool(enabled):
+                st.enabled = bool(enabled)
+                s.changed()
+            return st.public()
+
     def state(self, s: Session) -> dict[str, Any]:
         with s.lock:
             r = self.render(s)
             return {"session_id": s.id, "version": s.version, "n_tokens": len(r["ids"]),
                     "messages": [{"role": m.role, "content": m.content, "steered": bool(m.steerings),
-                                  "start": r["spans"][k][0], "end": r["spans"][k][1]}
+                                  "start": r["spans"][k][0], "end": r["spans"][k][1], "steered_by": m.steered_by,
+                                  "previous": m.previous}
                                  for k, m in enumerate(s.messages)],
-                    "steerings": [st.public() for st in s.steerings.values()]}
+                    "steerings": [st.public() for st in s.steerings.values()],
+                    "generating": dict(s.generating) if s.generating is not None else None,
+                    "fingerprint": self.subject.fingerprint}
+
+    # ---- export / import ----------------------------------------------------------------------------------
+    def export(self, s: Session) -> dict[str, Any]:
+        """The session as JSON: conversation (with the exact answer ids), steerings, model fingerprint."""
+        with s.lock:
+            return {"format": EXPORT_FORMAT,
+                    "model": {"name": self.subject.name, "fingerprint": self.subject.fingerprint},
+                    "messages": [{"role": m.role, "content": m.content, "ids": m.ids, "steerings": list(m.steerings),
+                                  "steered_by": m.steered_by, "previous": m.previous} for m in s.messages],
+                    "steerings": [st.public() for st in s.steerings.values()],
+                    "n_steerings_made": s.n_steerings_made}
+
+    def import_session(self, s: Session, data: dict[str, Any]) -> dict[str, Any]:
+        """Replace an idle session's conversation and steerings by an export of this same model (validated)."""
+        L = self.limits
+        if not isinstance(data, dict) or data.get("format") != EXPORT_FORMAT:
+            raise NeuronscopeError(f"This is not a Monitor session export (format '{EXPORT_FORMAT}' expected).")
+        fp = (data.get("model") or {}).get("fingerprint")
+        if fp != self.subject.fingerprint:
+            raise NeuronscopeError(f"The session was exported from other weights (fingerprint {str(fp)[:40]}); "
+                                   f"this server runs {self.subject.name} ({self.subject.fingerprint}).")
+        msgs = data.get("messages") or []
+        if not isinstance(msgs, list):
+            raise NeuronscopeError("The export's messages must be a list.")
+        out: list[Message] = []
+        for k, m in enumerate(msgs):
+            role = m.get("role") if isinstance(m, dict) else None
+            if role != ("user" if k % 2 == 0 else "assistant"):
+                raise NeuronscopeError(f"Message {k} must be a {'user' if k % 2 == 0 else 'assistant'} turn.")
+            content = m.get("content")
+            if not isinstance(content, str) or len(content) > L.max_message_chars * 4:
+                raise NeuronscopeError(f"Message {k} has no text or is over {L.max_message_chars * 4} characters.")
+            ids = m.get("ids")
+            if ids is not None:
+                if not (isinstance(ids, list) and all(isinstance(t, int) and 0 <= t < self.subject.vocab_size
+                                                      for t in ids)):
+                    raise NeuronscopeError(f"Message {k} has token ids outside the vocabulary.")
+            out.append(Message(role, content, ids=ids, steerings=[str(x) for x in m.get("steerings") or []],
+                               steered_by=list(m.get("steered_by") or []), previous=list(m.get("previous") or [])))
+        steer = data.get("steerings") or []
+        if not isinstance(steer, list) or len(steer) > L.max_steerings:
+            raise NeuronscopeError(f"The export holds more than {L.max_steerings} steerings.")
+        with s.lock:
+            self._check_idle(s)
+            old = (s.messages, s.steerings, s.n_steerings_made)
+            s.messages, s.steerings = out, {}
+            try:
+                n_tokens = len(self.render(s)["ids"]) if out else 0
+                if n_tokens > L.max_tokens:
+                    raise NeuronscopeError(f"The conversation has {n_tokens} tokens, over the limit of "
+                                           f"{L.max_tokens}.")
+                for st in steer:
+                    if not isinstance(st, dict):
+                        raise NeuronscopeError("Each steering is an object.")
+                    neurons = st.get("neurons") or []
+                    if not isinstance(neurons, list) or not neurons or len(neurons) > L.max_steer_neurons:
+                        raise NeuronscopeError(f"Each steering needs 1 to {L.max_steer_neurons} neurons.")
+                    mode = st.get("mode")
+                    vals = []
+                    for n in neurons:
+                        l, i, pol = int(n["layer"]), int(n["neuron"]), str(n.get("polarity", "pos"))
+                        self._check_neuron(l, i)
+                        if pol not in ("pos", "neg"):
+                            raise NeuronscopeError("A neuron's polarity is pos or neg.")
+                        v = float(n["value"])
+                        if not math.isfinite(v) or abs(v) > max(L.max_clamp, 1e6):
+                            raise NeuronscopeError("A steering value is not a finite number.")
+                        vals.append((l, i, pol, v))
+                    if mode not in MODES:
+                        raise NeuronscopeError(f"Unknown steering mode '{str(mode)[:20]}'.")
+                    ranges = [(int(a), int(b)) for a, b in st.get("ranges") or []]
+                    if any(not 0 <= a < b <= n_tokens for a, b in ranges):
+                        raise NeuronscopeError("A steering's token range is outside the imported conversation.")
+                    sid = str(st.get("id") or f"st{len(s.steerings) + 1}")[:40]
+                    strength = st.get("strength")
+                    s.steerings[sid] = Steering(
+                        id=sid, mode=mode, concept=st.get("concept"), label=st.get("label"),
+                        strength=float(strength) if strength is not None else None, neurons=vals, ranges=ranges,
+                        generated=bool(st.get("generated", True)), enabled=bool(st.get("enabled", True)))
+            except NeuronscopeError:
+                s.messages, s.steerings, s.n_steerings_made = old
+                s.changed()
+                raise
+            except (KeyError, TypeError, ValueError) as exc:
+                s.messages, s.steerings, s.n_steerings_made = old
+                s.changed()
+                raise NeuronscopeError(f"The export is malformed ({type(exc).__name__}: {str(exc)[:80]}).") from None
+            s.n_steerings_made = max(int(data.get("n_steerings_made") or 0), len(s.steerings))
+            s.changed()
+        return self.state(s)
 
 
 def _clamps(st: Steering, positions) -> list[Clamp]:

@@ -1,9 +1,14 @@
-"""Request and response bodies of the Monitor's JSON API (they make up its OpenAPI schema)."""
+"""Request and response bodies of the Monitor's JSON API (they make up its OpenAPI schema).
+
+Every bound comes from `limits.DEFAULT`, the one home of the Monitor's limits.
+"""
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, Field
+
+from .limits import DEFAULT as L
 
 
 class ErrorOut(BaseModel):
@@ -12,14 +17,15 @@ class ErrorOut(BaseModel):
 
 
 class GenerateIn(BaseModel):
-    max_new_tokens: int = Field(64, ge=1, le=256, description="New tokens to generate at most.")
-    temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 means greedy decoding (honoured).")
+    max_new_tokens: int = Field(64, ge=1, le=L.max_new_tokens, description="New tokens to generate at most.")
+    temperature: float = Field(0.0, ge=0.0, le=L.max_temperature, description="0 means greedy decoding (honoured).")
     seed: Optional[int] = Field(None, ge=0, le=2 ** 32 - 1, description="Sampling seed (temperature > 0).")
     stream: bool = Field(True, description="Stream server-sent events (text/event-stream); false: one JSON reply.")
 
 
 class ChatIn(GenerateIn):
-    message: str = Field(..., min_length=1, max_length=4000, description="The user's message.")
+    message: str = Field(..., min_length=1, max_length=L.max_message_chars,
+                         description=f"The user's message (at most {L.max_message_chars} characters; longer is a 400).")
 
 
 class ChatOut(BaseModel):
@@ -64,7 +70,14 @@ class SteeringOut(BaseModel):
     n_neurons: int
     ranges: list[list[int]]
     generated: bool
+    enabled: bool = True
+    label: Optional[str] = None
     neurons: list[SteerNeuronOut]
+
+
+class PreviousOut(BaseModel):
+    content: str
+    steered_by: list[SteeringOut]
 
 
 class MessageOut(BaseModel):
@@ -73,6 +86,13 @@ class MessageOut(BaseModel):
     steered: bool
     start: int
     end: int
+    steered_by: list[SteeringOut] = Field(default_factory=list, description="Steerings this answer was made with.")
+    previous: list[PreviousOut] = Field(default_factory=list, description="Earlier answers to the same message.")
+
+
+class GeneratingOut(BaseModel):
+    text: str
+    n_tokens: int
 
 
 class StateOut(BaseModel):
@@ -81,6 +101,8 @@ class StateOut(BaseModel):
     n_tokens: int
     messages: list[MessageOut]
     steerings: list[SteeringOut]
+    generating: Optional[GeneratingOut] = Field(None, description="The answer being generated now, so far.")
+    fingerprint: str
 
 
 class AltOut(BaseModel):
@@ -97,7 +119,8 @@ class TokenOut(BaseModel):
     message: int
     steered: bool
     prob: Optional[float] = Field(None, description="Probability this token had when it was predicted.")
-    top5: list[AltOut] = Field(description="Top-5 next-token probabilities after this token.")
+    top5: list[AltOut] = Field(description="Top-5 tokens the model predicted at this position (this token's rivals; "
+                                           "empty for the first token).")
 
 
 class TokensOut(BaseModel):
@@ -119,6 +142,7 @@ class ActivationRowOut(BaseModel):
     position: int
     count: int
     description: Optional[str]
+    interpretable: bool = False
     top_tokens: list[str]
     fires: list[FireOut]
 
@@ -211,12 +235,17 @@ class ClusterOut(BaseModel):
     name: str
     members: list[list]
     tokens: list[str]
+    size: int
+    activation: float = Field(description="Sum of the members' |normalised activation| at their firing tokens.")
+    attribution: Optional[float] = Field(None, description="Sum of the members' attribution scores to `position`.")
 
 
 class ClustersOut(BaseModel):
     version: int
     method: str
     n_neurons: int
+    sort: str
+    position: Optional[int]
     clusters: list[ClusterOut]
     notes: list[str]
 
@@ -224,15 +253,38 @@ class ClustersOut(BaseModel):
 class SteeringIn(BaseModel):
     mode: Literal["strengthen", "suppress", "clamp"] = Field(
         description="strengthen: clamp to q(1-1e-7) x strength; suppress: clamp to 0; clamp: to `value`.")
-    concept: Optional[str] = Field(None, max_length=200, description="Concept to search neurons for.")
-    neurons: Optional[list[list[int]]] = Field(None, max_length=1000,
-                                               description="Explicit neurons [[layer, neuron], ...].")
-    strength: float = Field(0.75, ge=0.0, le=2.0)
-    value: Optional[float] = Field(None, ge=-1e4, le=1e4, description="The clamp value (mode clamp).")
-    n_neurons: Optional[int] = Field(None, ge=1, le=1000, description="Default 50 (strengthen), 500 (suppress).")
-    ranges: list[list[int]] = Field(default_factory=list, max_length=64,
+    concept: Optional[str] = Field(None, max_length=L.max_concept_chars, description="Concept to search neurons for.")
+    neurons: Optional[list[list[int]]] = Field(None, max_length=L.max_steer_neurons,
+                                               description="Explicit neurons [[layer, neuron(, 0 pos | 1 neg)], ...].")
+    strength: float = Field(0.75, ge=0.0, le=L.max_strength)
+    value: Optional[float] = Field(None, ge=-L.max_clamp, le=L.max_clamp, description="The clamp value (mode clamp).")
+    n_neurons: Optional[int] = Field(None, ge=1, le=L.max_steer_neurons,
+                                     description="Default 50 (strengthen), 500 (suppress).")
+    ranges: list[list[int]] = Field(default_factory=list, max_length=L.max_ranges,
                                     description="Prompt token ranges [start, end) to steer.")
     generated: bool = Field(True, description="Also steer every generated token.")
+    label: Optional[str] = Field(None, max_length=L.max_concept_chars, description="A name, e.g. the cluster's.")
+    enabled: bool = Field(True, description="False: keep the steering but do not apply it yet.")
+
+
+class SteeringPatchIn(BaseModel):
+    enabled: bool = Field(description="Switch the steering on or off (it is kept either way).")
+
+
+class ExportOut(BaseModel):
+    format: str
+    model: dict[str, str]
+    messages: list[dict[str, Any]]
+    steerings: list[dict[str, Any]]
+    n_steerings_made: int = 0
+
+
+class ImportIn(BaseModel):
+    format: str = Field(description="neuronscope-monitor-session/1")
+    model: dict[str, Any]
+    messages: list[dict[str, Any]] = Field(default_factory=list, max_length=1024)
+    steerings: list[dict[str, Any]] = Field(default_factory=list, max_length=L.max_steerings)
+    n_steerings_made: int = Field(0, ge=0, le=10 ** 6)
 
 
 class OkOut(BaseModel):

@@ -1,9 +1,11 @@
 """Browser sessions: each has its own conversation, steerings and cached views; idle sessions expire.
 
 A `SessionStore` hands out unguessable ids, touches a session on every use, and drops sessions idle for longer than
-`ttl` seconds (and the least recently used one when `max_sessions` is reached). A session's state is only reachable
-through its id, so one session's conversation, steerings or caches never leak into another's. Every change to the
-conversation or the steerings bumps `version`, which keys the cached views (tokens + activations, attributions).
+`ttl` seconds. Each session belongs to the client that made it (`owner`, the client token of the HTTP layer); `get`
+with another owner finds nothing. A client over `max_per_client` sessions loses its own least recently used one, never
+another client's; when the whole store is full, a new session is refused (`StoreFull`). A session's state is only
+reachable through its id, so one session's conversation, steerings or caches never leak into another's. Every change
+to the conversation or the steerings bumps `version`, which keys the cached views (tokens + activations, attributions).
 """
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ from typing import Any
 
 import torch
 
+from ..errors import NeuronscopeError
+
 
 @dataclass
 class Message:
@@ -22,6 +26,8 @@ class Message:
     content: str
     ids: list[int] | None = None  # the exact generated ids (used to render models without a chat template)
     steerings: list[str] = field(default_factory=list)  # steering ids active when this answer was generated
+    steered_by: list[dict] = field(default_factory=list)  # those steerings as they were (public form)
+    previous: list[dict] = field(default_factory=list)  # earlier answers to the same message: content, steered_by
 
 
 @dataclass
@@ -33,10 +39,13 @@ class Steering:
     neurons: list[tuple[int, int, str, float]]  # (layer, neuron, polarity, clamp value)
     ranges: list[tuple[int, int]]               # prompt token ranges [start, end)
     generated: bool                             # also every generated token
+    enabled: bool = True                        # off: kept, but not applied
+    label: str | None = None                    # a name given by the user or the page (e.g. a cluster's name)
 
     def public(self) -> dict[str, Any]:
         return {"id": self.id, "mode": self.mode, "concept": self.concept, "strength": self.strength,
                 "n_neurons": len(self.neurons), "ranges": [list(r) for r in self.ranges], "generated": self.generated,
+                "enabled": self.enabled, "label": self.label,
                 "neurons": [{"layer": l, "neuron": i, "polarity": p, "value": v} for l, i, p, v in self.neurons]}
 
 
@@ -49,6 +58,9 @@ class Session:
     steerings: dict[str, Steering] = field(default_factory=dict)
     version: int = 0
     cache: dict[str, Any] = field(default_factory=dict)
+    owner: str | None = None      # the client token that made it (None: made in-process, e.g. a notebook)
+    generating: dict | None = None  # the answer being generated now: {"text", "n_tokens"} (survives a reload)
+    n_steerings_made: int = 0
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
 
     def changed(self) -> None:
@@ -73,11 +85,16 @@ class Session:
         return total + size(self.cache) + sum(48 * len(s.neurons) for s in self.steerings.values())
 
 
-class SessionStore:
-    """Thread-safe map of live sessions with idle expiry."""
+class StoreFull(NeuronscopeError):
+    """Every session slot is taken by other clients."""
 
-    def __init__(self, ttl: float = 1800.0, max_sessions: int = 64, clock=time.monotonic):
+
+class SessionStore:
+    """Thread-safe map of live sessions with idle expiry, owned per client."""
+
+    def __init__(self, ttl: float = 1800.0, max_sessions: int = 64, clock=time.monotonic, max_per_client: int = 8):
         self.ttl, self.max_sessions, self.clock = float(ttl), int(max_sessions), clock
+        self.max_per_client = int(max_per_client)
         self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
 
@@ -94,25 +111,39 @@ class SessionStore:
                 del self._sessions[k]
         return len(dead)
 
-    def create(self) -> Session:
+    def create(self, owner: str | None = None) -> Session:
+        """A new session of `owner`; its own least recently used one goes when it is over its limit."""
         self.sweep()
         now = self.clock()
-        s = Session(id=secrets.token_urlsafe(16), created=now, last_used=now)
+        s = Session(id=secrets.token_urlsafe(16), created=now, last_used=now, owner=owner)
         with self._lock:
-            while len(self._sessions) >= self.max_sessions:
-                oldest = min(self._sessions.values(), key=lambda x: x.last_used)
-                del self._sessions[oldest.id]
+            mine = sorted((x for x in self._sessions.values() if x.owner == owner), key=lambda x: x.last_used)
+            while mine and (len(mine) >= self.max_per_client or len(self._sessions) >= self.max_sessions):
+                del self._sessions[mine.pop(0).id]
+            if len(self._sessions) >= self.max_sessions:
+                raise StoreFull(f"The server holds its maximum of {self.max_sessions} sessions for other clients; "
+                                "try again when one expires.")
             self._sessions[s.id] = s
         return s
 
-    def get(self, sid: str) -> Session | None:
+    def get(self, sid: str, owner: str | None = None) -> Session | None:
+        """The session `sid` if it is alive and belongs to `owner` (else None, as if it did not exist)."""
         self.sweep()
         with self._lock:
             s = self._sessions.get(sid)
-            if s is not None:
-                s.last_used = self.clock()
+            if s is None or s.owner != owner:
+                return None
+            s.last_used = self.clock()
             return s
 
-    def delete(self, sid: str) -> bool:
+    def count(self, owner: str | None) -> int:
         with self._lock:
-            return self._sessions.pop(sid, None) is not None
+            return sum(1 for x in self._sessions.values() if x.owner == owner)
+
+    def delete(self, sid: str, owner: str | None = None) -> bool:
+        with self._lock:
+            s = self._sessions.get(sid)
+            if s is None or s.owner != owner:
+                return False
+            del self._sessions[sid]
+            return True
