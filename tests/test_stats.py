@@ -10,6 +10,7 @@ import torch
 from neuronscope.errors import NeuronscopeError
 from neuronscope.interventions import capture
 from neuronscope.stats import LEVELS, NeuronStats, compute_stats, merge_shards, quantiles_from_extremes
+from neuronscope.stats import checkpoint
 from neuronscope.stats import compute as compute_mod
 from neuronscope.stats.corpus import iter_documents, iter_windows
 
@@ -48,7 +49,8 @@ def corpus(tmp_path_factory):
 @pytest.fixture(scope="module")
 def single(stories, corpus, tmp_path_factory):
     folder = tmp_path_factory.mktemp("single")
-    return compute_stats(stories, corpus, folder, window=WINDOW, k=K, n_exemplars=E, batch=5, progress=False)
+    return compute_stats(stories, corpus, folder, window=WINDOW, k=K, n_exemplars=E, batch=5, progress=False,
+                         keep_extremes=True)
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +122,9 @@ def test_normalise_is_signed_by_the_extreme_quantiles(single, all_acts):
     acts, _ = all_acts
     a = acts[:, :50]                      # [L, T, N]
     z = single.normalise(a)
-    hi, lo = single.quantile(1 - 1e-5), single.quantile(1e-5)
+    lv_hi, lv_lo = single.norm_levels()       # ~10K tokens resolve no stored level: the least extreme, 1e-4
+    assert (lv_hi, lv_lo) == (1 - 1e-4, 1e-4) and single.level_info.get(1e-4).mark.startswith("sample extreme")
+    hi, lo = single.quantile(lv_hi), single.quantile(lv_lo)
     assert z.shape == a.shape
     assert torch.equal(torch.sign(z), torch.sign(a))
     pos = a > 0
@@ -149,7 +153,7 @@ def test_shards_merge_to_the_single_run(single, stories, corpus, tmp_path):
         compute_stats(stories, corpus, d, window=WINDOW, k=K, n_exemplars=E, batch=4, shard=f"{i}/3",
                       progress=False)
         dirs.append(d)
-    merged = merge_shards(dirs, tmp_path / "merged")
+    merged = merge_shards(dirs, tmp_path / "merged", keep_extremes=True)
     assert_same_stats(merged, single, stories.n_layers, tol=1e-6)
     e1, e2 = merged.exemplars(1, 7, "neg", n=5), single.exemplars(1, 7, "neg", n=5)
     assert e1 == e2
@@ -174,7 +178,7 @@ def interrupted_run(monkeypatch, stories, corpus, folder, at: int, **kw) -> None
 def test_resume_equals_an_uninterrupted_run(single, stories, corpus, tmp_path, monkeypatch):
     folder = tmp_path / "resume"
     interrupted_run(monkeypatch, stories, corpus, folder, at=3)
-    state = json.loads((folder / ".stats-partial" / "state.json").read_text())
+    state = checkpoint.load(folder)[1]
     assert state["batches"] == 3 and state["windows"] == 15
     with pytest.raises(NeuronscopeError):
         NeuronStats.open(folder)  # not finished: no stats yet
@@ -186,7 +190,7 @@ def test_resume_equals_an_uninterrupted_run(single, stories, corpus, tmp_path, m
     assert calls and calls[0] == 4  # batches 1-3 were not recomputed
     for name in ("quantiles", "mean", "var", "ex_pos_value", "ex_pos_index", "ex_neg_index", "count"):
         assert torch.equal(resumed._a[name], single._a[name]), name
-    assert not (folder / ".stats-partial").exists()
+    assert not checkpoint.exists(folder)
 
 
 def test_torch_fold_of_all_layers_at_once_and_its_checkpoint_equal_the_single_run(single, stories, corpus, tmp_path,
@@ -196,9 +200,10 @@ def test_torch_fold_of_all_layers_at_once_and_its_checkpoint_equal_the_single_ru
     folder = tmp_path / "torch"
     interrupted_run(monkeypatch, stories, corpus, folder, at=2, fold="torch")
     monkeypatch.setattr(compute_mod, "_after_batch", lambda b: None)
-    resumed = compute_stats(stories, corpus, folder, window=WINDOW, k=K, n_exemplars=E, batch=5, progress=False)
+    resumed = compute_stats(stories, corpus, folder, window=WINDOW, k=K, n_exemplars=E, batch=5, progress=False,
+                            keep_extremes=True)
     full = compute_stats(stories, corpus, tmp_path / "torch-full", window=WINDOW, k=K, n_exemplars=E, batch=5,
-                         progress=False, fold="torch")
+                         progress=False, fold="torch", keep_extremes=True)
     for st in (resumed, full):     # the torch fold's batch moments are float32: a looser tolerance on them
         assert_same_stats(st, single, stories.n_layers, tol=1e-5)
     with pytest.raises(NeuronscopeError, match="fold"):

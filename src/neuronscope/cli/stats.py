@@ -22,8 +22,18 @@ def stats(
     batch: Optional[int] = typer.Option(None, "--batch", "-b", min=1, help="Windows per forward (default: about "
                                         "1024 tokens on CPU; on a GPU up to 16384, keeping the batch's "
                                         "activations within 3 GiB)."),
-    k: int = typer.Option(10000, "--k", min=1, help="Extreme values kept per neuron and side (quantiles need "
-                          "ceil(p * tokens) <= K)."),
+    k: Optional[int] = typer.Option(None, "--k", min=1, help="Extreme values kept per neuron and side (default: "
+                                    "sized by the levels and tokens, max ceil(p * tokens); give it for shards that "
+                                    "will be merged into a run larger than --tokens).", show_default=False),
+    levels: Optional[str] = typer.Option(None, "--levels", help="Quantile levels, comma-separated (default "
+                                         "1e-7,1e-6,1e-5,1e-4 and their complements).", show_default=False),
+    keep_extremes: Optional[bool] = typer.Option(None, "--keep-extremes/--no-keep-extremes", help="Also store the "
+                                                 "K extremes per neuron (what `stats merge` needs; default: only "
+                                                 "with --shard).", show_default=False),
+    checkpoint_tokens: int = typer.Option(100_000, "--checkpoint-tokens", min=0, help="A checkpoint at most this "
+                                          "many tokens apart (0: after every batch)."),
+    checkpoint_every: float = typer.Option(600.0, "--checkpoint-every", min=0, help="A checkpoint at most this "
+                                           "many seconds apart."),
     exemplars: int = typer.Option(100, "--exemplars", min=1, help="Exemplar positions kept per neuron and side."),
     shard: Optional[str] = typer.Option(None, "--shard", help="Process one part i/n of the corpus's windows "
                                         "(merge the parts with `neuronscope stats merge`)."),
@@ -40,7 +50,9 @@ def stats(
 ) -> None:
     """Per-neuron corpus statistics: count, mean, variance, top/bottom-K values, extreme quantiles, exemplars.
 
-    Resumable: run the same command again after an interruption and it continues.
+    Resumable: Ctrl-C (or SIGTERM) finishes the batch, saves a checkpoint and exits with status 130 (143); run the
+    same command again and it continues from there. The state is sized by the levels and tokens asked for; the
+    plan (memory, disk) is printed before the run starts, and a run that cannot fit is refused.
 
     Example: neuronscope stats --corpus wiki.valid.raw --corpus alpaca.json --atlas atlas-smollm --tokens 200000
 
@@ -54,7 +66,7 @@ def stats(
         if atlas is None:
             raise NeuronscopeError("Give the output folder with --atlas.")
         from ..stats import merge_shards
-        st = merge_shards(args[1:], atlas)
+        st = merge_shards(args[1:], atlas, keep_extremes=bool(keep_extremes))
         console.print(f"merged {len(args) - 1} shards: {st.tokens:,} tokens -> {atlas}")
         return
     if len(args) > 1:
@@ -68,18 +80,43 @@ def stats(
         from ..stats.ray_shards import run_on_ray
         st = run_on_ray(ray, model, corpus, atlas, shards=shards, gguf_file=gguf_file, dtype=dtype,
                         device=device, tokens=tokens, window=window, batch=batch, k=k, n_exemplars=exemplars,
-                        chat=chat)
+                        chat=chat, levels=levels)
     else:
+        import time
+        from ..interrupt import Interrupted
         from ..stats import compute_stats
+        t = time.perf_counter()
         subject = load_subject(model, gguf_file, dtype, device)
-        st = compute_stats(subject, corpus, atlas, tokens=tokens, window=window, batch=batch, k=k,
-                           n_exemplars=exemplars, shard=shard, chat=chat, progress=True, restart=restart)
-    info = st.info
-    console.print(f"{info['tokens']:,} tokens in {info['seconds']:.1f} s "
-                  f"({info.get('tokens_per_s') or 0:,.0f} tokens/s) -> {atlas}")
-    if info.get("unresolved_levels"):
-        console.print(f"quantiles not resolvable with K={k}: {', '.join(f'{x:g}' for x in info['unresolved_levels'])}"
-                      " (stored as NaN)")
+        console.print(f"model loaded in {time.perf_counter() - t:.1f} s", style="dim")
+        try:
+            st = compute_stats(subject, corpus, atlas, tokens=tokens, window=window, batch=batch, k=k,
+                               n_exemplars=exemplars, levels=levels, shard=shard, chat=chat, progress=True,
+                               restart=restart, keep_extremes=keep_extremes, checkpoint_tokens=checkpoint_tokens,
+                               checkpoint_every=checkpoint_every)
+        except Interrupted as exc:
+            typer.echo(str(exc), err=True)
+            raise typer.Exit(exc.exit_code) from None
+    console.print(summary(st.info, atlas))
+
+
+def summary(info: dict, atlas) -> str:
+    """The closing lines of a run: end-to-end time and rate with the loop's beside them, and the marked levels."""
+    from ..stats.levels import fmt_level
+    out = (f"{info['tokens']:,} tokens in {info['seconds']:.1f} s end to end "
+           f"({info.get('tokens_per_s') or 0:,.0f} tokens/s)")
+    if info.get("loop_seconds"):
+        out += (f"; the loop {info['loop_seconds']:.1f} s ({info.get('loop_tokens_per_s') or 0:,.0f} tokens/s), "
+                f"finishing {info.get('finish_seconds', 0):.1f} s")
+    out += f" -> {atlas}"
+    marks = [x for x in info.get("level_ranks", []) if x.get("mark")]
+    if marks:
+        out += "\nlevels not resolved by this corpus: " + "; ".join(f"{fmt_level(x['level'])} {x['mark']}"
+                                                                   for x in marks)
+    nb = info.get("normalised_by")
+    if nb:
+        out += (f"\nnormalised activation: act / q({fmt_level(nb['pos'])}) above zero, "
+                f"act / |q({fmt_level(nb['neg'])})| below")
+    return out
 
 
 def register(app: typer.Typer) -> None:

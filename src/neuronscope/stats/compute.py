@@ -1,14 +1,18 @@
 """`compute_stats`: stream a corpus through the model in fixed windows and keep every neuron's extremes.
 
-The run goes batch by batch over this shard's windows (window w belongs to shard (i, n) when w % n == i). After
-each batch the state may be checkpointed (`.stats-partial/` in the atlas folder, atomically); a later call with the
-same settings continues from the last checkpoint and gives the same result as an uninterrupted run. At the end the
-results are written (see results.py) and the checkpoint is removed.
+The run first counts the corpus's windows, sizes the state by the levels asked for (plan.py), prints the plan and
+refuses one that does not fit. It then goes batch by batch over this shard's windows (window w belongs to shard
+(i, n) when w % n == i). The state is checkpointed at most every `checkpoint_tokens` tokens or `checkpoint_every`
+seconds (one file, atomic, with a checksum: checkpoint.py), and when SIGINT/SIGTERM asks the run to stop (the batch
+in progress is finished first); a later call with the same settings continues from the last checkpoint and gives
+the same result as an uninterrupted run. At the end the results are written (see results.py), each finishing step
+with its own progress bar, and the checkpoint is removed.
 """
 from __future__ import annotations
 
+import os
 import queue
-import shutil
+import sys
 import threading
 import time
 from pathlib import Path
@@ -18,12 +22,15 @@ import torch
 
 from .. import store
 from ..errors import NeuronscopeError
-from .corpus import Window, check_corpus, corpus_signature, iter_windows, parse_shard, shard_of
+from ..interrupt import StopRequest, signal_name
+from . import checkpoint
+from .corpus import Window, check_corpus, corpus_signature, count_windows, iter_windows, parse_shard, shard_of
 from .extremes import LayerExtremes
-from .results import NeuronStats, exemplar_windows, write_arrays, write_windows
+from .levels import parse_levels, ranks_needed
+from .plan import make_plan
+from .results import EXTREMES_FILE, STATS_FILE, NeuronStats, exemplar_windows, write_arrays, write_windows
 
-PARTIAL = ".stats-partial"
-FORMAT = 1
+FORMAT = 2
 
 
 def default_batch(subject, window: int) -> int:
@@ -37,16 +44,17 @@ def default_batch(subject, window: int) -> int:
 
 
 def _after_batch(batch_no: int) -> None:
-    """Called after each batch is folded in and checkpointed (a seam for tests that interrupt a run)."""
+    """Called after each batch is folded in (and checkpointed when one was due): a seam for tests and benchmarks."""
 
 
-def _settings(subject, paths, window, tokens, batch, k, n_exemplars, shard, chat) -> dict[str, Any]:
+def _settings(subject, paths, window, tokens, batch, k, n_exemplars, shard, chat, levels) -> dict[str, Any]:
+    """What a resumed run must share with the checkpoint it continues (JSON types, as the checkpoint stores)."""
     return {
         "format": FORMAT,
         "model": subject.name, "fingerprint": subject.fingerprint,
         "corpus": corpus_signature(paths), "window": window, "tokens_limit": tokens, "batch": batch,
         "k": k, "n_exemplars": n_exemplars, "shard": list(shard) if shard else None, "chat": bool(chat),
-        "n_layers": subject.n_layers, "n_neurons": subject.n_neurons,
+        "n_layers": subject.n_layers, "n_neurons": subject.n_neurons, "levels": [float(x) for x in levels],
     }
 
 
@@ -78,25 +86,37 @@ def _forward_neurons(subject, base, ids: torch.Tensor, to_cpu: bool | None = Non
 
 
 def compute_stats(subject, corpus, atlas_dir, *, tokens: int | None = None, window: int = 64,
-                  batch: int | None = None, k: int = 10000, n_exemplars: int = 100,
-                  shard: str | tuple[int, int] | None = None, chat: bool = False, progress: bool = True,
-                  checkpoint_every: float = 600.0, restart: bool = False,
-                  state_device: str | None = None, fold: str | None = None) -> NeuronStats:
-    """Per-neuron count, mean, variance, top/bottom-K values, quantiles and exemplars over a corpus.
+                  batch: int | None = None, k: int | None = None, n_exemplars: int = 100,
+                  levels: Sequence[float] | str | None = None, shard: str | tuple[int, int] | None = None,
+                  chat: bool = False, progress: bool = True, checkpoint_every: float = 600.0,
+                  checkpoint_tokens: int = 100_000, restart: bool = False, keep_extremes: bool | None = None,
+                  check_fit: bool = True, state_device: str | None = None, fold: str | None = None) -> NeuronStats:
+    """Per-neuron count, mean, variance, extreme quantiles and exemplars over a corpus.
 
     corpus: a file or list of files (see corpus.py for formats). tokens: stop after this many tokens (whole windows;
     over the whole corpus, before sharding). window: tokens per window. batch: windows per forward (default: about
-    1024 tokens on CPU). k: extremes kept per neuron and side. n_exemplars: exemplar positions kept per neuron and
-    side. shard: 'i/n' to process windows w with w % n == i (merge the shards with `merge_shards`). chat: also put
-    plain-text documents through the chat template as user turns (chat-format records always go through it).
-    checkpoint_every: seconds between checkpoints (0: after every batch). restart: discard a partial run.
+    1024 tokens on CPU). levels: the quantile levels (default levels.LEVELS). k: extremes kept per neuron and side
+    (default: sized by the levels and the run's tokens, max ceil(p * tokens); give it for shards to be merged into
+    a run larger than --tokens). n_exemplars: exemplar positions kept per neuron and side. shard: 'i/n' to process
+    windows w with w % n == i (merge the shards with `merge_shards`). chat: also put plain-text documents through
+    the chat template as user turns (chat-format records always go through it). checkpoint_every /
+    checkpoint_tokens: a checkpoint at most this many seconds / tokens apart (0: after every batch). restart:
+    discard a partial run. keep_extremes: also store the K extremes per neuron (stats_extremes.safetensors, what a
+    merge needs; default: only for a shard). check_fit: refuse a run whose planned memory or disk does not fit.
     state_device: where the running extremes live ("cpu", "cuda", ...; default: the model's GPU when they fit in
     half its free memory, else the CPU). fold: "numba" (CPU state, one layer at a time, the default there) or
     "torch" (all layers at once, the default on a GPU). The result does not depend on either.
+
+    SIGINT / SIGTERM during the run finish the current batch, write a checkpoint and raise `Interrupted` (a
+    NeuronscopeError) saying how to resume; the next call with the same settings resumes from that checkpoint.
     """
+    t_start = time.perf_counter()
+    say = _say if progress else (lambda msg: None)
     paths = check_corpus(corpus)
     shard = parse_shard(shard)
-    for name, v, lo in (("window", window, 2), ("k", k, 1), ("n_exemplars", n_exemplars, 1)):
+    lv = parse_levels(levels)
+    for name, v, lo in (("window", window, 2), ("n_exemplars", n_exemplars, 1)) + ((("k", k, 1),) if k is not None
+                                                                                 else ()):
         if not isinstance(v, int) or isinstance(v, bool) or v < lo:
             raise NeuronscopeError(f"{name} must be an integer >= {lo}, got {v!r}.")
     if tokens is not None and (not isinstance(tokens, int) or tokens < window):
@@ -107,69 +127,86 @@ def compute_stats(subject, corpus, atlas_dir, *, tokens: int | None = None, wind
         raise NeuronscopeError(f"The batch must be at least 1 window, got {batch!r}.")
     if subject.tokenizer is None:
         raise NeuronscopeError("This subject has no tokenizer, so it cannot read a corpus.")
+    keep = shard is not None if keep_extremes is None else bool(keep_extremes)
     max_windows = tokens // window if tokens else None
     folder = Path(atlas_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    settings = _settings(subject, paths, window, tokens, batch, k, n_exemplars, shard, chat)
     _model_section(folder, subject)
 
-    L, N = subject.n_layers, subject.n_neurons
-    fdev, slack = fold_device(subject, k, n_exemplars, state_device)
+    # the run's size: its windows (all shards) fix K; this shard's windows fix the progress bar
+    run_windows = count_windows(subject.tokenizer, paths, window, chat=chat, max_windows=max_windows)
+    if run_windows == 0:
+        raise NeuronscopeError(f"The corpus gave no complete window of {window} tokens; give more text or a "
+                               "smaller --window.")
+    my_windows = sum(1 for w in range(run_windows) if shard_of(w, shard))
+    if my_windows == 0:
+        raise NeuronscopeError(f"Shard {shard[0]}/{shard[1]} gets no window of the corpus's {run_windows}; use "
+                               "fewer shards or more text.")
+    k_eff = k if k is not None else ranks_needed(lv, run_windows * window)
+    fdev, slack = fold_device(subject, k_eff, n_exemplars, state_device)
+    plan = make_plan(subject, levels=lv, tokens=run_windows * window, k=k, n_exemplars=n_exemplars, window=window,
+                     batch=batch, n_windows=my_windows, keep_extremes=keep, slack=slack,
+                     on_gpu=fdev.type == "cuda")
+    settings = _settings(subject, paths, window, tokens, batch, k_eff, n_exemplars, shard, chat, lv)
+    say(plan.describe())
     if fold not in (None, "numba", "torch") or (fold == "numba" and fdev.type != "cpu"):
         raise NeuronscopeError(f"fold must be 'torch', or 'numba' with the state on the CPU; got {fold!r}.")
+    if restart:
+        checkpoint.discard(folder)
+    saved = checkpoint.load(folder)
+    if saved is not None and saved[1].get("settings") != settings:
+        raise NeuronscopeError(f"'{folder}' holds a partial statistics run with other settings (model, corpus, "
+                               "window, levels, K, shard...); pass restart=True (--restart) to discard it, or run "
+                               "with the same settings to resume it.")
+    if check_fit:
+        plan.check(folder, already_resident=_rss())
+
+    L, N = subject.n_layers, subject.n_neurons
     stacked = (fold or ("numba" if fdev.type == "cpu" else "torch")) == "torch"
     if not stacked:             # the numba fold, one layer at a time
-        groups = [LayerExtremes(N, k, n_exemplars) for _ in range(L)]
+        groups = [LayerExtremes(N, k_eff, n_exemplars) for _ in range(L)]
         layers = groups
     else:                       # the torch fold, all layers at once
-        groups = [LayerExtremes(L * N, k, n_exemplars, device=fdev, fold="torch", slack=slack)]
+        groups = [LayerExtremes(L * N, k_eff, n_exemplars, device=fdev, fold="torch", slack=slack)]
         layers = groups[0].split(L)
-    partial = folder / PARTIAL
     done_batches, done_windows = 0, 0
-    elapsed_before = 0.0
-    if restart and partial.exists():
-        shutil.rmtree(partial)
-    if (partial / "state.json").is_file():
-        prev = store.read_json(partial / "state.json")
-        if prev.get("settings") != settings:
-            raise NeuronscopeError(f"'{folder}' holds a partial statistics run with other settings (model, corpus, "
-                                   "window, K, shard...); pass restart=True (--restart) to discard it.")
-        tensors = store.load_tensors(partial / "state.safetensors")
+    before = {"seconds": 0.0, "loop_seconds": 0.0}
+    if saved is not None:
+        tensors, prog = saved
         for l, st in enumerate(layers):
             st.load_state(tensors, f"{l}.")
         if stacked:             # the per-layer views loaded the memory; the count lives on the whole state
             groups[0].count = layers[0].count
-        done_batches, done_windows = prev["batches"], prev["windows"]
-        elapsed_before = prev.get("seconds", 0.0)
+        del tensors
+        done_batches, done_windows = prog["batches"], prog["windows"]
+        before = {"seconds": prog.get("seconds", 0.0), "loop_seconds": prog.get("loop_seconds", 0.0)}
+        say(f"resuming from {layers[0].count:,} tokens ({done_batches} batches) of an interrupted run "
+            f"(checkpoint {checkpoint.path_in(folder)}; --restart starts over)")
 
     # the LM head is not needed for statistics: run the decoder stack only
     base = subject.spec.get(subject.model, subject.spec.base)
     bar = None
     if progress:
         from tqdm.auto import tqdm
-        total = None
-        if max_windows is not None:
-            total = (max_windows // shard[1] + (1 if shard and shard[0] < max_windows % shard[1] else 0)
-                     if shard else max_windows) * window
-        bar = tqdm(total=total, unit="tok", unit_scale=True, desc="stats", initial=done_windows * window,
-                   dynamic_ncols=True)
+        bar = tqdm(total=my_windows * window, unit="tok", unit_scale=True, desc="stats",
+                   initial=done_windows * window, dynamic_ncols=True)
 
-    def save_checkpoint(batches: int, windows: int, seconds: float) -> None:
+    def save_checkpoint(batches: int, windows: int, loop_s: float) -> None:
         state: dict[str, torch.Tensor] = {}
         views = groups[0].split(L) if stacked else layers
         for l, st in enumerate(views):
             state.update(st.state(f"{l}."))
-        partial.mkdir(exist_ok=True)
-        store.save_tensors(partial / "state.safetensors", state)
-        store.write_json(partial / "state.json", {"settings": settings, "batches": batches, "windows": windows,
-                                                  "seconds": seconds})
+        checkpoint.save(folder, state, {
+            "settings": settings, "batches": batches, "windows": windows, "tokens": windows * window,
+            "loop_seconds": before["loop_seconds"] + loop_s,
+            "seconds": before["seconds"] + time.perf_counter() - t_start})
 
     t0 = time.perf_counter()
-    last_ckpt = t0
+    last_ckpt, last_ckpt_windows = t0, done_windows
     batch_no, processed = 0, 0
 
     def run_batch(ws: list[Window]) -> None:
-        nonlocal processed, last_ckpt
+        nonlocal processed
         ids = torch.tensor([w.token_ids for w in ws], dtype=torch.long)
         index = (torch.tensor([w.index for w in ws], dtype=torch.int64).unsqueeze(1) * window
                  + torch.arange(window, dtype=torch.int64)).reshape(-1)
@@ -180,35 +217,65 @@ def compute_stats(subject, corpus, atlas_dir, *, tokens: int | None = None, wind
             for st, a in zip(groups, acts):
                 st.add(a, index)
         processed += len(ws)
-        now = time.perf_counter()
-        if now - last_ckpt >= checkpoint_every:
-            save_checkpoint(batch_no, done_windows + processed, elapsed_before + now - t0)
-            last_ckpt = now
         if bar is not None:
             bar.update(len(ws) * window)
-        _after_batch(batch_no)
 
     stream = (w for w in iter_windows(subject.tokenizer, paths, window, chat=chat, max_windows=max_windows)
               if shard_of(w.index, shard))
     batches = _prefetched(_batched(stream, batch))
     try:
-        for ws in batches:
-            batch_no += 1
-            if batch_no > done_batches:
+        with StopRequest("stats") as stop:
+            for ws in batches:
+                batch_no += 1
+                if batch_no <= done_batches:
+                    continue
                 run_batch(ws)
+                now = time.perf_counter()
+                windows_now = done_windows + processed
+                if (stop or now - last_ckpt >= checkpoint_every
+                        or (windows_now - last_ckpt_windows) * window >= checkpoint_tokens):
+                    save_checkpoint(batch_no, windows_now, now - t0)
+                    last_ckpt, last_ckpt_windows = time.perf_counter(), windows_now
+                _after_batch(batch_no)
+                if stop:
+                    if bar is not None:
+                        bar.close()
+                        bar = None
+                    raise stop.interrupted(
+                        f"stopped after {windows_now * window:,} tokens by {signal_name(stop.signum)}; the work is "
+                        f"saved in {checkpoint.path_in(folder)}. Run the same command again to resume from there "
+                        "(add --restart to start over instead).")
     finally:
         batches.close()
         if bar is not None:
             bar.close()
     n_windows = done_windows + processed
-    seconds = elapsed_before + time.perf_counter() - t0
-    if n_windows == 0:
-        raise NeuronscopeError(f"The corpus gave no complete window of {window} tokens"
-                               + (f" for shard {shard[0]}/{shard[1]}" if shard else "") + "; give more text or a "
-                               "smaller --window.")
+    loop_seconds = before["loop_seconds"] + time.perf_counter() - t0
     if stacked:
         layers = [v.to("cpu") for v in groups[0].split(L)]
-    return finish(subject, folder, layers, settings, paths, n_windows, seconds, window, chat, max_windows)
+    return finish(subject, folder, layers, settings, paths, n_windows, window, chat, max_windows, keep=keep,
+                  plan=plan, loop_seconds=loop_seconds,
+                  started=t_start - before["seconds"], progress=progress)
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _rss() -> int:
+    """This process's resident memory now (bytes; 0 where /proc is missing)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return 0
+
+
+def peak_rss() -> int:
+    """This process's peak resident memory so far (bytes)."""
+    import resource
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r if sys.platform == "darwin" else r * 1024
 
 
 def _batched(stream: Iterator[Window], batch: int) -> Iterator[list[Window]]:
@@ -262,33 +329,71 @@ def _prefetched(batches: Iterator[list[Window]], depth: int = 4) -> Generator[li
         th.join(timeout=5)
 
 
+def _after_write(name: str) -> None:
+    """Called after each write of the finishing steps ('windows', 'arrays', 'manifest'): a seam for crash tests."""
+
+
 def finish(subject, folder: Path, layers: Sequence[LayerExtremes], settings: dict[str, Any], paths, n_windows: int,
-           seconds: float, window: int, chat: bool, max_windows: int | None) -> NeuronStats:
-    """Write the results of a finished run, store the exemplar windows, update the manifest, drop the checkpoint."""
+           window: int, chat: bool, max_windows: int | None, *, keep: bool, plan, loop_seconds: float,
+           started: float, progress: bool = True) -> NeuronStats:
+    """Write the results of a finished run, store the exemplar windows, update the manifest, drop the checkpoint.
+
+    Each step has its own progress bar. `started`: perf_counter time the run (all its sessions) began, so the
+    reported time is end to end; `loop_seconds`: the time in the batch loop alone.
+    """
+    t_fin = time.perf_counter()
     need = exemplar_windows(layers, window)
     rows: dict[int, list[int]] = {}
     if need:
         last = max(need)
+        bar = _bar(progress, last + 1, "exemplar windows", "win")
         for w in iter_windows(subject.tokenizer, paths, window, chat=chat, max_windows=max_windows):
             if w.index in need:
                 rows[w.index] = w.token_ids
+            if bar is not None:
+                bar.update(1)
             if w.index >= last:
                 break
+        if bar is not None:
+            bar.close()
     write_windows(folder, rows, subject.token_strings)
-    extra = write_arrays(folder, layers, settings)
+    _after_write("windows")
+    bar = _bar(progress, len(layers) + 2, "results", "step")
+    extra = write_arrays(folder, layers, settings, keep_extremes=keep,
+                         step=(lambda: bar.update(1)) if bar is not None else None)
+    _after_write("arrays")
     n = layers[0].count
+    now = time.perf_counter()
+    seconds = now - started
     section = dict(settings)
     section.update({
         "complete": True, "tokens": n, "windows": n_windows, "seconds": round(seconds, 3),
         "tokens_per_s": round(n / seconds, 1) if seconds > 0 else None,
+        "loop_seconds": round(loop_seconds, 3),
+        "loop_tokens_per_s": round(n / loop_seconds, 1) if loop_seconds > 0 else None,
+        "finish_seconds": round(now - t_fin, 3),
         "quantile_definition": "q(p) = r-th smallest, q(1-p) = r-th largest activation, r = ceil(p*n); NaN when "
-                               "r > K",
-        **extra, "files": ["stats.safetensors",
-                                                                   "stats_extremes.safetensors"],
+                               "r > K; a level with n*p < 1 is only the sample extreme (see level_ranks)",
+        **extra, "keep_extremes": keep,
+        "files": [STATS_FILE] + ([EXTREMES_FILE] if keep else []),
+        "plan": {"k": plan.k, "k_sized": plan.k_sized, "ram_bytes": plan.ram, "state_bytes": plan.state,
+                 "checkpoint_bytes": plan.checkpoint, "atlas_bytes": plan.atlas},
+        "peak_rss_bytes": peak_rss(),
     })
     store.update_manifest(folder, "stats", section)
-    shutil.rmtree(folder / PARTIAL, ignore_errors=True)
+    if bar is not None:
+        bar.update(1)
+        bar.close()
+    _after_write("manifest")
+    checkpoint.discard(folder)
     return NeuronStats.open(folder)
+
+
+def _bar(progress: bool, total: int, desc: str, unit: str):
+    if not progress:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, leave=False)
 
 
 def _model_section(folder: Path, subject) -> None:

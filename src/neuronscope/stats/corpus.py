@@ -238,6 +238,12 @@ def iter_windows(tokenizer, paths: Sequence[Path], window: int, *, chat: bool = 
                     return
 
 
+def count_windows(tokenizer, paths: Sequence[Path], window: int, *, chat: bool = False,
+                  max_windows: int | None = None) -> int:
+    """How many windows `iter_windows` gives (the corpus is tokenised once; stops at max_windows)."""
+    return sum(1 for _ in iter_windows(tokenizer, paths, window, chat=chat, max_windows=max_windows))
+
+
 def shard_of(index: int, shard: tuple[int, int] | None) -> bool:
     """Whether window `index` belongs to the shard (i, n): windows are dealt round-robin."""
     return shard is None or index % shard[1] == shard[0]

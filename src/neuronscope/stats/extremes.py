@@ -213,8 +213,10 @@ def _fold_keys_dense(state: torch.Tensor, new: torch.Tensor, index: torch.Tensor
     return torch.topk(torch.cat([state, keys], dim=1), e, dim=1, sorted=False).values
 
 
-def _default_slack(k: int) -> int:
-    return max(1024, k // 2)
+def default_slack(k: int) -> int:
+    """Free places per row beyond K: a compaction (one partition of the row) runs once per `slack` entries.
+    Small K (a state sized by the question) gets a small slack too, so the state follows K."""
+    return max(256, k // 2)
 
 
 class LayerExtremes:
@@ -230,7 +232,7 @@ class LayerExtremes:
         self.fold = fold or ("numba" if self.device.type == "cpu" else "torch")
         if self.fold not in ("numba", "torch") or (self.fold == "numba" and self.device.type != "cpu"):
             raise ValueError(f"fold must be 'torch', or 'numba' on a CPU; got {fold!r} on {self.device}")
-        slack = _default_slack(k) if slack is None else slack
+        slack = default_slack(k) if slack is None else slack
         self._top = TopBuffer(n_neurons, k, slack, self.device)
         self._bot = TopBuffer(n_neurons, k, slack, self.device)
         self._ex_top = torch.full((n_neurons, n_exemplars), PAD_KEY, dtype=torch.int64, device=self.device)
@@ -243,7 +245,7 @@ class LayerExtremes:
     @staticmethod
     def state_bytes(n_neurons: int, k: int, n_exemplars: int, slack: int | None = None) -> int:
         """Memory the state of n_neurons rows takes."""
-        slack = _default_slack(k) if slack is None else slack
+        slack = default_slack(k) if slack is None else slack
         return n_neurons * (2 * (k + slack) * 4 + 2 * n_exemplars * 8 + 2 * 8 + 2 * 12)
 
     # ---- exemplar keys ---------------------------------------------------------------------------------------

@@ -15,11 +15,13 @@ from ..errors import NeuronscopeError
 from .results import NeuronStats, copy_windows, exemplar_windows, load_layers, write_arrays
 
 SAME = ("fingerprint", "corpus", "window", "tokens_limit", "k", "n_exemplars", "chat", "n_layers", "n_neurons",
-        "format")
+        "format", "levels")
 
 
-def merge_shards(shard_dirs: Sequence, out_atlas_dir) -> "NeuronStats":
-    """Merge finished shard folders (runs with shard='i/n', same settings, distinct i) into `out_atlas_dir`."""
+def merge_shards(shard_dirs: Sequence, out_atlas_dir, keep_extremes: bool = False) -> "NeuronStats":
+    """Merge finished shard folders (runs with shard='i/n', same settings, distinct i) into `out_atlas_dir`.
+
+    keep_extremes: also store the merged extremes (to merge the result again later)."""
     dirs = [Path(d) for d in shard_dirs]
     if not dirs:
         raise NeuronscopeError("No shard folders given to merge.")
@@ -59,7 +61,7 @@ def merge_shards(shard_dirs: Sequence, out_atlas_dir) -> "NeuronStats":
         raise NeuronscopeError(f"The atlas '{out}' belongs to another model ({out_model.get('name')}).")
     need = exemplar_windows(merged, first["window"])
     copy_windows(dirs, out, need)
-    extra = write_arrays(out, merged, first)
+    extra = write_arrays(out, merged, first, keep_extremes=keep_extremes)
     if man_model and not out_model:
         store.update_manifest(out, "model", man_model)
     n_shards = shards[0][1] if shards[0] else 1
@@ -70,7 +72,8 @@ def merge_shards(shard_dirs: Sequence, out_atlas_dir) -> "NeuronStats":
         "all_shards": shards[0] is None or len(dirs) == n_shards,
         "tokens": merged[0].count, "windows": sum(s.get("windows", 0) for s in secs),
         "seconds": round(sum(s.get("seconds", 0.0) for s in secs), 3), "merge_seconds":
-            round(time.perf_counter() - t0, 3), **extra,
+            round(time.perf_counter() - t0, 3), **extra, "keep_extremes": keep_extremes,
+        "files": ["stats.safetensors"] + (["stats_extremes.safetensors"] if keep_extremes else []),
     })
     store.update_manifest(out, "stats", section)
     return NeuronStats.open(out)

@@ -4,8 +4,9 @@ Files in the atlas folder:
 - `stats.safetensors`: `quantiles` [levels, L, N] float32, `count` [L, N] int64, `mean`, `var` [L, N] float64,
   `ex_pos_value`/`ex_neg_value` [L, N, E] float32 and `ex_pos_index`/`ex_neg_index` [L, N, E] int64 (global token
   index = window * window_size + position; -1 where a neuron has fewer exemplars);
-- `stats_extremes.safetensors`: per layer l, `top.l` [N, K] (descending), `bottom.l` [N, K] (ascending) and the
-  exemplar keys `ex_top.l`, `ex_bot.l` [N, E] (what `merge_shards` needs to merge exactly);
+- `stats_extremes.safetensors` (only with --keep-extremes, the default for a shard): per layer l, `top.l` [N, K]
+  (descending), `bottom.l` [N, K] (ascending) and the exemplar keys `ex_top.l`, `ex_bot.l` [N, E] (what
+  `merge_shards` needs to merge exactly);
 - atlas.sqlite table `stats_windows(window INTEGER PRIMARY KEY, token_ids TEXT, tokens TEXT, text TEXT)`: the
   windows any exemplar points into (JSON lists of ids and token strings, and the decoded text);
 - manifest.json section "stats": settings, corpus, counts, timing, and `complete: true`.
@@ -15,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -89,9 +90,11 @@ def copy_windows(src_folders: Sequence[Path], dest: Path, need: set[int]) -> Non
         con.close()
 
 
-def write_arrays(folder: Path, layers: Sequence[LayerExtremes], meta: dict[str, Any]) -> dict[str, Any]:
-    """Write stats.safetensors and stats_extremes.safetensors from finished per-layer statistics; returns the
-    manifest entries about the levels (`Levels.to_manifest`: ranks, unresolved levels, normalisation levels)."""
+def write_arrays(folder: Path, layers: Sequence[LayerExtremes], meta: dict[str, Any], *,
+                 keep_extremes: bool = True, step: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Write stats.safetensors (and stats_extremes.safetensors with keep_extremes; else a stale one is removed)
+    from finished per-layer statistics; returns the manifest entries about the levels (`Levels.to_manifest`:
+    ranks, unresolved levels, normalisation levels). step: called after each layer and each file."""
     n = layers[0].count
     extremes: dict[str, torch.Tensor] = {}
     levels = tuple(meta.get("levels") or LEVELS)
@@ -99,7 +102,8 @@ def write_arrays(folder: Path, layers: Sequence[LayerExtremes], meta: dict[str, 
     for l, st in enumerate(layers):
         top, bot = st.sorted_top(), st.sorted_bottom()
         kt, kb = sort_keys_desc(st.ex_top), sort_keys_desc(st.ex_bot)
-        extremes.update({f"top.{l}": top, f"bottom.{l}": bot, f"ex_top.{l}": kt, f"ex_bot.{l}": kb})
+        if keep_extremes:
+            extremes.update({f"top.{l}": top, f"bottom.{l}": bot, f"ex_top.{l}": kt, f"ex_bot.{l}": kb})
         q = quantiles_from_extremes(top, bot, n, levels, warn=False)
         quants.append(q)
         means.append(st.mean)
@@ -110,6 +114,8 @@ def write_arrays(folder: Path, layers: Sequence[LayerExtremes], meta: dict[str, 
         ex["pi"].append(pi)
         ex["nv"].append(-nv)
         ex["ni"].append(ni)
+        if step is not None:
+            step()
     q = torch.stack(quants, dim=1)                        # [levels, L, N]
     info = Levels(levels, n, layers[0].k).to_manifest()
     if info["not_stored_levels"]:
@@ -125,7 +131,12 @@ def write_arrays(folder: Path, layers: Sequence[LayerExtremes], meta: dict[str, 
         "ex_pos_value": torch.stack(ex["pv"]), "ex_pos_index": torch.stack(ex["pi"]),
         "ex_neg_value": torch.stack(ex["nv"]), "ex_neg_index": torch.stack(ex["ni"]),
     }
-    store.save_tensors(folder / EXTREMES_FILE, extremes, {"k": str(layers[0].k), "count": str(n)})
+    if keep_extremes:
+        store.save_tensors(folder / EXTREMES_FILE, extremes, {"k": str(layers[0].k), "count": str(n)})
+    else:
+        (folder / EXTREMES_FILE).unlink(missing_ok=True)    # a previous run's: it would not match these results
+    if step is not None:
+        step()
     store.save_tensors(folder / STATS_FILE, arrays, {"window": str(meta["window"])})
     return info
 
@@ -135,6 +146,9 @@ def load_layers(folder: Path) -> list[LayerExtremes]:
     sec = store.read_manifest(folder).get("stats") or {}
     if not sec.get("complete"):
         raise NeuronscopeError(f"'{folder}' holds no finished statistics run.")
+    if not (Path(folder) / EXTREMES_FILE).is_file():
+        raise NeuronscopeError(f"'{folder}' was computed without --keep-extremes, so it holds no extremes to merge; "
+                               "re-run it with --keep-extremes (the default for --shard).")
     t = store.load_tensors(Path(folder) / EXTREMES_FILE)
     small = store.load_tensors(Path(folder) / STATS_FILE)
     out = []
@@ -288,6 +302,9 @@ class NeuronStats:
     def extremes(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(top [N, K] descending, bottom [N, K] ascending) for one layer (read from disk on demand)."""
         from safetensors import safe_open
+        if not (self.folder / EXTREMES_FILE).is_file():
+            raise NeuronscopeError(f"The atlas '{self.folder}' keeps quantiles and exemplars but not the full "
+                                   "extremes; run `neuronscope stats` with --keep-extremes to keep them.")
         with safe_open(str(self.folder / EXTREMES_FILE), framework="pt") as f:
             return f.get_tensor(f"top.{layer}"), f.get_tensor(f"bottom.{layer}")
 
