@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import NeuronscopeError
-from .interventions import Capture, Intervention, intervene
+from .interventions import BoundCapture, Capture, Intervention, intervene
 
 
 @dataclass
@@ -81,8 +81,10 @@ def attribute(subject, input_ids: torch.Tensor, target_position: int, target_tok
                                f"{subject.vocab_size} tokens.")
 
     prefix = ids[:, :target_position].to(subject.device)
-    probe = Capture(grad=True)  # all layers; zero probes give total derivatives (see interventions.Capture)
-    with intervene(subject, *interventions, probe), torch.enable_grad():
+    # all layers; zero probes give total derivatives (see interventions.Capture)
+    with intervene(subject, *interventions, Capture(grad=True)) as bound, torch.enable_grad():
+        probe = bound[-1]
+        assert isinstance(probe, BoundCapture)
         logits = _last_logits(subject.model, prefix)
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         probs = torch.softmax(logits, dim=-1)

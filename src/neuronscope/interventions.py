@@ -6,10 +6,19 @@ Everything in neuronscope that reads or changes a model's internals goes through
         subject.generate_ids(ids, max_new_tokens=20)
     run[0].activations  # [layers, batch, positions, neurons]
 
+An intervention (`Capture`, `Clamp`, ...) is an immutable spec (a frozen dataclass): `intervene` binds each one to
+the subject (`spec.bind(subject)` validates it and returns a separate bound object holding the checked values,
+caches and results) and yields the bound objects. One spec can therefore be used with two subjects, or from two
+threads at once. (For convenience `capture_spec.activations` etc. read the last binding made in the current thread.)
+
 Sites (see DESIGN.md section 2):
 - "neurons": the MLP neuron activations, i.e. the input of the down projection, [B, T, n_neurons];
 - "resid.mid": the residual stream after the attention add, before the MLP (sequential blocks only);
 - "resid.post": the residual stream after the whole block.
+
+Rows: every intervention takes `rows=[...]` (batch rows it applies to; default all), so one batched forward or
+`generate` can carry a different intervention per row (a dose sweep, concurrent sessions); row r of the batch then
+behaves exactly as a separate run of row r with only its own interventions.
 
 One hook per (layer, site) runs all active edits in order, then all captures, so a capture records what the model
 actually used. Positions are absolute token positions (columns of the input), tracked across `generate`'s KV-cache
@@ -21,20 +30,26 @@ is ever changed.
 from __future__ import annotations
 
 import math
+import threading
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Sequence, Union
 
 import torch
 
 from .errors import NeuronscopeError
 
+if TYPE_CHECKING:
+    from .subject import Subject
+
 SITES = ("neurons", "resid.mid", "resid.post")
 PositionSpec = Union[str, int, slice, range, Sequence[int], None]
+RowSpec = Union[int, Sequence[int], None]
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# positions
+# positions and rows
 # ---------------------------------------------------------------------------------------------------------------
 @dataclass
 class StepContext:
@@ -48,7 +63,7 @@ class StepContext:
     def is_prefill(self) -> bool:
         return self.start == 0
 
-    def positions(self, device) -> torch.Tensor:
+    def positions(self, device: torch.device | str) -> torch.Tensor:
         return torch.arange(self.start, self.start + self.length, device=device)
 
 
@@ -73,17 +88,21 @@ def check_positions(positions: PositionSpec) -> PositionSpec:
     return sorted(set(pos))
 
 
-def position_mask(spec: PositionSpec, ctx: StepContext, device) -> torch.Tensor | None:
+def position_mask(spec: PositionSpec, ctx: StepContext, device: torch.device | str) -> torch.Tensor | None:
     """Bool mask [T] of the current call's positions selected by `spec`; None means all of them."""
     if spec is None or spec == "all":
         return None
     start, end = ctx.start, ctx.start + ctx.length
+    lo: int
+    hi: int | None
     if spec == "prompt":
         lo, hi = 0, ctx.prompt_len
     elif spec == "generated":
         lo, hi = ctx.prompt_len, None
     elif isinstance(spec, slice):
         lo, hi = spec.start or 0, spec.stop
+    elif isinstance(spec, str) or isinstance(spec, int):  # not reached after check_positions
+        raise NeuronscopeError(f"Unchecked positions {spec!r}.")
     else:
         pos = torch.as_tensor([p for p in spec if start <= p < end], dtype=torch.long)
         mask = torch.zeros(ctx.length, dtype=torch.bool)
@@ -99,244 +118,380 @@ def position_mask(spec: PositionSpec, ctx: StepContext, device) -> torch.Tensor 
     return mask.to(device)
 
 
+def check_rows(rows: RowSpec) -> tuple[int, ...] | None:
+    """Validate a row spec: None (all rows of the batch), a row index or a list of them (ints >= 0)."""
+    if rows is None:
+        return None
+    if isinstance(rows, bool) or isinstance(rows, str):
+        raise NeuronscopeError(f"Rows must be batch row indices (integers >= 0), got {rows!r}.")
+    items = [rows] if isinstance(rows, int) else list(rows)
+    if not items or any((not isinstance(r, int)) or isinstance(r, bool) or r < 0 for r in items):
+        raise NeuronscopeError(f"Rows must be a non-empty list of batch row indices (integers >= 0), got {rows!r}.")
+    return tuple(sorted(set(items)))
+
+
+class _RowIndex:
+    """The rows an edit applies to, as an index tensor per device; checked against each call's batch size."""
+
+    def __init__(self, rows: tuple[int, ...] | None):
+        self.rows = rows
+        self._idx: dict[torch.device, torch.Tensor] = {}
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
+        if self.rows is None:
+            return None
+        if self.rows[-1] >= x.shape[0]:
+            raise NeuronscopeError(f"An intervention is limited to batch rows {list(self.rows)}, but the batch has "
+                                   f"{x.shape[0]} row(s).")
+        if len(self.rows) == x.shape[0]:
+            return None
+        idx = self._idx.get(x.device)
+        if idx is None:
+            idx = self._idx[x.device] = torch.as_tensor(self.rows, dtype=torch.long, device=x.device)
+        return idx
+
+
 def _finite(value: Any, what: str) -> None:
     if torch.is_tensor(value):
         if not torch.isfinite(value).all():
             raise NeuronscopeError(f"The {what} contains NaN or infinite values.")
-    elif isinstance(value, (int, float)):
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
         if not math.isfinite(float(value)):
             raise NeuronscopeError(f"The {what} must be a finite number, got {value}.")
     else:
         raise NeuronscopeError(f"The {what} must be a number, got {value!r}.")
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# interventions
-# ---------------------------------------------------------------------------------------------------------------
-Hook = Callable[[torch.Tensor, StepContext], Union[torch.Tensor, None]]
-
-
-class Intervention:
-    """Base class: an intervention names the (layer, site) pairs it touches and a function for each.
-
-    `edits(subject)` yields (layer, site, fn); fn(x, ctx) returns a new tensor (an edit) or None (a read).
-    `captures_only` interventions run after all edits at the same hook.
-    """
-    captures_only = False
-
-    def bind(self, subject) -> None:  # validate against the model; called on entering the context
-        pass
-
-    def edits(self, subject) -> Iterator[tuple[int, str, Hook]]:
-        raise NotImplementedError
-
-    def reset(self) -> None:
-        pass
-
-
 def _edit_in_place_ok(x: torch.Tensor) -> bool:
     return not (torch.is_grad_enabled() and x.requires_grad)
 
 
-@dataclass
+# ---------------------------------------------------------------------------------------------------------------
+# specs and their bindings
+# ---------------------------------------------------------------------------------------------------------------
+Hook = Callable[[torch.Tensor, StepContext], Union[torch.Tensor, None]]
+
+
+class Bound:
+    """One intervention bound to one subject: checked values, caches, and (for captures) results.
+
+    `edits()` yields (layer, site, fn); fn(x, ctx) returns a new tensor (an edit) or None (a read).
+    `captures_only` bindings run after all edits at the same hook.
+    """
+    captures_only: bool = False
+    spec: Intervention
+
+    def edits(self) -> Iterator[tuple[int, str, Hook]]:
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        """Forget what was recorded (captures), keeping the hooks; for loops inside one open context."""
+
+
+@dataclass(frozen=True, eq=False)
+class Intervention:
+    """Base class of the immutable intervention specs. `bind(subject)` checks one against a model and returns its
+    `Bound` object; the spec itself never changes."""
+    captures_only: ClassVar[bool] = False
+
+    def bind(self, subject: Subject) -> Bound:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True, eq=False)
 class NeuronEdit(Intervention):
+    """Base of edits of MLP neurons of one layer: `neurons` at `positions`, in `rows` of the batch (default all)."""
     layer: int
     neurons: Sequence[int] | int
     positions: PositionSpec = "all"
+    rows: RowSpec = field(default=None, kw_only=True)
 
-    def bind(self, subject) -> None:
-        subject.check_layer(self.layer)
-        if isinstance(self.neurons, int):
-            self.neurons = [self.neurons]
-        self.neurons = subject.check_neurons(list(self.neurons))
+    def _values(self, subject: Subject, n: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        """A function giving the new values of the selected activations [B', T', n]."""
+        raise NotImplementedError
+
+    def bind(self, subject: Subject) -> BoundNeuronEdit:
+        return BoundNeuronEdit(self, subject)
+
+
+class BoundNeuronEdit(Bound):
+    def __init__(self, spec: NeuronEdit, subject: Subject):
+        self.spec = spec
+        self.layer = subject.check_layer(spec.layer)
+        neurons = [spec.neurons] if isinstance(spec.neurons, int) else list(spec.neurons)
+        self.neurons = subject.check_neurons(neurons)
         if not self.neurons:
             raise NeuronscopeError("No neurons given to edit.")
-        self.positions = check_positions(self.positions)
-        self._idx: dict[Any, torch.Tensor] = {}
+        self.positions = check_positions(spec.positions)
+        self.rows = _RowIndex(check_rows(spec.rows))
+        self.apply = spec._values(subject, len(self.neurons))
+        self._idx: dict[torch.device, torch.Tensor] = {}
 
-    def _index(self, device) -> torch.Tensor:
+    def _index(self, device: torch.device) -> torch.Tensor:
         idx = self._idx.get(device)
         if idx is None:
             idx = self._idx[device] = torch.as_tensor(self.neurons, dtype=torch.long, device=device)
         return idx
 
-    def apply(self, sel: torch.Tensor) -> torch.Tensor:
-        """New values for the selected activations [B, T', k]."""
-        raise NotImplementedError
+    def _edit(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Edit x [B, T, N] in place (x must be free to change) and return it."""
+        idx = self._index(x.device)
+        if mask is None:
+            x[..., idx] = self.apply(x[..., idx])
+        else:
+            t = mask.nonzero().squeeze(1)
+            sub = x[:, t][..., idx]
+            x[:, t.unsqueeze(1), idx.unsqueeze(0)] = self.apply(sub)
+        return x
 
-    def edits(self, subject):
+    def edits(self) -> Iterator[tuple[int, str, Hook]]:
         def fn(x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-            idx = self._index(x.device)
             mask = position_mask(self.positions, ctx, x.device)
             if mask is not None and not bool(mask.any()):
                 return x
+            rows = self.rows(x)
             if not _edit_in_place_ok(x):
                 x = x.clone()
-            if mask is None:
-                x[..., idx] = self.apply(x[..., idx])
-            else:
-                t = mask.nonzero().squeeze(1)
-                sub = x[:, t][..., idx]
-                x[:, t.unsqueeze(1), idx.unsqueeze(0)] = self.apply(sub)
+            if rows is None:
+                return self._edit(x, mask)
+            x[rows] = self._edit(x[rows], mask)  # x[rows] is a copy: edit it, then put it back
             return x
         yield self.layer, "neurons", fn
 
 
-@dataclass
+@dataclass(frozen=True, eq=False)
 class Clamp(NeuronEdit):
     """Set neurons to `value` (a number, or one number per neuron) at the chosen positions."""
     value: float | Sequence[float] | torch.Tensor = 0.0
 
-    def bind(self, subject) -> None:
-        super().bind(subject)
+    def _values(self, subject: Subject, n: int) -> Callable[[torch.Tensor], torch.Tensor]:
         v = torch.as_tensor(self.value, dtype=torch.float32)
         _finite(v, "clamp value")
-        if v.ndim > 1 or (v.ndim == 1 and v.numel() not in (1, len(self.neurons))):
-            raise NeuronscopeError(f"Give one clamp value or one per neuron ({len(self.neurons)}), got {v.numel()}.")
-        self._v = v
-        self._v_key = None
+        if v.ndim > 1 or (v.ndim == 1 and v.numel() not in (1, n)):
+            raise NeuronscopeError(f"Give one clamp value or one per neuron ({n}), got {v.numel()}.")
+        cache: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
-    def apply(self, sel):
-        key = (sel.device, sel.dtype)
-        if self._v_key != key:  # converted once, not on every decoded token
-            self._v_dev, self._v_key = self._v.to(sel.device, sel.dtype), key
-        return self._v_dev.expand_as(sel)
+        def apply(sel: torch.Tensor) -> torch.Tensor:
+            key = (sel.device, sel.dtype)
+            dev = cache.get(key)
+            if dev is None:  # converted once, not on every decoded token
+                dev = cache[key] = v.to(sel.device, sel.dtype)
+            return dev.expand_as(sel)
+        return apply
 
 
-@dataclass
+@dataclass(frozen=True, eq=False)
 class Scale(NeuronEdit):
     """Multiply neurons by `factor` at the chosen positions."""
     factor: float = 1.0
 
-    def bind(self, subject) -> None:
-        super().bind(subject)
+    def _values(self, subject: Subject, n: int) -> Callable[[torch.Tensor], torch.Tensor]:
         _finite(self.factor, "scale factor")
+        factor = float(self.factor)
+        return lambda sel: sel * factor
 
-    def apply(self, sel):
-        return sel * self.factor
 
-
-@dataclass
+@dataclass(frozen=True, eq=False)
 class Ablate(NeuronEdit):
     """Zero-ablate neurons at the chosen positions."""
 
-    def apply(self, sel):
-        return torch.zeros_like(sel)
+    def _values(self, subject: Subject, n: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        return torch.zeros_like
 
 
-@dataclass
+def _residual_site(subject: Subject, site: str) -> str:
+    if site not in ("resid.post", "resid.mid"):
+        raise NeuronscopeError(f"Unknown residual site '{site}'; use resid.post or resid.mid.")
+    if site == "resid.mid" and not subject.has_mid_site:
+        raise NeuronscopeError(f"The {subject.family} model has parallel attention/MLP blocks: no resid.mid site.")
+    return site
+
+
+@dataclass(frozen=True, eq=False)
 class AddToResidual(Intervention):
     """Add `vector` into the residual stream at `layers` and `site` ("resid.post" or "resid.mid").
 
     vector: [hidden] (broadcast over positions), or [T, hidden] whose row t is added at absolute position t
-    (positions past its end get nothing). `positions` restricts where it is added; `scale` multiplies it.
+    (positions past its end get nothing). `positions` restricts where it is added; `scale` multiplies it; `rows`
+    restricts it to some rows of the batch.
     """
     layers: Sequence[int] | int
     vector: torch.Tensor
     site: str = "resid.post"
     positions: PositionSpec = "all"
     scale: float = 1.0
+    rows: RowSpec = field(default=None, kw_only=True)
 
-    def bind(self, subject) -> None:
-        if isinstance(self.layers, int):
-            self.layers = [self.layers]
-        self.layers = [subject.check_layer(int(l)) for l in self.layers]
-        if self.site not in ("resid.post", "resid.mid"):
-            raise NeuronscopeError(f"Unknown residual site '{self.site}'; use resid.post or resid.mid.")
-        if self.site == "resid.mid" and not subject.has_mid_site:
-            raise NeuronscopeError(f"The {subject.family} model has parallel attention/MLP blocks: no resid.mid site.")
-        v = torch.as_tensor(self.vector).detach().float()
+    def bind(self, subject: Subject) -> BoundAddToResidual:
+        return BoundAddToResidual(self, subject)
+
+
+class BoundAddToResidual(Bound):
+    def __init__(self, spec: AddToResidual, subject: Subject):
+        self.spec = spec
+        layers = [spec.layers] if isinstance(spec.layers, int) else list(spec.layers)
+        self.layers = [subject.check_layer(int(l)) for l in layers]
+        self.site = _residual_site(subject, spec.site)
+        v = torch.as_tensor(spec.vector).detach().float()
         if v.ndim not in (1, 2) or v.shape[-1] != subject.hidden_size:
             raise NeuronscopeError(
                 f"The residual vector must have shape [{subject.hidden_size}] or [positions, {subject.hidden_size}], "
                 f"got {list(v.shape)}.")
         _finite(v, "residual vector")
-        _finite(self.scale, "vector scale")
-        self.positions = check_positions(self.positions)
-        self._v = v * float(self.scale)
-        self._cache: dict[Any, torch.Tensor] = {}
+        _finite(spec.scale, "vector scale")
+        self.positions = check_positions(spec.positions)
+        self.rows = _RowIndex(check_rows(spec.rows))
+        self._v = v * float(spec.scale)
+        self._cache: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
-    def edits(self, subject):
+    def edits(self) -> Iterator[tuple[int, str, Hook]]:
         def fn(x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
             key = (x.device, x.dtype)
             v = self._cache.get(key)
             if v is None:
                 v = self._cache[key] = self._v.to(x.device, x.dtype)
             if v.ndim == 2:
-                rows = torch.zeros(ctx.length, v.shape[1], device=x.device, dtype=x.dtype)
+                per_pos = torch.zeros(ctx.length, v.shape[1], device=x.device, dtype=x.dtype)
                 a, b = ctx.start, min(ctx.start + ctx.length, v.shape[0])
                 if b > a:
-                    rows[: b - a] = v[a:b]
-                v = rows
+                    per_pos[: b - a] = v[a:b]
+                v = per_pos
             mask = position_mask(self.positions, ctx, x.device)
             if mask is not None:
                 v = v * mask.to(x.dtype).unsqueeze(-1) if v.ndim == 2 else mask.to(x.dtype).unsqueeze(-1) * v
-            return x + v
+            rows = self.rows(x)
+            if rows is None:
+                return x + v
+            out = x.clone()
+            out[rows] = x[rows] + v
+            return out
         for layer in self.layers:
             yield layer, self.site, fn
 
 
-@dataclass
+# convenience: the last binding of each Capture spec made in this thread (weak keys: a spec dropped is forgotten)
+_last_binding = threading.local()
+
+
+def _remember(spec: Capture, bound: BoundCapture) -> None:
+    table: weakref.WeakKeyDictionary[Capture, BoundCapture] | None = getattr(_last_binding, "table", None)
+    if table is None:
+        table = _last_binding.table = weakref.WeakKeyDictionary()
+    table[spec] = bound
+
+
+@dataclass(frozen=True, eq=False)
 class Capture(Intervention):
     """Record MLP neuron activations and/or residual streams, per forward call, concatenated over positions.
 
     layers: which layers (None: all). sites: any of "neurons", "resid.mid", "resid.post".
     neurons: restrict the neuron capture to these ids (None: all). to_cpu: move each chunk to the CPU as it comes.
+    dtype: store the captured values in this dtype. rows: capture only these batch rows.
     grad: add a zero probe that requires grad to the activations, so that one backward gives the total derivative
-    of any output with respect to every captured activation (`.grads()`; attribution).
+    of any output with respect to every captured activation (`.grads()`; attribution). `neurons`, `rows`, `dtype`
+    and `to_cpu` apply to `.grads()` and the stored activations alike; the probes (`.leaves()`) are full width.
+    The results live on the bound object that `intervene` yields; on the spec, `.activations`, `.get()`,
+    `.grads()`... read the last binding made in the current thread.
     """
-    layers: Sequence[int] | None = None
+    layers: Sequence[int] | int | str | None = None
     sites: Sequence[str] = ("neurons",)
     neurons: Sequence[int] | None = None
     to_cpu: bool = False
     dtype: torch.dtype | None = None
     grad: bool = False
-    captures_only = True
-    _chunks: dict[tuple[str, int], list[torch.Tensor]] = field(default_factory=dict, repr=False)
+    rows: RowSpec = field(default=None, kw_only=True)
 
-    def bind(self, subject) -> None:
-        self.layers = subject.parse_layers([self.layers] if isinstance(self.layers, int) else self.layers)
-        for s in self.sites:
+    def bind(self, subject: Subject) -> BoundCapture:
+        bound = BoundCapture(self, subject)
+        _remember(self, bound)
+        return bound
+
+    # ---- the last binding in this thread ---------------------------------------------------------------------
+    def _bound(self) -> BoundCapture:
+        table = getattr(_last_binding, "table", None)
+        bound = table.get(self) if table is not None else None
+        if bound is None:
+            raise NeuronscopeError("This Capture has not been run in this thread; read the results from the object "
+                                   "`intervene` yields (with intervene(subject, cap) as (bound,): ...).")
+        return bound
+
+    def get(self, site: str = "neurons", layer: int | None = None) -> torch.Tensor:
+        return self._bound().get(site, layer)
+
+    @property
+    def activations(self) -> torch.Tensor:
+        return self._bound().activations
+
+    def resid(self, site: str = "resid.post") -> torch.Tensor:
+        return self._bound().get(site)
+
+    def leaves(self, site: str = "neurons") -> list[torch.Tensor]:
+        return self._bound().leaves(site)
+
+    def grads(self, site: str = "neurons") -> torch.Tensor:
+        return self._bound().grads(site)
+
+    def reset(self) -> None:
+        self._bound().reset()
+
+
+class BoundCapture(Bound):
+    """A Capture bound to one subject: its layers, and what it recorded."""
+
+    def __init__(self, spec: Capture, subject: Subject):
+        self.spec = spec
+        layers = spec.layers
+        self.layers: list[int] = subject.parse_layers([layers] if isinstance(layers, int) else layers)
+        for s in spec.sites:
             if s not in SITES:
                 raise NeuronscopeError(f"Unknown site '{s}'; sites are {', '.join(SITES)}.")
             if s == "resid.mid" and not subject.has_mid_site:
                 raise NeuronscopeError(f"The {subject.family} model has parallel blocks: no resid.mid site.")
-        if self.neurons is not None:
-            self.neurons = subject.check_neurons(list(self.neurons))
+        self.sites = tuple(spec.sites)
+        self.neurons = None if spec.neurons is None else subject.check_neurons(list(spec.neurons))
+        if self.neurons is not None and "neurons" not in self.sites:
+            raise NeuronscopeError("Capture(neurons=...) restricts the neuron site, which this capture does not "
+                                   "record; add 'neurons' to its sites.")
+        self.rows = _RowIndex(check_rows(spec.rows))
+        self.grad = bool(spec.grad)
         self.captures_only = not self.grad
-        self.reset()
+        self._nidx: dict[torch.device, torch.Tensor] = {}
+        self._chunks: dict[tuple[str, int], list[torch.Tensor]] = {}
+        self._probes: dict[tuple[str, int], list[torch.Tensor]] = {}
 
     def reset(self) -> None:
         self._chunks = {}
-        self._probes: dict[tuple[str, int], list[torch.Tensor]] = {}
+        self._probes = {}
 
-    def edits(self, subject):
-        idx_cache: dict[Any, torch.Tensor] = {}
+    def _select(self, t: torch.Tensor, site: str, rows: torch.Tensor | None) -> torch.Tensor:
+        """What is kept of a [B, T, width] tensor: the chosen rows, neurons, dtype and device."""
+        if rows is not None:
+            t = t.index_select(0, rows.to(t.device))
+        if site == "neurons" and self.neurons is not None:
+            idx = self._nidx.get(t.device)
+            if idx is None:
+                idx = self._nidx[t.device] = torch.as_tensor(self.neurons, device=t.device)
+            t = t.index_select(-1, idx)
+        if self.spec.dtype is not None:
+            t = t.to(self.spec.dtype)
+        if self.spec.to_cpu:
+            t = t.to("cpu", non_blocking=True)
+        return t
 
-        def make(site: str, layer: int):
+    def edits(self) -> Iterator[tuple[int, str, Hook]]:
+        def make(site: str, layer: int) -> Hook:
             key = (site, layer)
 
-            def fn(x: torch.Tensor, ctx: StepContext):
+            def fn(x: torch.Tensor, ctx: StepContext) -> torch.Tensor | None:
                 out = None
+                rows = self.rows(x)
                 if self.grad:
                     # a zero probe that requires grad: its .grad is the TOTAL derivative d(out)/dx through every
                     # later layer (detaching x itself would cut the paths through later captured layers)
                     probe = torch.zeros_like(x, requires_grad=True)
                     self._probes.setdefault(key, []).append(probe)
                     out = x + probe
-                    keep = x.detach()
-                else:
-                    keep = x.detach()
-                    if site == "neurons" and self.neurons is not None:
-                        idx = idx_cache.get(x.device)
-                        if idx is None:
-                            idx = idx_cache[x.device] = torch.as_tensor(self.neurons, device=x.device)
-                        keep = keep.index_select(-1, idx)
-                    if self.dtype is not None:
-                        keep = keep.to(self.dtype)
-                    if self.to_cpu:
-                        keep = keep.to("cpu", non_blocking=True)
-                self._chunks.setdefault(key, []).append(keep)
+                self._chunks.setdefault(key, []).append(self._select(x.detach(), site, rows))
                 return out
             return fn
 
@@ -367,47 +522,69 @@ class Capture(Intervention):
         return [c for l in self.layers for c in self._probes.get((site, l), [])]
 
     def grads(self, site: str = "neurons") -> torch.Tensor:
-        """With grad=True, after a backward: d(output)/d(activation) as [layers, batch, positions, width]."""
+        """With grad=True, after a backward: d(output)/d(activation) as [layers, batch, positions, width] (the
+        capture's rows and neurons, in its dtype, on the CPU with to_cpu)."""
+        if not self.grad:
+            raise NeuronscopeError("This capture recorded no gradients; use Capture(grad=True).")
         per_layer = []
         for l in self.layers:
-            g = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._probes.get((site, l), [])]
-            if not g:
+            probes = self._probes.get((site, l), [])
+            if not probes:
                 raise NeuronscopeError(f"No gradients were captured at {site} of layer {l}.")
+            g = [self._select(p.grad if p.grad is not None else torch.zeros_like(p), site, self.rows(p))
+                 for p in probes]
             per_layer.append(g[0] if len(g) == 1 else torch.cat(g, dim=1))
         return torch.stack(per_layer)
 
 
+@dataclass(frozen=True, eq=False)
 class ResidualFunction(Intervention):
     """An edit given as a plain function of the residual stream: fn(layer, x, ctx) -> new x (or None to read).
 
-    Used by the IRM, which reads one site and writes at several layers.
+    Used by the IRM, which reads one site and writes at several layers. With `rows`, fn sees the whole batch and
+    only the chosen rows of its result are used.
     """
+    layers: Sequence[int]
+    site: str
+    fn: Callable[[int, torch.Tensor, StepContext], Any]
+    rows: RowSpec = field(default=None, kw_only=True)
 
-    def __init__(self, layers: Sequence[int], site: str, fn: Callable[[int, torch.Tensor, StepContext], Any]):
-        self.layers, self.site, self.fn = list(layers), site, fn
+    def bind(self, subject: Subject) -> BoundResidualFunction:
+        return BoundResidualFunction(self, subject)
 
-    def bind(self, subject) -> None:
-        for l in self.layers:
-            subject.check_layer(l)
-        if self.site not in ("resid.post", "resid.mid"):
-            raise NeuronscopeError(f"Unknown residual site '{self.site}'.")
-        if self.site == "resid.mid" and not subject.has_mid_site:
-            raise NeuronscopeError(f"The {subject.family} model has parallel blocks: no resid.mid site.")
 
-    def edits(self, subject):
+class BoundResidualFunction(Bound):
+    def __init__(self, spec: ResidualFunction, subject: Subject):
+        self.spec = spec
+        self.layers = [subject.check_layer(l) for l in spec.layers]
+        self.site = _residual_site(subject, spec.site)
+        self.rows = _RowIndex(check_rows(spec.rows))
+
+    def edits(self) -> Iterator[tuple[int, str, Hook]]:
+        def make(layer: int) -> Hook:
+            def fn(x: torch.Tensor, ctx: StepContext) -> torch.Tensor | None:
+                rows = self.rows(x)
+                y = self.spec.fn(layer, x, ctx)
+                if y is None or rows is None:
+                    return y  # type: ignore[no-any-return]
+                out = x.clone()
+                out[rows] = y[rows]
+                return out
+            return fn
         for layer in self.layers:
-            yield layer, self.site, (lambda x, ctx, _l=layer: self.fn(_l, x, ctx))
+            yield layer, self.site, make(layer)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # the hook runner
 # ---------------------------------------------------------------------------------------------------------------
 class _Runner:
-    def __init__(self, subject, interventions: Sequence[Intervention]):
+    def __init__(self, subject: Subject, interventions: Sequence[Intervention]):
         self.subject = subject
         self.interventions = list(interventions)
+        self.bound: list[Bound] = []
         self.ctx = StepContext()
-        self.handles: list[Any] = []
+        self.handles: list[torch.utils.hooks.RemovableHandle] = []
         self.fns: dict[tuple[int, str], list[Hook]] = {}
         self._mid_delta: dict[int, torch.Tensor | None] = {}
 
@@ -416,14 +593,15 @@ class _Runner:
         for iv in self.interventions:
             if not isinstance(iv, Intervention):
                 raise NeuronscopeError(f"{iv!r} is not an intervention.")
-            iv.bind(self.subject)
-            target = reads if iv.captures_only else self.fns
-            for layer, site, fn in iv.edits(self.subject):
+            b = iv.bind(self.subject)
+            self.bound.append(b)
+            target = reads if b.captures_only else self.fns
+            for layer, site, fn in b.edits():
                 target.setdefault((layer, site), []).append(fn)
         for key, fns in reads.items():
             self.fns.setdefault(key, []).extend(fns)
 
-    def _run(self, key, x: torch.Tensor) -> torch.Tensor:
+    def _run(self, key: tuple[int, str], x: torch.Tensor) -> torch.Tensor:
         for fn in self.fns[key]:
             y = fn(x, self.ctx)
             if y is not None:
@@ -436,7 +614,7 @@ class _Runner:
         base = spec.get(model, spec.base)
         blocks = spec.decoder_layers(model)  # looked up once: install runs on every intervene()
 
-        def track(module, args, kwargs):
+        def track(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             ids = kwargs.get("input_ids", args[0] if args else None)
             if ids is None:
                 ids = kwargs.get("inputs_embeds")
@@ -447,7 +625,7 @@ class _Runner:
             elif isinstance(cache, (tuple, list)) and cache and cache[0] is not None:
                 past = int(cache[0][0].shape[-2])
             self.ctx.start = past
-            self.ctx.length = int(ids.shape[1])
+            self.ctx.length = int(ids.shape[1]) if ids is not None else 0
             if past == 0:
                 self.ctx.prompt_len = self.ctx.length
             self.ctx.grad = torch.is_grad_enabled()
@@ -459,28 +637,32 @@ class _Runner:
             if site == "neurons":
                 mod = spec.get(blocks[layer], spec.down)
 
-                def pre(module, args, _k=key):
+                def pre(module: torch.nn.Module, args: tuple[Any, ...],
+                        _k: tuple[int, str] = key) -> tuple[Any, ...]:
                     return (self._run(_k, args[0]),) + tuple(args[1:])
                 self.handles.append(mod.register_forward_pre_hook(pre))
             elif site == "resid.post":
                 mod = blocks[layer]
 
-                def post(module, args, output, _k=key):
+                def post(module: torch.nn.Module, args: tuple[Any, ...], output: Any,
+                         _k: tuple[int, str] = key) -> Any:
                     if isinstance(output, tuple):
                         return (self._run(_k, output[0]),) + tuple(output[1:])
                     return self._run(_k, output)
                 self.handles.append(mod.register_forward_hook(post))
             elif site == "resid.mid":
+                assert spec.mlp_in_norm is not None and spec.mlp_out is not None  # checked by has_mid_site
                 norm = spec.get(blocks[layer], spec.mlp_in_norm)
                 out_mod = spec.get(blocks[layer], spec.mlp_out)
 
-                def mid_pre(module, args, _k=key, _l=layer):
+                def mid_pre(module: torch.nn.Module, args: tuple[Any, ...], _k: tuple[int, str] = key,
+                            _l: int = layer) -> tuple[Any, ...]:
                     x = args[0]
                     y = self._run(_k, x)
                     self._mid_delta[_l] = None if y is x else (y - x)
                     return (y,) + tuple(args[1:])
 
-                def mid_out(module, args, output, _l=layer):
+                def mid_out(module: torch.nn.Module, args: tuple[Any, ...], output: Any, _l: int = layer) -> Any:
                     d = self._mid_delta.pop(_l, None)
                     if d is None:
                         return None
@@ -498,24 +680,29 @@ class _Runner:
 
 
 @contextmanager
-def intervene(subject, *interventions: Intervention) -> Iterator[list[Intervention]]:
-    """Activate interventions on `subject` for the duration of the block; yields them (read captures after)."""
+def intervene(subject: Subject, *interventions: Intervention) -> Iterator[list[Bound]]:
+    """Activate interventions on `subject` for the duration of the block; yields their bound objects, in order
+    (read a capture's results from its bound object)."""
     runner = _Runner(subject, interventions)
     try:
         runner.install()
-        yield list(interventions)
+        yield list(runner.bound)
     finally:
         runner.remove()
 
 
-def capture(subject, input_ids: torch.Tensor, *, layers=None, sites=("neurons",), neurons=None,
-            attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, Capture]:
-    """One forward pass with a capture: returns (logits, the Capture)."""
-    cap = Capture(layers=layers, sites=sites, neurons=neurons)
-    with intervene(subject, cap), torch.no_grad():
-        logits = subject.model(input_ids=input_ids.to(subject.device), attention_mask=attention_mask).logits
+def capture(subject: Subject, input_ids: torch.Tensor, *, layers: Sequence[int] | str | None = None,
+            sites: Sequence[str] = ("neurons",), neurons: Sequence[int] | None = None,
+            attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, BoundCapture]:
+    """One forward pass with a capture: returns (logits, the bound capture holding the activations)."""
+    with intervene(subject, Capture(layers=layers, sites=sites, neurons=neurons)) as bound, torch.no_grad():
+        logits: torch.Tensor = subject.model(input_ids=input_ids.to(subject.device),
+                                             attention_mask=attention_mask).logits
+    cap = bound[0]
+    assert isinstance(cap, BoundCapture)
     return logits, cap
 
 
-__all__ = ["intervene", "capture", "Intervention", "Capture", "Clamp", "Scale", "Ablate", "AddToResidual",
-           "ResidualFunction", "StepContext", "position_mask", "check_positions", "SITES"]
+__all__ = ["intervene", "capture", "Intervention", "Bound", "Capture", "BoundCapture", "Clamp", "Scale", "Ablate",
+           "AddToResidual", "ResidualFunction", "NeuronEdit", "StepContext", "position_mask", "check_positions",
+           "check_rows", "SITES"]
