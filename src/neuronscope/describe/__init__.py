@@ -1,17 +1,22 @@
-"""Neuron descriptions and concept clusters (issue 5).
+"""Scored neuron descriptions, the embedding index, named clusters and concept steering (issue 11).
 
-    describe_atlas("atlas-smollm")                          # labels from decodes + exemplars
-    describe_atlas("atlas-smollm", explainer="http://localhost:8000/v1", subject=subject, neurons=[(20, 1234)])
-    Descriptions.open("atlas-smollm").search("dogs")
-    cluster_neurons("atlas-smollm", [(20, 1234, "pos"), (21, 77, "pos")])
+    describe_atlas("atlas-smollm")                 # a scored label for every neuron and polarity (+ the index)
+    describe_atlas("atlas-smollm", explainer="http://localhost:8080/v1", neurons=[(20, 1234)])
+    Descriptions.open("atlas-smollm").get(20, 1234, "pos")   # {"text", "score", "source", "interpretable", ...}
+    cluster_neurons("atlas-smollm", [(20, 1234, "pos"), (21, 77, "pos"), (22, 5, "neg")])
+    steer_interventions(stats, [(20, 1234, "pos")], strength=0.5)      # Clamp edits for generate
 """
 from __future__ import annotations
 
-from .cluster import average_linkage, cluster_neurons
-from .describe import Descriptions, describe_atlas, firing_tokens, make_label
+from .cluster import cluster_neurons, steer_form
+from .describe import Descriptions, describe_atlas
 from .explainer import LocalExplainer, OpenAIExplainer, explain_prompt, highlight, make_explainer
-from .simulate import LLMSimulator, pearson, score_description, token_match_predict
+from .index import build_index, load_index
+from .label import LabelVocab, make_label, parse_label_items, token_key
+from .score import EvalSplit, score_token_labels
+from .simulate import LLMSimulator, pearson, token_match_predict
 
-__all__ = ["describe_atlas", "Descriptions", "cluster_neurons", "average_linkage", "LocalExplainer",
-           "OpenAIExplainer", "make_explainer", "explain_prompt", "highlight", "LLMSimulator", "pearson",
-           "score_description", "token_match_predict", "firing_tokens", "make_label"]
+__all__ = ["describe_atlas", "Descriptions", "cluster_neurons", "steer_form", "LocalExplainer", "OpenAIExplainer",
+           "make_explainer", "explain_prompt", "highlight", "LLMSimulator", "pearson", "token_match_predict",
+           "make_label", "LabelVocab", "parse_label_items", "token_key", "EvalSplit", "score_token_labels",
+           "build_index", "load_index"]

@@ -1,68 +1,36 @@
-"""`cluster_neurons`: group neurons into concepts by what they decode to (and what their descriptions say).
+"""`cluster_neurons`: group neuron polarities into named concepts by the meaning of their descriptions and decodes.
 
-Each (layer, neuron, polarity) is a sparse distribution over normalised token strings (space markers stripped,
-lower case): the atlas's top-k tokens for the site that polarity promotes (down.pos / down.neg), with their
-probabilities. The distance of two neurons is 1 - cosine similarity of those vectors; when the folder has
-description embeddings for both, the distance is the mean of that and 1 - cosine of the embeddings. Clusters come
-from average-linkage agglomeration cut at `threshold` (Monitor: 0.6); each is named after the tokens its members
-share most (or, failing that, the commonest words of their descriptions).
+Each (layer, neuron, polarity) is its vector in the embedding index (index.py: the embedded tokens its description
+says fire it and that it promotes; computed on the fly with the embedder for neurons not in the index). Clusters
+are scipy's average-linkage agglomeration on cosine distance, cut at `threshold` (Transluce's Monitor: 0.6);
+clusters of at least `min_size` (default 3) are returned, each with
+- a name read from what its members share: the tokens named by at least half of its members, else the two member
+  tokens nearest the cluster's mean vector (with an explainer: a name the LLM writes from the members'
+  descriptions);
+- a coherence score: the mean pairwise cosine similarity of its members (1 = the same meaning);
+- `steer`: the members in the neuron-list form that `neuronscope generate --steer` takes (steer.py).
 """
 from __future__ import annotations
 
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
+from .. import store
 from ..errors import NeuronscopeError
-from .describe import POLARITIES, Descriptions, decoded_site, description_words
-from .simulate import norm_token
+from .describe import POLARITIES, decoded_site
+from .index import description_items, load_index, neuron_vectors
+from .label import quote, token_key
 
 
-def _atlas(atlas):
-    if hasattr(atlas, "top_ids"):
-        return atlas
-    from ..atlas import Atlas
-    return Atlas.open(atlas)
+def _folder(atlas) -> Path:
+    return Path(getattr(atlas, "folder", atlas))
 
 
-def average_linkage(dist: torch.Tensor, threshold: float) -> list[list[int]]:
-    """Agglomerative clustering of a symmetric distance matrix, average linkage, merging while the closest pair
-    of clusters is at distance < threshold. Returns clusters as lists of indices (deterministic)."""
-    n = dist.shape[0]
-    d = dist.double().clone()
-    d.fill_diagonal_(float("inf"))
-    clusters: dict[int, list[int]] = {i: [i] for i in range(n)}
-    active = torch.ones(n, dtype=torch.bool)
-    while int(active.sum()) > 1:
-        masked = d.clone()
-        masked[~active] = float("inf")
-        masked[:, ~active] = float("inf")
-        flat = int(torch.argmin(masked))
-        i, j = divmod(flat, n)
-        if not masked[i, j] < threshold:
-            break
-        i, j = min(i, j), max(i, j)
-        ni, nj = len(clusters[i]), len(clusters[j])
-        new = (ni * d[i] + nj * d[j]) / (ni + nj)          # Lance-Williams, average linkage
-        d[i], d[:, i] = new, new
-        d[i, i] = float("inf")
-        active[j] = False
-        clusters[i] = clusters[i] + clusters.pop(j)
-    return [sorted(c) for c in clusters.values()]
-
-
-def cluster_neurons(atlas, neurons: Sequence[Sequence], *, threshold: float = 0.6, min_size: int = 2,
-                    use_descriptions: bool = True) -> list[dict]:
-    """Clusters of `neurons` ([(layer, neuron, polarity)]; a polarity may be left out: pos) as
-    [{"name", "members": [[layer, neuron, polarity], ...], "tokens": [str]}], biggest first."""
-    atlas = _atlas(atlas)
-    if not 0 < float(threshold) <= 2:
-        raise NeuronscopeError(f"The distance threshold must be in (0, 2], got {threshold}.")
-    if min_size < 1:
-        raise NeuronscopeError(f"min_size must be at least 1, got {min_size}.")
-    items: list[tuple[int, int, str]] = []
+def _items(neurons: Sequence[Sequence], n_layers: int | None, n_neurons: int | None) -> list[tuple[int, int, str]]:
+    out: list[tuple[int, int, str]] = []
     seen = set()
     for it in neurons:
         it = tuple(it)
@@ -72,73 +40,157 @@ def cluster_neurons(atlas, neurons: Sequence[Sequence], *, threshold: float = 0.
         p = it[2] if len(it) == 3 else "pos"
         if p not in POLARITIES:
             raise NeuronscopeError(f"Polarity must be 'pos' or 'neg', got {p!r}.")
-        atlas.check(l, n)
+        if n_layers is not None and not (0 <= l < n_layers and 0 <= n < (n_neurons or 0)):
+            raise NeuronscopeError(f"Neuron {l}:{n} is out of range: layers 0-{n_layers - 1}, neurons "
+                                   f"0-{(n_neurons or 1) - 1}.")
         if (l, n, p) not in seen:
             seen.add((l, n, p))
-            items.append((l, n, p))
+            out.append((l, n, p))
+    return out
+
+
+def steer_form(members: Sequence[Sequence]) -> str:
+    """Members as the neuron list `--steer` and `--neurons` read: 20:1234+,21:77-."""
+    return ",".join(f"{m[0]}:{m[1]}{'+' if m[2] == 'pos' else '-'}" for m in members)
+
+
+def cluster_neurons(atlas, neurons: Sequence[Sequence], *, threshold: float = 0.6, min_size: int = 3,
+                    embedder: Any = None, explainer: Any = None) -> list[dict]:
+    """Clusters of `neurons` ([(layer, neuron, polarity)]; a polarity left out means pos), biggest first:
+    [{"name", "members": [[l, n, p], ...], "size", "coherence", "tokens", "steer"}]."""
+    folder = _folder(atlas)
+    if not 0 < float(threshold) <= 2:
+        raise NeuronscopeError(f"The distance threshold must be in (0, 2], got {threshold}.")
+    if min_size < 1:
+        raise NeuronscopeError(f"min_size must be at least 1, got {min_size}.")
+    man = store.read_manifest(folder)
+    m = man.get("model", {})
+    items = _items(neurons, m.get("n_layers"), m.get("n_neurons"))
     if not items:
         return []
-    # token distributions
-    vocab: dict[str, int] = {}
-    rows: list[dict[int, float]] = []
-    shown: dict[str, str] = {}
-    for l, n, p in items:
-        site = decoded_site(p) if decoded_site(p) in atlas.sites else atlas.sites[0]
-        ids = atlas.top_ids(site)[l, n].tolist()
-        probs = atlas.top_probs(site)[l, n].tolist()
-        row: dict[int, float] = defaultdict(float)
-        for t, pr in zip(ids, probs):
-            s = atlas.token(t)
-            key = norm_token(s)
-            if not key:
-                continue
-            shown.setdefault(key, s.strip() or s)
-            row[vocab.setdefault(key, len(vocab))] += pr
-        rows.append(row)
-    m = torch.zeros(len(items), max(1, len(vocab)), dtype=torch.float64)
-    for r, row in enumerate(rows):
-        for c, v in row.items():
-            m[r, c] = v
-    m = torch.nn.functional.normalize(m, dim=1)
-    dist = 1.0 - m @ m.T
-    # description embeddings, where present
-    descs = None
-    if use_descriptions:
-        try:
-            descs = Descriptions.open(Path(atlas.folder))
-        except NeuronscopeError:
-            descs = None
-    if descs is not None:
-        embs = descs.embeddings()
-        if embs and all(it in embs for it in items):
-            e = torch.stack([embs[it] for it in items]).double()
-            dist = (dist + (1.0 - e @ e.T)) / 2
-    dist = dist.clamp_min(0.0)
-    groups = average_linkage(dist, float(threshold))
+    texts = _texts(folder, items)
+    idx = load_index(folder)
+    pos = idx.position() if idx is not None else {}
+    vec = torch.zeros(len(items), idx.emb.shape[1] if idx is not None else 1)
+    missing = [j for j, it in enumerate(items) if it not in pos]
+    if idx is not None:
+        for j, it in enumerate(items):
+            if it in pos:
+                vec[j] = idx.emb[pos[it]]
+    if missing:
+        from ..embed import load_embedder
+        emb = load_embedder(embedder)
+        if emb is None:
+            raise NeuronscopeError("Some neurons are not in the embedding index and no embedder was given; run "
+                                   "`neuronscope describe` first or give --embedder.")
+        extra, _ = neuron_vectors([texts[items[j]] for j in missing], emb,
+                                  center=idx.center if idx is not None else None)
+        if idx is None:
+            vec = torch.zeros(len(items), extra.shape[1])
+        for j, v in zip(missing, extra):
+            vec[j] = v
+    alive = [j for j in range(len(items)) if float(vec[j].norm()) > 0.5]
+    groups: list[list[int]] = [[j] for j in range(len(items)) if j not in alive]
+    if len(alive) >= 2:
+        from scipy.cluster.hierarchy import fcluster, linkage
+        X = vec[alive].double().numpy()
+        Z = linkage(X, method="average", metric="cosine")
+        labels = fcluster(Z, t=float(threshold), criterion="distance")
+        by: dict[int, list[int]] = {}
+        for j, c in zip(alive, labels.tolist()):
+            by.setdefault(int(c), []).append(j)
+        groups += list(by.values())
+    elif alive:
+        groups.append(alive)
     out = []
     for g in groups:
         if len(g) < min_size:
             continue
-        share: Counter[str] = Counter()
-        weight: Counter[str] = Counter()
-        inv = {v: k for k, v in vocab.items()}
-        for r in g:
-            for c, v in rows[r].items():
-                share[inv[c]] += 1
-                weight[inv[c]] += v
-        common = sorted((t for t in share if share[t] >= 2 or len(g) == 1),
-                        key=lambda t: (-share[t], -weight[t], t))
-        tokens = [shown[t] for t in common[:5]]
-        name = " / ".join(tokens[:3])
-        if not name and descs is not None:
-            words: Counter[str] = Counter()
-            for r in g:
-                d = descs.get(*items[r])
-                if d:
-                    words.update(set(description_words(d["text"])))
-            name = " / ".join(w for w, _ in words.most_common(3))
-        if not name:
-            name = " / ".join(shown[inv[c]] for c, _ in sorted(rows[g[0]].items(), key=lambda x: -x[1])[:3])
-        out.append({"name": name or "cluster", "members": [list(items[r]) for r in g], "tokens": tokens})
-    out.sort(key=lambda c: (-len(c["members"]), c["members"][0]))
+        members = [items[j] for j in sorted(g, key=lambda j: items[j])]
+        V = vec[g]
+        coherence = 1.0 if len(g) == 1 else float(((V @ V.T).sum() - len(g)) / (len(g) * (len(g) - 1)))
+        name, tokens = _name(members, texts, V, embedder, idx.center if idx is not None else None)
+        if explainer is not None:
+            name = _llm_name(explainer, [texts[it][0] for it in members]) or name
+        out.append({"name": name, "members": [list(it) for it in members], "size": len(members),
+                    "coherence": round(coherence, 4), "tokens": tokens, "steer": steer_form(members)})
+    out.sort(key=lambda c: (-c["size"], -c["coherence"], c["members"][0]))
     return out
+
+
+def _texts(folder: Path, items: list[tuple[int, int, str]]) -> dict[tuple[int, int, str], tuple[str, str]]:
+    """(description text, source) per neuron; without a description, its decoded tokens as a label."""
+    out: dict[tuple[int, int, str], tuple[str, str]] = {}
+    con = store.open_db(folder)
+    try:
+        has = con.execute("SELECT name FROM sqlite_master WHERE name='descriptions'").fetchone()
+        for it in items:
+            r = con.execute("SELECT text, source FROM descriptions WHERE layer=? AND neuron=? AND polarity=?",
+                            it).fetchone() if has else None
+            if r is not None:
+                out[it] = (r[0], r[1])
+    finally:
+        con.close()
+    lacking = [it for it in items if it not in out]
+    if lacking:
+        from ..atlas import Atlas
+        try:
+            atlas = Atlas.open(folder)
+        except NeuronscopeError:
+            raise NeuronscopeError(f"'{folder}' has neither descriptions nor decodes for {lacking[0][0]}:"
+                                   f"{lacking[0][1]}; run `neuronscope describe` first.") from None
+        for l, n, p in lacking:
+            toks = [t.strip() for t in atlas.top_tokens(l, n, decoded_site(p), 5) if t.strip()]
+            out[(l, n, p)] = ("| promotes " + ", ".join(quote(t) for t in toks), "decode")
+    return out
+
+
+def _name(members, texts, V: torch.Tensor, embedder, center: torch.Tensor | None) -> tuple[str, list[str]]:
+    share: Counter[str] = Counter()
+    weight: Counter[str] = Counter()
+    shown: dict[str, str] = {}
+    for it in members:
+        keys: dict[str, float] = {}
+        for s, w in description_items(texts[it][0]):
+            k = token_key(s)
+            if not k:
+                continue
+            shown.setdefault(k, s)
+            keys[k] = max(keys.get(k, 0.0), w)
+        share.update(keys.keys())
+        weight.update(keys)
+    need = max(2, (len(members) + 1) // 2)
+    common = [k for k, _ in sorted(weight.items(), key=lambda x: (-x[1], x[0])) if share[k] >= need]
+    if common:
+        tokens = [shown[k] for k in common[:5]]
+        top = weight[common[0]]
+        return " / ".join(shown[k] for k in common[:3] if weight[k] >= 0.5 * top), tokens
+    strings = sorted(shown.values())
+    if not strings:
+        return "cluster", []
+    try:
+        from ..embed import load_embedder
+        emb = load_embedder(embedder)
+    except NeuronscopeError:
+        emb = None
+    if emb is None:
+        tokens = [shown[k] for k, _ in share.most_common(2)]
+        return " / ".join(tokens), tokens
+    E = torch.nn.functional.normalize(torch.as_tensor(emb(strings), dtype=torch.float32), dim=1)
+    if center is not None:
+        E = torch.nn.functional.normalize(E - center, dim=1)
+    centre = torch.nn.functional.normalize(V.mean(0), dim=0)
+    best = (E @ centre).argsort(descending=True)[:2].tolist()
+    tokens = [strings[i] for i in best]
+    return " / ".join(tokens) + " (nearest)", tokens
+
+
+def _llm_name(explainer, descriptions: list[str]) -> str:
+    from .explainer import clean_reply, make_explainer
+    ex = make_explainer(explainer)
+    lines = "\n".join(f"- {d}" for d in descriptions[:30])
+    reply = ex.complete([{"role": "system", "content": "You name groups of language-model neurons."},
+                         {"role": "user", "content": f"Descriptions of the neurons in one group:\n{lines}\n"
+                                                     "Name the concept they share in one to four words."}],
+                        temperature=0.0, seed=0, max_tokens=16)
+    return clean_reply(reply)[:60]

@@ -1,38 +1,38 @@
-"""`describe_atlas` and `Descriptions`: one description per neuron and polarity, stored in the atlas folder.
+"""`describe_atlas` and `Descriptions`: one scored description per neuron and polarity, stored in the atlas folder.
 
-Without an explainer a description is a label built from what the atlas and the statistics already know:
-"fires on 'dog', 'dogs' | promotes 'bark', 'puppy'" (the exemplars' firing tokens, most frequent first, and the
-tokens the write vector promotes for that polarity: down.pos for pos, down.neg for neg). With an explainer, it
-writes `n_candidates` descriptions from the top exemplars (highlighted) and the decoded tokens; a simulator scores
-each on held-out exemplars (Pearson correlation of predicted vs real activations) and the best is kept with its
-score. Scoring needs the real per-token activations, so it runs when a `subject` is given.
+Every (layer, neuron, polarity) gets an offline **label** (label.py: what fires it, ranked by specificity, with its
+recurring context, and what its write vector promotes) written from its exemplars outside the held-out windows, and
+a **simulator score**: the Pearson correlation of the token simulator's predictions with the real activations over
+held-out windows (score.py: its top held-out exemplar windows plus random held-out windows). All labels of a model
+are scored together in one pass over the needed windows.
 
-Storage: atlas.sqlite table `descriptions(layer, neuron, polarity, text, score, source, candidates)`;
-embeddings (when an embedder is given) in `descriptions_emb.safetensors`; manifest section "descriptions".
+With an explainer (a local instruct model or an OpenAI-compatible URL) the chosen neurons also get `n_candidates`
+explainer descriptions written from the same training exemplars (highlighted) and decodes, scored on the same
+held-out windows by the chosen simulator; the best of label and candidates is kept, with its source.
+
+A description is **interpretable** when its score is at least the threshold recorded in the manifest
+("descriptions.threshold", default 0.5). Storage: atlas.sqlite table
+`descriptions(layer, neuron, polarity, text, score, source, candidates)`; the search/cluster index of neuron
+embeddings in `neuron_emb.safetensors` (index.py); manifest section "descriptions".
 """
 from __future__ import annotations
 
 import json
-import re
+import statistics
 import time
-from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
-
-import torch
+from typing import Any, Iterable
 
 from .. import store
 from ..errors import NeuronscopeError
 from .explainer import clean_reply, explain_prompt, make_explainer
-from .simulate import LLMSimulator, norm_token, score_description, token_match_predict
+from .label import LabelVocab, excluded_token_ids, make_label, parse_label_items
+from .score import EvalSplit, score_token_labels
+from .simulate import LLMSimulator, norm_token, token_match_predict
 
 TABLE = "descriptions"
-EMB_FILE = "descriptions_emb.safetensors"
 POLARITIES = ("pos", "neg")
-_STOP = {"the", "a", "an", "of", "and", "or", "to", "in", "on", "for", "with", "is", "it", "this", "that", "fires",
-         "promotes", "neuron", "tokens", "token", "words", "word", "responds", "about", "like", "as", "at", "by"}
-
-Embedder = Callable[[list[str]], Any]
+THRESHOLD = 0.5
 
 
 def _ensure_table(con) -> None:
@@ -41,60 +41,9 @@ def _ensure_table(con) -> None:
                 "PRIMARY KEY (layer, neuron, polarity))")
 
 
-def _open_optional(atlas_dir: Path):
-    """(Atlas or None, NeuronStats or None) for a folder."""
-    atlas = stats = None
-    try:
-        from ..atlas import Atlas
-        atlas = Atlas.open(atlas_dir)
-    except (NeuronscopeError, ImportError):
-        pass
-    try:
-        from ..stats import NeuronStats
-        stats = NeuronStats.open(atlas_dir)
-    except NeuronscopeError:
-        pass
-    return atlas, stats
-
-
 def decoded_site(polarity: str) -> str:
     """The atlas site whose tokens a neuron of this polarity promotes."""
     return "down.pos" if polarity == "pos" else "down.neg"
-
-
-def decoded_tokens(atlas, layer: int, neuron: int, polarity: str, k: int = 5) -> list[str]:
-    if atlas is None:
-        return []
-    site = decoded_site(polarity)
-    if site not in atlas.sites:
-        return []
-    return [t for t in atlas.top_tokens(layer, neuron, site, k) if norm_token(t)]
-
-
-def firing_tokens(exemplars: Sequence[dict], k: int = 5) -> list[str]:
-    """The exemplars' firing tokens (at each exemplar's position), most frequent first (ties: strongest first)."""
-    counts: Counter[str] = Counter()
-    first: dict[str, int] = {}
-    shown: dict[str, str] = {}
-    for j, e in enumerate(exemplars):
-        tok = e["tokens"][e["position"]]
-        key = norm_token(tok)
-        if not key:
-            key, tok = repr(tok), tok
-        counts[key] += 1
-        first.setdefault(key, j)
-        shown.setdefault(key, tok.strip() or tok)
-    order = sorted(counts, key=lambda t: (-counts[t], first[t]))
-    return [shown[t] for t in order[:k]]
-
-
-def make_label(fires: Sequence[str], promotes: Sequence[str]) -> str:
-    parts = []
-    if fires:
-        parts.append("fires on " + ", ".join(repr(t) for t in fires))
-    if promotes:
-        parts.append("promotes " + ", ".join(repr(t.strip() or t) for t in promotes))
-    return " | ".join(parts) or "no data"
 
 
 def parse_neuron_list(neurons, n_layers: int, n_neurons: int) -> list[tuple[int, int, str]]:
@@ -120,118 +69,172 @@ def parse_neuron_list(neurons, n_layers: int, n_neurons: int) -> list[tuple[int,
     return out
 
 
-def describe_atlas(atlas_dir, *, explainer=None, embedder: Embedder | None = None, subject=None, neurons=None,
-                   progress: bool = True, n_candidates: int = 3, n_exemplars: int = 20, held_out: int = 5,
-                   simulator: str = "auto", overwrite: bool = False) -> "Descriptions":
-    """Describe neurons of an atlas folder (it needs the atlas decodes or the corpus statistics, ideally both).
+def _load_subject(folder: Path, manifest: dict, subject):
+    """The studied model: the one given (checked against the fingerprint) or the one the manifest names."""
+    fp = manifest.get("model", {}).get("fingerprint")
+    if subject is None:
+        name = manifest.get("model", {}).get("name")
+        if not name or not Path(name).exists():
+            raise NeuronscopeError(f"Scoring descriptions needs the model of '{folder}' (to compute real "
+                                   "activations on held-out windows); give it with --model.")
+        from ..subject import Subject
+        subject = Subject.load(name)
+    if fp and subject.fingerprint != fp:
+        raise NeuronscopeError(f"The model given ({subject.name}) is not the one the atlas in '{folder}' was built "
+                               "for; give the right model.")
+    return subject
 
-    explainer: None (labels), an explainer object, a URL of an OpenAI-compatible endpoint, or a local instruct model
-    (path / GGUF / Subject). embedder: a callable list[str] -> [n, d] embeddings (e.g. a sentence-transformers
-    model's `encode`), for similarity search and clustering. subject: the studied model, to recompute per-token
-    activations for highlighting and scoring. neurons: (layer, neuron[, polarity]) items (default: all).
-    simulator: "tokens" (token match), "llm" (ask the explainer), or "auto" (llm when there is an explainer).
-    Neurons already described by the same source are skipped unless overwrite (so an interrupted run resumes).
+
+def describe_atlas(atlas_dir, *, explainer=None, embedder: Any = "default", subject=None, neurons=None,
+                   progress: bool = True, n_candidates: int = 3, n_exemplars: int = 20, label_exemplars: int = 40,
+                   held_out: int = 10, n_random: int = 40, every: int = 5, simulator: str = "tokens",
+                   threshold: float = THRESHOLD, overwrite: bool = False) -> "Descriptions":
+    """Describe and score neurons of an atlas folder (it needs corpus statistics; the atlas decodes add
+    "promotes").
+
+    explainer: None (labels only), an explainer object, a URL of an OpenAI-compatible endpoint, or a local instruct
+    model (path / GGUF / Subject); with it, pass `neurons` (candidates cost LLM calls). embedder: for the semantic
+    search/cluster index ("default": the pulled all-MiniLM-L6-v2; "none" or None: no index; a folder; an Embedder).
+    subject: the studied model (default: the model the manifest names, when it is on disk). neurons:
+    (layer, neuron[, polarity]) items (default: all). simulator for explainer candidates: "tokens" or "llm" (the
+    explainer predicts the firing tokens). Neurons already described by the same source are kept unless overwrite.
     """
     folder = Path(atlas_dir)
     if not folder.is_dir():
         raise NeuronscopeError(f"The atlas folder '{folder}' does not exist.")
-    atlas, stats = _open_optional(folder)
-    if atlas is None and stats is None:
-        raise NeuronscopeError(f"'{folder}' has neither an atlas nor corpus statistics to describe neurons from; "
-                               "run `neuronscope atlas build` and/or `neuronscope stats` first.")
-    src = atlas or stats
-    n_layers, n_neurons = src.n_layers, src.n_neurons
-    todo = parse_neuron_list(neurons, n_layers, n_neurons) if neurons is not None else \
-        [(l, n, p) for l in range(n_layers) for n in range(n_neurons) for p in POLARITIES]
-    if simulator not in ("auto", "tokens", "llm"):
-        raise NeuronscopeError(f"Unknown simulator '{simulator}'; use auto, tokens or llm.")
+    if simulator not in ("tokens", "llm", "auto"):
+        raise NeuronscopeError(f"Unknown simulator '{simulator}'; use tokens or llm.")
+    if not 0.0 <= float(threshold) <= 1.0:
+        raise NeuronscopeError(f"The interpretable threshold must be in [0, 1], got {threshold}.")
+    from ..stats import NeuronStats
+    stats = NeuronStats.open(folder)
+    atlas = None
+    try:
+        from ..atlas import Atlas
+        atlas = Atlas.open(folder)
+    except NeuronscopeError:
+        pass
+    manifest = store.read_manifest(folder)
+    subject = _load_subject(folder, manifest, subject)
+    todo = parse_neuron_list(neurons, stats.n_layers, stats.n_neurons) if neurons is not None else \
+        [(l, n, p) for l in range(stats.n_layers) for n in range(stats.n_neurons) for p in POLARITIES]
     explainer = make_explainer(explainer)
     if simulator == "llm" and explainer is None:
         raise NeuronscopeError("The llm simulator needs an explainer.")
-    predict = LLMSimulator(explainer) if explainer is not None and simulator in ("auto", "llm") \
-        else token_match_predict
     source = "explainer" if explainer is not None else "label"
-
     con = store.open_db(folder)
     with con:
         _ensure_table(con)
-    done = set()
     if not overwrite:
-        done = {(l, n, p) for l, n, p in con.execute(f"SELECT layer, neuron, polarity FROM {TABLE} WHERE source = ?",
-                                                     (source,))}
-    todo = [t for t in todo if t not in done]
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=len(todo), unit="neuron", desc="describe", dynamic_ncols=True)
+        done = {(l, n, p) for l, n, p in con.execute(
+            f"SELECT layer, neuron, polarity FROM {TABLE} WHERE source = ? OR ? = 'label'", (source, source))}
+        todo = [t for t in todo if t not in done]
+    con.close()
     t0 = time.perf_counter()
-    try:
-        for l, n, p in todo:
-            ex = stats.exemplars(l, n, p, n=n_exemplars + held_out, subject=subject) if stats is not None else []
-            train, held = ex[:n_exemplars], ex[n_exemplars:]
-            promotes = decoded_tokens(atlas, l, n, p)
-            label = make_label(firing_tokens(train), promotes)
-            candidates: list[dict[str, Any]] = []
-            if explainer is None:
-                candidates.append({"text": label, "score": score_description(label, held, p, token_match_predict)})
-            else:
-                messages = explain_prompt(train[:n_exemplars], p, promotes)
-                for j in range(n_candidates):
-                    reply = clean_reply(explainer.complete(messages, temperature=0.0 if j == 0 else 0.7, seed=j))
-                    if reply and reply not in (c["text"] for c in candidates):
-                        candidates.append({"text": reply, "score": score_description(reply, held, p, predict)})
-                if not candidates:
-                    candidates.append({"text": label, "score": score_description(label, held, p,
-                                                                                 token_match_predict)})
-            best = max(candidates, key=lambda c: -2.0 if c["score"] is None else c["score"])
-            with con:
-                con.execute(f"INSERT OR REPLACE INTO {TABLE} VALUES (?, ?, ?, ?, ?, ?, ?)",
-                            (l, n, p, best["text"], best["score"], source if best["text"] != label or
-                             explainer is None else "label", json.dumps(candidates)))
+    split = EvalSplit(stats, every=every, n_random=n_random, held_out=held_out)
+    if atlas is not None:
+        vocab_strings = atlas.vocab
+    else:
+        from ..atlas.vocab import token_texts
+        vocab_strings = token_texts(subject)
+    vocab = LabelVocab.build(vocab_strings, split.ids.values(), excluded_token_ids(subject))
+    labels: dict[tuple[int, int, str], dict] = {}
+    for l, n, p in todo:
+        ex = split.train_exemplars(l, n, p, label_exemplars)
+        fire = [split.ids[w][pos] for w, pos in ex]
+        prev = [split.ids[w][pos - 1] if pos > 0 else -1 for w, pos in ex]
+        promote = atlas.top_ids(decoded_site(p))[l, n].tolist() if atlas is not None and \
+            decoded_site(p) in atlas.sites else []
+        labels[(l, n, p)] = make_label(vocab, fire, prev, promote)
+    t_label = time.perf_counter() - t0
+    scores = score_token_labels(subject, split, vocab, {k: parse_label_items(v["text"]) or [] for k, v in
+                                                        labels.items()}, progress=progress) if labels else {}
+    t_score = time.perf_counter() - t0 - t_label
+    rows = []
+    predict = LLMSimulator(explainer) if simulator == "llm" else token_match_predict
+    bar = None
+    if explainer is not None and progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(todo), unit="neuron", desc="explain", dynamic_ncols=True)
+    for key in todo:
+        l, n, p = key
+        cands: list[dict[str, Any]] = [{"text": labels[key]["text"], "score": scores.get(key, 0.0),
+                                        "source": "label"}]
+        if explainer is not None:
+            acts: dict = {}
+            exs = _exemplar_dicts(split, subject, l, n, p, n_exemplars)
+            promotes = [vocab.shown[vocab.code(i)] for i in (atlas.top_ids(decoded_site(p))[l, n].tolist()[:8]
+                        if atlas is not None else []) if vocab.code(i) >= 0][:5]
+            messages = explain_prompt(exs, p, promotes)
+            for j in range(n_candidates):
+                reply = clean_reply(explainer.complete(messages, temperature=0.0 if j == 0 else 0.7, seed=j))
+                if reply and reply not in (c["text"] for c in cands):
+                    cands.append({"text": reply, "score": split.score(subject, l, n, p, reply, predict, acts),
+                                  "source": "explainer"})
             if bar is not None:
                 bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
-        con.close()
-    if embedder is not None:
-        embed_descriptions(folder, embedder)
-    store.update_manifest(folder, "descriptions", {
-        "source": source, "explainer": getattr(explainer, "name", None) if explainer is not None else None,
-        "simulator": "none" if subject is None else ("llm" if isinstance(predict, LLMSimulator) else "tokens"),
-        "n_candidates": n_candidates if explainer is not None else 1, "n_exemplars": n_exemplars,
-        "held_out": held_out, "described": Descriptions.count_rows(folder), "embeddings": embedder is not None or
-        (folder / EMB_FILE).is_file(), "seconds": round(time.perf_counter() - t0, 3)})
-    return Descriptions.open(folder, embedder=embedder)
-
-
-def embed_descriptions(folder: Path, embedder: Embedder, batch: int = 256) -> None:
-    """Embed every stored description (unit vectors) into descriptions_emb.safetensors."""
+        best = max(cands, key=lambda c: c["score"])
+        rows.append((l, n, p, best["text"], round(float(best["score"]), 6), best["source"], json.dumps(cands)))
+    if bar is not None:
+        bar.close()
     con = store.open_db(folder)
     try:
-        rows = con.execute(f"SELECT layer, neuron, polarity, text FROM {TABLE} ORDER BY layer, neuron, polarity"
-                           ).fetchall()
+        with con:
+            con.executemany(f"INSERT OR REPLACE INTO {TABLE} VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
     finally:
         con.close()
-    if not rows:
-        return
-    embs = []
-    for s in range(0, len(rows), batch):
-        e = torch.as_tensor(embedder([r[3] for r in rows[s:s + batch]]), dtype=torch.float32)
-        if e.ndim != 2 or e.shape[0] != len(rows[s:s + batch]):
-            raise NeuronscopeError("The embedder must return one vector per text ([n, d]).")
-        embs.append(torch.nn.functional.normalize(e, dim=1))
-    keys = torch.tensor([[r[0], r[1], POLARITIES.index(r[2])] for r in rows], dtype=torch.int64)
-    store.save_tensors(folder / EMB_FILE, {"keys": keys, "emb": torch.cat(embs)})
+    t_write = time.perf_counter() - t0 - t_label - t_score
+    emb_info = None
+    if embedder is not None and not (isinstance(embedder, str) and embedder.lower() == "none"):
+        from ..embed import load_embedder
+        from .index import build_index
+        emb = load_embedder(None if embedder == "default" else embedder)
+        if emb is not None:
+            emb_info = build_index(folder, emb, progress=progress)
+    summary = summarise(folder, threshold)
+    store.update_manifest(folder, "descriptions", {
+        "threshold": float(threshold), "source": source, "simulator": "tokens" if explainer is None else
+        ("llm" if simulator == "llm" else "tokens"), "explainer": getattr(explainer, "name", None),
+        "n_candidates": n_candidates if explainer is not None else 0, "n_exemplars": n_exemplars,
+        "label_exemplars": label_exemplars, "split": split.info(), **summary, "index": emb_info,
+        "seconds_last_run": {"labels": round(t_label, 2), "score": round(t_score, 2), "explain_write":
+                             round(t_write, 2), "total": round(time.perf_counter() - t0, 2)},
+        "described_last_run": len(rows)})
+    return Descriptions.open(folder)
+
+
+def _exemplar_dicts(split: EvalSplit, subject, l: int, n: int, p: str, k: int) -> list[dict]:
+    """Training exemplars as the explainer prompt wants them (tokens, position, per-token activations)."""
+    from ..stats.results import window_activations
+    ex = split.train_exemplars(l, n, p, k)
+    acts = window_activations(subject, [split.ids[w] for w, _ in ex], l, n) if ex else []
+    return [{"tokens": split.tokens[w], "position": pos, "acts": a} for (w, pos), a in zip(ex, acts)]
+
+
+def summarise(folder: Path, threshold: float) -> dict:
+    """Counts and the score distribution of the stored descriptions, per source."""
+    con = store.open_db(folder)
+    try:
+        rows = con.execute(f"SELECT score, source FROM {TABLE}").fetchall()
+    finally:
+        con.close()
+    out: dict[str, Any] = {"described": len(rows)}
+    for name, sel in (("all", rows), ("label", [r for r in rows if r[1] == "label"]),
+                      ("explainer", [r for r in rows if r[1] == "explainer"])):
+        sc = [float(r[0]) for r in sel if r[0] is not None]
+        if sc:
+            out[f"scores_{name}"] = {"n": len(sc), "median": round(statistics.median(sc), 4),
+                                     "share_ge_0.5": round(sum(s >= 0.5 for s in sc) / len(sc), 4),
+                                     "share_interpretable": round(sum(s >= threshold for s in sc) / len(sc), 4)}
+    return out
 
 
 class Descriptions:
-    """The stored descriptions of an atlas folder: look up, text search, similarity search (with an embedder)."""
+    """The stored descriptions of an atlas folder: look up, filter by interpretability, text search."""
 
-    def __init__(self, folder: Path, embedder: Embedder | None = None):
+    def __init__(self, folder: Path, threshold: float = THRESHOLD):
         self.folder = Path(folder)
-        self.embedder = embedder
-        self._emb: dict[str, torch.Tensor] | None = None
+        self.threshold = float(threshold)
 
     @staticmethod
     def count_rows(folder) -> int:
@@ -243,12 +246,13 @@ class Descriptions:
             con.close()
 
     @classmethod
-    def open(cls, atlas_dir, embedder: Embedder | None = None) -> "Descriptions":
+    def open(cls, atlas_dir, embedder: Any = None) -> "Descriptions":
         folder = Path(atlas_dir)
-        if not (folder / store.DB).is_file() or "descriptions" not in store.read_manifest(folder):
+        sec = store.read_manifest(folder).get("descriptions") if (folder / store.DB).is_file() else None
+        if not sec:
             raise NeuronscopeError(f"The atlas '{folder}' has no neuron descriptions yet; run "
                                    f"`neuronscope describe {folder}` first.")
-        return cls(folder, embedder)
+        return cls(folder, float(sec.get("threshold", THRESHOLD)))
 
     def _rows(self, sql: str, args: tuple = ()) -> list[tuple]:
         con = store.open_db(self.folder)
@@ -257,60 +261,54 @@ class Descriptions:
         finally:
             con.close()
 
+    def _row(self, l, n, p, text, score, source) -> dict:
+        return {"layer": l, "neuron": n, "polarity": p, "text": text, "score": score, "source": source,
+                "interpretable": score is not None and score >= self.threshold}
+
     def get(self, layer: int, i: int, polarity: str = "pos") -> dict | None:
-        """{"text", "score", "source"} of one neuron and polarity, or None."""
+        """{"layer", "neuron", "polarity", "text", "score", "source", "interpretable"} or None."""
         if polarity not in POLARITIES:
             raise NeuronscopeError(f"Polarity must be 'pos' or 'neg', got '{polarity}'.")
-        r = self._rows(f"SELECT text, score, source FROM {TABLE} WHERE layer=? AND neuron=? AND polarity=?",
-                       (int(layer), int(i), polarity))
-        return {"text": r[0][0], "score": r[0][1], "source": r[0][2]} if r else None
+        r = self._rows(f"SELECT layer, neuron, polarity, text, score, source FROM {TABLE} WHERE layer=? AND "
+                       "neuron=? AND polarity=?", (int(layer), int(i), polarity))
+        return self._row(*r[0]) if r else None
 
-    def all(self) -> list[dict]:
-        return [{"layer": l, "neuron": n, "polarity": p, "text": t, "score": s}
-                for l, n, p, t, s in self._rows(f"SELECT layer, neuron, polarity, text, score FROM {TABLE} "
-                                                "ORDER BY layer, neuron, polarity")]
+    def all(self, interpretable: bool = False) -> list[dict]:
+        """Every stored description (only the interpretable ones with interpretable=True)."""
+        sql = f"SELECT layer, neuron, polarity, text, score, source FROM {TABLE}"
+        args: tuple = ()
+        if interpretable:
+            sql += " WHERE score >= ?"
+            args = (self.threshold,)
+        return [self._row(*r) for r in self._rows(sql + " ORDER BY layer, neuron, polarity", args)]
 
-    def embeddings(self) -> dict[tuple[int, int, str], torch.Tensor]:
-        """{(layer, neuron, polarity): unit vector} when embeddings were stored, else {}."""
-        if self._emb is None:
-            f = self.folder / EMB_FILE
-            self._emb = store.load_tensors(f) if f.is_file() else {}
-        if not self._emb:
+    def interpretable(self) -> set[tuple[int, int, str]]:
+        return {(l, n, p) for l, n, p in self._rows(f"SELECT layer, neuron, polarity FROM {TABLE} WHERE score >= ?",
+                                                     (self.threshold,))}
+
+    def embeddings(self) -> dict[tuple[int, int, str], Any]:
+        """{(layer, neuron, polarity): unit vector} from the index (neuron_emb.safetensors), or {}."""
+        from .index import load_index
+        idx = load_index(self.folder)
+        if idx is None:
             return {}
-        return {(int(k[0]), int(k[1]), POLARITIES[int(k[2])]): v for k, v in zip(self._emb["keys"], self._emb["emb"])}
+        return {k: v for k, v in zip(idx.keys, idx.emb.float())}
 
-    def search(self, text: str, k: int = 50) -> list[dict]:
-        """Descriptions matching `text`, best first: [{"layer", "neuron", "polarity", "text", "score"}].
-
-        With an embedder and stored embeddings: cosine similarity to the query's embedding. Otherwise a text match:
-        the share of the query's words found in the description (whole words, then prefixes), ties by the
-        description's simulator score. `score` in the result is the match score.
-        """
+    def search(self, text: str, k: int = 50, interpretable: bool = False) -> list[dict]:
+        """Descriptions whose words match `text` (share of the query's words found, whole words then prefixes;
+        ties by simulator score), best first; "score" is the match, "desc_score" the simulator score. Semantic
+        search: neuronscope.atlas.search.semantic_search."""
+        import re
         if not isinstance(text, str) or not text.strip():
             raise NeuronscopeError("Give some text to search the descriptions for.")
-        rows = self.all()
-        if self.embedder is not None and (self.folder / EMB_FILE).is_file():
-            embs = self.embeddings()
-            q = torch.nn.functional.normalize(torch.as_tensor(self.embedder([text]), dtype=torch.float32), dim=1)[0]
-            scored = [(float(embs[(r["layer"], r["neuron"], r["polarity"])] @ q), r) for r in rows
-                      if (r["layer"], r["neuron"], r["polarity"]) in embs]
-        else:
-            words = [w for w in (norm_token(x) for x in re.findall(r"\w+", text)) if w]
-            if not words:
-                return []
-            scored = []
-            for r in rows:
-                terms = [norm_token(x) for x in re.findall(r"\w+", r["text"])]
-                tset = set(terms)
-                s = sum(1.0 if w in tset else 0.5 if any(t.startswith(w) for t in terms) else 0.0
-                        for w in words) / len(words)
-                if s > 0:
-                    scored.append((s + 1e-3 * (r["score"] or 0.0), r))
+        words = [w for w in (norm_token(x) for x in re.findall(r"\w+", text)) if w]
+        scored = []
+        for r in self.all(interpretable):
+            terms = [norm_token(x) for x in re.findall(r"\w+", r["text"])]
+            tset = set(terms)
+            s = sum(1.0 if w in tset else 0.5 if any(t.startswith(w) for t in terms) else 0.0
+                    for w in words) / max(1, len(words))
+            if s > 0:
+                scored.append((s + 1e-3 * (r["score"] or 0.0), r))
         scored.sort(key=lambda x: -x[0])
-        return [{"layer": r["layer"], "neuron": r["neuron"], "polarity": r["polarity"], "text": r["text"],
-                 "score": round(s, 6)} for s, r in scored[:k]]
-
-
-def description_words(text: str) -> list[str]:
-    """Content words of a description (for naming clusters)."""
-    return [w for w in (norm_token(x) for x in re.findall(r"\w+", text)) if w and w not in _STOP and len(w) > 1]
+        return [dict(r, score=round(s, 6), desc_score=r["score"]) for s, r in scored[:k]]

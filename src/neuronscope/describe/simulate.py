@@ -1,11 +1,15 @@
 """Simulators: predict a neuron's per-token activations from a description, and score that by Pearson correlation.
 
-- `token_match_predict`: 1 where the token (space markers stripped, lower case) is one of the description's words or
-  quoted items, else 0. Needs no model; good for labels made of tokens and for short concrete descriptions.
+- `token_match_predict`: the token simulator. For a label (or any description that quotes tokens), the quoted items
+  of its firing part (before " | promotes"): 1.0 on a token whose key (label.token_key: markers stripped, lower
+  case) is an item, and for an item with a context ("'ma' after 'grand'") 1.0 after that context, 0.5 elsewhere.
+  For free text without quotes: 1.0 on tokens that are one of its content words. "nothing specific" predicts 0
+  everywhere (so it scores 0). Needs no model, so it scores all neurons of a model in minutes.
 - `LLMSimulator(explainer)`: asks the explainer LLM which numbered tokens of a text the described neuron fires on;
   1 for those, 0 elsewhere.
 The score of a description is the Pearson correlation between predicted and real activations over the tokens of
-held-out exemplar windows (for the negative polarity, the real activations are negated, so firing is positive).
+held-out windows: the neuron's top exemplar windows among the held-out windows plus random held-out windows of the
+corpus (score.py picks them; for the negative polarity the real activations are negated, so firing is positive).
 """
 from __future__ import annotations
 
@@ -13,9 +17,15 @@ import math
 import re
 from typing import Callable, Sequence
 
+from .label import parse_label_items, token_key
+
 _MARKERS = re.compile(r"[\u2581\u0120\u010a\s]+")
 _WORD = re.compile(r"[\w']+", re.UNICODE)
 _QUOTED = re.compile(r"'([^']+)'|\"([^\"]+)\"|\u201c([^\u201d]+)\u201d|<<(.+?)>>")
+STOP = {"the", "a", "an", "of", "and", "or", "to", "in", "on", "for", "with", "is", "it", "this", "that", "fires",
+        "promotes", "neuron", "tokens", "token", "words", "word", "responds", "about", "like", "as", "at", "by",
+        "activates", "after", "before", "when", "which", "its", "are", "be", "text", "mentions", "related",
+        "specific", "nothing", "e", "g", "i", "such", "including", "used", "using", "mainly", "mostly", "often"}
 
 Predictor = Callable[[str, Sequence[str]], list[float]]
 
@@ -26,19 +36,36 @@ def norm_token(tok: str) -> str:
 
 
 def description_terms(description: str) -> set[str]:
-    """Words and quoted items of a description, normalised."""
-    terms = {norm_token(w) for w in _WORD.findall(description)}
+    """Content words and quoted items of a description, normalised (stop words left out)."""
+    terms = {norm_token(w) for w in _WORD.findall(description)} - STOP
     for m in _QUOTED.finditer(description):
         q = next(g for g in m.groups() if g is not None)
-        terms.add(norm_token(q))
+        terms.add(token_key(q))
     terms.discard("")
     return terms
 
 
 def token_match_predict(description: str, tokens: Sequence[str]) -> list[float]:
-    """Predicted activation per token: 1.0 if the normalised token is a term of the description, else 0.0."""
-    terms = description_terms(description)
-    return [1.0 if (t := norm_token(tok)) and t in terms else 0.0 for tok in tokens]
+    """Predicted activation per token from a description (see the module docstring)."""
+    items = parse_label_items(description)
+    keys = [token_key(t) for t in tokens]
+    if items is None:
+        terms = description_terms(description)
+        return [1.0 if k in terms else 0.0 for k in keys]
+    plain = {k for k, c in items if c is None}
+    ctx: dict[str, set[str]] = {}
+    for k, c in items:
+        if c is not None:
+            ctx.setdefault(k, set()).add(c)
+    out = []
+    for i, k in enumerate(keys):
+        if k in plain:
+            out.append(1.0)
+        elif k in ctx:
+            out.append(1.0 if i > 0 and keys[i - 1] in ctx[k] else 0.5)
+        else:
+            out.append(0.0)
+    return out
 
 
 def pearson(a: Sequence[float], b: Sequence[float]) -> float:

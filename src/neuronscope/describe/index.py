@@ -1,0 +1,137 @@
+"""The neuron embedding index: one unit vector per described (layer, neuron, polarity), for semantic concept search
+and clustering, stored as `neuron_emb.safetensors` in the atlas folder.
+
+A neuron's vector is the weighted mean of the embeddings of what its description names: the tokens it fires on
+(weights 1, 0.8, 0.6, 0.5, ... by rank) and the tokens it promotes (0.5, 0.35, 0.25, 0.15, ...), plus, for an
+explainer's free-text description, the embedding of the whole text (weight 2); then L2-normalised. Sentence
+embeddings share a large common direction (all words are ~0.3-0.5 alike in all-MiniLM-L6-v2), so averages of
+unrelated tokens drift together (0.7-0.9 alike); every string's embedding is therefore centred on the mean embedding
+of all strings the index names (stored as `center`; queries are centred the same way) before it is averaged.
+Embedding the items one by one (each distinct string once) keeps
+label boilerplate ("fires on", "promotes") out of the meaning and makes the index of a whole model cheap: SmolLM2's
+92,160 neuron-polarities name ~20-40K distinct strings. Layout: `keys` [M, 3] int64 (layer, neuron, polarity 0=pos
+1=neg), `emb` [M, d] float16; metadata: the embedder's name and the weights.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .. import store
+
+INDEX_FILE = "neuron_emb.safetensors"
+W_FIRE = (1.0, 0.8, 0.6, 0.5)
+W_PROMOTE = (0.5, 0.35, 0.25, 0.15)
+W_TEXT = 2.0
+_ITEM = re.compile(r"'([^']+)'|\"([^\"]+)\"")
+POLS = ("pos", "neg")
+
+
+def description_items(text: str) -> list[tuple[str, float]]:
+    """(string, weight) of what a description names: quoted items before ' | promotes' (fires; an item's 'after'
+    context is left out) and after it (promotes), weighted by rank (W_FIRE, W_PROMOTE)."""
+    parts = re.split(r"\|\s*promotes\b", text, maxsplit=1)
+    head, tail = parts[0], parts[1] if len(parts) > 1 else ""
+    out: list[tuple[str, float]] = []
+    head = re.sub(r"\s+after\s+(?:'[^']+'|\"[^\"]+\")", "", head)
+    for part, ws in ((head, W_FIRE), (tail, W_PROMOTE)):
+        j = 0
+        for m in _ITEM.finditer(part):
+            s = (m.group(1) if m.group(1) is not None else m.group(2)).strip()
+            if s:
+                out.append((s, ws[min(j, len(ws) - 1)]))
+                j += 1
+    return out
+
+
+@dataclass
+class NeuronIndex:
+    keys: list[tuple[int, int, str]]
+    key_tensor: torch.Tensor        # [M, 3]
+    emb: torch.Tensor               # [M, d] float32 unit rows
+    embedder: str
+    center: torch.Tensor            # [d] the mean string embedding subtracted before averaging
+
+    def query(self, q: torch.Tensor) -> torch.Tensor:
+        """A query's (or string's) unit embeddings [n, d], centred like the index."""
+        return torch.nn.functional.normalize(torch.nn.functional.normalize(q.float(), dim=-1) - self.center, dim=-1)
+
+    def position(self) -> dict[tuple[int, int, str], int]:
+        return {k: i for i, k in enumerate(self.keys)}
+
+
+def neuron_vectors(rows: list[tuple[str, str]], embedder, batch: int = 512, center: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(vectors, center) for (text, source) descriptions; a description naming nothing gets a zero row. center:
+    the mean string embedding to subtract (default: the mean over these rows' strings)."""
+    items = [description_items(t) for t, _ in rows]
+    strings = sorted({s for its in items for s, _ in its} | {t for t, src in rows if src == "explainer"})
+    pos = {s: i for i, s in enumerate(strings)}
+    E = torch.cat([torch.as_tensor(embedder(strings[i:i + batch]), dtype=torch.float32)
+                   for i in range(0, len(strings), batch)]) if strings else torch.zeros(0, 1)
+    E = torch.nn.functional.normalize(E, dim=1) if len(strings) else E
+    d = E.shape[1] if len(strings) else 1
+    if center is None:
+        center = E.mean(0) if len(strings) else torch.zeros(d)
+    if len(strings):
+        E = E - center
+    out = torch.zeros(len(rows), d)
+    for r, ((text, src), its) in enumerate(zip(rows, items)):
+        parts = [(pos[s], w) for s, w in its]
+        if src == "explainer":
+            parts.append((pos[text], W_TEXT))
+        if not parts:
+            continue
+        idx = torch.tensor([i for i, _ in parts])
+        w = torch.tensor([w for _, w in parts]).unsqueeze(1)
+        out[r] = (E[idx] * w).sum(0)
+    return torch.nn.functional.normalize(out, dim=1), center
+
+
+def build_index(folder, embedder, progress: bool = False) -> dict:
+    """(Re)build the index of every stored description; returns what the manifest records about it."""
+    import time
+    t0 = time.perf_counter()
+    folder = Path(folder)
+    con = store.open_db(folder)
+    try:
+        rows = con.execute("SELECT layer, neuron, polarity, text, source FROM descriptions ORDER BY layer, neuron, "
+                           "polarity").fetchall()
+    finally:
+        con.close()
+    vecs, center = neuron_vectors([(r[3], r[4]) for r in rows], embedder)
+    keys = torch.tensor([[r[0], r[1], POLS.index(r[2])] for r in rows], dtype=torch.int64).reshape(-1, 3)
+    name = str(getattr(embedder, "name", getattr(embedder, "__name__", "embedder")))
+    store.save_tensors(folder / INDEX_FILE, {"keys": keys, "emb": vecs.half(), "center": center.float()},
+                       {"embedder": name})
+    return {"file": INDEX_FILE, "embedder": name, "n": len(rows), "dim": int(vecs.shape[1]),
+            "seconds": round(time.perf_counter() - t0, 2),
+            "weights": {"fires": list(W_FIRE), "promotes": list(W_PROMOTE), "explainer_text": W_TEXT},
+            "centred": True}
+
+
+_CACHE: dict[str, tuple[float, NeuronIndex]] = {}
+
+
+def load_index(folder) -> NeuronIndex | None:
+    """The folder's index (cached per process while the file is unchanged), or None."""
+    path = Path(folder) / INDEX_FILE
+    if not path.is_file():
+        return None
+    mtime = path.stat().st_mtime
+    hit = _CACHE.get(str(path))
+    if hit is not None and hit[0] == mtime:
+        return hit[1]
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        kt = f.get_tensor("keys")
+        emb = f.get_tensor("emb").float()
+        center = f.get_tensor("center").float() if "center" in f.keys() else torch.zeros(emb.shape[1])
+    keys = [(int(a), int(b), POLS[int(c)]) for a, b, c in kt.tolist()]
+    idx = NeuronIndex(keys, kt, emb, meta.get("embedder", "?"), center)
+    _CACHE[str(path)] = (mtime, idx)
+    return idx
