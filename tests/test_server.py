@@ -1,7 +1,6 @@
 """The Monitor's JSON API on the real stories260k model with a real atlas + corpus statistics."""
 from __future__ import annotations
 
-import math
 import threading
 
 import pytest
@@ -140,7 +139,8 @@ def test_activation_view_is_normalised_and_filterable(client, subject, atlas_dir
     lo, hi = T - 6, T
     rng = client.get(f"/api/sessions/{sid}/activations", params={"start": lo, "end": hi, "page_size": 1000}).json()
     assert {(r["layer"], r["neuron"], r["polarity"]) for r in rng["rows"]} == \
-        {(r["layer"], r["neuron"], r["polarity"]) for r in d["rows"] if any(lo <= f["position"] < hi for f in r["fires"])}
+        {(r["layer"], r["neuron"], r["polarity"]) for r in d["rows"]
+         if any(lo <= f["position"] < hi for f in r["fires"])}
     # paging, sorting, text filter, polarity
     p1 = client.get(f"/api/sessions/{sid}/activations", params={"page_size": 2, "page": 1}).json()
     assert p1["rows"] == [{k: v for k, v in r.items()} for r in d["rows"][2:4]]

@@ -18,6 +18,7 @@ from neuronscope.server import Knowledge, Limits, Monitor, create_app
 from tests.test_server_support import _stories, stories_atlas_dir
 
 EXAMPLES = 12
+TOKEN = "fuzz-client-token-0123456789"  # the fuzzer's client token: it owns the live session
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 
 
@@ -26,7 +27,7 @@ def fuzz_app():
     subject = _stories()
     mon = Monitor(subject, Knowledge.load(subject, stories_atlas_dir(True)),
                   limits=Limits(max_new_tokens=6, max_tokens=160))
-    app = create_app(mon)
+    app = create_app(mon, allowed_hosts=("testserver", "localhost", "127.0.0.1"))  # the fuzzer's Host names
     app.state.live = {}
     return app
 
@@ -39,8 +40,9 @@ def api_schema(fuzz_app):
 def _live_session(app) -> str:
     mon = app.state.monitor
     sid = app.state.live.get("sid")
-    if sid is None or mon.sessions.get(sid) is None or len(mon.render(mon.sessions.get(sid))["ids"]) > 120:
-        s = mon.sessions.create()
+    s = mon.sessions.get(sid, TOKEN) if sid is not None else None
+    if s is None or s.generating is not None or len(mon.render(s)["ids"]) > 120:
+        s = mon.sessions.create(TOKEN)
         for _ in mon.send(s, "Once upon a time there was a dog", max_new_tokens=6):
             pass
         sid = app.state.live["sid"] = s.id
@@ -60,8 +62,9 @@ def test_openapi_fuzz(fuzz_app, api_schema, mode):
             params = case.path_parameters or {}
             if "sid" in params and hash(repr(case.body) + repr(case.query)) % 2 == 0:
                 params["sid"] = _live_session(fuzz_app)
+                case.headers = {**(case.headers or {}), "X-Neuronscope-Client": TOKEN}
             response = case.call_and_validate(checks=CHECKS)
-            seen.add((op.method.upper(), op.path, response.status_code))
+            seen.add((case.operation.method.upper(), case.operation.path, response.status_code))
         try:
             run()
         except Unsatisfiable:  # nothing invalid to send to an operation without parameters

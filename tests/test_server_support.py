@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import tempfile
 import threading
@@ -9,9 +10,12 @@ import time
 from functools import lru_cache
 from pathlib import Path
 
-from tests.conftest import CORPORA
+from tests.conftest import CORPORA, SHARED
 
 STATS_TOKENS = 6000
+EMBEDDER = SHARED / "models" / "all-minilm-l6-v2"
+if EMBEDDER.is_dir():  # descriptions' semantic index and clusters embed with it (no download in tests)
+    os.environ.setdefault("NEURONSCOPE_EMBEDDER", str(EMBEDDER))
 try:
     import neuronscope.describe  # noqa: F401  (issue 5's package; the Monitor degrades without it)
     HAVE_DESCRIBE = hasattr(neuronscope.describe, "describe_atlas")

@@ -33,7 +33,8 @@ ERRORS = {400: {"model": S.ErrorOut, "description": "Bad input"},
 CREATE = {**ERRORS, 503: {"model": S.ErrorOut, "description": "Every session slot is taken by other clients"}}
 TOO_LONG = ("string_too_long", "too_long")
 SSE = {200: {"description": "Server-sent events (stream=true) or one JSON reply (stream=false)",
-             "content": {"text/event-stream": {"schema": {"type": "string"}},
+             "content": {"text/event-stream": {"schema": {  # one server-sent event: data is a JSON event
+                 "type": "object", "properties": {"data": {"type": "string"}, "event": {"type": "string"}}}},
                          "application/json": {"schema": S.ChatOut.model_json_schema()}}}}
 
 

@@ -606,7 +606,11 @@ class Monitor:
             base = s.cache.get(key)
         if base is None:
             neurons = [(r["layer"], r["neuron"], r["polarity"]) for r in view["rows"]]
-            found, method = self.knowledge.clusters(neurons)
+            try:
+                found, method = self.knowledge.clusters(neurons)
+            except NeuronscopeError as exc:  # e.g. no embedding index and no embedder: say so, show no clusters
+                found, method = [], "unavailable"
+                view["notes"].insert(0, f"No clusters: {exc}")
             act = {(r["layer"], r["neuron"], r["polarity"]): sum(abs(f["value"]) for f in r["fires"]
                                                                  if lo <= f["position"] < hi)
                    for r in view["rows"]}
