@@ -1,4 +1,5 @@
-"""`neuronscope describe`: neuron descriptions into an atlas folder (and search them); `neuronscope cluster`."""
+"""`neuronscope describe`: scored neuron descriptions into an atlas folder (show, filter and search them);
+`neuronscope cluster`: named clusters of neurons."""
 from __future__ import annotations
 
 import json
@@ -6,94 +7,142 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from ..specs import parse_neuron_refs
 from .common import GgufOpt, console, load_subject
 
+EmbedderOpt = typer.Option("default", "--embedder", help="Sentence embedder for the semantic index: a folder, a "
+                           "hub id, 'default' (all-MiniLM-L6-v2 from `neuronscope models pull all-minilm-l6-v2`) "
+                           "or 'none'.")
+
+
+def _items(text: str) -> list[tuple]:
+    return parse_neuron_refs(text)
+
 
 def describe(
-    atlas_dir: Path = typer.Argument(..., help="The atlas folder (with decodes and/or corpus statistics)."),
+    atlas_dir: Path = typer.Argument(..., help="The atlas folder (with corpus statistics; decodes add 'promotes')."),
     explainer: Optional[str] = typer.Option(None, "--explainer", "-x", help="An explainer LLM: a local instruct "
-                                            "model (folder, .gguf, hub id) or an OpenAI-compatible URL."),
+                                            "model (folder, .gguf, hub id) or an OpenAI-compatible URL "
+                                            "(llama.cpp server, vLLM, Ollama: see docs/describe.md)."),
     explainer_model: str = typer.Option("default", "--explainer-model", help="Model name sent to a URL explainer."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="The studied model, to recompute per-token "
-                                        "activations for highlighting and scoring (needed for scores)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="The studied model, for the real activations "
+                                        "that scores need (default: the model the atlas names, when on disk)."),
     gguf_file: Optional[str] = GgufOpt,
-    neurons: Optional[str] = typer.Option(None, "--neurons", help="Which neurons: 3:17,5:100-120 (both "
-                                          "polarities) or 3:17+ / 3:17- (default: all)."),
+    neurons: Optional[str] = typer.Option(None, "--neurons", help="Which neurons to describe: 3:17,5:100-120 "
+                                          "(both polarities) or 3:17+ / 3:17- (default: all)."),
     candidates: int = typer.Option(3, "--candidates", min=1, help="Explainer candidates per neuron."),
-    simulator: str = typer.Option("auto", "--simulator", help="tokens, llm (the explainer) or auto."),
-    search: Optional[str] = typer.Option(None, "--search", "-s", help="Only search the stored descriptions."),
-    k: int = typer.Option(20, "-k", min=1, help="Results shown with --search."),
+    simulator: str = typer.Option("tokens", "--simulator", help="Simulator of explainer candidates: tokens or llm "
+                                  "(the explainer predicts the firing tokens)."),
+    threshold: float = typer.Option(0.5, "--threshold", help="Score from which a description is interpretable "
+                                    "(recorded in the manifest)."),
+    embedder: str = EmbedderOpt,
+    show: Optional[str] = typer.Option(None, "--show", help="Only print stored descriptions of these neurons."),
+    search: Optional[str] = typer.Option(None, "--search", "-s", help="Only search the stored descriptions' words "
+                                         "(semantic search: `neuronscope atlas search`)."),
+    interpretable: bool = typer.Option(False, "--interpretable", help="With --show/--search/--list: only "
+                                       "interpretable descriptions."),
+    list_: bool = typer.Option(False, "--list", help="Only print the stored descriptions (with -k)."),
+    k: int = typer.Option(20, "-k", min=1, help="Rows printed with --search / --list."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Describe again neurons already described."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """Describe neurons (per polarity) from their decoded tokens and exemplars; optionally with an explainer LLM
-    whose candidates a simulator scores (Pearson correlation on held-out exemplars).
+    """Describe every neuron and polarity with a scored label (what fires it, what it promotes; score = Pearson
+    correlation of simulated vs real activations on held-out windows); with --explainer, also LLM-written
+    candidates scored the same way (the best is kept).
 
-    Example: neuronscope describe atlas-smollm --neurons 20:1234 --explainer http://localhost:8000/v1 --model M
-    Search:  neuronscope describe atlas-smollm --search "animals"
+    Example: neuronscope describe atlas-smollm
+             neuronscope describe atlas-smollm --neurons 20:1234 --explainer http://localhost:8080/v1
+             neuronscope describe atlas-smollm --list --interpretable -k 50
     """
     from ..describe import Descriptions, describe_atlas
     if search is not None:
-        rows = Descriptions.open(atlas_dir).search(search, k=k)
+        rows = Descriptions.open(atlas_dir).search(search, k=k, interpretable=interpretable)
+        for r in rows:
+            r["score"] = r.pop("desc_score")
+    elif show is not None or list_:
+        D = Descriptions.open(atlas_dir)
+        if list_:
+            rows = D.all(interpretable=interpretable)
+            rows.sort(key=lambda r: -(r["score"] or 0.0))
+            rows = rows[:k]
+        else:
+            rows = _rows(D, _items(show))
+            if interpretable:
+                rows = [r for r in rows if r["interpretable"]]
     else:
         subject = load_subject(model, gguf_file) if model else None
-        items = parse_neuron_refs(neurons) if neurons else None
-        descs = describe_atlas(atlas_dir, explainer=explainer if explainer is None or not explainer.startswith(
-            "http") else _url_explainer(explainer, explainer_model), subject=subject, neurons=items,
-            n_candidates=candidates, simulator=simulator, overwrite=overwrite, progress=True)
+        items = _items(neurons) if neurons else None
+        if explainer is not None and explainer.startswith("http"):
+            from ..describe import OpenAIExplainer
+            explainer_obj = OpenAIExplainer(explainer, model=explainer_model)
+        else:
+            explainer_obj = explainer
+        D = describe_atlas(atlas_dir, explainer=explainer_obj, subject=subject, neurons=items,
+                           n_candidates=candidates, simulator=simulator, threshold=threshold, embedder=embedder,
+                           overwrite=overwrite, progress=True)
         if items is None:
-            console.print(f"described {Descriptions.count_rows(atlas_dir)} neuron polarities in {atlas_dir}")
+            from .. import store
+            sec = store.read_manifest(atlas_dir)["descriptions"]
+            s = sec.get("scores_all", {})
+            console.print(f"described {sec['described']} neuron polarities in {escape(str(atlas_dir))}: median "
+                          f"score {s.get('median')}, {100 * s.get('share_interpretable', 0):.1f}% interpretable "
+                          f"(score >= {sec['threshold']}), {sec['seconds_last_run']['total']:.0f} s")
             return
-        rows = []
-        for it in items:
-            for p in ([it[2]] if len(it) == 3 else ["pos", "neg"]):
-                d = descs.get(it[0], it[1], p)
-                if d:
-                    rows.append({"layer": it[0], "neuron": it[1], "polarity": p, "text": d["text"],
-                                 "score": d["score"]})
+        rows = _rows(D, items)
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
-    table = Table("neuron", "pol", "score", "description")
+    table = Table("neuron", "pol", "score", "source", "description")
     for r in rows:
         table.add_row(f"{r['layer']}:{r['neuron']}", r["polarity"],
-                      "" if r["score"] is None else f"{r['score']:.3f}", r["text"])
+                      "" if r["score"] is None else f"{r['score']:.3f}" + ("" if r["interpretable"] else " ·"),
+                      r["source"], escape(r["text"]))
     console.print(table)
+    console.print("[dim]· below the interpretable threshold[/dim]")
 
 
-def _url_explainer(url: str, model: str):
-    from ..describe import OpenAIExplainer
-    return OpenAIExplainer(url, model=model)
+def _rows(D, items) -> list[dict]:
+    rows = []
+    for it in items:
+        for p in ([it[2]] if len(it) == 3 else ["pos", "neg"]):
+            d = D.get(it[0], it[1], p)
+            if d:
+                rows.append(d)
+    return rows
 
 
 def cluster(
     atlas_dir: Path = typer.Argument(..., help="The atlas folder."),
     neurons: str = typer.Option(..., "--neurons", help="The neurons to group: 3:17+,4:5-,20:1234 (+ pos, - neg; "
                                 "default pos)."),
-    threshold: float = typer.Option(0.6, "--threshold", help="Average-linkage distance cut (1 - cosine)."),
-    min_size: int = typer.Option(2, "--min-size", min=1, help="Smallest cluster shown."),
+    threshold: float = typer.Option(0.6, "--threshold", help="Average-linkage cut on cosine distance."),
+    min_size: int = typer.Option(3, "--min-size", min=1, help="Smallest cluster shown."),
+    embedder: str = EmbedderOpt,
+    explainer: Optional[str] = typer.Option(None, "--explainer", "-x", help="An LLM to name the clusters (local "
+                                            "model or OpenAI-compatible URL)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """Group neurons into concepts by their decoded token distributions (and description embeddings).
+    """Group neurons into named concepts by the embeddings of their descriptions and decodes (average linkage on
+    cosine distance, cut 0.6). Each cluster prints a --steer form for `neuronscope generate`.
 
     Example: neuronscope cluster atlas-smollm --neurons 20:1234+,21:77+,25:3-
     """
     from ..describe import cluster_neurons
-    items = [it if len(it) == 3 else (it[0], it[1], "pos") for it in parse_neuron_refs(neurons)]
-    groups = cluster_neurons(atlas_dir, items, threshold=threshold, min_size=min_size)
+    items = [it if len(it) == 3 else (it[0], it[1], "pos") for it in _items(neurons)]
+    groups = cluster_neurons(atlas_dir, items, threshold=threshold, min_size=min_size,
+                             embedder=None if embedder == "default" else embedder, explainer=explainer)
     if as_json:
         typer.echo(json.dumps(groups, indent=2))
         return
     if not groups:
         console.print(f"no cluster of {min_size} or more neurons at distance < {threshold}")
         return
-    table = Table("cluster", "members", "shared tokens")
+    table = Table("cluster", "size", "coherence", "members (--steer form)")
     for g in groups:
-        table.add_row(g["name"], " ".join(f"{l}:{n}{'+' if p == 'pos' else '-'}" for l, n, p in g["members"]),
-                      ", ".join(repr(t) for t in g["tokens"]))
+        table.add_row(escape(g["name"]), str(g["size"]), f"{g['coherence']:.2f}", g["steer"])
     console.print(table)
 
 

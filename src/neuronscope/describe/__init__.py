@@ -15,8 +15,9 @@ from .index import build_index, load_index
 from .label import LabelVocab, make_label, parse_label_items, token_key
 from .score import EvalSplit, score_token_labels
 from .simulate import LLMSimulator, pearson, token_match_predict
+from .steer import concept_neurons, steer_generate, steer_interventions, steer_sweep
 
 __all__ = ["describe_atlas", "Descriptions", "cluster_neurons", "steer_form", "LocalExplainer", "OpenAIExplainer",
            "make_explainer", "explain_prompt", "highlight", "LLMSimulator", "pearson", "token_match_predict",
            "make_label", "LabelVocab", "parse_label_items", "token_key", "EvalSplit", "score_token_labels",
-           "build_index", "load_index"]
+           "build_index", "load_index", "concept_neurons", "steer_interventions", "steer_sweep", "steer_generate"]

@@ -120,7 +120,7 @@ def score_token_labels(subject, split: EvalSplit, vocab: LabelVocab, items: dict
                        *, batch: int = 16, progress: bool = False) -> dict[Key, float]:
     """Token-simulator scores of many labels at once (items as `label.parse_label_items` gives them), over each
     neuron's `split.eval_windows`. Returns {(layer, neuron, polarity): Pearson r}."""
-    from ..interventions import capture
+    from ..interventions import Capture, intervene
     code_of = {k: c for c, k in enumerate(vocab.keys)}
     code_of_id = torch.tensor(vocab.key_of + [-1], dtype=torch.long)     # index -1 (missing) -> -1
     N = split.stats.n_neurons
@@ -152,6 +152,7 @@ def score_token_labels(subject, split: EvalSplit, vocab: LabelVocab, items: dict
     layers = sorted({l for l, _ in per})
     order = sorted(windows)
     rand = set(split.random)
+    spec = Capture(layers=layers)        # one spec for the whole run: bound captures are kept per spec
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -167,7 +168,8 @@ def score_token_labels(subject, split: EvalSplit, vocab: LabelVocab, items: dict
             uniq, inv = torch.unique(codes, return_inverse=True)
             wpos = {w: i for i, w in enumerate(ws)}
             wt = torch.tensor(ws, dtype=torch.long)
-            _, cap = capture(subject, ids, layers=layers)
+            with intervene(subject, spec) as (cap,):
+                subject.model(input_ids=ids.to(subject.device))
             for l in layers:
                 A = cap.get("neurons", l).reshape(B * T, -1).float().cpu()
                 for p in ("pos", "neg"):

@@ -1,0 +1,133 @@
+"""Steering by concept: the interpretable neurons semantic search finds for a concept (or a cluster's members),
+clamped to a strong corpus quantile times a strength, and a dose sweep computed in one batched generate.
+
+    neurons = concept_neurons("atlas-smollm", "dogs", k=20)            # [(layer, neuron, polarity)]
+    edits = steer_interventions(stats, neurons, strength=0.5)          # Clamp specs
+    answers = steer_sweep(subject, "Tell me a story.", neurons, [0.25, 0.5, 1.0], stats, chat=True)
+
+A neuron is clamped to q(1 - 1e-7) x strength for the positive polarity and q(1e-7) x strength for the negative
+one (the Monitor's "strengthen", DESIGN.md section 2; the most extreme level the corpus resolves when 1e-7 is not),
+at every position of the prompt and of the answer. The sweep puts the prompt in R + 1 rows of one batch (row 0
+without edits, row r with strength r) and gives each row its own clamps (the intervention core's `rows=`), so one
+`generate_ids` call gives what R + 1 separate runs give (tests/test_steer.py checks that).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import torch
+
+from ..errors import NeuronscopeError
+
+Neuron = tuple[int, int, str]
+
+
+def concept_neurons(folder, concept: str, *, k: int = 20, embedder: Any = None, min_similarity: float = 0.0
+                    ) -> list[Neuron]:
+    """The top-k interpretable neuron polarities for a concept by semantic search."""
+    from ..atlas.search import semantic_search
+    rows = semantic_search(folder, concept, k=k, embedder=embedder, interpretable=True)
+    out = [(r["layer"], r["neuron"], r["polarity"]) for r in rows if r["similarity"] >= min_similarity]
+    if not out:
+        raise NeuronscopeError(f"No interpretable neuron matches '{concept}'; try another word, or describe the "
+                               "atlas with an explainer to get more interpretable neurons.")
+    return out
+
+
+def steer_interventions(stats, neurons: Sequence[Sequence], strength: float, *, positions: Any = "all",
+                        rows: Any = None) -> list:
+    """Clamp specs (one per layer) that set each neuron to its strong quantile x strength."""
+    from ..interventions import Clamp
+    if not neurons:
+        raise NeuronscopeError("No neurons to steer.")
+    s = float(strength)
+    if not s == s or abs(s) == float("inf"):
+        raise NeuronscopeError(f"The strength must be a finite number, got {strength}.")
+    hi_level, lo_level = stats.level_info.strong_levels()
+    hi, lo = stats.quantile(hi_level).float(), stats.quantile(lo_level).float()
+    by_layer: dict[int, dict[int, float]] = {}
+    for it in neurons:
+        l, n = int(it[0]), int(it[1])
+        p = it[2] if len(it) == 3 else "pos"
+        if p not in ("pos", "neg"):
+            raise NeuronscopeError(f"Polarity must be 'pos' or 'neg', got {p!r}.")
+        if not (0 <= l < stats.n_layers and 0 <= n < stats.n_neurons):
+            raise NeuronscopeError(f"Neuron {l}:{n} is out of range: layers 0-{stats.n_layers - 1}, neurons "
+                                   f"0-{stats.n_neurons - 1}.")
+        q = float(hi[l, n] if p == "pos" else lo[l, n])
+        if q != q:
+            raise NeuronscopeError(f"Neuron {l}:{n} has no {p} quantile in these statistics.")
+        by_layer.setdefault(l, {}).setdefault(n, q * s)         # a neuron named with both polarities: the first
+    return [Clamp(layer=l, neurons=list(vals), value=list(vals.values()), positions=positions, rows=rows)
+            for l, vals in sorted(by_layer.items())]
+
+
+def steer_sweep(subject, prompt: str, neurons: Sequence[Sequence], strengths: Sequence[float], stats, *,
+                chat: bool = False, system: str | None = None, max_new_tokens: int = 64,
+                positions: Any = "all") -> list[dict]:
+    """[{"strength": None (no steering) or s, "text"}] for the unsteered prompt and each strength, from one
+    batched greedy generate whose rows carry different clamps."""
+    from ..interventions import intervene
+    if not strengths:
+        raise NeuronscopeError("Give at least one strength, like 0.25,0.5,1.")
+    ids = subject.encode(prompt, chat=chat, system=system)
+    R = len(strengths) + 1
+    batch = ids.repeat(R, 1)
+    edits = []
+    for r, s in enumerate(strengths, start=1):
+        edits += [dataclasses.replace(e, rows=[r]) for e in steer_interventions(stats, neurons, s,
+                                                                                 positions=positions)]
+    with intervene(subject, *edits):
+        new = subject.generate_ids(batch, max_new_tokens=max_new_tokens, temperature=0.0)
+    return [{"strength": None if r == 0 else float(strengths[r - 1]), "text": _text(subject, new[r])}
+            for r in range(R)]
+
+
+def _text(subject, row: torch.Tensor) -> str:
+    ids = row.tolist()
+    eos = getattr(subject.tokenizer, "eos_token_id", None)
+    if eos is not None and eos in ids:
+        ids = ids[:ids.index(eos)]
+    return subject.decode(torch.tensor(ids, dtype=torch.long))
+
+
+def parse_strengths(text: str) -> list[float]:
+    """'0.25,0.5,1' -> [0.25, 0.5, 1.0] (a clear error for anything else)."""
+    out = []
+    for part in str(text).split(","):
+        part = part.strip()
+        try:
+            v = float(part)
+        except ValueError:
+            raise NeuronscopeError(f"Cannot read the strengths '{text}': write numbers like 0.25,0.5,1.") from None
+        if v != v or abs(v) == float("inf"):
+            raise NeuronscopeError(f"Strengths must be finite numbers, got '{part}'.")
+        out.append(v)
+    return out
+
+
+def steer_targets(folder, steer: str, *, k: int = 20, embedder: Any = None) -> list[Neuron]:
+    """What `--steer` names: a neuron list (20:1234+,21:77-; a cluster's steer form) or a concept (its top-k
+    interpretable neurons by semantic search)."""
+    import re
+    if re.fullmatch(r"\s*\d+\s*:\s*\d+.*", steer or "") and re.fullmatch(r"[\d:+\-,\s]+", steer):
+        from ..specs import parse_neuron_refs
+        return [(it[0], it[1], it[2] if len(it) == 3 else "pos") for it in parse_neuron_refs(steer)]
+    return concept_neurons(folder, steer, k=k, embedder=embedder)
+
+
+def steer_generate(subject, folder, prompt: str, steer: str, strengths: Sequence[float], *, k: int = 20,
+                   embedder: Any = None, chat: bool = False, system: str | None = None, max_new_tokens: int = 64
+                   ) -> dict:
+    """`neuronscope generate --steer`: {"neurons": [...], "answers": steer_sweep(...)}."""
+    from ..stats import NeuronStats
+    stats = NeuronStats.open(folder)
+    fp = (stats.manifest.get("model") or {}).get("fingerprint")
+    if fp and subject.fingerprint != fp:
+        raise NeuronscopeError(f"The atlas '{folder}' was built for other weights than {subject.name}; give the "
+                               "atlas of this model.")
+    neurons = steer_targets(folder, steer, k=k, embedder=embedder)
+    answers = steer_sweep(subject, prompt, neurons, strengths, stats, chat=chat, system=system,
+                          max_new_tokens=max_new_tokens)
+    return {"neurons": [list(n) for n in neurons], "answers": answers}
