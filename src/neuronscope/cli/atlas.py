@@ -118,35 +118,48 @@ def _show_exemplars(atlas_dir, layer: int, i: int, n: int) -> None:
 @atlas_app.command("search")
 def search(
     atlas_dir: Path = typer.Argument(..., help="Atlas folder."),
-    query: str = typer.Argument(..., help="A concept: one or more words."),
+    query: str = typer.Argument(..., help="A concept: a word or phrase (\"animals\", \"gender roles\")."),
     k: int = typer.Option(20, "--k", "-k", min=1, help="Neurons listed."),
-    sites: Optional[str] = typer.Option(None, "--sites", help="Comma list of sites to search (default: all)."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="The atlas's model, for vector similarity "
-                                        "(default: the model recorded in the atlas, when it is on disk)."),
-    tokens_only: bool = typer.Option(False, "--tokens-only", help="Rank by decoded tokens only (no model load)."),
+    sites: Optional[str] = typer.Option(None, "--sites", help="With --tokens-only: comma list of sites to search."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="The atlas's model: adds the cosine of each "
+                                        "neuron's write vector with the concept's unembedding rows."),
+    embedder: str = typer.Option("default", "--embedder", help="Sentence embedder: a folder, a hub id, 'default' "
+                                 "(all-MiniLM-L6-v2, `neuronscope models pull all-minilm-l6-v2`) or 'none' "
+                                 "(= --tokens-only)."),
+    interpretable: bool = typer.Option(False, "--interpretable", help="Only neurons whose description scores at "
+                                       "least the interpretable threshold."),
+    tokens_only: bool = typer.Option(False, "--tokens-only", help="Rank by decoded tokens only (no embedder)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """Rank neurons for a concept by their decoded tokens and by the cosine of their vectors with the concept's
-    unembedding rows.
+    """Rank neurons for a concept by meaning: the embedding similarity of the query to each neuron's description
+    and decoded tokens (the index `neuronscope describe` stores), plus the decoded-token match.
 
-    Example: neuronscope atlas search atlas-smollm "dog"
+    Example: neuronscope atlas search atlas-smollm "animals"
     """
     from ..atlas import Atlas
-    atlas = Atlas.open(atlas_dir)
-    subject = None
-    if not tokens_only:
-        source = model or atlas.model_name
-        if model or Path(source).exists():
-            subject = load_subject(source)
-    rows = atlas.search(query, k=k, sites=sites, subject=subject)
+    from ..atlas.search import semantic_search
+    subject = load_subject(model) if model else None
+    if tokens_only or embedder.lower() == "none":
+        atlas = Atlas.open(atlas_dir)
+        rows = atlas.search(query, k=k, sites=sites, subject=subject)
+        title = f"neurons for {query!r} (decoded tokens only)"
+        cols = [("site", "site"), ("score", "score")]
+    else:
+        rows = semantic_search(atlas_dir, query, k=k, embedder=None if embedder == "default" else embedder,
+                               interpretable=interpretable, subject=subject)
+        title = f"neurons for {query!r} by meaning" + (" (interpretable only)" if interpretable else "")
+        cols = [("pol", "polarity"), ("score", "score"), ("sim", "similarity"), ("desc. score", "desc_score")]
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
-    table = Table("layer", "neuron", "site", "score", "top tokens",
-                  title=f"neurons for {query!r}" + ("" if subject else " (decoded tokens only)"), title_justify="left")
+    table = Table("layer", "neuron", *(c for c, _ in cols), "description / top tokens", title=title,
+                  title_justify="left")
     for r in rows:
-        table.add_row(str(r["layer"]), str(r["neuron"]), r["site"], f"{r['score']:.3f}",
-                      escape(" | ".join(repr(t) for t in r["tokens"])))
+        vals = [r.get(key) for _, key in cols]
+        text = r.get("description") or " | ".join(repr(t) for t in r["tokens"])
+        table.add_row(str(r["layer"]), str(r["neuron"]),
+                      *("" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v)) for v in vals),
+                      escape(text))
     console.print(table)
 
 

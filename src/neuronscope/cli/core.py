@@ -44,6 +44,14 @@ def generate(
     add_vector: List[str] = typer.Option([], "--add-vector", help="Add to the residual stream: "
                                          "LAYERS[/mid|post]=token:WORD|FILE.safetensors[#KEY]|FILE.npy[*SCALE][@WHERE]."),
     compare: bool = typer.Option(False, "--compare", help="Also print the answer without interventions."),
+    steer: Optional[str] = typer.Option(None, "--steer", help="Steer by a concept (\"dogs\": its interpretable "
+                                        "neurons by semantic search) or a neuron list (20:1234+,21:77-, a cluster's "
+                                        "form); prints the answers per strength side by side. Needs --atlas."),
+    strengths: str = typer.Option("0.25,0.5,1", "--strengths", help="With --steer: strengths (x the neuron's "
+                                  "q(1-1e-7)), all computed in one batched generate."),
+    atlas_dir: Optional[str] = typer.Option(None, "--atlas", help="With --steer: the described atlas folder."),
+    steer_k: int = typer.Option(20, "--steer-k", min=1, help="With --steer CONCEPT: neurons steered."),
+    embedder: str = typer.Option("default", "--embedder", help="With --steer CONCEPT: the sentence embedder."),
     gguf_file: Optional[str] = GgufOpt,
     dtype: str = DtypeOpt,
     device: Optional[str] = DeviceOpt,
@@ -60,6 +68,10 @@ def generate(
         raise NeuronscopeError("The prompt is empty; give some text with --prompt.")
     edits = [parse_neuron_edit(c, "clamp") for c in clamp] + [parse_neuron_edit(s, "scale") for s in scale] + \
         [parse_neuron_edit(a, "ablate") for a in ablate]
+    if steer is not None:
+        _steer(model, gguf_file, dtype, device, device_map, prompt, steer, strengths, atlas_dir, steer_k, embedder,
+               chat, system, max_new_tokens)
+        return
     subject = load_subject(model, gguf_file, dtype, device, device_map)
     edits += [parse_add_vector(v, subject) for v in add_vector]
     kw = dict(chat=chat, system=system, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
@@ -68,6 +80,27 @@ def generate(
         typer.echo(subject.generate(prompt, **kw))
         console.print("[bold]with interventions[/bold]")
     typer.echo(subject.generate(prompt, interventions=edits, **kw))
+
+
+def _steer(model, gguf_file, dtype, device, device_map, prompt, steer, strengths, atlas_dir, k, embedder, chat,
+           system, max_new_tokens) -> None:
+    """`generate --steer`: the dose sweep, printed side by side (thin over describe.steer.steer_generate)."""
+    from ..describe.steer import parse_strengths, steer_generate
+    from ..errors import NeuronscopeError
+    if atlas_dir is None:
+        raise NeuronscopeError("--steer needs the described atlas folder: give it with --atlas.")
+    values = parse_strengths(strengths)
+    subject = load_subject(model, gguf_file, dtype, device, device_map)
+    res = steer_generate(subject, atlas_dir, prompt, steer, values, k=k,
+                         embedder=None if embedder == "default" else embedder, chat=chat, system=system,
+                         max_new_tokens=max_new_tokens)
+    console.print(f"steering {len(res['neurons'])} neurons: " +
+                  ",".join(f"{l}:{n}{'+' if p == 'pos' else '-'}" for l, n, p in res["neurons"]))
+    table = Table(*("no steering" if a["strength"] is None else f"strength {a['strength']:g}"
+                    for a in res["answers"]), show_lines=True)
+    from rich.markup import escape
+    table.add_row(*(escape(a["text"]) for a in res["answers"]))
+    console.print(table)
 
 
 models_app = typer.Typer(help="The default model and the local model cache.", no_args_is_help=True)
