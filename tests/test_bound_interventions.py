@@ -156,3 +156,18 @@ def test_grad_capture_honours_neurons_rows_dtype_and_cpu(stories):
         with intervene(stories, Capture()) as (c,):
             stories.logits(ids)
         c.grads()
+
+
+def test_the_last_binding_table_does_not_keep_dropped_specs_alive(stories):
+    import gc
+    import weakref
+    ids = stories.encode(PROMPT)
+    refs = []
+    for _ in range(3):
+        cap = Capture()
+        with intervene(stories, cap) as (bound,):
+            stories.logits(ids)
+        refs.append((weakref.ref(cap), weakref.ref(bound)))
+        del cap, bound
+    gc.collect()
+    assert all(r() is None and b() is None for r, b in refs)

@@ -439,7 +439,10 @@ class BoundCapture(Bound):
     """A Capture bound to one subject: its layers, and what it recorded."""
 
     def __init__(self, spec: Capture, subject: Subject):
-        self.spec = spec
+        # the spec by weak reference: the per-thread table maps spec -> this object with weak keys, so a strong
+        # reference back would keep every spec (and its recorded activations) alive for the thread's life
+        self._spec = weakref.ref(spec)
+        self.dtype, self.to_cpu = spec.dtype, bool(spec.to_cpu)
         layers = spec.layers
         self.layers: list[int] = subject.parse_layers([layers] if isinstance(layers, int) else layers)
         for s in spec.sites:
@@ -459,6 +462,13 @@ class BoundCapture(Bound):
         self._chunks: dict[tuple[str, int], list[torch.Tensor]] = {}
         self._probes: dict[tuple[str, int], list[torch.Tensor]] = {}
 
+    @property
+    def spec(self) -> Capture:  # type: ignore[override]
+        spec = self._spec()
+        if spec is None:
+            raise NeuronscopeError("The Capture spec of this bound capture no longer exists.")
+        return spec
+
     def reset(self) -> None:
         self._chunks = {}
         self._probes = {}
@@ -472,9 +482,9 @@ class BoundCapture(Bound):
             if idx is None:
                 idx = self._nidx[t.device] = torch.as_tensor(self.neurons, device=t.device)
             t = t.index_select(-1, idx)
-        if self.spec.dtype is not None:
-            t = t.to(self.spec.dtype)
-        if self.spec.to_cpu:
+        if self.dtype is not None:
+            t = t.to(self.dtype)
+        if self.to_cpu:
             t = t.to("cpu", non_blocking=True)
         return t
 

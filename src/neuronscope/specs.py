@@ -19,28 +19,23 @@ import torch
 
 from .errors import NeuronscopeError
 from .interventions import Ablate, AddToResidual, Clamp, Scale
-from .subject import parse_index_set
+from .refs import parse_index_set, parse_indices, parse_neuron_refs
 
 _EDIT = re.compile(r"^\s*(-?\d+)\s*:\s*([-\d,\s]+?)\s*(?:=\s*([^@]+?))?\s*(?:@\s*(.+))?\s*$")
 
 
-def parse_where(text: str | None):
+def parse_where(text: str | None) -> str | list[int]:
+    """WHERE: all (default), prompt, generated, or token positions in the index grammar (refs.parse_indices)."""
     if text is None or text.strip() in ("", "all"):
         return "all"
     t = text.strip().lower()
     if t in ("prompt", "generated"):
         return t
-    out: set[int] = set()
-    for part in t.split(","):
-        m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+))?\s*", part)
-        if not m:
-            raise NeuronscopeError(f"Cannot read positions '{text}': use all, prompt, generated or indices like 0-4,9.")
-        a = int(m.group(1))
-        b = int(m.group(2)) if m.group(2) else a
-        if b < a:
-            raise NeuronscopeError(f"The position range '{part.strip()}' runs backwards.")
-        out.update(range(a, b + 1))
-    return sorted(out)
+    try:
+        return parse_indices(t, what="position")
+    except NeuronscopeError as exc:
+        raise NeuronscopeError(f"Cannot read positions '{text}' ({str(exc).rstrip('.')}): use all, prompt, "
+                               "generated or indices like 0-4,9.") from None
 
 
 def _number(text: str, what: str) -> float:
@@ -136,30 +131,4 @@ def parse_add_vector(text: str, subject) -> AddToResidual:
     return AddToResidual(layers=layers, vector=vector, site=site, positions=where, scale=scale)
 
 
-def parse_neuron_refs(text: str) -> list[tuple]:
-    """'3:17,5:100-102' (both polarities) or '3:17+,4:5-' (+ pos, - neg) -> items for describe/cluster."""
-    out: list[tuple] = []
-    for part in (p.strip() for p in text.split(",")):
-        if not part:
-            continue
-        pol = None
-        if part[-1] in "+-" and ":" in part and not part.rstrip("+-").endswith("-"):
-            pol = "pos" if part[-1] == "+" else "neg"
-            part = part[:-1]
-        if ":" not in part:
-            raise NeuronscopeError(f"A neuron is written LAYER:NEURON (e.g. 3:17, 3:17+ or 3:10-20), got '{part}'.")
-        l, n = part.split(":", 1)
-        try:
-            layer = int(l)
-            if "-" in n:
-                a, b = n.split("-", 1)
-                ids = list(range(int(a), int(b) + 1))
-            else:
-                ids = [int(n)]
-        except ValueError:
-            raise NeuronscopeError(f"A neuron is written LAYER:NEURON with integers, got '{part}'.") from None
-        for i in ids:
-            out.append((layer, i) if pol is None else (layer, i, pol))
-    if not out:
-        raise NeuronscopeError("No neurons given.")
-    return out
+__all__ = ["parse_where", "parse_neuron_edit", "load_vector", "parse_add_vector", "parse_neuron_refs"]

@@ -19,6 +19,7 @@ from torch import nn
 
 from .arch import SUPPORTED_MODEL_TYPES, ArchSpec, spec_for, spec_for_model_type
 from .errors import NeuronscopeError
+from .refs import check_layer, check_neurons, parse_index_set
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -278,22 +279,12 @@ class Subject:
 
     # ---- validation -------------------------------------------------------------------------------------
     def check_layer(self, layer: int) -> int:
-        if not isinstance(layer, int) or isinstance(layer, bool):
-            raise NeuronscopeError(f"Layer must be an integer, got {layer!r}.")
-        if not 0 <= layer < self.n_layers:
-            raise NeuronscopeError(f"Layer {layer} is out of range: this model has layers 0 to {self.n_layers - 1}.")
-        return layer
+        """`layer` when it is a layer of this model, else one sentence (refs.check_layer)."""
+        return check_layer(layer, self.n_layers)
 
     def check_neurons(self, neurons: Sequence[int]) -> list[int]:
-        out = []
-        for n in neurons:
-            if not isinstance(n, int) or isinstance(n, bool):
-                raise NeuronscopeError(f"Neuron ids must be integers, got {n!r}.")
-            if not 0 <= n < self.n_neurons:
-                raise NeuronscopeError(
-                    f"Neuron {n} is out of range: each layer has neurons 0 to {self.n_neurons - 1}.")
-            out.append(n)
-        return out
+        """`neurons` when each is a neuron id of this model's layers, else one sentence (refs.check_neurons)."""
+        return check_neurons(neurons, self.n_neurons)
 
     def parse_layers(self, text: str | Sequence[int] | None) -> list[int]:
         """Layer sets: 'all', '0-7', '3,7,11', '0-3,8' or a list of ints; `None` means all."""
@@ -448,35 +439,6 @@ def _parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
         return DTYPES[str(dtype).lower()]
     except KeyError:
         raise NeuronscopeError(f"Unknown dtype '{dtype}'; use one of float32, bfloat16, float16.") from None
-
-
-def parse_index_set(text: str, size: int, *, what: str = "index") -> list[int]:
-    """'all' | 'a-b' | 'a,b,c' | mixes like '0-3,8' -> sorted unique ints in [0, size)."""
-    text = text.strip().lower()
-    if text in ("all", "*", ""):
-        if text == "":
-            raise NeuronscopeError(f"Empty {what} set; use 'all', a range like 0-7, or a list like 3,7,11.")
-        return list(range(size))
-    out: set[int] = set()
-    for part in text.split(","):
-        part = part.strip()
-        m = re.fullmatch(r"(-?\d+)\s*-\s*(-?\d+)", part)
-        try:
-            if m:
-                a, b = int(m.group(1)), int(m.group(2))
-                if a > b:
-                    raise NeuronscopeError(f"The {what} range '{part}' runs backwards.")
-                vals = range(a, b + 1)
-            else:
-                vals = [int(part)]
-        except ValueError:
-            raise NeuronscopeError(
-                f"Cannot read the {what} set '{text}': use 'all', a range like 0-7, or a list like 3,7,11.") from None
-        for v in vals:
-            if not 0 <= v < size:
-                raise NeuronscopeError(f"{what.capitalize()} {v} is out of range: valid {what}s are 0 to {size - 1}.")
-            out.add(v)
-    return sorted(out)
 
 
 def supported_families_sentence() -> str:

@@ -8,7 +8,8 @@ import torch
 
 from .. import store
 from ..errors import NeuronscopeError
-from .build import site_file
+from ..refs import check_neuron, format_index_set
+from .folder import AtlasFolder, site_file
 from .vocab import normalise, read_vocab
 
 
@@ -28,19 +29,20 @@ class Atlas:
         self.model_name: str = m.get("name", "?")
         self.fingerprint: str | None = m.get("fingerprint")
         self.vocab = vocab
+        built = a.get("layers")
+        self.layers: list[int] = [int(x) for x in built] if built is not None else list(range(self.n_layers))
         self._arrays: dict[str, dict[str, torch.Tensor]] = {}
 
     # ---- opening ------------------------------------------------------------------------------------------
     @classmethod
     def open(cls, folder: str | os.PathLike) -> "Atlas":
-        folder = Path(folder)
-        if not folder.is_dir():
-            raise NeuronscopeError(f"No atlas folder at '{folder}'; build one with `neuronscope atlas build`.")
-        try:
-            manifest = store.read_manifest(folder)
-        except ValueError:
-            raise NeuronscopeError(f"The manifest.json in '{folder}' is not valid JSON.") from None
-        a = manifest.get("atlas")
+        """Open a finished atlas; a missing, incomplete or damaged part is one sentence saying what to do."""
+        return cls.from_folder(AtlasFolder.open(folder))
+
+    @classmethod
+    def from_folder(cls, af: AtlasFolder) -> "Atlas":
+        folder, manifest = af.path, af.manifest
+        a = af.section("atlas")
         if not a:
             raise NeuronscopeError(f"'{folder}' holds no atlas (no 'atlas' section in manifest.json); build one "
                                    "with `neuronscope atlas build`.")
@@ -51,6 +53,9 @@ class Atlas:
         if missing:
             raise NeuronscopeError(f"The atlas in '{folder}' is missing its {', '.join(missing)} file(s); "
                                    "rebuild it with --overwrite.")
+        for s in a.get("sites", []):
+            af.check_file(site_file(folder, s).name, "rebuild the atlas with `neuronscope atlas build --overwrite`")
+        af.check_db("rebuild the atlas with `neuronscope atlas build --overwrite` (it rewrites the vocabulary)")
         vocab = read_vocab(folder)
         if vocab is None:
             raise NeuronscopeError(f"The atlas in '{folder}' has no vocabulary table in atlas.sqlite; rebuild it "
@@ -66,7 +71,12 @@ class Atlas:
         if site not in self.sites:
             raise NeuronscopeError(f"This atlas has no site '{site}'; it has {', '.join(self.sites)}.")
         if site not in self._arrays:
-            self._arrays[site] = store.load_tensors(site_file(self.folder, site))
+            path = site_file(self.folder, site)
+            try:
+                self._arrays[site] = store.load_tensors(path)
+            except Exception as exc:  # noqa: BLE001 - changed on disk since it was opened: one sentence
+                raise NeuronscopeError(f"The atlas file '{path}' cannot be read ({str(exc).splitlines()[0]}); "
+                                       "rebuild the atlas with `neuronscope atlas build --overwrite`.") from None
         return self._arrays[site]
 
     def top_ids(self, site: str) -> torch.Tensor:
@@ -87,11 +97,10 @@ class Atlas:
 
     # ---- one neuron -----------------------------------------------------------------------------------------
     def check(self, layer: int, neuron: int) -> None:
-        for name, v, top in (("Layer", layer, self.n_layers), ("Neuron", neuron, self.n_neurons)):
-            if not isinstance(v, int) or isinstance(v, bool):
-                raise NeuronscopeError(f"{name} must be an integer, got {v!r}.")
-            if not 0 <= v < top:
-                raise NeuronscopeError(f"{name} {v} is out of range: this atlas has {name.lower()}s 0 to {top - 1}.")
+        check_neuron(layer, neuron, self.n_layers, self.n_neurons, where="this atlas")
+        if len(self.layers) != self.n_layers and layer not in self.layers:
+            raise NeuronscopeError(f"Layer {layer} is not in this atlas: it was built for layers "
+                                   f"{format_index_set(self.layers)}; build that layer with --layers.")
 
     def token(self, i: int) -> str:
         return self.vocab[i] if 0 <= i < len(self.vocab) else f"<{i}>"

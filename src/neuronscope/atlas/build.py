@@ -1,68 +1,66 @@
 """Building an atlas: decode every neuron's read and write vectors of every layer, resumable per layer.
 
-Each finished layer is saved to `parts/layer_NNN.safetensors` (atomically) before the next one starts, so an
+Each finished layer is saved to `.atlas-parts/layer_NNN.safetensors` (atomically) before the next one starts, so an
 interrupted build resumes at the first missing layer. When all layers are done the per-site arrays are written as
 `atlas_<site>.safetensors`, the vocabulary goes to atlas.sqlite, and the manifest's "atlas" section is marked
-complete last: a reader never sees a half-written atlas.
+complete last: a reader never sees a half-written atlas. The folder's layout and its guard against writing into a
+user's folder are `folder.AtlasFolder`'s; this module only decodes.
 """
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
 from .. import store
 from ..errors import NeuronscopeError
+from ..refs import format_index_set
+from .atlas import Atlas
 from .decode import decode, shuffled_unembedding
+from .folder import FORMAT_VERSION, AtlasFolder, model_section, part_file, site_file
+from .vocab import write_vocab
+
+if TYPE_CHECKING:
+    from ..subject import Subject
 
 ALL_SITES = ("up", "gate", "down.pos", "down.neg")
-FORMAT_VERSION = 1
+__all__ = ["build_atlas", "ALL_SITES", "model_section", "site_file", "FORMAT_VERSION"]
 
 
-def model_section(subject) -> dict:
-    return {"name": subject.name, "fingerprint": subject.fingerprint, "family": subject.family,
-            "n_layers": subject.n_layers, "n_neurons": subject.n_neurons, "hidden_size": subject.hidden_size,
-            "vocab_size": subject.vocab_size, "tied": subject.tied}
-
-
-def site_file(folder: str | os.PathLike, site: str) -> Path:
-    return Path(folder) / f"atlas_{site}.safetensors"
-
-
-def build_atlas(subject, out_dir: str | os.PathLike, *, top_k: int = 20, apply_norm: bool = True,
+def build_atlas(subject: Subject, out_dir: str | os.PathLike, *, top_k: int = 20, apply_norm: bool = True,
                 sites: Sequence[str] | None = None, chunk: int | None = None, progress: bool = True,
                 method: str = "auto", vocab_block: int = 1024, overwrite: bool = False, device: str | None = None,
-                approx_dtype: torch.dtype | str | None = None):
+                approx_dtype: torch.dtype | str | None = None, layers: str | Sequence[int] | None = None) -> Atlas:
     """Decode every neuron of `subject` through its LM head and save the atlas in `out_dir`; returns the `Atlas`.
 
     sites: any of "up", "gate" (gated MLPs), "down.pos", "down.neg" (default: all the model has). top_k tokens are
     kept per neuron and site. apply_norm: multiply by the final norm's gain before the LM head (recorded in the
     manifest). chunk: neurons decoded per GEMM (bounds memory; default 256 on a CPU, 2048 on a GPU). device: where
-    to decode (default: the model's; "cuda" uses a TF32 first pass with an exact float32 re-score, see decode.py). An interrupted build resumes at the first
-    missing layer; a folder holding a complete atlas built with other options needs `overwrite=True`.
+    to decode (default: the model's; "cuda" uses a TF32 first pass with an exact float32 re-score, see decode.py).
+    layers: decode only these layers ("0-3,8" or a list; default all); the others are absent from the atlas.
+    An interrupted build resumes at the first missing layer; a folder holding a complete atlas built with other
+    options needs `overwrite=True`. A non-empty folder that is not a neuronscope atlas is refused (nothing in it is
+    changed), and only neuronscope's own files are ever replaced or deleted.
     """
-    from .atlas import Atlas
-    from .vocab import write_vocab
-
     sites = _check_sites(subject, sites)
+    todo_layers = subject.parse_layers(layers)
     if not isinstance(top_k, int) or top_k < 1 or top_k > subject.vocab_size:
         raise NeuronscopeError(f"top_k must be an integer between 1 and {subject.vocab_size}, got {top_k!r}.")
     if chunk is None:
         chunk = 2048 if (torch.device(device) if device else subject.device).type == "cuda" else 256
     if not isinstance(chunk, int) or chunk < 1:
         raise NeuronscopeError(f"chunk must be at least 1, got {chunk}.")
-    folder = Path(out_dir)
-    if folder.exists() and not folder.is_dir():
-        raise NeuronscopeError(f"'{folder}' exists and is not a folder.")
-    options = {"top_k": top_k, "apply_norm": bool(apply_norm), "sites": list(sites), "format": FORMAT_VERSION}
-    model = model_section(subject)
-    manifest = store.read_manifest(folder)
-    old = manifest.get("atlas", {})
-    same = old.get("options") == options and manifest.get("model", {}).get("fingerprint") == model["fingerprint"]
+    af = AtlasFolder.open(out_dir, create=True)
+    folder = af.path
+    options: dict = {"top_k": top_k, "apply_norm": bool(apply_norm), "sites": list(sites), "format": FORMAT_VERSION}
+    if len(todo_layers) != subject.n_layers:
+        options["layers"] = todo_layers
+    manifest = af.manifest
+    old = af.section("atlas")
+    same = old.get("options") == options and af.fingerprint == subject.fingerprint
     if old.get("status") == "complete":
         if same and not overwrite:
             return Atlas.open(folder)
@@ -70,15 +68,11 @@ def build_atlas(subject, out_dir: str | os.PathLike, *, top_k: int = 20, apply_n
             raise NeuronscopeError(
                 f"'{folder}' already holds an atlas of {manifest.get('model', {}).get('name')} built with other "
                 "options or another model; pass overwrite=True (--overwrite) or choose another folder.")
-    if manifest.get("model", {}).get("fingerprint") not in (None, model["fingerprint"]) and not overwrite:
-        raise NeuronscopeError(f"'{folder}' belongs to another model ({manifest['model'].get('name')}); "
-                               "choose another folder or pass overwrite=True (--overwrite).")
-    parts = folder / "parts"
+    af.claim(subject, replace_other_model=overwrite)       # refuses a user's folder; writes format + model
     if not same or overwrite:
-        shutil.rmtree(parts, ignore_errors=True)
-    store.update_manifest(folder, "model", model)
-    store.update_manifest(folder, "versions", {**store.read_manifest(folder).get("versions", {}), **_versions()})
-    store.update_manifest(folder, "atlas", {"status": "building", "options": options})
+        af.remove_parts()
+    af.update("versions", {**af.section("versions"), **_versions()})
+    af.update("atlas", {"status": "building", "options": options})
 
     dev = torch.device(device) if device else subject.device
     spec, hf = subject.spec, subject.model
@@ -90,26 +84,28 @@ def build_atlas(subject, out_dir: str | os.PathLike, *, top_k: int = 20, apply_n
         else:
             W, perm = shuffled_unembedding(W_U)
     L = subject.n_layers
-    todo = [l for l in range(L) if not (parts / f"layer_{l:03d}.safetensors").is_file()]
+    todo = [l for l in todo_layers if not part_file(folder, l).is_file()]
     bar = _bar(progress, len(todo) * len(sites), f"atlas {subject.name}")
     start = time.perf_counter()
     for l in todo:
         tensors = _decode_layer(subject, l, sites, W, perm, gain, top_k=top_k, chunk=chunk, method=method,
                                 vocab_block=vocab_block, device=dev, approx_dtype=approx_dtype, bar=bar)
-        store.save_tensors(parts / f"layer_{l:03d}.safetensors", tensors)
+        store.save_tensors(part_file(folder, l), tensors)
     if bar is not None:
         bar.close()
     elapsed = time.perf_counter() - start
-    _finish(folder, subject, sites, L, top_k)
+    _finish(folder, subject, sites, todo_layers, top_k)
     write_vocab(folder, subject)
-    store.update_manifest(folder, "atlas", {
+    af.update("atlas", {
         "status": "complete", "options": options, "sites": list(sites), "top_k": top_k,
+        "layers": todo_layers if len(todo_layers) != L else None,
+        "layers_text": format_index_set(todo_layers),
         "apply_norm": bool(apply_norm), "n_layers": L, "n_neurons": subject.n_neurons,
         "down_neg": "decode of the negated write vector: logits and probabilities of -v (tokens it suppresses)",
         "build_seconds_last_run": round(elapsed, 3), "method": method, "device": str(dev),
         "files": {s: site_file(folder, s).name for s in sites},
     })
-    shutil.rmtree(parts, ignore_errors=True)
+    af.remove_parts()
     return Atlas.open(folder)
 
 
@@ -162,11 +158,18 @@ def _decode_layer(subject, layer, sites, W, perm, gain, *, top_k, chunk, method,
     return out
 
 
-def _finish(folder: Path, subject, sites, L: int, top_k: int) -> None:
-    """Stack the per-layer parts into one file per site: ids/logits/probs [L, N, k], lse [L, N]."""
-    parts = [store.load_tensors(folder / "parts" / f"layer_{l:03d}.safetensors") for l in range(L)]
+def _finish(folder: Path, subject, sites, layers: list[int], top_k: int) -> None:
+    """Stack the per-layer parts into one file per site: ids/logits/probs [L, N, k], lse [L, N]. Layers that were
+    not built (`--layers`) hold id -1 and zeros."""
+    parts = {l: store.load_tensors(part_file(folder, l)) for l in layers}
+    first = parts[layers[0]]
     for s in sites:
-        t = {f: torch.stack([p[f"{s}.{f}"] for p in parts]) for f in ("ids", "logits", "probs", "lse")}
+        def layer(l: int, f: str, s: str = s) -> torch.Tensor:
+            if l in parts:
+                return parts[l][f"{s}.{f}"]
+            like = first[f"{s}.{f}"]
+            return torch.full_like(like, -1) if f == "ids" else torch.zeros_like(like)
+        t = {f: torch.stack([layer(l, f) for l in range(subject.n_layers)]) for f in ("ids", "logits", "probs", "lse")}
         t["ids"] = t["ids"].long()
         store.save_tensors(site_file(folder, s), t, metadata={"site": s, "top_k": str(top_k),
                                                                "fingerprint": subject.fingerprint})

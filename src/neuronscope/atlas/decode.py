@@ -18,12 +18,15 @@ Three methods give the same answer:
 from __future__ import annotations
 
 from contextlib import contextmanager
-
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..errors import NeuronscopeError
+
+if TYPE_CHECKING:
+    from ..subject import Subject
 
 SIDES = ("pos", "neg")
 
@@ -268,3 +271,36 @@ def naive_decode(vectors: torch.Tensor, unembedding: torch.Tensor, k: int = 20) 
         logits.append(z[pi])
         lses.append(torch.logsumexp(z, 0))
     return Decoded(torch.stack(ids), torch.stack(logits), torch.stack(probs), torch.stack(lses))
+
+
+def decode_neuron(subject: Subject, layer: int, neuron: int, *, k: int = 5, apply_norm: bool = True,
+                  unembedding: torch.Tensor | None = None, gain: torch.Tensor | None = None,
+                  vocab: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
+    """One neuron decoded through the LM head, from the weights: {site: [{"token", "id", "logit", "prob"}]} for
+    up, gate (gated MLPs), down.pos and down.neg, best first (the format of `Atlas.neuron`).
+
+    The one home of "decode one neuron" (an atlas decodes all of them with `decode`): logits = W_U (g * v), g the
+    final norm's gain when apply_norm. unembedding/gain: float32 copies to reuse across calls (W_U is large)."""
+    spec, hf = subject.spec, subject.model
+    subject.check_layer(layer)
+    subject.check_neurons([neuron])
+    with torch.no_grad():
+        W = unembedding if unembedding is not None else spec.unembedding(hf).detach().float()
+        g = (gain if gain is not None else spec.final_norm_gain(hf).detach().float()) if apply_norm else None
+        jobs: list[tuple[str, torch.Tensor, tuple[str, ...]]] = [
+            (site, m[neuron], ("pos",)) for site, m in spec.read_vectors(hf, layer).items()]
+        jobs.append(("down", spec.write_vectors(hf, layer)[neuron], ("pos", "neg")))
+        out: dict[str, list[dict[str, Any]]] = {}
+        for name, vec, sides in jobs:
+            v = vec.detach().float().to(W.device)
+            if g is not None:
+                v = v * g.to(W.device)
+            for side, d in decode(v.unsqueeze(0), W, k=k, sides=sides, method="plain").items():
+                site = name if name != "down" else f"down.{side}"
+                ids = d.ids[0].tolist()
+                out[site] = [{"token": vocab[i] if vocab is not None and 0 <= i < len(vocab) else
+                              subject.tokenizer.decode([i]) if subject.tokenizer is not None else f"<{i}>",
+                              "id": i, "logit": float(lg), "prob": float(p)}
+                             for i, lg, p in zip(ids, d.logits[0].tolist(), d.probs[0].tolist())]
+    order = ("up", "gate", "down.pos", "down.neg")
+    return {s: out[s] for s in order if s in out}

@@ -10,6 +10,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from ..refs import format_index_set
 from .common import DeviceOpt, DtypeOpt, GgufOpt, ModelArg, console, load_subject
 
 atlas_app = typer.Typer(help="Decode every MLP neuron through the LM head; show, search and compare atlases.",
@@ -26,7 +27,10 @@ def build(
                                         "(default: all the model has)."),
     chunk: Optional[int] = typer.Option(None, "--chunk", min=1, help="Neurons per GEMM (bounds memory; default "
                                         "256 on a CPU, 2048 on a GPU)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an atlas built with other options."),
+    layers: Optional[str] = typer.Option(None, "--layers", help="Decode only these layers, e.g. 0-3,8 (default: "
+                                         "all); the others are absent from the atlas."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an atlas built with other options (only "
+                                   "neuronscope's own files: a folder it did not write is always refused)."),
     gguf_file: Optional[str] = GgufOpt,
     dtype: str = DtypeOpt,
     device: Optional[str] = DeviceOpt,
@@ -39,9 +43,10 @@ def build(
     from ..atlas import build_atlas
     subject = load_subject(model, gguf_file, dtype, device)
     atlas = build_atlas(subject, out, top_k=top_k, apply_norm=not no_norm, sites=sites, chunk=chunk,
-                        progress=not quiet, overwrite=overwrite, device=device)
+                        progress=not quiet, overwrite=overwrite, device=device, layers=layers)
     secs = atlas.manifest["atlas"].get("build_seconds_last_run")
-    console.print(f"atlas of {escape(atlas.model_name)}: {atlas.n_layers} layers x {atlas.n_neurons} neurons, "
+    built = "" if len(atlas.layers) == atlas.n_layers else f" (built: layers {format_index_set(atlas.layers)})"
+    console.print(f"atlas of {escape(atlas.model_name)}: {atlas.n_layers} layers{built} x {atlas.n_neurons} neurons, "
                   f"sites {', '.join(atlas.sites)}, top {atlas.top_k} -> {escape(str(atlas.folder))}"
                   + (f" ({secs:.1f} s)" if secs is not None else ""))
 

@@ -12,50 +12,51 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..atlas.decode import decode_neuron
+from ..atlas.folder import AtlasFolder
 from ..errors import NeuronscopeError
+from ..refs import check_polarity
+
+if TYPE_CHECKING:
+    from ..atlas import Atlas
+    from ..describe.describe import Descriptions
+    from ..stats.results import NeuronStats
+    from ..subject import Subject
 
 DECODE_SITE = {"pos": "down.pos", "neg": "down.neg"}   # a negative activation promotes the down.neg tokens
-Q_FIRE, Q_STRONG = 1e-5, 1e-7                          # "firing" and "strengthen" quantile levels (DESIGN.md)
 
 
 @dataclass
 class Knowledge:
-    subject: Any
-    atlas: Any = None
-    stats: Any = None
-    descriptions: Any = None
+    subject: Subject
+    atlas: Atlas | None = None
+    stats: NeuronStats | None = None
+    descriptions: Descriptions | None = None
     atlas_dir: str | None = None
+    folder: AtlasFolder | None = None
     notes: list[str] = field(default_factory=list)
-    _cache: dict = field(default_factory=dict, repr=False)
+    _cache: dict[Any, Any] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     # ---- opening ------------------------------------------------------------------------------------------
     @classmethod
-    def load(cls, subject, atlas_dir: str | Path | None) -> "Knowledge":
+    def load(cls, subject: Subject, atlas_dir: str | Path | None) -> Knowledge:
+        """Open what the folder holds (through AtlasFolder). A damaged manifest, or a folder made for other
+        weights, is refused with one sentence; a missing or damaged part is left out with one note saying why."""
         k = cls(subject=subject, atlas_dir=str(atlas_dir) if atlas_dir else None)
         if atlas_dir is None:
             k.notes.append("No atlas folder was given: decodes are computed from the weights; no corpus statistics "
                            "(activations are raw, not normalised; strengthen steering is off) and no descriptions.")
             return k
-        folder = Path(atlas_dir)
-        if not folder.is_dir():
-            raise NeuronscopeError(f"No atlas folder at '{folder}'; build one with `neuronscope atlas build`.")
-        k.atlas = _try_open("neuronscope.atlas", "Atlas", folder, k.notes,
-                            "No atlas decodes in '{f}' ({e}): decodes are computed from the weights on the fly.")
-        if k.atlas is not None:
-            fp = getattr(k.atlas, "fingerprint", None)
-            if fp and fp != subject.fingerprint:
-                raise NeuronscopeError(f"The atlas in '{folder}' was built for other weights (fingerprint {fp}, "
-                                       f"the model has {subject.fingerprint}); build an atlas for this model.")
-        k.stats = _try_open("neuronscope.stats", "NeuronStats", folder, k.notes,
-                            "No corpus statistics in '{f}' ({e}): activations are shown raw, not normalised, and "
-                            "strengthen steering is off; run `neuronscope stats` to add them.")
-        k.descriptions = _try_open("neuronscope.describe", "Descriptions", folder, k.notes,
-                                   "No neuron descriptions in '{f}' ({e}); run `neuronscope describe` to add them.")
+        af = AtlasFolder.open(atlas_dir)
+        af.check_model(subject)
+        parts = af.open_parts()
+        k.folder, k.atlas, k.stats, k.descriptions = af, parts.atlas, parts.stats, parts.descriptions
+        k.notes.extend(parts.notes)
         return k
 
     @property
@@ -63,41 +64,39 @@ class Knowledge:
         return {"atlas": self.atlas is not None, "stats": self.stats is not None,
                 "descriptions": self.descriptions is not None}
 
-    # ---- quantiles and normalisation ---------------------------------------------------------------------
-    def _quantiles(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """(q(1-1e-5), |q(1e-5)|, q(1-1e-7), q(1e-7)) as [L, N] float tensors, or None without statistics."""
+    # ---- quantiles and normalisation (their one home is stats/levels.py, through NeuronStats) ---------------
+    def _scales(self) -> dict[str, torch.Tensor] | None:
+        """The normalisation divisors and the strengthen quantiles as [L, N] tensors, or None without statistics."""
         if self.stats is None:
             return None
         with self._lock:
             if "q" not in self._cache:
                 s = self.stats
-                hi = s.quantile(1 - Q_FIRE).float()
-                lo = s.quantile(Q_FIRE).float().abs()
-                self._cache["q"] = (hi.clamp_min(1e-12), lo.clamp_min(1e-12),
-                                    s.quantile(1 - Q_STRONG).float(), s.quantile(Q_STRONG).float())
-            return self._cache["q"]
+                hi, lo = s.norm_scale()
+                strong_hi, strong_lo = s.level_info.strong_levels()
+                self._cache["q"] = {"hi": hi, "lo": lo, "strong_pos": s.quantile(strong_hi).float(),
+                                    "strong_neg": s.quantile(strong_lo).float()}
+            q: dict[str, torch.Tensor] = self._cache["q"]
+            return q
 
     def normalise(self, acts: torch.Tensor) -> torch.Tensor | None:
         """Signed normalised activations [L, T, N] (DESIGN.md section 2), or None without statistics."""
-        q = self._quantiles()
-        if q is None:
+        if self.stats is None:
             return None
-        hi, lo = q[0].unsqueeze(1), q[1].unsqueeze(1)  # [L, 1, N]
-        acts = acts.float()
-        return torch.where(acts >= 0, acts / hi, acts / lo)
+        return self.stats.normalise(acts)
 
     def normalise_one(self, layer: int, neuron: int, value: float) -> float | None:
-        q = self._quantiles()
+        q = self._scales()
         if q is None:
             return None
-        return float(value / (q[0][layer, neuron] if value >= 0 else q[1][layer, neuron]))
+        return float(value / (q["hi"][layer, neuron] if value >= 0 else q["lo"][layer, neuron]))
 
     def strengthen_value(self, layer: int, neuron: int, polarity: str, strength: float) -> float:
-        q = self._quantiles()
+        q = self._scales()
         if q is None:
             raise NeuronscopeError("Strengthen needs corpus statistics (quantiles), which this atlas lacks; use "
                                    "suppress, or a clamp with an explicit value, or run `neuronscope stats`.")
-        v = q[2][layer, neuron] if polarity == "pos" else q[3][layer, neuron]
+        v = q["strong_pos"][layer, neuron] if check_polarity(polarity) == "pos" else q["strong_neg"][layer, neuron]
         return float(v) * float(strength)
 
     def quantiles_of(self, layer: int, neuron: int) -> dict[str, float] | None:
@@ -109,50 +108,42 @@ class Knowledge:
     def _vocab(self) -> list[str]:
         with self._lock:
             if "vocab" not in self._cache:
-                from ..atlas.vocab import token_texts
-                self._cache["vocab"] = token_texts(self.subject)
-            return self._cache["vocab"]
+                if self.atlas is not None:
+                    self._cache["vocab"] = self.atlas.vocab
+                else:
+                    from ..atlas.vocab import token_texts
+                    self._cache["vocab"] = token_texts(self.subject)
+            vocab: list[str] = self._cache["vocab"]
+            return vocab
 
-    def _model_decodes(self, layer: int, neuron: int) -> dict[str, list[int]]:
-        """Top-5 decoded token ids of one neuron, from the weights (when there is no atlas): W_U (g * v)."""
+    def _model_decodes(self, layer: int, neuron: int) -> dict[str, list[dict[str, Any]]]:
+        """Top-5 decodes of one neuron from the weights (when there is no atlas), by atlas.decode.decode_neuron."""
         key = ("dec", layer, neuron)
         with self._lock:
             if key in self._cache:
-                return self._cache[key]
-        s = self.subject
-        with torch.no_grad():
+                hit: dict[str, list[dict[str, Any]]] = self._cache[key]
+                return hit
             if "W_U" not in self._cache:
-                self._cache["W_U"] = (s.spec.unembedding(s.model).float(), s.spec.final_norm_gain(s.model).float())
+                s = self.subject
+                self._cache["W_U"] = (s.spec.unembedding(s.model).detach().float(),
+                                      s.spec.final_norm_gain(s.model).detach().float())
             W_U, g = self._cache["W_U"]
-            write = s.spec.write_vectors(s.model, layer)[neuron].float() * g
-            logits = W_U @ write
-            out = {"down.pos": logits.topk(5).indices.tolist(), "down.neg": (-logits).topk(5).indices.tolist()}
-            for site, m in s.spec.read_vectors(s.model, layer).items():
-                out[site] = (W_U @ (m[neuron].float() * g)).topk(5).indices.tolist()
+        out = decode_neuron(self.subject, layer, neuron, k=5, unembedding=W_U, gain=g, vocab=self._vocab())
         with self._lock:
             self._cache[key] = out
         return out
 
     def top_tokens(self, layer: int, neuron: int, polarity: str = "pos", k: int = 5) -> list[str]:
         site = DECODE_SITE.get(polarity, "down.pos")
-        vocab = self._vocab()
         if self.atlas is not None:
-            key = ("top", site)
-            with self._lock:
-                if key not in self._cache:
-                    self._cache[key] = self.atlas.top_ids(site)
-                ids = self._cache[key]
-            return [vocab[int(i)] if 0 <= int(i) < len(vocab) else "?" for i in ids[layer, neuron, :k].tolist()]
-        return [vocab[int(i)] for i in self._model_decodes(layer, neuron)[site][:k]]
+            return self.atlas.top_tokens(layer, neuron, site, k)
+        return [r["token"] for r in self._model_decodes(layer, neuron)[site][:k]]
 
-    def decodes(self, layer: int, neuron: int) -> tuple[dict[str, list[dict]], str]:
+    def decodes(self, layer: int, neuron: int) -> tuple[dict[str, list[dict[str, Any]]], str]:
         """(decodes per site, source) from the atlas, or from the weights without one."""
         if self.atlas is not None:
             return self.atlas.neuron(layer, neuron), "atlas"
-        vocab = self._vocab()
-        d = self._model_decodes(layer, neuron)
-        return ({site: [{"token": vocab[int(i)], "id": int(i), "logit": None, "prob": None}
-                        for i in ids] for site, ids in d.items()}, "model")
+        return self._model_decodes(layer, neuron), "model"
 
     # ---- descriptions, exemplars, search, clusters -------------------------------------------------------
     def description(self, layer: int, neuron: int, polarity: str) -> str | None:
@@ -161,10 +152,18 @@ class Knowledge:
         d = self.descriptions.get(layer, neuron, polarity)
         return d.get("text") if d else None
 
-    def exemplars(self, layer: int, neuron: int, polarity: str, n: int, subject=None) -> list[dict]:
+    def exemplars(self, layer: int, neuron: int, polarity: str, n: int,
+                  subject: Subject | None = None) -> list[dict[str, Any]]:
+        """The stored exemplars (read from the folder; the reader never runs the model). With `subject`, each
+        gets `acts`: this neuron's activation at every token of its window, recomputed here."""
         if self.stats is None:
             return []
-        return self.stats.exemplars(layer, neuron, polarity=polarity, n=n, subject=subject)
+        out: list[dict[str, Any]] = self.stats.exemplars(layer, neuron, polarity=polarity, n=n)
+        if subject is not None and out:
+            from ..stats.results import window_activations
+            for e, acts in zip(out, window_activations(subject, [e["token_ids"] for e in out], layer, neuron)):
+                e["acts"] = acts
+        return out
 
     def search(self, query: str, k: int = 50) -> list[dict]:
         """Neurons for a concept: the atlas search plus the descriptions' text search, merged, best first."""
@@ -208,8 +207,8 @@ class Knowledge:
             try:
                 from ..describe import cluster_neurons
             except ImportError:
-                cluster_neurons = None
-            if cluster_neurons is not None:
+                pass
+            else:
                 return cluster_neurons(self.atlas, neurons, min_size=min_size), "describe"
         groups: dict[str, list] = {}
         for l, i, pol in neurons:  # fallback: neurons whose top decoded token is the same word
@@ -218,17 +217,3 @@ class Knowledge:
                 groups.setdefault(tok, []).append([l, i, pol])
         out = [{"name": name, "members": m, "tokens": [name]} for name, m in groups.items() if len(m) >= min_size]
         return sorted(out, key=lambda c: -len(c["members"])), "shared top token"
-
-
-def _try_open(module: str, cls_name: str, folder: Path, notes: list[str], note: str):
-    try:
-        mod = __import__(module, fromlist=[cls_name])
-        cls = getattr(mod, cls_name)
-    except (ImportError, AttributeError):
-        notes.append(note.format(f=folder, e=f"{module} is not installed"))
-        return None
-    try:
-        return cls.open(folder)
-    except (NeuronscopeError, FileNotFoundError, OSError, KeyError) as exc:
-        notes.append(note.format(f=folder, e=str(exc).rstrip(".")))
-        return None
