@@ -10,7 +10,6 @@ with its own progress bar, and the checkpoint is removed.
 """
 from __future__ import annotations
 
-import os
 import queue
 import sys
 import threading
@@ -76,13 +75,20 @@ def fold_device(subject, k: int, n_exemplars: int,
     return torch.device("cpu"), None
 
 
-def _forward_neurons(subject, base, ids: torch.Tensor, to_cpu: bool | None = None) -> list[torch.Tensor]:
-    """One forward of the decoder stack (no LM head); returns each layer's neuron activations [B*T, N]."""
+def _forward_neurons(subject, base, ids: torch.Tensor, to_cpu: bool | None = None,
+                     cap=None) -> list[torch.Tensor]:
+    """One forward of the decoder stack (no LM head); returns each layer's neuron activations [B*T, N].
+
+    cap: a Capture spec to reuse (a run passes one spec for all its batches: interventions remembers the last
+    binding of every spec it ran, so a new spec per batch would keep every batch's activations alive)."""
     from ..interventions import Capture, intervene
-    cap = Capture(layers=None, sites=("neurons",), to_cpu=subject.device.type != "cpu" if to_cpu is None else to_cpu)
-    with intervene(subject, cap), torch.no_grad():
+    if cap is None:
+        cap = Capture(layers=None, sites=("neurons",),
+                      to_cpu=subject.device.type != "cpu" if to_cpu is None else to_cpu)
+    with intervene(subject, cap) as bound, torch.no_grad():
         base(input_ids=ids.to(subject.device), use_cache=False)
-    return [cap.get("neurons", l).reshape(-1, subject.n_neurons) for l in range(subject.n_layers)]
+    got = bound[0]
+    return [got.get("neurons", l).reshape(-1, subject.n_neurons) for l in range(subject.n_layers)]
 
 
 def compute_stats(subject, corpus, atlas_dir, *, tokens: int | None = None, window: int = 64,
@@ -159,7 +165,7 @@ def compute_stats(subject, corpus, atlas_dir, *, tokens: int | None = None, wind
                                "window, levels, K, shard...); pass restart=True (--restart) to discard it, or run "
                                "with the same settings to resume it.")
     if check_fit:
-        plan.check(folder, already_resident=_rss())
+        plan.check(folder)
 
     L, N = subject.n_layers, subject.n_neurons
     stacked = (fold or ("numba" if fdev.type == "cpu" else "torch")) == "torch"
@@ -201,6 +207,8 @@ def compute_stats(subject, corpus, atlas_dir, *, tokens: int | None = None, wind
             "loop_seconds": before["loop_seconds"] + loop_s,
             "seconds": before["seconds"] + time.perf_counter() - t_start})
 
+    from ..interventions import Capture
+    cap_spec = Capture(layers=None, sites=("neurons",), to_cpu=fdev.type == "cpu" and subject.device.type != "cpu")
     t0 = time.perf_counter()
     last_ckpt, last_ckpt_windows = t0, done_windows
     batch_no, processed = 0, 0
@@ -210,7 +218,7 @@ def compute_stats(subject, corpus, atlas_dir, *, tokens: int | None = None, wind
         ids = torch.tensor([w.token_ids for w in ws], dtype=torch.long)
         index = (torch.tensor([w.index for w in ws], dtype=torch.int64).unsqueeze(1) * window
                  + torch.arange(window, dtype=torch.int64)).reshape(-1)
-        acts = _forward_neurons(subject, base, ids, to_cpu=fdev.type == "cpu" and subject.device.type != "cpu")
+        acts = _forward_neurons(subject, base, ids, cap=cap_spec)
         if stacked:
             groups[0].add(torch.cat(acts, dim=1) if L > 1 else acts[0], index)
         else:
@@ -260,15 +268,6 @@ def compute_stats(subject, corpus, atlas_dir, *, tokens: int | None = None, wind
 
 def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def _rss() -> int:
-    """This process's resident memory now (bytes; 0 where /proc is missing)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError):
-        return 0
 
 
 def peak_rss() -> int:
@@ -397,14 +396,7 @@ def _bar(progress: bool, total: int, desc: str, unit: str):
 
 
 def _model_section(folder: Path, subject) -> None:
-    """Add the manifest's "model" section when the folder has none yet (a stats-only folder)."""
-    man = store.read_manifest(folder)
-    if "model" in man:
-        if man["model"].get("fingerprint") not in (None, subject.fingerprint):
-            raise NeuronscopeError(f"The atlas '{folder}' belongs to another model ({man['model'].get('name')}); "
-                                   "use a separate folder for each model.")
-        return
-    store.update_manifest(folder, "model", {
-        "name": subject.name, "fingerprint": subject.fingerprint, "family": subject.family,
-        "n_layers": subject.n_layers, "n_neurons": subject.n_neurons, "hidden_size": subject.hidden_size,
-        "vocab_size": subject.vocab_size, "tied": subject.tied})
+    """Make the folder this model's (atlas.folder.AtlasFolder.claim: the one home of the model section and of the
+    guard against writing into a user's folder or another model's atlas)."""
+    from ..atlas.folder import AtlasFolder
+    AtlasFolder.open(folder, create=True).claim(subject)

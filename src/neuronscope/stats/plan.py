@@ -56,12 +56,13 @@ class Plan:
                 f"batch {gb(self.batch)}); disk: checkpoint {gb(self.checkpoint)}, atlas +{gb(self.atlas)}"
                 + (f" (extremes {gb(self.extremes)})" if self.extremes else ""))
 
-    def check(self, folder: Path, already_resident: int = 0) -> None:
-        """Refuse, with a sentence naming the options, a run that cannot fit in the free memory or disk."""
+    def check(self, folder: Path) -> None:
+        """Refuse, with a sentence naming the options, a run that cannot fit in the free memory or disk (the
+        model is loaded already: what must still fit is the state, the batch and the finishing arrays)."""
         fix = ("ask for fewer tokens (--tokens), less extreme levels (--levels), fewer exemplars (--exemplars), "
                "a smaller --k, or split the run with --shard")
         free = available_memory()
-        need = self.ram - already_resident
+        need = self.ram - BASE_BYTES - self.model
         if free is not None and need > free:
             raise NeuronscopeError(f"The statistics run needs about {gb(need)} more memory (K = {self.k:,} extremes "
                                    f"of {self.rows:,} neurons, {gb(self.state)} of state) but only {gb(free)} is "
