@@ -77,6 +77,8 @@ class Monitor:
 
     def _plain_ids(self, msgs: list[Message]) -> tuple[list[int], list[tuple[int, int]]]:
         tok = self.subject.tokenizer
+        if not msgs:
+            return [], []
         ids: list[int] = [tok.bos_token_id] if getattr(tok, "bos_token_id", None) is not None else []
         spans = []
         sep = self._separator_ids()
@@ -421,12 +423,13 @@ class Monitor:
             return self._desc
 
     def _meta(self, row: dict) -> dict:
-        if "description" not in row:
+        """Add description, interpretable flag and top decoded tokens to a row (at once: views run concurrently)."""
+        if "top_tokens" not in row:
             index = self._descriptions()
             d = index.get((row["layer"], row["neuron"], row["polarity"])) if index is not None else None
-            row["description"] = d["text"] if d else None
-            row["interpretable"] = bool(d and d["interpretable"])
-            row["top_tokens"] = self.knowledge.top_tokens(row["layer"], row["neuron"], row["polarity"])
+            tops = self.knowledge.top_tokens(row["layer"], row["neuron"], row["polarity"])
+            row.update(description=d["text"] if d else None, interpretable=bool(d and d["interpretable"]),
+                       top_tokens=tops)
         return row
 
     def _check_range(self, s: Session, start: int | None, end: int | None, T: int) -> tuple[int, int]:
