@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -128,36 +128,47 @@ class Subject:
     @classmethod
     def load(
         cls,
-        source: str | os.PathLike | None = None,
+        source: str | os.PathLike[str] | None = None,
         *,
         gguf_file: str | None = None,
         dtype: str | torch.dtype = "float32",
         device: str | None = None,
-        device_map: str | dict | None = None,
+        device_map: str | dict[str, Any] | None = None,
         trust_remote_code: bool = False,
+        require_chat_template: bool = False,
+        status: Callable[[str], None] | None = None,
         _convert: bool = True,
-    ) -> "Subject":
+    ) -> Subject:
         """Load a causal LM from a folder, a hub id or a GGUF file (`None`: the default model).
 
         dtype: float32 (default; the fast choice on CPUs), bfloat16 or float16. device: "cpu", "cuda", "cuda:1"...
         device_map: "auto" to spread a big model over several GPUs (accelerate).
+        require_chat_template: refuse a model without a chat template before any weights are read (for --chat).
+        status: called with one line before each slow step (the CLI shows it on its status line).
         A GGUF file is de-quantized once and kept as safetensors in the cache (see `converted_gguf_dir`), so later
         loads take a second instead of tens of seconds; set NEURONSCOPE_GGUF_CACHE=0 to turn that off.
         """
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
+        say = status or (lambda _msg: None)
         hf_logging.disable_progress_bar()  # our own status line says what is loading
         src = resolve_source(source, gguf_file)
         torch_dtype = _parse_dtype(dtype)
         if src.gguf_file and _convert and gguf_cache_enabled():
             converted = converted_gguf_dir(src)
             if not (converted / "config.json").is_file():
+                if require_chat_template:
+                    _require_chat_template(src, gguf_chat_template(src) is not None)
                 subject = cls.load(source, gguf_file=gguf_file, dtype="float32", trust_remote_code=trust_remote_code,
-                                   _convert=False)
+                                   status=status, _convert=False)
+                say(f"Saving the de-quantized model as safetensors in {converted} (once: later loads take a "
+                    "second)...")
                 save_converted(subject, converted)
+            say(f"Loading the de-quantized copy of {src.display} from {converted}...")
             subject = cls.load(converted, dtype=torch_dtype, device=device, device_map=device_map,
-                               trust_remote_code=trust_remote_code)
+                               trust_remote_code=trust_remote_code, require_chat_template=require_chat_template,
+                               status=status)
             subject.name, subject.source = src.display, src
             return subject
         config = _load_config(src, trust_remote_code)
@@ -168,10 +179,23 @@ class Subject:
             kwargs["gguf_file"] = src.gguf_file
         if device_map is not None:
             kwargs["device_map"] = device_map
+        tok_kwargs = {"gguf_file": src.gguf_file} if src.gguf_file else {}
         try:
+            tokenizer = None
+            if require_chat_template:
+                if src.gguf_file:
+                    _require_chat_template(src, gguf_chat_template(src) is not None)
+                else:  # the tokenizer is small and fast to load: check it before the weights
+                    tokenizer = AutoTokenizer.from_pretrained(src.location, **tok_kwargs)
+                    _require_chat_template(src, bool(getattr(tokenizer, "chat_template", None)))
+            say(f"Loading the weights of {src.display}" + (" (de-quantizing the GGUF tensors)..." if src.gguf_file
+                                                            else "..."))
             model = AutoModelForCausalLM.from_pretrained(src.location, **kwargs)
-            tok_kwargs = {"gguf_file": src.gguf_file} if src.gguf_file else {}
-            tokenizer = AutoTokenizer.from_pretrained(src.location, **tok_kwargs)
+            if tokenizer is None:
+                say(f"Loading the tokenizer of {src.display}" + (" (converting the GGUF vocabulary; a large "
+                                                                 "vocabulary takes minutes)..." if src.gguf_file
+                                                                 else "..."))
+                tokenizer = AutoTokenizer.from_pretrained(src.location, **tok_kwargs)
         except NeuronscopeError:
             raise
         except Exception as exc:  # safetensors, gguf and transformers each raise their own types
@@ -182,18 +206,31 @@ class Subject:
         model.eval()
         model.requires_grad_(False)
         name = src.display if src.is_local else src.location
-        return cls.from_model(model, tokenizer, name=name, source=src)
+        # the tokenizer is ours (loaded here), so giving it a pad token changes nobody else's object
+        return cls.from_model(model, tokenizer, name=name, source=src, set_pad_token=True)
 
     @classmethod
     def from_model(cls, model: nn.Module, tokenizer: Any = None, *, name: str = "model",
-                   source: ResolvedSource | None = None) -> "Subject":
-        """Wrap an already loaded `*ForCausalLM` model (for notebooks and tests)."""
+                   source: ResolvedSource | None = None, set_pad_token: bool = False) -> Subject:
+        """Wrap an already loaded `*ForCausalLM` model (for notebooks and tests).
+
+        The tokenizer is left as it is unless set_pad_token (then a tokenizer without a pad token gets its end
+        token as pad token); batching uses `Subject.pad_token_id` either way."""
         spec = spec_for(model)
-        if tokenizer is not None and getattr(tokenizer, "pad_token_id", None) is None:
+        if set_pad_token and tokenizer is not None and getattr(tokenizer, "pad_token_id", None) is None:
             eos = getattr(tokenizer, "eos_token", None)
             if eos is not None:
                 tokenizer.pad_token = eos
         return cls(model=model, tokenizer=tokenizer, spec=spec, name=name, source=source)
+
+    @property
+    def pad_token_id(self) -> int | None:
+        """The id used to pad a batch: the tokenizer's pad token, else its end-of-sequence token."""
+        for attr in ("pad_token_id", "eos_token_id"):
+            v = getattr(self.tokenizer, attr, None)
+            if isinstance(v, int):
+                return v
+        return None
 
     # ---- shape ------------------------------------------------------------------------------------------
     @property
@@ -348,20 +385,26 @@ class Subject:
         kwargs: dict[str, Any] = {"max_new_tokens": int(max_new_tokens)}
         if temperature > 0:
             kwargs.update(do_sample=True, temperature=float(temperature), top_p=float(top_p), top_k=0)
-            if seed is not None:
-                torch.manual_seed(seed)
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        pad = getattr(self.tokenizer, "pad_token_id", None)
+        pad = self.pad_token_id
         if pad is not None:
             kwargs["pad_token_id"] = pad
         if streamer is not None:
             kwargs["streamer"] = streamer
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        out = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
-                                  **kwargs)
-        return out[:, input_ids.shape[1]:]
+        ids, mask = input_ids.to(self.device), attention_mask.to(self.device)
+        if temperature > 0 and seed is not None:
+            # a seeded sample: the global RNG is seeded inside fork_rng, so the caller's RNG state is left as it was
+            devices = [self.device] if self.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(seed)
+                out = self.model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+        else:
+            out = self.model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+        new: torch.Tensor = out[:, input_ids.shape[1]:]
+        return new
 
     def generate(self, prompt: str, *, chat: bool = False, max_new_tokens: int = 64, temperature: float = 0.0,
                  seed: int | None = None, system: str | None = None, interventions: Sequence[Any] = ()) -> str:
@@ -371,6 +414,27 @@ class Subject:
         with intervene(self, *interventions):
             new = self.generate_ids(ids, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
         return self.decode(new[0])
+
+
+def gguf_chat_template(src: ResolvedSource) -> str | None:
+    """The chat template stored in a GGUF file's metadata (read without loading any tensor), or None."""
+    if not src.gguf_file:
+        return None
+    try:
+        from gguf import GGUFReader
+        reader = GGUFReader(str(Path(src.location) / src.gguf_file))
+        f = reader.fields.get("tokenizer.chat_template")
+        if f is None:
+            return None
+        return bytes(f.parts[f.data[0]]).decode("utf-8", "replace")
+    except Exception:  # noqa: BLE001 - unreadable metadata: let the full load report the problem
+        return ""
+
+
+def _require_chat_template(src: ResolvedSource, has: bool) -> None:
+    if not has:
+        raise NeuronscopeError(f"The model '{src.display}' has no chat template (a base model?), so --chat cannot "
+                               "wrap the prompt; drop --chat or use an instruct model.")
 
 
 def gguf_cache_enabled() -> bool:

@@ -82,10 +82,17 @@ def own_files(folder: str | os.PathLike[str]) -> list[Path]:
 
 # ---- the model's identity: one home for the manifest's "model" section and the fingerprint check ----------------
 def model_section(subject: Subject) -> dict[str, Any]:
-    """What the manifest records about the model a folder belongs to."""
-    return {"name": subject.name, "fingerprint": subject.fingerprint, "family": subject.family,
-            "n_layers": subject.n_layers, "n_neurons": subject.n_neurons, "hidden_size": subject.hidden_size,
-            "vocab_size": subject.vocab_size, "tied": subject.tied}
+    """What the manifest records about the model a folder belongs to (`path`: the absolute path of a local
+    model, so a later command run elsewhere finds it)."""
+    section: dict[str, Any] = {
+        "name": subject.name, "fingerprint": subject.fingerprint, "family": subject.family,
+        "n_layers": subject.n_layers, "n_neurons": subject.n_neurons, "hidden_size": subject.hidden_size,
+        "vocab_size": subject.vocab_size, "tied": subject.tied}
+    src = subject.source
+    if src is not None and src.is_local:
+        section["path"] = str((Path(src.location) / src.gguf_file if src.gguf_file else Path(src.location))
+                              .expanduser().resolve())
+    return section
 
 
 def _describe(path: Path) -> str:
@@ -216,13 +223,17 @@ class AtlasFolder:
         return self.path / DB
 
     def model_path(self) -> Path | None:
-        """The model the manifest names, as a path that exists (a relative name resolved against the folder, then
-        the working directory), or None when it names no local model."""
+        """The model the manifest names, as a path that exists: its recorded absolute path, else its name (a
+        relative name is resolved against the atlas folder, then the working directory); None when neither is on
+        disk (a hub id, or a model that moved)."""
+        cands: list[Path] = []
+        if self.model.get("path"):
+            cands.append(Path(str(self.model["path"])).expanduser())
         name = self.model.get("name")
-        if not name or name == "?":
-            return None
-        p = Path(str(name)).expanduser()
-        for cand in ([p] if p.is_absolute() else [self.path / p, p]):
+        if name and name != "?":
+            p = Path(str(name)).expanduser()
+            cands += [p] if p.is_absolute() else [self.path / p, p]
+        for cand in cands:
             if cand.exists():
                 return cand
         return None

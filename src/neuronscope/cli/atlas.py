@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..refs import format_index_set
-from .common import DeviceOpt, DtypeOpt, GgufOpt, ModelArg, console, load_subject
+from .common import DeviceOpt, DtypeOpt, GgufOpt, ModelArg, console, fmt_prob, load_subject
 
 atlas_app = typer.Typer(help="Decode every MLP neuron through the LM head; show, search and compare atlases.",
                         no_args_is_help=True)
@@ -86,27 +86,27 @@ def show(
                   f" (final norm gain {'applied' if atlas.apply_norm else 'not applied'})")
     table = Table(*(f"{s}" for s in dec), title="top tokens (probability)", title_justify="left")
     for r in range(min(k, atlas.top_k)):
-        table.add_row(*(f"{escape(repr(dec[s][r]['token']))} {dec[s][r]['prob']:.3f}" for s in dec))
+        table.add_row(*(f"{escape(repr(dec[s][r]['token']))} {fmt_prob(dec[s][r]['prob'])}" for s in dec))
     console.print(table)
     if exemplars:
         _show_exemplars(atlas_dir, layer, i, exemplars)
 
 
 def _show_exemplars(atlas_dir, layer: int, i: int, n: int) -> None:
+    from ..atlas.folder import AtlasFolder
+    from ..errors import NeuronscopeError
     try:
-        from ..stats import NeuronStats
+        stats = AtlasFolder.open(atlas_dir).open_stats()
     except ImportError:
         console.print("[dim]no exemplars: the stats package is not available in this build.[/dim]")
         return
-    from ..errors import NeuronscopeError
-    try:
-        stats = NeuronStats.open(atlas_dir)
-    except NeuronscopeError:
-        console.print(f"[dim]no exemplars: this atlas has no corpus statistics (run `neuronscope stats ... "
-                      f"--atlas {escape(str(atlas_dir))}`).[/dim]")
+    except NeuronscopeError as exc:
+        console.print(f"[dim]no exemplars: {escape(str(exc))}[/dim]")
         return
-    for pol, level, title in (("pos", 1 - 1e-5, "top"), ("neg", 1e-5, "bottom")):
-        q = abs(float(stats.quantile(level)[layer, i])) or 1.0
+    # the normalisation levels and divisors have one home (stats/levels.py, through NeuronStats)
+    (lv_hi, lv_lo), (div_hi, div_lo) = stats.norm_levels(), stats.norm_scale([layer])
+    for pol, level, q, title in (("pos", lv_hi, float(div_hi[0, i]), "top"),
+                                 ("neg", lv_lo, float(div_lo[0, i]), "bottom")):
         rows = stats.exemplars(layer, i, polarity=pol, n=n)
         table = Table("norm. act", "window (firing token in [ ])", title=f"{title} exemplars (act / |q({level:g})|)",
                       title_justify="left")

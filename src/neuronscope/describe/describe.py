@@ -71,14 +71,15 @@ def parse_neuron_list(neurons, n_layers: int, n_neurons: int) -> list[tuple[int,
 
 def _load_subject(folder: Path, manifest: dict, subject):
     """The studied model: the one given (checked against the fingerprint) or the one the manifest names."""
+    from ..atlas.folder import AtlasFolder
     fp = manifest.get("model", {}).get("fingerprint")
     if subject is None:
-        name = manifest.get("model", {}).get("name")
-        if not name or not Path(name).exists():
+        path = AtlasFolder(Path(folder), manifest).model_path()   # a relative name resolves against the folder
+        if path is None:
             raise NeuronscopeError(f"Scoring descriptions needs the model of '{folder}' (to compute real "
                                    "activations on held-out windows); give it with --model.")
         from ..subject import Subject
-        subject = Subject.load(name)
+        subject = Subject.load(path)
     if fp and subject.fingerprint != fp:
         raise NeuronscopeError(f"The model given ({subject.name}) is not the one the atlas in '{folder}' was built "
                                "for; give the right model.")
