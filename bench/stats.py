@@ -1,6 +1,6 @@
 """Benchmark of `neuronscope stats` on SmolLM2-135M-Instruct: tokens/s against a plain forward, and peak memory.
 
-    .venv/bin/python bench/stats.py [--tokens 32768] [--atlas /tmp/atlas-smollm] [--k 10000] [--batch 16]
+    .venv/bin/python bench/stats.py [--tokens 32768] [--atlas /tmp/atlas-smollm] [--k K] [--batch 16]
     python bench/stats.py --device cuda --batch 256 --tokens 0      # on a GPU, the whole corpus
 
 Builds a mixed corpus (WikiText-2 raw valid + test, TinyStories, Alpaca records as chats through the chat template,
@@ -77,7 +77,7 @@ def main() -> None:
     ap.add_argument("--model", default=str(GGUF))
     ap.add_argument("--corpora", default=str(CORPORA))
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--k", type=int, default=10000)
+    ap.add_argument("--k", type=int, default=None, help="extremes kept (default: sized by the levels and tokens)")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--window", type=int, default=64)
     ap.add_argument("--plain-batches", type=int, default=4, help="batches of plain forward before and after")
@@ -149,12 +149,20 @@ def main() -> None:
     info = st.info
     loop = info["tokens"] / (marks[-1] - t)
     per_batch = args.batch * args.window
+    import os
+    added = sum(p.stat().st_size for p in Path(args.atlas).iterdir() if p.name.startswith(("stats", "atlas.sqlite")))
     res = {"device": args.device, "plain_tok_s": plain, "decoder_only_tok_s": base_plain, "tokens": info["tokens"],
            "loop_s": marks[-1] - t, "stats_tok_s": loop, "ratio": loop / plain,
-           "ratio_vs_decoder_only": loop / base_plain, "end_to_end_s": wall, "k": args.k, "batch": args.batch,
-           "peak_rss_mb": rss_mb()}
+           "ratio_vs_decoder_only": loop / base_plain, "end_to_end_s": wall, "end_to_end_tok_s": info["tokens"] / wall,
+           "ratio_end_to_end": info["tokens"] / wall / plain, "k": info["k"], "batch": args.batch,
+           "peak_rss_mb": rss_mb(), "plan_ram_mb": info["plan"]["ram_bytes"] / 2**20,
+           "plan_checkpoint_mb": info["plan"]["checkpoint_bytes"] / 2**20, "atlas_added_mb": added / 2**20,
+           "plan_atlas_mb": info["plan"]["atlas_bytes"] / 2**20, "load_avg": os.getloadavg()}
     print(f"stats: {info['tokens']:,} tokens, loop {marks[-1] - t:.1f} s ({loop:.1f} tok/s), end to end {wall:.1f} s "
-          f"(writing results included)", flush=True)
+          f"({info['tokens'] / wall:.1f} tok/s, ratio {info['tokens'] / wall / plain:.3f}; counting the corpus and "
+          f"writing results included), K = {info['k']}", flush=True)
+    print(f"atlas +{added / 2**20:.0f} MB (planned {res['plan_atlas_mb']:.0f} MB); checkpoint planned "
+          f"{res['plan_checkpoint_mb']:.0f} MB; load average {os.getloadavg()}")
     print(f"RATIO stats/plain = {loop / plain:.3f} over the whole run ({info['tokens']:,} tokens); against the "
           f"decoder stack alone (no LM head, no capture, no fold) {loop / base_plain:.3f}")
     if totals is not None:
@@ -166,7 +174,8 @@ def main() -> None:
         r = b * per_batch / (marks[b - 1] - t) / plain
         res[f"ratio_first_{n}"] = r
         res[f"ratio_vs_decoder_only_first_{n}"] = r * plain / base_plain
-        print(f"  ratio over the first {n:>9,} tokens: {r:.3f} (vs the decoder stack alone {r * plain / base_plain:.3f})")
+        print(f"  ratio over the first {n:>9,} tokens: {r:.3f} "
+              f"(vs the decoder stack alone {r * plain / base_plain:.3f})")
         n *= 4
     if len(marks) >= 4:
         h = len(marks) // 2
@@ -178,13 +187,13 @@ def main() -> None:
     if subject.device.type == "cuda":
         res["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
         print(f"peak GPU memory {res['peak_gpu_mb']:.0f} MB")
-    print(f"peak RSS {rss_mb():.0f} MB; extremes state 2 x {subject.n_layers} x {subject.n_neurons} x "
-          f"(K + slack) float32 = {2 * subject.n_layers * subject.n_neurons * (args.k + max(1024, args.k // 2)) * 4 / 2**20:.0f} MB")
-    q_hi, q_lo = st.quantile(1 - 1e-5), st.quantile(1e-5)
+    print(f"peak RSS {rss_mb():.0f} MB (planned {res['plan_ram_mb']:.0f} MB); state "
+          f"{info['plan']['state_bytes'] / 2**20:.0f} MB")
+    q_hi, q_lo = (st.quantile(x) for x in st.norm_levels())
     for layer in (3, 15, 27):
         i = int(torch.argmax(q_hi[layer]))
-        print(f"\nneuron {layer}:{i}  q(1e-5)={q_lo[layer, i]:.3f} q(1e-4)={st.quantile(1e-4)[layer, i]:.3f} "
-              f"q(1-1e-4)={st.quantile(1 - 1e-4)[layer, i]:.3f} q(1-1e-5)={q_hi[layer, i]:.3f} "
+        print(f"\nneuron {layer}:{i}  q(lo)={q_lo[layer, i]:.3f} q(1e-4)={st.quantile(1e-4)[layer, i]:.3f} "
+              f"q(1-1e-4)={st.quantile(1 - 1e-4)[layer, i]:.3f} q(hi)={q_hi[layer, i]:.3f} "
               f"mean={st.mean[layer, i]:.4f} std={st.var[layer, i].sqrt():.4f}")
         for e in st.exemplars(layer, i, "pos", n=3):
             toks = e["tokens"]
@@ -229,7 +238,9 @@ def interleaved(subject, corpus, args) -> None:
     from neuronscope.stats.extremes import LayerExtremes
     wins = list(iter_windows(subject.tokenizer, [corpus], args.window, max_windows=args.interleaved * args.batch))
     base = subject.spec.get(subject.model, subject.spec.base)
-    layers = [LayerExtremes(subject.n_neurons, args.k, 100) for _ in range(subject.n_layers)]
+    from neuronscope.stats.levels import LEVELS, ranks_needed
+    k = args.k or ranks_needed(LEVELS, args.interleaved * args.batch * args.window)
+    layers = [LayerExtremes(subject.n_neurons, k, 100) for _ in range(subject.n_layers)]
     plain_t, stats_t, ratios = [], [], []
     for b in range(args.interleaved):
         ws = wins[b * args.batch:(b + 1) * args.batch]
@@ -249,7 +260,7 @@ def interleaved(subject, corpus, args) -> None:
         print(f"batch {b}: plain {ids.numel() / tp:.0f} tok/s, stats {ids.numel() / ts:.0f} tok/s, "
               f"ratio {tp / ts:.3f}", flush=True)
     n = args.batch * args.window
-    print(f"INTERLEAVED {args.interleaved} batches of {n} tokens, K={args.k}: plain {n * len(plain_t) / sum(plain_t):.0f}"
+    print(f"INTERLEAVED {args.interleaved} batches of {n} tokens, K={k}: plain {n * len(plain_t) / sum(plain_t):.0f}"
           f" tok/s, stats {n * len(stats_t) / sum(stats_t):.0f} tok/s, ratio of totals "
           f"{sum(plain_t) / sum(stats_t):.3f}, median per-batch ratio {statistics.median(ratios):.3f}; "
           f"peak RSS {rss_mb():.0f} MB")

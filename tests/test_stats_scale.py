@@ -175,7 +175,7 @@ def _cli(args: list[str]) -> list[str]:
 def test_sigint_keeps_the_work_and_resume_equals_an_uninterrupted_run(stories, tmp_path):
     folder = tmp_path / "sigint"
     args = ["stats", str(SHARED / "models" / "stories260k"), "--corpus", str(TINY), "--atlas", str(folder),
-            "--tokens", "40000", "--window", "32", "--batch", "2", "--exemplars", str(E)]
+            "--tokens", "16000", "--window", "32", "--batch", "2", "--exemplars", str(E)]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(_cli(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     os.set_blocking(proc.stderr.fileno(), False)
@@ -184,7 +184,7 @@ def test_sigint_keeps_the_work_and_resume_equals_an_uninterrupted_run(stories, t
     while time.time() < deadline and proc.poll() is None:     # wait until the loop has folded a few batches
         time.sleep(0.2)
         err += proc.stderr.read() or b""
-        if b"stats:" in err and b"k/40.0k" in err.split(b"stats:")[-1]:
+        if b"stats:" in err and b"k/16.0k" in err.split(b"stats:")[-1]:
             break
     assert proc.poll() is None, "the run ended before it could be interrupted: " + err.decode()[-500:]
     proc.send_signal(signal.SIGINT)
@@ -193,12 +193,12 @@ def test_sigint_keeps_the_work_and_resume_equals_an_uninterrupted_run(stories, t
     assert proc.returncode == 130, err[-1000:]
     assert "Run the same command again to resume" in err and "SIGINT" in err
     saved = checkpoint.load(folder)[1]
-    assert 0 < saved["tokens"] < 40000
+    assert 0 < saved["tokens"] < 16000
     second = subprocess.run(_cli(args), capture_output=True, env=env, timeout=600)
     assert second.returncode == 0, second.stderr.decode()[-1000:]
     assert f"resuming from {saved['tokens']:,} tokens" in second.stderr.decode()
     resumed = __import__("neuronscope.stats", fromlist=["NeuronStats"]).NeuronStats.open(folder)
-    full = compute_stats(stories, TINY, tmp_path / "full", tokens=40000, window=32, batch=2, n_exemplars=E,
+    full = compute_stats(stories, TINY, tmp_path / "full", tokens=16000, window=32, batch=2, n_exemplars=E,
                          progress=False)
     same(resumed, full)
 

@@ -59,8 +59,9 @@ class Plan:
     def check(self, folder: Path) -> None:
         """Refuse, with a sentence naming the options, a run that cannot fit in the free memory or disk (the
         model is loaded already: what must still fit is the state, the batch and the finishing arrays)."""
-        fix = ("ask for fewer tokens (--tokens), less extreme levels (--levels), fewer exemplars (--exemplars), "
-               "a smaller --k, or split the run with --shard")
+        fix = ("ask for fewer tokens (--tokens), less extreme levels (--levels, e.g. 1e-7,1e-5,1-1e-5,1-1e-7), "
+               "fewer exemplars (--exemplars) or a smaller --batch (a shard keeps the K of the whole run, so "
+               "--shard does not help)")
         free = available_memory()
         need = self.ram - BASE_BYTES - self.model
         if free is not None and need > free:
