@@ -7,6 +7,7 @@ Module paths are dotted attribute paths relative to the decoder layer (per-layer
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -43,13 +44,13 @@ class ArchSpec:
                 except AttributeError:
                     continue
             raise AttributeError(f"none of {path} found")
-        obj = root
+        obj: Any = root
         for part in path.split("."):
             obj = getattr(obj, part)
-        return obj
+        return cast(nn.Module, obj)
 
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
-        return self.get(model, self.layers)
+        return cast(nn.ModuleList, self.get(model, self.layers))
 
     def layer_part(self, model: nn.Module, layer: int, path: str) -> nn.Module:
         return self.get(self.decoder_layers(model)[layer], path)
@@ -62,7 +63,7 @@ class ArchSpec:
 
     # ---- weights as [neurons, hidden] -------------------------------------------------------------------
     def _weight(self, module: nn.Module) -> torch.Tensor:
-        return module.weight
+        return _weight(module)
 
     def read_vectors(self, model: nn.Module, layer: int) -> dict[str, torch.Tensor]:
         """The vectors each neuron reads from the residual stream, as [n_neurons, hidden] tensors.
@@ -70,39 +71,46 @@ class ArchSpec:
         Keys: "up" always; "gate" for gated MLPs.
         """
         if self.fused_gate_up:
-            w = self.layer_part(model, layer, self.fused_gate_up).weight
+            w = _weight(self.layer_part(model, layer, self.fused_gate_up))
             n = w.shape[0] // 2
             return {"up": w[n:], "gate": w[:n]}
-        up = self.layer_part(model, layer, self.up).weight
+        up = _weight(self.layer_part(model, layer, self.up))
         out = {"up": up.T if self.conv1d else up}
         if self.gate:
-            out["gate"] = self.layer_part(model, layer, self.gate).weight
+            out["gate"] = _weight(self.layer_part(model, layer, self.gate))
         return out
 
     def write_vectors(self, model: nn.Module, layer: int) -> torch.Tensor:
         """Column i of the down projection (what neuron i adds to the residual), as [n_neurons, hidden]."""
-        w = self.layer_part(model, layer, self.down).weight
+        w = _weight(self.layer_part(model, layer, self.down))
         return w if self.conv1d else w.T
 
     def final_norm_gain(self, model: nn.Module) -> torch.Tensor:
         """The final norm's per-dimension gain g, as applied to the normalised stream (Gemma: 1 + weight)."""
         norm = self.get(model, self.final_norm)
         w = getattr(norm, "weight", None)
-        if w is None:
-            hidden = self.get(model, self.lm_head).weight.shape[1]
+        if not isinstance(w, torch.Tensor):
+            hidden = int(self.unembedding(model).shape[1])
             return torch.ones(hidden)
         return w.detach().float() + self.norm_gain_offset
 
     def unembedding(self, model: nn.Module) -> torch.Tensor:
         """W_U as [vocab, hidden]."""
-        return self.get(model, self.lm_head).weight
+        return _weight(self.get(model, self.lm_head))
 
     def is_tied(self, model: nn.Module) -> bool:
-        return self.get(model, self.lm_head).weight.data_ptr() == self.get(model, self.embed).weight.data_ptr()
+        return bool(self.unembedding(model).data_ptr() == _weight(self.get(model, self.embed)).data_ptr())
 
 
-def _llama_like(family: str, *model_types: str, **kw) -> ArchSpec:
-    defaults = dict(
+def _weight(module: nn.Module) -> torch.Tensor:
+    w = getattr(module, "weight", None)
+    if not isinstance(w, torch.Tensor):
+        raise AttributeError(f"{type(module).__name__} has no weight tensor")
+    return w
+
+
+def _llama_like(family: str, *model_types: str, **kw: Any) -> ArchSpec:
+    defaults: dict[str, Any] = dict(
         layers="model.layers", final_norm="model.norm", lm_head="lm_head", embed="model.embed_tokens",
         base="model", down="mlp.down_proj", up="mlp.up_proj", gate="mlp.gate_proj",
         mlp_in_norm="post_attention_layernorm", mlp_out="mlp",

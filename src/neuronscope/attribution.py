@@ -14,11 +14,16 @@ Score of neuron (l, i) at position t = |a * dp/da| (DESIGN.md section 2); the to
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from .errors import NeuronscopeError
 from .interventions import BoundCapture, Capture, Intervention, intervene
+
+if TYPE_CHECKING:
+    from .subject import Subject
+
 
 
 @dataclass
@@ -53,7 +58,7 @@ def _last_logits(model, ids: torch.Tensor) -> torch.Tensor:
         return model(input_ids=ids, use_cache=False).logits[0, -1]
 
 
-def attribute(subject, input_ids: torch.Tensor, target_position: int, target_token: int | None = None,
+def attribute(subject: Subject, input_ids: torch.Tensor, target_position: int, target_token: int | None = None,
               top: int = 1000, *, interventions: tuple[Intervention, ...] = ()) -> Attribution:
     """Top `top` neurons (all layers, all positions before the target) by |a * d p(target) / d a|.
 

@@ -408,7 +408,7 @@ class Capture(Intervention):
 
     # ---- the last binding in this thread ---------------------------------------------------------------------
     def _bound(self) -> BoundCapture:
-        table = getattr(_last_binding, "table", None)
+        table: weakref.WeakKeyDictionary[Capture, BoundCapture] | None = getattr(_last_binding, "table", None)
         bound = table.get(self) if table is not None else None
         if bound is None:
             raise NeuronscopeError("This Capture has not been run in this thread; read the results from the object "
@@ -564,6 +564,8 @@ class ResidualFunction(Intervention):
 
 
 class BoundResidualFunction(Bound):
+    spec: ResidualFunction
+
     def __init__(self, spec: ResidualFunction, subject: Subject):
         self.spec = spec
         self.layers = [subject.check_layer(l) for l in spec.layers]
@@ -574,9 +576,9 @@ class BoundResidualFunction(Bound):
         def make(layer: int) -> Hook:
             def fn(x: torch.Tensor, ctx: StepContext) -> torch.Tensor | None:
                 rows = self.rows(x)
-                y = self.spec.fn(layer, x, ctx)
+                y: torch.Tensor | None = self.spec.fn(layer, x, ctx)
                 if y is None or rows is None:
-                    return y  # type: ignore[no-any-return]
+                    return y
                 out = x.clone()
                 out[rows] = y[rows]
                 return out

@@ -14,12 +14,17 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from .errors import NeuronscopeError
 from .interventions import Ablate, AddToResidual, Clamp, Scale
 from .refs import parse_index_set, parse_indices, parse_neuron_refs
+
+if TYPE_CHECKING:
+    from .subject import Subject
+
 
 _EDIT = re.compile(r"^\s*(-?\d+)\s*:\s*([-\d,\s]+?)\s*(?:=\s*([^@]+?))?\s*(?:@\s*(.+))?\s*$")
 
@@ -73,7 +78,7 @@ def parse_neuron_edit(text: str, kind: str = "clamp"):
     return Clamp(layer=layer, neurons=neurons, positions=where, value=value)
 
 
-def load_vector(source: str, subject) -> torch.Tensor:
+def load_vector(source: str, subject: Subject) -> torch.Tensor:
     """A residual vector from token:WORD, FILE.safetensors[#KEY] or FILE.npy."""
     if source.startswith("token:"):
         word = source[len("token:"):]
@@ -110,7 +115,7 @@ def load_vector(source: str, subject) -> torch.Tensor:
 _ADD = re.compile(r"^\s*([^=/]+?)\s*(?:/\s*(mid|post|resid\.mid|resid\.post))?\s*=\s*(.+?)\s*$")
 
 
-def parse_add_vector(text: str, subject) -> AddToResidual:
+def parse_add_vector(text: str, subject: Subject) -> AddToResidual:
     """'LAYERS[/SITE]=SOURCE[*SCALE][@WHERE]' -> AddToResidual."""
     m = _ADD.match(text)
     if not m:

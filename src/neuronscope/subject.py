@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from .arch import SUPPORTED_MODEL_TYPES, ArchSpec, spec_for, spec_for_model_type
+from .arch import SUPPORTED_MODEL_TYPES, ArchSpec, _weight, spec_for, spec_for_model_type
 from .errors import NeuronscopeError
 from .refs import check_layer, check_neurons, parse_index_set
 
@@ -38,7 +38,7 @@ class ResolvedSource:
         return str(Path(self.location) / self.gguf_file) if self.gguf_file else self.location
 
 
-def resolve_source(source: str | os.PathLike | None, gguf_file: str | None = None) -> ResolvedSource:
+def resolve_source(source: str | os.PathLike[str] | None, gguf_file: str | None = None) -> ResolvedSource:
     """Turn what a user typed into a loadable location; `None` means the default model (see `models`)."""
     if source is None:
         from .models import default_model_path
@@ -82,7 +82,7 @@ def resolve_source(source: str | os.PathLike | None, gguf_file: str | None = Non
     return ResolvedSource(text, None, is_local=False)
 
 
-def _load_config(src: ResolvedSource, trust_remote_code: bool):
+def _load_config(src: ResolvedSource, trust_remote_code: bool) -> Any:
     from transformers import AutoConfig
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if src.gguf_file:
@@ -152,7 +152,7 @@ class Subject:
         from transformers.utils import logging as hf_logging
 
         say = status or (lambda _msg: None)
-        hf_logging.disable_progress_bar()  # our own status line says what is loading
+        hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # our own status line says what loads
         src = resolve_source(source, gguf_file)
         torch_dtype = _parse_dtype(dtype)
         if src.gguf_file and _convert and gguf_cache_enabled():
@@ -190,7 +190,7 @@ class Subject:
                     _require_chat_template(src, bool(getattr(tokenizer, "chat_template", None)))
             say(f"Loading the weights of {src.display}" + (" (de-quantizing the GGUF tensors)..." if src.gguf_file
                                                             else "..."))
-            model = AutoModelForCausalLM.from_pretrained(src.location, **kwargs)
+            model: Any = AutoModelForCausalLM.from_pretrained(src.location, **kwargs)
             if tokenizer is None:
                 say(f"Loading the tokenizer of {src.display}" + (" (converting the GGUF vocabulary; a large "
                                                                  "vocabulary takes minutes)..." if src.gguf_file
@@ -234,8 +234,13 @@ class Subject:
 
     # ---- shape ------------------------------------------------------------------------------------------
     @property
-    def config(self):
-        return self.model.config
+    def hf(self) -> Any:
+        """The wrapped transformers model, typed loosely (its methods are not annotated)."""
+        return self.model
+
+    @property
+    def config(self) -> Any:
+        return self.hf.config
 
     @property
     def family(self) -> str:
@@ -264,11 +269,11 @@ class Subject:
 
     @property
     def device(self) -> torch.device:
-        return self.spec.get(self.model, self.spec.embed).weight.device
+        return _weight(self.spec.get(self.model, self.spec.embed)).device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.spec.get(self.model, self.spec.embed).weight.dtype
+        return _weight(self.spec.get(self.model, self.spec.embed)).dtype
 
     @property
     def tied(self) -> bool:
@@ -348,7 +353,7 @@ class Subject:
             messages = ([{"role": "system", "content": system}] if system else []) + \
                 [{"role": "user", "content": prompt}]
             return self.encode_chat(messages)
-        ids = self.tokenizer(prompt, return_tensors="pt")["input_ids"]
+        ids: torch.Tensor = self.tokenizer(prompt, return_tensors="pt")["input_ids"]
         return ids.to(self.device)
 
     def encode_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> torch.Tensor:
@@ -357,12 +362,12 @@ class Subject:
         ids = out if torch.is_tensor(out) else out["input_ids"]
         return ids.to(self.device)
 
-    def decode(self, ids) -> str:
-        if torch.is_tensor(ids):
+    def decode(self, ids: torch.Tensor | Sequence[int]) -> str:
+        if isinstance(ids, torch.Tensor):
             ids = ids.tolist()
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        return str(self.tokenizer.decode(ids, skip_special_tokens=True))
 
-    def token_strings(self, ids) -> list[str]:
+    def token_strings(self, ids: torch.Tensor | Sequence[int]) -> list[str]:
         """Each id as the text it stands for (for tables and the web page)."""
         if torch.is_tensor(ids):
             ids = ids.tolist()
@@ -371,7 +376,8 @@ class Subject:
     # ---- running ----------------------------------------------------------------------------------------
     @torch.no_grad()
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.model(input_ids=input_ids.to(self.device), attention_mask=attention_mask).logits
+        logits: torch.Tensor = self.hf(input_ids=input_ids.to(self.device), attention_mask=attention_mask).logits
+        return logits
 
     @torch.no_grad()
     def generate_ids(self, input_ids: torch.Tensor, *, max_new_tokens: int = 64, temperature: float = 0.0,
@@ -400,9 +406,9 @@ class Subject:
             devices = [self.device] if self.device.type == "cuda" else []
             with torch.random.fork_rng(devices=devices):
                 torch.manual_seed(seed)
-                out = self.model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+                out = self.hf.generate(input_ids=ids, attention_mask=mask, **kwargs)
         else:
-            out = self.model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+            out = self.hf.generate(input_ids=ids, attention_mask=mask, **kwargs)
         new: torch.Tensor = out[:, input_ids.shape[1]:]
         return new
 
@@ -447,7 +453,7 @@ def converted_gguf_dir(src: ResolvedSource) -> Path:
     $NEURONSCOPE_CONVERTED_DIR, else <neuronscope home>/converted.
     """
     from .models import home
-    path = (Path(src.location) / src.gguf_file).resolve()
+    path = (Path(src.location) / str(src.gguf_file)).resolve()
     st = path.stat()
     key = hashlib.blake2b(f"{path}|{st.st_size}|{st.st_mtime_ns}".encode(), digest_size=8).hexdigest()
     root = os.environ.get("NEURONSCOPE_CONVERTED_DIR")
@@ -465,7 +471,7 @@ def save_converted(subject: "Subject", folder: Path) -> None:
     import warnings
     from safetensors.torch import save_file
 
-    model = subject.model
+    model: Any = subject.model
     tmp = None
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
@@ -11,6 +12,10 @@ from ..errors import NeuronscopeError
 from ..refs import check_neuron, format_index_set
 from .folder import AtlasFolder, site_file
 from .vocab import normalise, read_vocab
+
+if TYPE_CHECKING:
+    from ..subject import Subject
+
 
 
 class Atlas:
@@ -150,7 +155,8 @@ class Atlas:
         found.sort(key=lambda x: -x[0])
         return [self._row(l, n, s, sc) for sc, l, n, s in found[:k]]
 
-    def search(self, query: str, k: int = 50, sites=None, subject=None) -> list[dict]:
+    def search(self, query: str, k: int = 50, sites: str | Sequence[str] | None = None,
+               subject: Subject | None = None) -> list[dict]:
         """Neurons for a concept (one or more words), best first: see `neuronscope.atlas.search.search`."""
         from .search import search
         return search(self, query, k=k, sites=sites, subject=subject)

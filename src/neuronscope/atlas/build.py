@@ -109,7 +109,7 @@ def build_atlas(subject: Subject, out_dir: str | os.PathLike, *, top_k: int = 20
     return Atlas.open(folder)
 
 
-def _check_sites(subject, sites) -> tuple[str, ...]:
+def _check_sites(subject: Subject, sites: str | Sequence[str] | None) -> tuple[str, ...]:
     have = ALL_SITES if subject.spec.gated else tuple(s for s in ALL_SITES if s != "gate")
     if sites is None:
         return have
@@ -130,8 +130,8 @@ def _check_sites(subject, sites) -> tuple[str, ...]:
     return tuple(s for s in ALL_SITES if s in out)
 
 
-def _decode_layer(subject, layer, sites, W, perm, gain, *, top_k, chunk, method, vocab_block, device,
-                  approx_dtype, bar) -> dict[str, torch.Tensor]:
+def _decode_layer(subject: Subject, layer: int, sites: Sequence[str], W, perm, gain, *, top_k, chunk, method,
+                  vocab_block, device, approx_dtype, bar) -> dict[str, torch.Tensor]:
     """All requested sites of one layer as {f"{site}.ids"/".logits"/".probs"/".lse": tensor}."""
     spec, hf = subject.spec, subject.model
     out: dict[str, torch.Tensor] = {}
@@ -158,7 +158,7 @@ def _decode_layer(subject, layer, sites, W, perm, gain, *, top_k, chunk, method,
     return out
 
 
-def _finish(folder: Path, subject, sites, layers: list[int], top_k: int) -> None:
+def _finish(folder: Path, subject: Subject, sites: Sequence[str], layers: list[int], top_k: int) -> None:
     """Stack the per-layer parts into one file per site: ids/logits/probs [L, N, k], lse [L, N]. Layers that were
     not built (`--layers`) hold id -1 and zeros."""
     parts = {l: store.load_tensors(part_file(folder, l)) for l in layers}

@@ -5,11 +5,16 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .. import store
 
+if TYPE_CHECKING:
+    from ..subject import Subject
 
-def token_texts(subject) -> list[str]:
+
+
+def token_texts(subject: Subject) -> list[str]:
     """Each token id as readable text (the decoded string; `<id>` when the subject has no tokenizer)."""
     tok = subject.tokenizer
     V = subject.vocab_size
@@ -29,7 +34,7 @@ def token_texts(subject) -> list[str]:
     return out
 
 
-def write_vocab(folder: str | os.PathLike, subject) -> None:
+def write_vocab(folder: str | os.PathLike, subject: Subject) -> None:
     """(Re)write the vocab table in one transaction."""
     texts = token_texts(subject)
     con = store.open_db(folder)
