@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Sequence, TypedDict
 
 import torch
 
@@ -18,10 +18,27 @@ if TYPE_CHECKING:
 
 
 
+class DecodedToken(TypedDict):
+    """One of a neuron's top decoded tokens at one site."""
+    token: str
+    id: int
+    logit: float
+    prob: float
+
+
+class NeuronHit(TypedDict):
+    """A neuron found by a token or concept lookup."""
+    layer: int
+    neuron: int
+    site: str
+    score: float
+    tokens: list[str]
+
+
 class Atlas:
     """A built atlas. `Atlas.open(folder)`; arrays load lazily, one file per site."""
 
-    def __init__(self, folder: Path, manifest: dict, vocab: list[str]):
+    def __init__(self, folder: Path, manifest: dict[str, Any], vocab: list[str]):
         self.folder = Path(folder)
         self.manifest = manifest
         a = manifest["atlas"]
@@ -40,7 +57,7 @@ class Atlas:
 
     # ---- opening ------------------------------------------------------------------------------------------
     @classmethod
-    def open(cls, folder: str | os.PathLike) -> "Atlas":
+    def open(cls, folder: str | os.PathLike[str]) -> Atlas:
         """Open a finished atlas; a missing, incomplete or damaged part is one sentence saying what to do."""
         return cls.from_folder(AtlasFolder.open(folder))
 
@@ -110,10 +127,10 @@ class Atlas:
     def token(self, i: int) -> str:
         return self.vocab[i] if 0 <= i < len(self.vocab) else f"<{i}>"
 
-    def neuron(self, layer: int, i: int) -> dict[str, list[dict]]:
+    def neuron(self, layer: int, i: int) -> dict[str, list[DecodedToken]]:
         """{site: [{"token", "id", "logit", "prob"}, ...]} for neuron i of `layer`, best first."""
         self.check(layer, i)
-        out = {}
+        out: dict[str, list[DecodedToken]] = {}
         for s in self.sites:
             ids = self.top_ids(s)[layer, i].tolist()
             lg = self.top_logits(s)[layer, i].tolist()
@@ -135,7 +152,7 @@ class Atlas:
         n = normalise(token)
         return [i for i, t in enumerate(self.vocab) if n and normalise(t) == n]
 
-    def top_neurons_for(self, token: str, site: str | None = None, k: int = 50) -> list[dict]:
+    def top_neurons_for(self, token: str, site: str | None = None, k: int = 50) -> list[NeuronHit]:
         """The neurons whose decoded top-k holds `token`, by that token's probability (highest first).
 
         Returns [{"layer", "neuron", "site", "score", "tokens"}] (score = the token's probability)."""
@@ -156,11 +173,12 @@ class Atlas:
         return [self._row(l, n, s, sc) for sc, l, n, s in found[:k]]
 
     def search(self, query: str, k: int = 50, sites: str | Sequence[str] | None = None,
-               subject: Subject | None = None) -> list[dict]:
+               subject: Subject | None = None) -> list[dict[str, Any]]:
         """Neurons for a concept (one or more words), best first: see `neuronscope.atlas.search.search`."""
         from .search import search
-        return search(self, query, k=k, sites=sites, subject=subject)
+        rows: list[dict[str, Any]] = search(self, query, k=k, sites=sites, subject=subject)
+        return rows
 
-    def _row(self, layer: int, neuron: int, site: str, score: float, n_tokens: int = 5) -> dict:
+    def _row(self, layer: int, neuron: int, site: str, score: float, n_tokens: int = 5) -> NeuronHit:
         return {"layer": layer, "neuron": neuron, "site": site, "score": score,
                 "tokens": self.top_tokens(layer, neuron, site, n_tokens)}
