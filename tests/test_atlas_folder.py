@@ -172,3 +172,18 @@ def test_build_some_layers(stories, built, tmp_path, capsys):
     assert code == 2 and "not in this atlas" in err
     assert part.top_neurons_for(built.vocab[int(built.top_ids("up")[1, 0, 0])])   # search sees built layers only
     assert all(r["layer"] in (1, 3) for r in part.top_neurons_for(built.vocab[int(built.top_ids("up")[1, 0, 0])]))
+
+
+def test_compare_does_not_replace_a_users_files(built, tmp_path):
+    from neuronscope.atlas import compare_atlases
+    out = tmp_path / "cmp"
+    out.mkdir()
+    (out / "compare.json").write_text('{"my": "own file"}')
+    (out / "agreement.png").write_bytes(b"my picture")
+    before = _tree(out)
+    with pytest.raises(NeuronscopeError, match="not an earlier comparison"):
+        compare_atlases(built, built, out_dir=out)
+    assert _tree(out) == before
+    fresh = tmp_path / "fresh"
+    compare_atlases(built, built, out_dir=fresh)
+    assert compare_atlases(built, built, out_dir=fresh)["top1_agreement"] == 1.0   # its own files: replaced

@@ -3,12 +3,15 @@ neurons whose top-1 decoded token agrees, per layer and overall, mean top-k over
 a PNG plot and a JSON summary."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
-
 from .. import store
 from ..errors import NeuronscopeError
+from .folder import COMPARE_FILE, COMPARE_PLOT
+
+_MARK = "neuronscope-compare"
 
 
 def compare_atlases(a, b, *, site: str = "up", out_dir: str | os.PathLike | None = None,
@@ -47,11 +50,29 @@ def compare_atlases(a, b, *, site: str = "up", out_dir: str | os.PathLike | None
                "per_layer": per_layer, "changed_most": changed}
     if out_dir is not None:
         out = Path(out_dir)
+        _check_out(out)
         out.mkdir(parents=True, exist_ok=True)
-        summary["plot"] = str(out / "agreement.png")
-        plot_agreement(summary, out / "agreement.png")
-        store.write_json(out / "compare.json", summary)
+        summary["plot"] = str(out / COMPARE_PLOT)
+        plot_agreement(summary, out / COMPARE_PLOT)
+        store.write_json(out / COMPARE_FILE, {**summary, "format": _MARK})
     return summary
+
+
+def _ours(path: Path) -> bool:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(data, dict) and (data.get("format") == _MARK or
+                                       {"site", "a", "b", "per_layer", "top1_agreement"} <= set(data))
+
+
+def _check_out(out: Path) -> None:
+    """Refuse to replace a compare.json or agreement.png that an earlier comparison did not write."""
+    js, png = out / COMPARE_FILE, out / COMPARE_PLOT
+    if (js.exists() and not _ours(js)) or (png.exists() and not (js.exists() and _ours(js))):
+        raise NeuronscopeError(f"'{out}' already holds a {COMPARE_FILE} or {COMPARE_PLOT} that is not an earlier "
+                               "comparison's; choose another --out folder (nothing was changed).")
 
 
 def _check_match(a, b, site: str) -> None:
