@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import random
 from contextlib import nullcontext
-from pathlib import Path
 
 import pytest
 import torch
@@ -272,8 +271,9 @@ def test_l1_penalty_shrinks_outputs(stories, tmp_path):
         r = train_irm(stories, rows, tmp_path / f"l1-{l1}", inject_layers="all", width=32,
                       config=TrainConfig(steps=40, batch_size=8, eval_every=40, l1=l1, val_fraction=0.0),
                       progress=False)
-        seen = []
-        with r.irm.attached(stories, on_output=lambda o, ctx: seen.append(o.abs().mean())), torch.no_grad():
+        seen: list = []
+        with r.irm.attached(stories, on_output=lambda o, ctx, seen=seen: seen.append(o.abs().mean())), \
+                torch.no_grad():
             stories.model(input_ids=ids)
         mags.append(float(seen[0]))
     assert mags[1] < 0.3 * mags[0], mags
@@ -292,30 +292,61 @@ def test_striation_score():
 def test_analyze_two_alignments_writes_the_report(stories, happy_run, sad_run, tmp_path):
     out = tmp_path / "report"
     res = analyze_runs([happy_run.run_dir, sad_run.run_dir], out, subject=stories, max_new_tokens=8, top_k=5,
-                       prompts=SENTS[240:244])
+                       prompts=SENTS[240:244], controls=[sad_run.run_dir], n_random=5, n_permutations=200,
+                       progress=False)
     for f in res["figures"] + ["report.md", "analysis.json"]:
         assert (out / f).is_file() and (out / f).stat().st_size > 0, f
     assert len(res["figures"]) == 5
     md = (out / "report.md").read_text()
     for png in res["figures"]:
         assert f"]({png})" in md
-    assert "coincide" in md and "massive activations" in md
+    assert "Findings" in md and "massive activations" in md and "survive" in md
     r0, r1 = res["runs"]
     assert r0["alignment"] != r1["alignment"] and len(r0["top_indices"]) == 5
-    # every prompt token and every generated token entered the average (prefill + one call per decoded token)
+    # every prompt token and each frozen continuation token is an input
     n_prompt = sum(len(stories.encode(p)[0]) for p in SENTS[240:244])
-    assert n_prompt < r0["tokens"] <= n_prompt + 4 * 7
+    assert n_prompt < r0["tokens"] <= n_prompt + 4 * 8
     assert 0 <= r0["striation"]["index_share"] <= 1
+    perm = r0["striation_tests"][0]
+    assert perm["null"].startswith("permutation") and 0 < perm["p_value"] <= 1 and perm["n"] == 200
+    assert {t["null"].split(" ")[0] for t in r0["striation_tests"]} == {"permutation", "random-init"}
+    ctl = {t["null"].split(" ")[0] for t in r1["striation_tests"]}
+    assert "control" in ctl          # the control run has the same layers as the sad run
     c = torch.tensor(res["correlation"]["matrix"])
     assert c.shape == (2, 2) and torch.allclose(c.diagonal(), torch.ones(2, dtype=c.dtype))
     assert res["correlation"]["kind"].startswith("per-index")      # different layer sets
     ranks = {r["index"] for r in res["recurrence"]}
     assert ranks == set(r0["top_indices"]) | set(r1["top_indices"])
-    o = res["outliers"]
+    assert res["recurrence_test"]["null_mean"] > 0
+    o = res["outliers"]["rankings"]
     g = stories.spec.final_norm_gain(stories.model).abs()
     assert o["final_norm_gain"]["indices"][0] == int(g.argmax())
-    for row in r0["coincidences"]:
-        assert {"massive_activations_rank", "final_norm_gain_rank", "lm_head_column_norm_rank"} <= set(row)
+    for cz in r0["coincidences"].values():
+        assert cz["tests"][0]["null"].startswith("hypergeometric") and 0 < cz["tests"][0]["p_value"] <= 1
+    assert res["findings"] and any("striation share" in f for f in res["findings"])
+
+
+def test_analyze_never_uses_training_rows_by_default(stories, tmp_path):
+    from neuronscope.irm.analysis import held_out_prompts
+    from neuronscope.store import read_json
+    data = tmp_path / "happy.jsonl"
+    rows = _rows("happy", 60)
+    rows[5]["prompt"] = rows[50]["prompt"]      # a prompt used twice: excluded if any copy is a training row
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    run_dir = tmp_path / "run"
+    train_irm(stories, data, run_dir, inject_layers="1-2", width=8, progress=False,
+              config=TrainConfig(steps=2, batch_size=4, eval_every=2, val_fraction=0.3))
+    run = read_json(run_dir / "run.json")
+    prompts, source = held_out_prompts([(run, run_dir)])
+    res = analyze_runs([run_dir], tmp_path / "rep", subject=stories, max_new_tokens=2, top_k=3, n_random=2,
+                       n_permutations=20, progress=False)
+    assert res["prompts"] == prompts
+    rows = read_table(data)
+    sp = read_json(run_dir / "split.json")
+    train_prompts = {rows[i]["prompt"] for i in sp["train"]}
+    assert prompts and "held-out" in source
+    assert not set(prompts) & train_prompts
+    assert set(prompts) <= {rows[i]["prompt"] for i in sp["val_rows"]}
 
 
 def test_analyze_refuses_runs_of_different_models(stories, happy_run, tmp_path):

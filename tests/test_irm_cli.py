@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 
 from neuronscope.cli import main
 from tests.conftest import STORIES
@@ -26,7 +25,7 @@ def test_irm_cli_end_to_end(tmp_path, capsys):
     neutral = tmp_path / "neutral.txt"
     neutral.write_text("\n\n".join(SENTS[240:250]) + "\n")
     run = tmp_path / "run"
-    common = [str(STORIES), "--data", str(data), "-o", str(run), "--layers", "1-3", "--width", "32",
+    common = ["-m", str(STORIES), "--data", str(data), "-o", str(run), "--layers", "1-3", "--width", "32",
               "--batch-size", "8", "--eval-every", "10", "--patience", "0"]
     code, out, err = _cli(["irm", "train", *common, "--steps", "10"], capsys)
     assert code == 0, err
@@ -56,7 +55,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert code == 2 and err.startswith("error:") and "not an IRM run folder" in err
     bad = tmp_path / "bad.csv"
     bad.write_text("question\nwhat?\n")
-    code, _, err = _cli(["irm", "train", str(STORIES), "--data", str(bad), "-o", str(tmp_path / "r")], capsys)
+    code, _, err = _cli(["irm", "train", "-m", str(STORIES), "--data", str(bad), "-o", str(tmp_path / "r")], capsys)
     assert code == 2 and "'text' column or 'prompt' and 'response'" in err
     assert not (tmp_path / "r" / "run.json").exists()
     q = tmp_path / "q.txt"

@@ -20,7 +20,7 @@ app = typer.Typer(
 )
 
 # Sub-command modules, in the order they appear in --help.
-COMMAND_MODULES = ("core", "atlas", "stats", "describe", "irm", "data", "serve")
+COMMAND_MODULES = ("core", "atlas", "stats", "describe", "irm", "outliers", "data", "serve")
 
 
 def _register() -> None:

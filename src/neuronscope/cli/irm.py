@@ -8,7 +8,7 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
-from .common import DeviceOpt, DtypeOpt, GgufOpt, ModelArg, console, load_subject
+from .common import MODEL_HELP, DeviceOpt, DtypeOpt, GgufOpt, console, load_subject
 
 irm_app = typer.Typer(help="Injectable Realignment Model: train on a frozen LLM, generate, evaluate, analyse.",
                       no_args_is_help=True)
@@ -26,7 +26,7 @@ def _run_subject(run_dir: Path, model: Optional[str], gguf_file, dtype, device):
 
 @irm_app.command("train")
 def train(
-    model: Optional[str] = ModelArg,
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
     data: Path = typer.Option(..., "--data", "-d", help="CSV, JSONL or Parquet with a text column or "
                               "prompt and response columns."),
     out: Path = typer.Option(..., "--out", "-o", help="Run folder (checkpoints, config, best IRM)."),
@@ -57,15 +57,20 @@ def train(
 ) -> None:
     """Train an IRM on a frozen model (only the IRM's weights learn).
 
-    Example: neuronscope irm train SmolLM2.gguf --data anger.jsonl --chat --layers 0-29 -o runs/anger
+    Example: neuronscope irm train -m SmolLM2.gguf --data anger.jsonl --chat --layers 0-29 -o runs/anger
     """
     from ..irm.training import TrainConfig, train_irm
     cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, l1=l1, max_len=max_len, val_fraction=val_fraction,
                       eval_every=eval_every, patience=patience, seed=seed, chat=chat).validate()
+    from ..interrupt import Interrupted
     subject = load_subject(model, gguf_file, dtype, device)
-    res = train_irm(subject, data, out, inject_layers=layers, read_layer=read_layer, read_site=read_site,
-                    inject_site=inject_site, width=width, depth=depth, config=cfg, resume=resume,
-                    alignment=alignment)
+    try:
+        res = train_irm(subject, data, out, inject_layers=layers, read_layer=read_layer, read_site=read_site,
+                        inject_site=inject_site, width=width, depth=depth, config=cfg, resume=resume,
+                        alignment=alignment)
+    except Interrupted as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(exc.exit_code) from None
     first = next((h.get("val_loss") for h in res.history if "val_loss" in h), None)
     console.print(f"{res.step} steps in {res.seconds:.0f} s{' (stopped early)' if res.stopped_early else ''}; "
                   f"IRM {res.irm.n_parameters():,} parameters; validation loss "
@@ -106,6 +111,19 @@ def generate(
 @irm_app.command("eval")
 def evaluate(
     run_dir: Path = RunArg,
+    judge: Optional[str] = typer.Option(None, "--judge", help="Judge generated answers: builtin (own emotion "
+                                        "lexicon + VADER) or nrc (NRC lexicon via the optional nrclex, research "
+                                        "use only). Without it: loss-based evaluation."),
+    questions: Optional[Path] = typer.Option(None, "--questions", "-q", help="Held-out neutral questions (one a "
+                                             "line), for --judge; e.g. examples/questions.txt."),
+    limit: int = typer.Option(40, "--limit", min=2, help="Judge at most N questions."),
+    target: Optional[str] = typer.Option(None, "--target", help="Target emotion (default: the run's alignment "
+                                         "when the judge knows it)."),
+    max_new_tokens: int = typer.Option(48, "--max-new-tokens", "-n", min=1, max=4096),
+    temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 = greedy; sampling uses the same seeds "
+                                      "with the IRM off and on."),
+    seed: int = typer.Option(0, "--seed"),
+    scale: float = typer.Option(1.0, "--scale", help="Multiply the IRM's output."),
     data: Optional[Path] = typer.Option(None, "--data", "-d", help="Aligned rows (default: the run's held-out "
                                         "validation rows)."),
     neutral: Optional[Path] = typer.Option(None, "--neutral", help="Neutral text: .txt (blank-line paragraphs) "
@@ -119,13 +137,45 @@ def evaluate(
     dtype: str = DtypeOpt,
     device: Optional[str] = DeviceOpt,
 ) -> None:
-    """Held-out loss with the IRM off vs on, on aligned text and on neutral text (saved as eval.json in the run).
+    """Evaluate a run: judged answers to held-out questions (--judge, saved as judged.json in the run), or held-out
+    loss with the IRM off vs on on aligned and neutral text (saved as eval.json).
 
-    Example: neuronscope irm eval runs/anger --neutral ../shared/corpora/wikitext-2-raw/wiki.valid.raw
+    Example: neuronscope irm eval runs/sad --judge builtin --questions examples/questions.txt --target sadness
     """
+    from ..errors import NeuronscopeError
+    from ..store import write_json
+    if judge is not None:
+        from ..irm.evaluation import judge_irm
+        from ..irm.judge import Judge
+        from ..irm.synth import read_questions
+        if questions is None:
+            raise NeuronscopeError("--judge needs --questions: held-out neutral questions, one a line.")
+        j = Judge(judge)
+        qs = read_questions(questions)[:limit]
+        irm, run, subject = _run_subject(run_dir, model, gguf_file, dtype, device)
+        tgt = target or (run["data"].get("alignment") if run["data"].get("alignment") in j.emotions else None)
+        rep = judge_irm(subject, irm, qs, judge=j, target=tgt, chat=run["train"].get("chat", False),
+                        max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, scale=scale,
+                        batch_size=batch_size)
+        rep["questions"] = str(questions)
+        write_json(Path(run_dir) / "judged.json", rep)
+        if as_json:
+            typer.echo(json.dumps(rep, indent=2))
+            return
+        table = Table("measure", "IRM off", "IRM on", "on - off [95% CI]", "p")
+        for k, m in rep["metrics"].items():
+            table.add_row(k, f"{m['off']:.4f}", f"{m['on']:.4f}",
+                          f"{m['diff']:+.4f} [{m['ci95'][0]:+.4f}, {m['ci95'][1]:+.4f}]", f"{m['p_value']:.2g}")
+        console.print(table)
+        if "verdict" in rep:
+            v = rep["verdict"]
+            console.print(f"{rep['target']}: x{v['target_ratio']:.2f} (p {v['target_p']:.2g}); criteria "
+                          f"({v['criteria']}): {'PASSED' if v['passed'] else 'not met'}")
+        console.print(f"judge: {rep['judge']['name']} (vaderSentiment {rep['judge']['vaderSentiment']}); "
+                      f"answers in {Path(run_dir) / 'judged.json'}")
+        return
     from ..irm.data import read_table, read_texts
     from ..irm.evaluation import evaluate_irm, held_out_rows
-    from ..store import write_json
     irm, run, subject = _run_subject(run_dir, model, gguf_file, dtype, device)
     rows = read_table(data) if data else held_out_rows(run, run_dir)
     texts = read_texts(neutral)[:neutral_limit] if neutral else None
@@ -150,18 +200,24 @@ def evaluate(
 def analyze(
     run_dirs: List[Path] = typer.Argument(..., help="One or more run folders (same model)."),
     out: Path = typer.Option(..., "--out", "-o", help="Report folder (report.md, PNGs, analysis.json)."),
+    controls: List[Path] = typer.Option([], "--control", "-c", help="A control run (trained the same way on "
+                                        "shuffled or neutral text; repeatable): the trained-injection null."),
     prompts_file: Optional[Path] = typer.Option(None, "--prompts", help="Prompts, one a line (default: held-out "
-                                                "prompts of the runs' data)."),
-    max_new_tokens: int = typer.Option(32, "--max-new-tokens", "-n", min=1, max=1024),
+                                                "validation prompts of the runs, never training rows)."),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens", "-n", min=0, max=1024, help="Tokens of the frozen "
+                                       "model's continuation added to each prompt."),
     top_k: int = typer.Option(10, "--top-k", min=1, help="Top hidden indices per run."),
+    n_random: int = typer.Option(20, "--random", min=0, help="Random-init IRMs per run (null)."),
+    n_permutations: int = typer.Option(1000, "--permutations", min=10, help="Within-layer permutations (null)."),
+    factor: float = typer.Option(10.0, "--factor", help="Massive activation = this multiple of the median."),
     model: Optional[str] = ModelOpt,
     gguf_file: Optional[str] = GgufOpt,
     dtype: str = DtypeOpt,
     device: Optional[str] = DeviceOpt,
 ) -> None:
-    """Heat-maps, striation scores, top indices, run correlations and the model's outlier dimensions.
+    """Heat-maps, striation, top indices, recurrence and outlier coincidences, each against chance.
 
-    Example: neuronscope irm analyze runs/anger runs/sad -o report/
+    Example: neuronscope irm analyze runs/anger runs/sad -c runs/control -o report/
     """
     from ..errors import NeuronscopeError
     from ..irm.analysis import analyze_runs
@@ -173,12 +229,73 @@ def analyze(
         prompts = [l.strip() for l in prompts_file.read_text(encoding="utf-8").splitlines() if l.strip()]
     _, run = load_run(run_dirs[0])
     subject = load_subject(model or run["model"], gguf_file, dtype, device)
-    res = analyze_runs(run_dirs, out, subject=subject, prompts=prompts, max_new_tokens=max_new_tokens, top_k=top_k)
-    for r in res["runs"]:
-        hits = [f"{c['index']} ({', '.join(c['coincides_with'])})" for c in r["coincidences"] if c["coincides_with"]]
-        console.print(f"{r['name']}: striation {r['striation']['index_share']:.2f}, top indices "
-                      f"{r['top_indices'][:5]}; outlier matches: {', '.join(hits) or 'none'}")
+    res = analyze_runs(run_dirs, out, subject=subject, prompts=prompts, max_new_tokens=max_new_tokens, top_k=top_k,
+                       controls=controls, n_random=n_random, n_permutations=n_permutations, factor=factor)
+    for line in res["findings"]:
+        console.print(line, markup=False)
     console.print(f"report: {Path(out) / 'report.md'}")
+
+
+@irm_app.command("sweep")
+def sweep(
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
+    align: List[str] = typer.Option(..., "--align", "-a", help="NAME=DATA: an alignment and its data file "
+                                    "(repeatable), e.g. sadness=sad.jsonl."),
+    out: Path = typer.Option(..., "--out", "-o", help="Sweep folder (runs/, sweep.json, report/)."),
+    sets: str = typer.Option("q1,q2,q3,q4,every4,all", "--sets", help="Layer sets: q1..q4 (quarters of depth), "
+                             "every4 (every depth/8-th layer), all."),
+    seeds: str = typer.Option("0,1", "--seeds", help="Seeds, comma-separated."),
+    control: Optional[Path] = typer.Option(None, "--control", help="Control data (e.g. `data select -e neutral`): "
+                                           "one control run per layer set, the trained-injection null."),
+    width: int = typer.Option(256, "--width", min=1),
+    depth: int = typer.Option(1, "--depth", min=0),
+    steps: int = typer.Option(40, "--steps", min=1),
+    batch_size: int = typer.Option(4, "--batch-size", "-b", min=1),
+    lr: float = typer.Option(5e-3, "--lr"),
+    max_len: int = typer.Option(64, "--max-len", min=2),
+    val_fraction: float = typer.Option(0.02, "--val-fraction"),
+    eval_every: int = typer.Option(10, "--eval-every", min=1),
+    chat: bool = typer.Option(True, "--chat/--no-chat", help="Chat template on the prompts."),
+    top_k: int = typer.Option(10, "--top-k", min=1),
+    max_new_tokens: int = typer.Option(24, "--max-new-tokens", "-n", min=0),
+    gguf_file: Optional[str] = GgufOpt,
+    dtype: str = DtypeOpt,
+    device: Optional[str] = DeviceOpt,
+) -> None:
+    """Train the grid layer sets x alignments x seeds (resumable: run it again to continue), then one cross-run
+    report with nulls and the model's outlier dims.
+
+    Example: neuronscope irm sweep -m SmolLM2.gguf -a sadness=sad.jsonl -a anger=anger.jsonl --sets q1,q3,all
+    --control neutral.jsonl -o sweeps/smollm
+    """
+    from ..errors import NeuronscopeError
+    from ..interrupt import Interrupted
+    from ..irm.sweep import run_sweep, sweep_plan
+    from ..irm.training import TrainConfig
+    pairs = {}
+    for a in align:
+        name, sep, path = a.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise NeuronscopeError(f"--align takes NAME=DATA, got '{a}'.")
+        pairs[name.strip()] = path.strip()
+    try:
+        seed_list = [int(x) for x in seeds.split(",") if x.strip()]
+    except ValueError:
+        raise NeuronscopeError(f"--seeds takes integers separated by commas, got '{seeds}'.") from None
+    cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, max_len=max_len, val_fraction=val_fraction,
+                      eval_every=eval_every, patience=0, chat=chat).validate()
+    subject = load_subject(model, gguf_file, dtype, device)
+    plan = sweep_plan(subject, pairs, sets=[s.strip() for s in sets.split(",") if s.strip()], seeds=seed_list,
+                      control=control)
+    try:
+        res = run_sweep(subject, plan, out, config=cfg, width=width, depth=depth,
+                        analysis_kwargs={"top_k": top_k, "max_new_tokens": max_new_tokens})
+    except Interrupted as exc:
+        typer.echo(str(exc) + " (run the same sweep command again: finished runs are kept)", err=True)
+        raise typer.Exit(exc.exit_code) from None
+    for line in res["analysis"]["findings"]:
+        console.print(line, markup=False)
+    console.print(f"{len(plan)} runs; report: {Path(out) / 'report' / 'report.md'}")
 
 
 def register(app: typer.Typer) -> None:

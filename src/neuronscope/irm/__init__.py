@@ -8,10 +8,10 @@ from .data import read_table, tokenize_rows, lm_loss, collate, split, read_texts
 from .training import TrainConfig, TrainResult, train_irm, load_run, validation_loss
 from .generation import generate_side_by_side, generate_texts
 from .evaluation import evaluate_irm, held_out_rows
-from .analysis import analyze_runs, striation, outlier_dims
+from .analysis import analyze_runs, striation
 from .synth import synthesize, read_questions
 
 __all__ = ["IRM", "IRMConfig", "TrainConfig", "TrainResult", "train_irm", "load_run", "validation_loss",
            "generate_side_by_side", "generate_texts", "evaluate_irm", "held_out_rows", "analyze_runs", "striation",
-           "outlier_dims", "read_table", "tokenize_rows", "lm_loss", "collate", "split", "read_texts", "synthesize",
+           "read_table", "tokenize_rows", "lm_loss", "collate", "split", "read_texts", "synthesize",
            "read_questions"]

@@ -1,9 +1,16 @@
-"""What IRMs learned: heat-maps of their output (injected layer x hidden index), a striation score, top hidden
-indices and how often they recur across runs and alignments, a correlation matrix between runs, and the model's
-own outlier dimensions (massive residual activations, large final-norm gains, large LM-head columns) to explain a
-dominant index. Writes PNGs, analysis.json and report.md into one folder.
+"""What IRMs learned, each finding tested against chance: heat-maps of |mean output| (injected layer x hidden
+index), the striation share, top hidden indices and their recurrence across runs, a correlation matrix between
+runs, and coincidences with the model's own outlier dimensions (neuronscope.outliers). Every finding carries null
+distributions (irm.nulls: within-layer permutations, random-init IRMs, and control runs trained the same way on
+control data) with mean, 95th percentile and p-value, and the report says in words which findings survive.
+Writes PNGs, analysis.json and report.md into one folder.
 
-    result = analyze_runs(["runs/anger", "runs/sad"], "report/", subject=subject)
+    result = analyze_runs(["runs/anger", "runs/sad"], "report/", subject=subject, controls=["runs/shuffled"])
+
+Inputs: held-out prompts only (the runs' validation rows, minus any prompt also used in training; a built-in list
+when there are none), each followed by the frozen model's own continuation. The IRM reads its input upstream of
+every injection, so its output on these tokens depends on the tokens alone: every run, random-init IRM and control
+run is measured on exactly the same tokens.
 """
 from __future__ import annotations
 
@@ -15,17 +22,19 @@ import torch
 
 from ..errors import NeuronscopeError
 from ..interventions import Capture, intervene
-from .generation import generate_texts
-from .model import IRM
+from . import nulls
 from .training import load_run
 
 DEFAULT_PROMPTS = ["Tell me about your day.", "What is the capital of France?", "How do I bake bread?",
                    "Why is the sky blue?", "Write a short story about a dog.", "What should I do this weekend?"]
 
 
+OUTLIER_KINDS = ("massive_activations", "final_norm_gain", "block_norm_gain", "lm_head_column_norm")
+
+
 @dataclass
 class RunOutputs:
-    """Mean IRM output of one run over prompt and generated tokens."""
+    """Mean IRM output of one run over the analysis tokens."""
     name: str
     alignment: str
     layers: list[int]
@@ -71,79 +80,6 @@ def run_correlations(outs: Sequence[RunOutputs]) -> tuple[torch.Tensor, str]:
     return c.nan_to_num(0.0), ("whole output (layer x index)" if same else "per-index profile (mean over layers)")
 
 
-@torch.no_grad()
-def outlier_dims(subject, prompts: Sequence[str], k: int = 10, chat: bool = False) -> dict[str, Any]:
-    """The model's own outlier hidden dimensions, each as (top-k indices, values, ratio to the median):
-    massive residual activations (max |resid.post| over layers and tokens, Sun et al. 2024), final-norm gains
-    |g|, and LM-head column norms ||W_U[:, h]||."""
-    peak = torch.zeros(subject.hidden_size, dtype=torch.float64)
-    peak_layer = torch.zeros(subject.hidden_size, dtype=torch.long)
-    for p in prompts:
-        ids = subject.encode(p, chat=chat)
-        cap = Capture(sites=("resid.post",))
-        with intervene(subject, cap):
-            subject.model(input_ids=ids)
-        r = cap.get("resid.post").abs().double().cpu()          # [L, 1, T, H]
-        per_layer = r.amax(dim=(1, 2))                          # [L, H]
-        m, arg = per_layer.max(0)
-        better = m > peak
-        peak = torch.where(better, m, peak)
-        peak_layer = torch.where(better, arg, peak_layer)
-    gain = subject.spec.final_norm_gain(subject.model).detach().double().abs().cpu()
-    lm_cols = subject.spec.unembedding(subject.model).detach().double().norm(dim=0).cpu()
-
-    def rank(v: torch.Tensor, extra: dict[str, list] | None = None) -> dict[str, Any]:
-        top = torch.topk(v, min(k, v.numel()))
-        med = float(v.median()) or 1e-12
-        order = torch.argsort(v, descending=True)
-        ranks = torch.empty_like(order)
-        ranks[order] = torch.arange(1, v.numel() + 1)
-        d = {"indices": top.indices.tolist(), "values": top.values.tolist(), "median": med,
-             "ratio": [x / med for x in top.values.tolist()], "rank": ranks.tolist(), "all": v.tolist()}
-        d.update(extra or {})
-        return d
-    return {"massive_activations": rank(peak, {"layer": [int(peak_layer[i]) for i in torch.topk(peak, min(k, peak.numel())).indices]}),
-            "final_norm_gain": rank(gain), "lm_head_column_norm": rank(lm_cols), "k": k}
-
-
-def coincidences(top: Sequence[int], outliers: dict[str, Any]) -> list[dict[str, Any]]:
-    """For each top IRM index: its rank in each outlier ranking and whether it is in that ranking's top k."""
-    k = outliers["k"]
-    rows = []
-    for h in top:
-        row: dict[str, Any] = {"index": int(h)}
-        hits = []
-        for name in ("massive_activations", "final_norm_gain", "lm_head_column_norm"):
-            r = int(outliers[name]["rank"][h])
-            row[name + "_rank"] = r
-            if r <= k:
-                hits.append(name.replace("_", " "))
-        row["coincides_with"] = hits
-        rows.append(row)
-    return rows
-
-
-# ---- collection ---------------------------------------------------------------------------------------------------
-def collect_outputs(subject, irm: IRM, prompts: Sequence[str], *, name: str, alignment: str,
-                    max_new_tokens: int = 32, chat: bool = False) -> RunOutputs:
-    """Run the IRM over each prompt and its generated tokens (one prompt at a time: no padding in the average)."""
-    n, H = irm.n_inject, irm.config.hidden_size
-    acc = {"sum": torch.zeros(n, H, dtype=torch.float64), "abs": torch.zeros(n, H, dtype=torch.float64), "t": 0}
-
-    def record(out: torch.Tensor, ctx) -> None:
-        o = out.detach().double().cpu()
-        acc["sum"] += o.sum(dim=(0, 1))
-        acc["abs"] += o.abs().sum(dim=(0, 1))
-        acc["t"] += o.shape[0] * o.shape[1]
-    samples = []
-    for p in prompts:
-        text = generate_texts(subject, [p], irm=irm, chat=chat, max_new_tokens=max_new_tokens, on_output=record)[0]
-        samples.append((p, text))
-    t = max(1, acc["t"])
-    return RunOutputs(name, alignment, list(irm.config.inject_layers), (acc["sum"] / t).float(),
-                      (acc["abs"] / t).float(), acc["t"], samples)
-
-
 # ---- plots ---------------------------------------------------------------------------------------------------------
 def _plt():
     import matplotlib
@@ -153,16 +89,17 @@ def _plt():
 
 
 def plot_heatmap(o: RunOutputs, path: Path, top: Sequence[int]) -> None:
+    """|mean output| per (injected layer, hidden index) on one colour scale from 0, so that one strong layer shows."""
     plt = _plt()
-    M = o.mean.numpy()
-    lim = float(abs(M).max()) or 1.0
+    M = o.mean.abs().numpy()
+    lim = float(M.max()) or 1.0
     fig, ax = plt.subplots(figsize=(12, max(2.5, 0.18 * len(o.layers) + 1.5)))
-    im = ax.imshow(M, aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
+    im = ax.imshow(M, aspect="auto", cmap="magma", vmin=0, vmax=lim, interpolation="nearest")
     ax.set_yticks(range(len(o.layers)))
     ax.set_yticklabels([str(l) for l in o.layers], fontsize=6 if len(o.layers) > 12 else 8)
     ax.set_xlabel("hidden index")
     ax.set_ylabel("injected layer")
-    ax.set_title(f"{o.name} ({o.alignment}): mean IRM output over {o.tokens} tokens; top: "
+    ax.set_title(f"{o.name} ({o.alignment}): |mean IRM output| over {o.tokens} tokens; top: "
                  + ", ".join(map(str, top[:5])))
     fig.colorbar(im, ax=ax, fraction=0.03)
     fig.tight_layout()
@@ -206,14 +143,14 @@ def plot_correlation(c: torch.Tensor, names: Sequence[str], path: Path) -> None:
 
 def plot_outliers(outliers: dict[str, Any], tops: Sequence[int], path: Path) -> None:
     plt = _plt()
-    names = ("massive_activations", "final_norm_gain", "lm_head_column_norm")
-    fig, axes = plt.subplots(3, 1, figsize=(12, 7))
+    names = OUTLIER_KINDS
+    fig, axes = plt.subplots(len(names), 1, figsize=(12, 9))
     for ax, name in zip(axes, names):
-        v = outliers[name]["all"]
+        v = outliers["rankings"][name]["all"]
         ax.bar(range(len(v)), v, width=1.0, color="tab:gray")
         for h in tops:
             ax.axvline(h, color="tab:red", alpha=0.35, lw=0.8)
-        for h in outliers[name]["indices"][:3]:
+        for h in outliers["rankings"][name]["indices"][:3]:
             ax.annotate(str(h), (h, v[h]), fontsize=8, ha="center", va="bottom")
         ax.set_title(name.replace("_", " ") + " (red lines: top IRM indices)", fontsize=9)
     axes[-1].set_xlabel("hidden index")
@@ -222,90 +159,229 @@ def plot_outliers(outliers: dict[str, Any], tops: Sequence[int], path: Path) -> 
     plt.close(fig)
 
 
-# ---- the whole analysis ---------------------------------------------------------------------------------------------
-def _default_prompts(runs: Sequence[dict[str, Any]], per_run: int = 4) -> list[str]:
+# ---- inputs ---------------------------------------------------------------------------------------------------------
+def held_out_prompts(runs: Sequence[tuple[dict[str, Any], Path]], per_run: int = 8) -> tuple[list[str], str]:
+    """Prompts of the runs' validation rows that are not also training prompts; the built-in list otherwise.
+    Returns (prompts, where they came from)."""
+    from ..store import read_json
     from .data import read_table
     prompts: list[str] = []
-    for run in runs:
+    training: set[str] = set()
+    for run, run_dir in runs:
         path = run.get("data", {}).get("path")
-        if not path or not Path(path).is_file():
+        sp_file = Path(run_dir) / "split.json"
+        if not path or not Path(path).is_file() or not sp_file.is_file():
             continue
         try:
             rows = read_table(path)
         except NeuronscopeError:
             continue
-        for r in rows[-per_run:]:
-            p = r.get("prompt") or " ".join(str(r.get("text", "")).split()[:8])
-            if p and p not in prompts:
-                prompts.append(p)
-    return prompts or list(DEFAULT_PROMPTS)
+        sp = read_json(sp_file)
+        val = set(sp.get("val_rows", []))
+        key = [_prompt_of(r) for r in rows]
+        training.update(k for i, k in enumerate(key) if i not in val)
+        prompts += [key[i] for i in sorted(val)[:per_run] if i < len(key)]
+    held = [p for p in dict.fromkeys(prompts) if p and p not in training]
+    if held:
+        return held, "held-out validation rows of the runs (minus prompts also used in training)"
+    return [p for p in DEFAULT_PROMPTS if p not in training], "built-in neutral prompts (not in any training row)"
 
 
+def _prompt_of(row: dict[str, Any]) -> str:
+    p = row.get("prompt")
+    if isinstance(p, str) and p.strip():
+        return p.strip()
+    return " ".join(str(row.get("text", "")).split()[:8])
+
+
+@torch.no_grad()
+def read_inputs(subject, prompts: Sequence[str], *, read_layer: int, read_site: str, chat: bool,
+                max_new_tokens: int, progress: bool = True) -> tuple[torch.Tensor, list[tuple[str, str]]]:
+    """The residual at the IRM's read site [N, H] over each prompt and the frozen model's continuation of it."""
+    from tqdm.auto import tqdm
+    rows, samples = [], []
+    for p in tqdm(prompts, desc="analysis inputs", disable=not progress, dynamic_ncols=True):
+        ids = subject.encode(p, chat=chat)
+        new = subject.generate_ids(ids, max_new_tokens=max_new_tokens) if max_new_tokens > 0 else ids[:, :0]
+        full = torch.cat([ids, new.to(ids.device)], 1)
+        with intervene(subject, Capture(layers=[read_layer], sites=(read_site,))) as (cap,):
+            subject.model(input_ids=full)
+        rows.append(cap.get(read_site)[0, 0].float().cpu())
+        samples.append((p, subject.decode(new[0])))
+    return torch.cat(rows, 0), samples
+
+
+def outputs_of(irm, X: torch.Tensor, *, name: str, alignment: str) -> RunOutputs:
+    """Mean and mean-|.| output of `irm` over the read-site rows X."""
+    with torch.no_grad():
+        mean = nulls.mean_output(irm, X)
+        absm = torch.zeros_like(mean, dtype=torch.float64)
+        for i in range(0, X.shape[0], 512):
+            absm += irm(X[i:i + 512].to(next(irm.parameters()).device)).abs().double().sum(0).cpu()
+    return RunOutputs(name, alignment, list(irm.config.inject_layers), mean, (absm / X.shape[0]).float(), X.shape[0])
+
+
+# ---- the whole analysis ---------------------------------------------------------------------------------------------
 def analyze_runs(run_dirs: Sequence[str | Path], out_dir: str | Path, *, subject=None,
                  prompts: Sequence[str] | None = None, max_new_tokens: int = 32, top_k: int = 10,
-                 chat: bool | None = None) -> dict[str, Any]:
-    """The full analysis of one or more IRM runs on the same model; returns analysis.json's content."""
+                 chat: bool | None = None, controls: Sequence[str | Path] = (), n_random: int = 20,
+                 n_permutations: int = 1000, factor: float = 10.0, seed: int = 0,
+                 progress: bool = True) -> dict[str, Any]:
+    """The full analysis of one or more IRM runs on the same model (control runs give the trained-injection null);
+    returns analysis.json's content."""
+    from ..outliers import model_outliers
     from ..store import write_json, write_text
+    from tqdm.auto import tqdm
     if not run_dirs:
         raise NeuronscopeError("Give at least one IRM run folder to analyse.")
     if top_k < 1:
         raise NeuronscopeError("top_k must be at least 1.")
     loaded = [load_run(d) for d in run_dirs]
-    fps = {run.get("fingerprint") for _, run in loaded}
+    ctrl = [load_run(d) for d in controls]
+    fps = {run.get("fingerprint") for _, run in loaded + ctrl}
     if len(fps) > 1:
         raise NeuronscopeError("These runs were trained on different models; analyse runs of one model together.")
     if subject is None:
         from ..subject import Subject
         subject = Subject.load(loaded[0][1]["model"])
-    for irm, _ in loaded:
+    for irm, _ in loaded + ctrl:
         irm.check_subject(subject, strict=True)
+    sites = {(irm.config.read_layer, irm.config.read_site) for irm, _ in loaded + ctrl}
+    if len(sites) > 1:
+        raise NeuronscopeError("These runs read different sites; analyse runs with the same --read-layer and "
+                               "--read-site together.")
+    read_layer, read_site = sites.pop()
     if chat is None:
         chat = bool(loaded[0][1]["train"].get("chat")) and subject.has_chat_template
-    prompts = list(prompts) if prompts else _default_prompts([r for _, r in loaded])
+    if prompts:
+        prompts, source = list(prompts), "given by the user"
+    else:
+        prompts, source = held_out_prompts([(r, Path(d)) for (_, r), d in zip(loaded + ctrl,
+                                                                             list(run_dirs) + list(controls))])
+    if not prompts:
+        raise NeuronscopeError("No held-out prompts left; pass --prompts.")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
+    X, samples = read_inputs(subject, prompts, read_layer=read_layer, read_site=read_site, chat=chat,
+                             max_new_tokens=max_new_tokens, progress=progress)
+    outl = model_outliers(subject, [p + " " + c for p, c in samples], factor=factor, k=top_k, chat=chat,
+                          progress=progress)
+    H = subject.hidden_size
     names = _unique_names([Path(d).name for d in run_dirs])
-    outs = []
-    for (irm, run), name in zip(loaded, names):
-        irm.to(subject.device).eval()
-        outs.append(collect_outputs(subject, irm, prompts, name=name, alignment=run["data"].get("alignment", "?"),
-                                    max_new_tokens=max_new_tokens, chat=chat))
-    outliers = outlier_dims(subject, prompts, k=top_k, chat=chat)
+    cnames = _unique_names([Path(d).name for d in controls])
+    outs = [outputs_of(irm.to(subject.device).eval(), X, name=n, alignment=r["data"].get("alignment", "?"))
+            for (irm, r), n in zip(loaded, names)]
+    couts = [outputs_of(irm.to(subject.device).eval(), X, name=n, alignment=r["data"].get("alignment", "control"))
+             for (irm, r), n in zip(ctrl, cnames)]
     corr, corr_kind = run_correlations(outs)
 
     per_run = []
     all_tops: set[int] = set()
-    for o in outs:
+    vmax_tops = {k: outl["rankings"][k]["indices"] for k in OUTLIER_KINDS}
+    for (irm, _run), o in tqdm(list(zip(loaded, outs)), desc="nulls per run", disable=not progress):
         top = top_indices(o.mean, top_k)
         all_tops.update(top)
+        rand = [outputs_of(nulls.random_init_irm(irm.config, seed + 1000 + i).to(subject.device).eval(), X,
+                           name="random", alignment="random") for i in range(n_random)]
+        same = [c for c in couts if c.layers == o.layers]
+        stri = [nulls.striation_test(o.mean, n=n_permutations, seed=seed)]
+        if len(o.layers) > 1:
+            stri.append(nulls.summarize(stri[0]["value"], [nulls.index_share(r.mean) for r in rand],
+                                        "random-init IRM of the same shape"))
+            if same:
+                stri.append(nulls.summarize(stri[0]["value"], [nulls.index_share(c.mean) for c in same],
+                                            "control runs (same layers, control data)"))
+        coinc = {}
+        for kind in OUTLIER_KINDS:
+            t = [nulls.coincidence_test(top, vmax_tops[kind], H)]
+            v = t[0]["value"]
+            t.append(nulls.summarize(v, [len(set(top_indices(r.mean, top_k)) & set(vmax_tops[kind])) for r in rand],
+                                     "random-init IRM of the same shape"))
+            if couts:
+                t.append(nulls.summarize(v, [len(set(top_indices(c.mean, top_k)) & set(vmax_tops[kind]))
+                                             for c in couts], "control runs"))
+            coinc[kind] = {"value": v, "overlap": t[0]["overlap"], "tests": t, "survives": nulls.survives(t)}
         png = f"heatmap_{o.name}.png"
         plot_heatmap(o, out_dir / png, top)
+        ranks = {kind: [int(outl["rankings"][kind]["rank"][h]) for h in top] for kind in OUTLIER_KINDS}
         per_run.append({"name": o.name, "alignment": o.alignment, "layers": o.layers, "tokens": o.tokens,
-                        "striation": striation(o.mean), "top_indices": top,
+                        "striation": striation(o.mean), "striation_tests": stri,
+                        "striation_survives": nulls.survives(stri), "top_indices": top,
                         "top_scores": [float(index_scores(o.mean)[h]) for h in top],
                         "mean_abs_output": float(o.mean_abs.mean()), "heatmap": png,
-                        "coincidences": coincidences(top, outliers),
-                        "samples": [{"prompt": p, "on": t} for p, t in o.samples[:3]]})
+                        "outlier_ranks_of_top": ranks, "coincidences": coinc})
+    rec = nulls.recurrence_test([index_scores(o.mean) for o in outs], top_k, seed=seed) if len(outs) > 1 else None
+    ctrl_tops = [set(top_indices(c.mean, top_k)) for c in couts]
     recurrence = []
-    for h in sorted(all_tops):
-        runs_with = [r["name"] for r in per_run if h in r["top_indices"]]
-        aligns = sorted({r["alignment"] for r in per_run if h in r["top_indices"]})
-        recurrence.append({"index": h, "runs": len(runs_with), "run_names": runs_with, "alignments": aligns})
-    recurrence.sort(key=lambda r: (-r["runs"], r["index"]))
+    if rec is not None:
+        for row in rec["indices"]:
+            h = row["index"]
+            recurrence.append(dict(row, run_names=[r["name"] for r in per_run if h in r["top_indices"]],
+                                   alignments=sorted({r["alignment"] for r in per_run if h in r["top_indices"]}),
+                                   control_runs=sum(h in t for t in ctrl_tops),
+                                   outlier_ranks={k: int(outl["rankings"][k]["rank"][h]) for k in OUTLIER_KINDS}))
     plot_profiles(outs, out_dir / "top_indices.png")
     plot_correlation(corr, names, out_dir / "correlation.png")
-    plot_outliers(outliers, sorted(all_tops), out_dir / "outliers.png")
+    plot_outliers(outl, sorted(all_tops), out_dir / "outliers.png")
 
     result = {"model": subject.name, "fingerprint": subject.fingerprint, "prompts": prompts,
-              "max_new_tokens": max_new_tokens, "top_k": top_k, "runs": per_run, "recurrence": recurrence,
+              "prompt_source": source, "max_new_tokens": max_new_tokens, "top_k": top_k, "tokens": int(X.shape[0]),
+              "read_site": f"layer {read_layer} {read_site}", "n_random": n_random,
+              "n_permutations": n_permutations, "alpha": nulls.ALPHA,
+              "controls": [{"name": c.name, "alignment": c.alignment, "layers": c.layers,
+                            "striation": striation(c.mean)["index_share"], "top_indices": top_indices(c.mean, top_k)}
+                           for c in couts],
+              "runs": per_run, "recurrence": recurrence,
+              "recurrence_test": {k: v for k, v in rec.items() if k != "indices"} if rec else None,
               "correlation": {"kind": corr_kind, "names": names, "matrix": corr.tolist()},
-              "outliers": {k: ({kk: vv for kk, vv in v.items() if kk not in ("all", "rank")} if isinstance(v, dict)
-                               else v) for k, v in outliers.items()},
+              "outliers": _slim_outliers(outl),
+              "samples": [{"prompt": p, "frozen": c} for p, c in samples[:4]],
               "figures": [r["heatmap"] for r in per_run] + ["top_indices.png", "correlation.png", "outliers.png"]}
+    result["findings"] = findings(result)
     write_json(out_dir / "analysis.json", result)
     write_text(out_dir / "report.md", render_report(result))
     return result
+
+
+def _slim_outliers(o: dict[str, Any]) -> dict[str, Any]:
+    d = {k: v for k, v in o.items() if k != "rankings"}
+    d["rankings"] = {k: {kk: vv for kk, vv in v.items() if kk not in ("all", "rank")} for k, v in o["rankings"].items()}
+    return d
+
+
+def findings(r: dict[str, Any]) -> list[str]:
+    """One sentence per finding: which survive every available null at alpha, which do not."""
+    a = r["alpha"]
+    out = []
+    for x in r["runs"]:
+        t = x["striation_tests"]
+        txt = "; ".join(f"{d['null']}: mean {_f(d['null_mean'])}, 95th pct {_f(d['null_p95'])}, p {_f(d['p_value'])}"
+                        for d in t if d.get("p_value") is not None)
+        verdict = {True: "SURVIVES", False: "does not survive", None: "cannot be tested"}[x["striation_survives"]]
+        out.append(f"{x['name']}: striation share {x['striation']['index_share']:.3f} {verdict} "
+                   f"(p < {a} under every null){' — ' + txt if txt else ''}.")
+        for kind, c in x["coincidences"].items():
+            if c["value"] > 0:
+                v2 = {True: "SURVIVES", False: "does not survive", None: "cannot be tested"}[c["survives"]]
+                ps = ", ".join(f"{d['null'].split(' (')[0]} p {_f(d['p_value'])}" for d in c["tests"])
+                ov = ", ".join(map(str, c["overlap"]))
+                out.append(f"{x['name']}: {c['value']} of its top {r['top_k']} indices ({ov}) "
+                           f"are top-{r['top_k']} {kind.replace('_', ' ')} dims: {v2} ({ps}).")
+    if r["recurrence"]:
+        top = r["recurrence"][0]
+        rt = r["recurrence_test"]
+        ok = top["p_value"] < a
+        out.append(f"Recurrence: index {top['index']} is in the top {r['top_k']} of {top['runs']}/{len(r['runs'])} "
+                   f"runs (chance: most-recurrent index mean {rt['null_mean']:.2f}, 95th pct {rt['null_p95']:.0f}; "
+                   f"p {top['p_value']:.3g}): {'SURVIVES' if ok else 'does not survive'}"
+                   + (f"; it is also in the top of {top['control_runs']}/{len(r['controls'])} control runs"
+                      if r["controls"] else "") + ".")
+    return out
+
+
+def _f(v) -> str:
+    return "-" if v is None else (f"{v:.3g}" if isinstance(v, float) else str(v))
 
 
 def _unique_names(names: Sequence[str]) -> list[str]:
@@ -319,50 +395,76 @@ def _unique_names(names: Sequence[str]) -> list[str]:
 
 def render_report(r: dict[str, Any]) -> str:
     L = [f"# IRM analysis: {r['model']}", "",
-         f"Model weights fingerprint `{r['fingerprint']}`; {len(r['prompts'])} prompts, {r['max_new_tokens']} "
-         "generated tokens each; IRM outputs averaged over every prompt and generated token.", "",
-         "## Runs", "", "| run | alignment | injected layers | tokens | index share | layer share | top indices |",
-         "|---|---|---|---|---|---|---|"]
+         f"Model weights fingerprint `{r['fingerprint']}`. Inputs: {len(r['prompts'])} prompts ({r['prompt_source']}), "
+         f"each followed by the frozen model's own {r['max_new_tokens']}-token continuation: {r['tokens']} tokens, "
+         f"read at {r['read_site']}. Nulls: {r['n_permutations']} within-layer permutations, {r['n_random']} "
+         f"random-init IRMs of each run's shape, {len(r['controls'])} control runs. A finding survives when p < "
+         f"{r['alpha']} under every null available.", "", "## Findings", ""]
+    L += [f"- {s}" for s in r["findings"]]
+    L += ["", "## Runs", "", "| run | alignment | injected layers | index share | chance 1/layers | "
+          "permutation p | random-init p95 | control p95 | top indices |", "|---|---|---|---|---|---|---|---|---|"]
     for x in r["runs"]:
-        s = x["striation"]
-        L.append(f"| {x['name']} | {x['alignment']} | {_layers_text(x['layers'])} | {x['tokens']} | "
-                 f"{s['index_share']:.3f} | {s['layer_share']:.3f} | {', '.join(map(str, x['top_indices']))} |")
-    L += ["", "Striation score = index share: the fraction of the variance of the mean output (layer x index) "
-          "explained by the hidden index alone (vertical stripes); layer share is the fraction explained by the "
-          "layer alone.", "", "## Heat-maps", ""]
+        t = {d["null"].split(" ")[0]: d for d in x["striation_tests"]}
+        perm, rnd, ctl = t.get("permutation", {}), t.get("random-init", {}), t.get("control", {})
+        L.append(f"| {x['name']} | {x['alignment']} | {_layers_text(x['layers'])} | "
+                 f"{x['striation']['index_share']:.3f} | {1 / len(x['layers']):.3f} | {_f(perm.get('p_value'))} | "
+                 f"{_f(rnd.get('null_p95'))} | {_f(ctl.get('null_p95'))} | {', '.join(map(str, x['top_indices']))} |")
+    L += ["", "Index share: the fraction of the variance of the mean output (layer x index) explained by the hidden "
+          "index alone (vertical stripes). Under the within-layer permutation null it sits near 1/layers.", "",
+          "## Heat-maps (|mean output|, one colour scale from 0)", ""]
     for x in r["runs"]:
         L += [f"![{x['name']}]({x['heatmap']})", ""]
-    L += ["![top indices](top_indices.png)", "", "## Recurring indices", "",
-          f"Indices in the top {r['top_k']} of at least one run, by how many runs share them.", "",
-          "| index | runs | alignments |", "|---|---|---|"]
-    for x in r["recurrence"][:30]:
-        L.append(f"| {x['index']} | {x['runs']}/{len(r['runs'])} | {', '.join(x['alignments'])} |")
+    L += ["![top indices](top_indices.png)", ""]
+    if r["recurrence"]:
+        rt = r["recurrence_test"]
+        L += ["## Recurring indices", "",
+              f"Indices in the top {r['top_k']} of at least two runs. Chance: each run's top {r['top_k']} a random "
+              f"set of {rt['hidden']} dims gives {rt['expected_per_index']:.2f} runs per index; the most recurrent "
+              f"index of a random draw has mean {rt['null_mean']:.2f}, 95th percentile {rt['null_p95']:.0f} runs "
+              "(p is family-wise against that).", "",
+              "| index | runs | p | control runs | alignments | massive rank | LM-head rank |",
+              "|---|---|---|---|---|---|---|"]
+        for x in [x for x in r["recurrence"] if x["runs"] > 1][:30]:
+            o = x["outlier_ranks"]
+            L.append(f"| {x['index']} | {x['runs']}/{len(r['runs'])} | {x['p_value']:.3g} | {x['control_runs']}/"
+                     f"{len(r['controls'])} | {', '.join(x['alignments'])} | {o['massive_activations']} | "
+                     f"{o['lm_head_column_norm']} |")
+        L.append("")
     c = r["correlation"]
-    L += ["", f"## Correlation between runs ({c['kind']})", "", "![correlation](correlation.png)", "",
+    L += [f"## Correlation between runs ({c['kind']})", "", "![correlation](correlation.png)", "",
           "| | " + " | ".join(c["names"]) + " |", "|---" * (len(c["names"]) + 1) + "|"]
     for n, row in zip(c["names"], c["matrix"]):
         L.append(f"| {n} | " + " | ".join(f"{v:.2f}" for v in row) + " |")
     o = r["outliers"]
     L += ["", "## The model's own outlier dimensions", "", "![outliers](outliers.png)", "",
-          "| kind | top indices (value / median) |", "|---|---|"]
-    for name in ("massive_activations", "final_norm_gain", "lm_head_column_norm"):
-        d = o[name]
+          f"Massive = {o['massive']['definition']}: "
+          + (", ".join(f"dim {d['dim']} ({d['max_multiple']:.0f}x, layers {_layers_text(d['layers'])}, tokens "
+                       f"{', '.join(repr(t) for t in d['tokens'][:3])})" for d in o["massive"]["dims"][:8])
+             or "none") + ".", "", "| kind | top dims (value, x median) |", "|---|---|"]
+    for name, d in o["rankings"].items():
         L.append(f"| {name.replace('_', ' ')} | " + ", ".join(
-            f"{i} ({q:.1f}x)" for i, q in zip(d["indices"], d["ratio"])) + " |")
-    L += ["", "## Do the top IRM indices coincide with outlier dimensions?", "",
-          f"Ranks among {len(o['final_norm_gain']['all']) if 'all' in o['final_norm_gain'] else 'all'} "
-          f"hidden dims; 'yes' = in that ranking's top {o['k']}.", ""]
+            f"{i} ({v:.3g}, {q:.1f}x)" for i, v, q in zip(d["indices"], d["values"], d["multiples"])) + " |")
+    L += ["", "## Coincidence of top IRM indices with outlier dims", "",
+          "| run | kind | overlap | hypergeometric mean / p | random-init p95 / p | control p |",
+          "|---|---|---|---|---|---|"]
     for x in r["runs"]:
-        L += [f"### {x['name']}", "", "| IRM index | massive act. rank | final-norm gain rank | LM-head column rank "
-              "| coincides with |", "|---|---|---|---|---|"]
-        for row in x["coincidences"]:
-            L.append(f"| {row['index']} | {row['massive_activations_rank']} | {row['final_norm_gain_rank']} | "
-                     f"{row['lm_head_column_norm_rank']} | {', '.join(row['coincides_with']) or 'none'} |")
-        L.append("")
-    L += ["## Samples (IRM on)", ""]
-    for x in r["runs"]:
-        for s in x["samples"][:2]:
-            L.append(f"- **{x['name']}** — _{s['prompt']}_ → {s['on'].strip()[:300]!r}")
+        for kind, cz in x["coincidences"].items():
+            t = cz["tests"]
+            ctl = t[2]["p_value"] if len(t) > 2 else None
+            ov = ", ".join(map(str, cz["overlap"]))
+            L.append(f"| {x['name']} | {kind.replace('_', ' ')} | {cz['value']} ({ov}) | "
+                     f"{t[0]['null_mean']:.2f} / {_f(t[0]['p_value'])} | "
+                     f"{_f(t[1]['null_p95'])} / {_f(t[1]['p_value'])} | "
+                     f"{_f(ctl)} |")
+    if r["controls"]:
+        L += ["", "## Control runs", "", "| control | alignment | layers | index share | top indices |",
+              "|---|---|---|---|---|"]
+        for c2 in r["controls"]:
+            L.append(f"| {c2['name']} | {c2['alignment']} | {_layers_text(c2['layers'])} | {c2['striation']:.3f} | "
+                     f"{', '.join(map(str, c2['top_indices']))} |")
+    L += ["", "## Inputs (frozen model's continuations)", ""]
+    for s in r["samples"]:
+        L.append(f"- _{s['prompt']}_ → {s['frozen'].strip()[:200]!r}")
     return "\n".join(L) + "\n"
 
 
@@ -372,5 +474,5 @@ def _layers_text(layers: Sequence[int]) -> str:
     return ",".join(map(str, layers))
 
 
-__all__ = ["analyze_runs", "striation", "index_scores", "top_indices", "outlier_dims", "coincidences",
-           "collect_outputs", "run_correlations", "RunOutputs", "render_report"]
+__all__ = ["analyze_runs", "striation", "index_scores", "top_indices", "run_correlations", "RunOutputs",
+           "render_report", "held_out_prompts", "read_inputs", "outputs_of", "findings", "OUTLIER_KINDS"]

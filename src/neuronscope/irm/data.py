@@ -115,8 +115,9 @@ def prompt_ids(subject, prompt: str, chat: bool) -> list[int]:
 
 
 def tokenize_rows(subject, rows: Sequence[dict[str, Any]], *, chat: bool = False, max_len: int = 256,
-                  add_eos: bool = True) -> list[Example]:
-    """Rows -> Examples (input_ids, unshifted labels). Too-long examples are cut at max_len tokens."""
+                  add_eos: bool = True, keep_empty: bool = False) -> list[Example]:
+    """Rows -> Examples (input_ids, unshifted labels). Too-long examples are cut at max_len tokens; examples
+    with no target token left are dropped (kept, one per row, when keep_empty)."""
     if max_len < 2:
         raise NeuronscopeError("max_len must be at least 2 tokens.")
     kind = table_kind(rows)
@@ -136,7 +137,7 @@ def tokenize_rows(subject, rows: Sequence[dict[str, Any]], *, chat: bool = False
             plen = min(len(p), len(ids))
             labels = [IGNORE] * plen + ids[plen:]
         ex = Example(ids, labels, plen, n)
-        if ex.n_target > 0:
+        if ex.n_target > 0 or keep_empty:
             out.append(ex)
     if not out:
         raise NeuronscopeError(f"No row has a target token within max_len={max_len}; raise --max-len.")

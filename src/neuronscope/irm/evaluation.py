@@ -1,14 +1,22 @@
-"""How strongly an alignment took, as numbers: held-out loss of the aligned text with the IRM on vs off, and the
-same on neutral text (which the IRM should move little).
+"""How strongly an alignment took, as numbers.
 
     report = evaluate_irm(subject, irm, aligned_rows, neutral_texts=[...])
     report["aligned"]["delta"]   # loss(on) - loss(off): strongly negative when the alignment took
+
+    judged = judge_irm(subject, irm, questions, judge=Judge(), target="sadness")
+    judged["metrics"]["sadness"]  # paired off/on rates, difference, 95% interval, p_value
+
+`judge_irm` is the measure that matters: answers to held-out neutral questions generated with the IRM off and on
+(same decoding, same seeds), scored by an offline judge (emotion word rates, VADER sentiment), with the fluency cost
+(3-gram repetition rate; the answer's perplexity under the frozen model) as paired differences.
 """
 from __future__ import annotations
 
 import math
 from pathlib import Path
 from typing import Any, Sequence
+
+import torch
 
 from ..errors import NeuronscopeError
 from .data import read_table, tokenize_rows
@@ -46,6 +54,89 @@ def evaluate_irm(subject, irm: IRM, aligned_rows: Sequence[dict[str, Any]] | Non
     return report
 
 
+@torch.no_grad()
+def answer_nll(subject, prompts: Sequence[str], answers: Sequence[str], *, chat: bool = False, max_len: int = 512,
+               batch_size: int = 8) -> list[float]:
+    """Mean next-token loss of each answer given its prompt under the frozen model (no hooks); nan if empty."""
+    from .data import IGNORE, collate
+    import torch.nn.functional as F
+    rows = [{"prompt": p, "response": a if a.strip() else "."} for p, a in zip(prompts, answers)]
+    examples = tokenize_rows(subject, rows, chat=chat, max_len=max_len, add_eos=False, keep_empty=True)
+    pad = _pad_id(subject)
+    out: list[float] = []
+    for i in range(0, len(examples), batch_size):
+        b = collate(examples[i:i + batch_size], pad)
+        logits = subject.model(input_ids=b["input_ids"].to(subject.device),
+                               attention_mask=b["attention_mask"].to(subject.device)).logits[:, :-1].float()
+        tg = b["labels"][:, 1:].to(logits.device)
+        nll = F.cross_entropy(logits.transpose(1, 2), tg, ignore_index=IGNORE, reduction="none")
+        cnt = (tg != IGNORE).sum(1)
+        out += [float(x) if c > 0 else float("nan") for x, c in zip((nll.sum(1) / cnt.clamp(min=1)).tolist(),
+                                                                    cnt.tolist())]
+    return [v if answers[j].strip() else float("nan") for j, v in enumerate(out)]
+
+
+def judge_irm(subject, irm: IRM, prompts: Sequence[str], *, judge=None, target: str | None = None,
+              opposite: str | None = None, chat: bool = False, max_new_tokens: int = 48, temperature: float = 0.0,
+              seed: int = 0, scale: float = 1.0, batch_size: int = 8, progress: bool = True) -> dict[str, Any]:
+    """Answers to `prompts` with the IRM off and on, judged; paired statistics per measure (see module doc)."""
+    from .generation import generate_texts
+    from .judge import OPPOSITE, Judge, check_emotion
+    from .paired import paired_difference
+    irm.check_subject(subject)
+    prompts = [p for p in prompts if p.strip()]
+    if len(prompts) < 2:
+        raise NeuronscopeError("Give at least two held-out prompts to judge.")
+    judge = judge or Judge()
+    if target is not None:
+        check_emotion(judge, target)
+        opposite = opposite or OPPOSITE.get(target)
+    kw = dict(chat=chat, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, batch_size=batch_size,
+              progress=progress)
+    off = generate_texts(subject, prompts, irm=None, desc="answers, IRM off", **kw)
+    on = generate_texts(subject, prompts, irm=irm, scale=scale, desc="answers, IRM on", **kw)
+    s_off, s_on = judge.score_many(off), judge.score_many(on)
+    nll_off = answer_nll(subject, prompts, off, chat=chat, batch_size=batch_size)
+    nll_on = answer_nll(subject, prompts, on, chat=chat, batch_size=batch_size)
+    metrics: dict[str, Any] = {}
+    for key in list(judge.emotions) + ["vader_compound", "repetition", "words"]:
+        metrics[key] = paired_difference([x[key] for x in s_off], [x[key] for x in s_on], seed=seed)
+    ok = [i for i in range(len(prompts)) if math.isfinite(nll_off[i]) and math.isfinite(nll_on[i])]
+    if len(ok) >= 2:
+        metrics["answer_nll"] = paired_difference([nll_off[i] for i in ok], [nll_on[i] for i in ok], seed=seed)
+        metrics["answer_nll"]["ppl_off"] = math.exp(metrics["answer_nll"]["off"])
+        metrics["answer_nll"]["ppl_on"] = math.exp(metrics["answer_nll"]["on"])
+    rep: dict[str, Any] = {"judge": judge.info(), "n_prompts": len(prompts), "chat": chat,
+                           "max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed,
+                           "scale": scale, "target": target, "opposite": opposite, "metrics": metrics,
+                           "answers": [{"prompt": p, "off": a, "on": b} for p, a, b in zip(prompts, off, on)]}
+    if target is not None:
+        rep["verdict"] = verdict(metrics, target, opposite)
+    return rep
+
+
+def verdict(metrics: dict[str, Any], target: str, opposite: str | None, *, alpha: float = 0.01,
+            min_ratio: float = 2.0, max_repetition_ratio: float = 1.5) -> dict[str, Any]:
+    """Did the alignment take? target rate at least `min_ratio` x and p < alpha; opposite not up (no significant
+    rise at 0.05); repetition within `max_repetition_ratio` x of IRM-off (or both under 0.05)."""
+    t = metrics[target]
+    ratio = (t["on"] / t["off"]) if t["off"] > 0 else (math.inf if t["on"] > 0 else 0.0)
+    checks = {"target_ratio": ratio, "target_doubles": ratio >= min_ratio, "target_p": t["p_value"],
+              "target_significant": t["p_value"] < alpha and t["diff"] > 0}
+    if opposite is not None and opposite in metrics:
+        o = metrics[opposite]
+        checks["opposite_diff"] = o["diff"]
+        checks["opposite_not_up"] = not (o["diff"] > 0 and o["p_value"] < 0.05)
+    r = metrics["repetition"]
+    checks["repetition_ratio"] = (r["on"] / r["off"]) if r["off"] > 0 else (math.inf if r["on"] > 0.05 else 1.0)
+    checks["repetition_ok"] = r["on"] <= max(max_repetition_ratio * r["off"], 0.05)
+    checks["passed"] = bool(checks["target_doubles"] and checks["target_significant"]
+                            and checks.get("opposite_not_up", True) and checks["repetition_ok"])
+    checks["criteria"] = (f"{target} rate x{min_ratio:g} with paired p < {alpha:g}; {opposite} not significantly up; "
+                          f"repetition <= {max_repetition_ratio:g} x IRM-off")
+    return checks
+
+
 def held_out_rows(run: dict[str, Any], run_dir: str | Path) -> list[dict[str, Any]]:
     """The validation rows of a run's own training file (re-split with the recorded seed)."""
     from ..store import read_json
@@ -60,4 +151,4 @@ def held_out_rows(run: dict[str, Any], run_dir: str | Path) -> list[dict[str, An
     return [rows[i] for i in sp["val_rows"]]
 
 
-__all__ = ["evaluate_irm", "held_out_rows"]
+__all__ = ["evaluate_irm", "held_out_rows", "judge_irm", "answer_nll", "verdict"]

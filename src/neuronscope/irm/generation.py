@@ -34,18 +34,21 @@ def encode_batch(subject, prompts: Sequence[str], chat: bool = False, system: st
 def generate_texts(subject, prompts: Sequence[str], *, irm: IRM | None = None, chat: bool = False,
                    system: str | None = None, max_new_tokens: int = 64, temperature: float = 0.0,
                    seed: int | None = None, scale: float = 1.0, batch_size: int = 8,
-                   on_output=None) -> list[str]:
-    """Completions of `prompts`, with the IRM injected (when given) in the prompt and every generated token."""
+                   on_output=None, progress: bool = False, desc: str = "generate") -> list[str]:
+    """Completions of `prompts`, with the IRM injected (when given) in the prompt and every generated token.
+    Batch b is decoded with seed `seed + b` (so IRM-off and IRM-on runs of the same prompts share seeds)."""
     from contextlib import nullcontext
+    from tqdm.auto import tqdm
     if not prompts:
         raise NeuronscopeError("No prompts given.")
     out: list[str] = []
-    for i in range(0, len(prompts), batch_size):
+    starts = range(0, len(prompts), batch_size)
+    for b, i in enumerate(tqdm(starts, desc=desc, unit="batch", disable=not progress, dynamic_ncols=True)):
         ids, mask = encode_batch(subject, prompts[i:i + batch_size], chat=chat, system=system)
         ctx = irm.attached(subject, on_output=on_output, scale=scale) if irm is not None else nullcontext()
         with ctx:
             new = subject.generate_ids(ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                       temperature=temperature, seed=seed)
+                                       temperature=temperature, seed=None if seed is None else seed + b)
         out += [subject.decode(row) for row in new]
     return out
 

@@ -48,7 +48,8 @@ class IRMConfig:
 
     def validate(self) -> "IRMConfig":
         if self.width < 1 or self.depth < 0:
-            raise NeuronscopeError(f"IRM width must be >= 1 and depth >= 0, got width {self.width}, depth {self.depth}.")
+            raise NeuronscopeError(
+                f"IRM width must be >= 1 and depth >= 0, got width {self.width}, depth {self.depth}.")
         for s in (self.read_site, self.inject_site):
             if s not in SITE_ORDER:
                 raise NeuronscopeError(f"Unknown IRM site '{s}'; use resid.mid or resid.post.")

@@ -126,10 +126,13 @@ def train_irm(subject, data: str | Path | Sequence[dict[str, Any]], run_dir: str
         irm.save(run_dir)
 
     from tqdm.auto import tqdm
+    from ..interrupt import StopRequest
     bar = tqdm(total=cfg.steps, initial=min(state["step"], cfg.steps), desc="irm train", unit="step",
                disable=not progress, dynamic_ncols=True)
     t0 = time.perf_counter() - float(state["seconds"])
+    stop = StopRequest("IRM training")
     try:
+        stop.__enter__()
         while state["step"] < cfg.steps and not state["stopped_early"]:
             step = state["step"]
             batch = collate(_batch_examples(train_ex, step, cfg.batch_size, cfg.seed), pad)
@@ -156,7 +159,15 @@ def train_irm(subject, data: str | Path | Sequence[dict[str, Any]], run_dir: str
                 state["seconds"] = time.perf_counter() - t0
                 _save_checkpoint(run_dir, irm, opt, state, cfg.keep_checkpoints)
                 write_json(run_dir / RUN, dict(run_info, step=state["step"], history=state["history"]))
+            if stop:   # SIGINT / SIGTERM: keep this step's work, then stop
+                state["seconds"] = time.perf_counter() - t0
+                _save_checkpoint(run_dir, irm, opt, state, cfg.keep_checkpoints)
+                write_json(run_dir / RUN, dict(run_info, status="interrupted", step=state["step"],
+                                               history=state["history"], seconds=state["seconds"]))
+                raise stop.interrupted(f"IRM training stopped after step {state['step']}; saved in {run_dir}. "
+                                       "Run the same command with --resume to continue.")
     finally:
+        stop.__exit__(None, None, None)
         bar.close()
     state["seconds"] = time.perf_counter() - t0
     if not latest_checkpoint(run_dir) or read_json(run_dir / "checkpoints" / "latest.json")["step"] != state["step"]:
@@ -216,7 +227,8 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[I
     """The best IRM of a run folder and its run.json."""
     run_dir = Path(run_dir)
     if not (run_dir / RUN).is_file():
-        raise NeuronscopeError(f"'{run_dir}' is not an IRM run folder (no {RUN}); make one with `neuronscope irm train`.")
+        raise NeuronscopeError(
+            f"'{run_dir}' is not an IRM run folder (no {RUN}); make one with `neuronscope irm train`.")
     return IRM.load(run_dir, device=device), read_json(run_dir / RUN)
 
 
