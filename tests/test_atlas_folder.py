@@ -187,3 +187,26 @@ def test_compare_does_not_replace_a_users_files(built, tmp_path):
     fresh = tmp_path / "fresh"
     compare_atlases(built, built, out_dir=fresh)
     assert compare_atlases(built, built, out_dir=fresh)["top1_agreement"] == 1.0   # its own files: replaced
+
+
+def test_ctrl_c_during_a_build_saves_the_finished_layers_and_resumes(stories, built, tmp_path, monkeypatch, capsys):
+    import os
+    import signal
+
+    from neuronscope.atlas import build as build_mod
+    real = build_mod._decode_layer
+    seen = []
+
+    def interrupted_at_1(subject, layer, *a, **kw):
+        seen.append(layer)
+        if layer == 1:
+            os.kill(os.getpid(), signal.SIGINT)      # as a user's Ctrl-C during layer 1
+        return real(subject, layer, *a, **kw)
+    monkeypatch.setattr(build_mod, "_decode_layer", interrupted_at_1)
+    code, out, err = run(capsys, "atlas", "build", STORIES, "-o", tmp_path / "a", "-q")
+    assert code == 130 and "stopped after layer 1" in err and "run the same command again" in err
+    assert seen == [0, 1] and sorted(p.name for p in (tmp_path / "a" / PARTS_DIR).iterdir()) == \
+        ["layer_000.safetensors", "layer_001.safetensors"]
+    monkeypatch.setattr(build_mod, "_decode_layer", real)
+    again = build_atlas(stories, tmp_path / "a", progress=False)
+    assert torch.equal(again.top_ids("down.pos"), built.top_ids("down.pos"))

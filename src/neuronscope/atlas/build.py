@@ -17,6 +17,7 @@ import torch
 
 from .. import store
 from ..errors import NeuronscopeError
+from ..interrupt import StopRequest
 from ..refs import format_index_set
 from .atlas import Atlas
 from .decode import decode, shuffled_unembedding
@@ -87,10 +88,18 @@ def build_atlas(subject: Subject, out_dir: str | os.PathLike, *, top_k: int = 20
     todo = [l for l in todo_layers if not part_file(folder, l).is_file()]
     bar = _bar(progress, len(todo) * len(sites), f"atlas {subject.name}")
     start = time.perf_counter()
-    for l in todo:
-        tensors = _decode_layer(subject, l, sites, W, perm, gain, top_k=top_k, chunk=chunk, method=method,
-                                vocab_block=vocab_block, device=dev, approx_dtype=approx_dtype, bar=bar)
-        store.save_tensors(part_file(folder, l), tensors)
+    with StopRequest("atlas build") as stop:   # Ctrl-C: finish the current layer, save it, then stop
+        for j, l in enumerate(todo):
+            tensors = _decode_layer(subject, l, sites, W, perm, gain, top_k=top_k, chunk=chunk, method=method,
+                                    vocab_block=vocab_block, device=dev, approx_dtype=approx_dtype, bar=bar)
+            store.save_tensors(part_file(folder, l), tensors)
+            if stop and j + 1 < len(todo):
+                if bar is not None:
+                    bar.close()
+                left = len(todo) - j - 1
+                raise stop.interrupted(f"atlas build stopped after layer {l}: {left} layer(s) are left and the "
+                                       f"finished ones are saved in '{folder}'; run the same command again to "
+                                       "resume.")
     if bar is not None:
         bar.close()
     elapsed = time.perf_counter() - start

@@ -41,9 +41,14 @@ def build(
     Interrupted builds resume per layer when run again. Example: neuronscope atlas build -o atlas-smollm
     """
     from ..atlas import build_atlas
+    from ..interrupt import Interrupted
     subject = load_subject(model, gguf_file, dtype, device)
-    atlas = build_atlas(subject, out, top_k=top_k, apply_norm=not no_norm, sites=sites, chunk=chunk,
-                        progress=not quiet, overwrite=overwrite, device=device, layers=layers)
+    try:
+        atlas = build_atlas(subject, out, top_k=top_k, apply_norm=not no_norm, sites=sites, chunk=chunk,
+                            progress=not quiet, overwrite=overwrite, device=device, layers=layers)
+    except Interrupted as exc:              # Ctrl-C: the finished layers are saved; say so and how to resume
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(exc.exit_code) from None
     secs = atlas.manifest["atlas"].get("build_seconds_last_run")
     built = "" if len(atlas.layers) == atlas.n_layers else f" (built: layers {format_index_set(atlas.layers)})"
     console.print(f"atlas of {escape(atlas.model_name)}: {atlas.n_layers} layers{built} x {atlas.n_neurons} neurons, "
