@@ -293,6 +293,16 @@ def test_steering_a_cluster_by_its_members(app):
     assert changed
 
 
+def test_neuron_detail_answers_without_a_model_call_then_with_marks(app, monitor):
+    c = client(app)
+    fast = c.get("/api/neurons/2/5", params={"n_exemplars": 3, "marks": False}).json()
+    full = c.get("/api/neurons/2/5", params={"n_exemplars": 3}).json()
+    assert fast["exemplars"]["pos"] and all(e["marks"] is None for e in fast["exemplars"]["pos"])
+    assert [e["tokens"] for e in fast["exemplars"]["pos"]] == [e["tokens"] for e in full["exemplars"]["pos"]]
+    assert all(len(e["marks"]) == len(e["tokens"]) for e in full["exemplars"]["pos"])
+    assert monitor.neuron(2, 5, 3, True) is monitor.neuron(2, 5, 3, True)  # cached
+
+
 # ---- 5. responsive: sessions do not wait for each other's whole answers ----------------------------------------
 def test_two_sessions_stream_concurrently(monitor):
     """The second session's first token arrives while the first session's answer is still streaming."""

@@ -41,6 +41,8 @@ def serve(model: Optional[str] = ModelArg, atlas: Optional[str] = typer.Option(
                                 max_per_client=mon.limits.max_sessions_per_client)
     allowed = host_names(host, allow_host or ())
     app = create_app(mon, allowed_hosts=allowed)
+    import threading
+    threading.Thread(target=mon.warm, daemon=True, name="monitor-warm").start()
     for note in knowledge.notes:
         console.print(f"[yellow]note:[/yellow] {note}")
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
@@ -49,6 +51,7 @@ def serve(model: Optional[str] = ModelArg, atlas: Optional[str] = typer.Option(
         sock.bind((host, port))
     except OSError as exc:
         raise NeuronscopeError(f"Cannot listen on {host}:{port} ({exc.strerror}); pick another --port.") from None
+    sock.listen(128)  # connections made right after the URL is printed wait in the backlog, not refused
     real_port = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host else host
     console.print(f"Monitor for {subject.name} at [bold]http://{shown}:{real_port}/[/bold]  (Ctrl+C to stop)",

@@ -222,9 +222,11 @@ def create_app(monitor: Monitor, *, allowed_hosts: Iterable[str] | None = LOOPBA
                                 interpretable=interpretable, sort=sort, position=position)
 
     @app.get("/api/neurons/{layer}/{neuron}", response_model=S.NeuronOut, responses=ERRORS, tags=["neurons"])
-    def neuron(layer: int, neuron: int, n_exemplars: int = Query(10, ge=0, le=L.max_exemplars)):
+    def neuron(layer: int, neuron: int, n_exemplars: int = Query(10, ge=0, le=L.max_exemplars),
+               marks: bool = Query(True, description="Mark each exemplar token's activation (a forward of the "
+                                                     "exemplar windows); false answers without a model call.")):
         """A neuron's decodes (atlas), description and top exemplars with the firing tokens marked."""
-        return monitor.neuron(layer, neuron, n_exemplars)
+        return monitor.neuron(layer, neuron, n_exemplars, marks)
 
     @app.get("/api/concepts", response_model=S.ConceptsOut, responses=ERRORS, tags=["neurons"])
     def concepts(q: str = Query(..., min_length=1, max_length=L.max_concept_chars),

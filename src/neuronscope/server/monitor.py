@@ -49,6 +49,7 @@ class Monitor:
         self.model_lock = FairLock()
         self._desc: dict | None = None
         self._desc_lock = threading.Lock()
+        self._neuron_cache: dict[tuple, dict] = {}
         max_pos = getattr(subject.config, "max_position_embeddings", None)
         if max_pos:
             self.limits.max_tokens = min(self.limits.max_tokens, int(max_pos))
@@ -556,19 +557,40 @@ class Monitor:
         self.subject.check_layer(layer)
         self.subject.check_neurons([neuron])
 
-    def neuron(self, layer: int, neuron: int, n_exemplars: int = 10) -> dict[str, Any]:
-        """A neuron's decodes, description and top exemplars (with each token's normalised activation)."""
+    def neuron(self, layer: int, neuron: int, n_exemplars: int = 10, marks: bool = True) -> dict[str, Any]:
+        """A neuron's decodes, description and top exemplars (with each token's normalised activation).
+
+        The marks (the neuron's activation at every token of each exemplar window) need a forward of the windows;
+        `marks=False` answers without it (no model call), so a page can show the detail at once and the marks
+        after. Results are cached per (neuron, n_exemplars, marks).
+        """
         self._check_neuron(layer, neuron)
-        if not 0 <= n_exemplars <= 50:
-            raise NeuronscopeError("n_exemplars must be between 0 and 50.")
+        if not 0 <= n_exemplars <= self.limits.max_exemplars:
+            raise NeuronscopeError(f"n_exemplars must be between 0 and {self.limits.max_exemplars}.")
+        key = (layer, neuron, n_exemplars, bool(marks))
+        with self._desc_lock:
+            hit = self._neuron_cache.get(key)
+        if hit is not None:
+            return hit
+        out = self._neuron(layer, neuron, n_exemplars, marks)
+        with self._desc_lock:
+            if len(self._neuron_cache) >= 512:
+                self._neuron_cache.pop(next(iter(self._neuron_cache)))
+            self._neuron_cache[key] = out
+        return out
+
+    def _neuron(self, layer: int, neuron: int, n_exemplars: int, marks: bool) -> dict[str, Any]:
         k = self.knowledge
         decodes, source = k.decodes(layer, neuron)
         exemplars = {}
         for pol in ("pos", "neg"):
             ex = []
             if n_exemplars and k.stats is not None:
-                with self.model_lock:
-                    found = k.exemplars(layer, neuron, pol, n_exemplars, subject=self.subject)
+                if marks:
+                    with self.model_lock:
+                        found = k.exemplars(layer, neuron, pol, n_exemplars, subject=self.subject)
+                else:
+                    found = k.exemplars(layer, neuron, pol, n_exemplars, subject=None)
                 for e in found:
                     acts = e.get("acts")
                     marks = [k.normalise_one(layer, neuron, x) for x in acts] if acts else None
@@ -582,11 +604,52 @@ class Monitor:
                 "exemplars": exemplars, "quantiles": k.quantiles_of(layer, neuron), "notes": list(k.notes)}
 
     def concepts(self, query: str, k: int = 50) -> dict[str, Any]:
+        """Neurons for a concept, best first (by meaning when the atlas has the describe index, else by text)."""
         if not 1 <= k <= self.limits.max_steer_neurons:
             raise NeuronscopeError(f"k must be between 1 and {self.limits.max_steer_neurons}.")
-        if len(query) > 200:
-            raise NeuronscopeError("The concept is longer than 200 characters.")
-        return {"query": query, "results": self.knowledge.search(query, k=k), "notes": list(self.knowledge.notes)}
+        if len(query) > self.limits.max_concept_chars:
+            raise NeuronscopeError(f"The concept has {len(query)} characters; the limit is "
+                                   f"{self.limits.max_concept_chars}.")
+        return {"query": query, "results": self._search(query, k), "notes": list(self.knowledge.notes)}
+
+    def _search(self, query: str, k: int) -> list[dict]:
+        """Semantic search of the atlas's neuron index (atlas.search.semantic_search) when it has one, else the
+        decode + description text search of `Knowledge.search`."""
+        folder = self.knowledge.atlas_dir
+        if folder and self._has_index():
+            from ..atlas.search import semantic_search
+            try:
+                hits = semantic_search(folder, query, k=k)
+            except NeuronscopeError:
+                hits = None
+            if hits is not None:
+                return [{"layer": int(h["layer"]), "neuron": int(h["neuron"]), "polarity": str(h["polarity"]),
+                         "score": float(h["score"]), "tokens": list(h.get("tokens") or []), "source": "semantic",
+                         "description": h.get("description")} for h in hits]
+        return self.knowledge.search(query, k=k)
+
+    def _has_index(self) -> bool:
+        if not hasattr(self, "_index_ok"):
+            try:
+                from ..describe.index import load_index
+                self._index_ok = load_index(self.knowledge.atlas_dir) is not None
+            except (ImportError, NeuronscopeError, OSError):
+                self._index_ok = False
+        return self._index_ok
+
+    def warm(self) -> None:
+        """Load what the first views would load (descriptions, vocabulary, quantiles, the embedding index and
+        embedder), so the first click is as fast as the next; `neuronscope serve` runs it in the background."""
+        self._descriptions()
+        k = self.knowledge
+        try:
+            k.top_tokens(0, 0, "pos")
+            k.normalise_one(0, 0, 1.0)
+            if k.atlas_dir and self._has_index():
+                from ..embed import load_embedder
+                load_embedder(None)
+        except NeuronscopeError:
+            pass
 
     def clusters(self, s: Session, start: int | None = None, end: int | None = None, *, max_neurons: int = 300,
                  content_only: bool = False, interpretable: bool = False, sort: str = "activation",
@@ -696,7 +759,7 @@ class Monitor:
                 if len(neurons) > L.max_steer_neurons:
                     raise NeuronscopeError(f"At most {L.max_steer_neurons} neurons can be steered at once.")
             else:
-                found = self.knowledge.search(concept, k=n)
+                found = self._search(concept, n)
                 if not found:
                     raise NeuronscopeError(f"No neurons found for the concept '{concept}'.")
                 picked = [(r["layer"], r["neuron"], r["polarity"]) for r in found[:n]]

@@ -417,7 +417,15 @@ async function openNeuron(l, n) {
   switchTab("neuron");
   const box = $("#neuron-body"); box.textContent = "loading…";
   try {
-    const d = await api("GET", `/api/neurons/${l}/${n}?n_exemplars=8`);
+    const d = await api("GET", `/api/neurons/${l}/${n}?n_exemplars=8&marks=false`);  // at once, no model call
+    renderNeuron(d, l, n);
+    const full = await api("GET", `/api/neurons/${l}/${n}?n_exemplars=8`);             // then the marks
+    if ($("#neuron-body").dataset.key === `${l}:${n}`) renderNeuron(full, l, n);
+  } catch (e) { box.textContent = e.message; }
+}
+function renderNeuron(d, l, n) {
+  const box = $("#neuron-body"); box.dataset.key = `${l}:${n}`;
+  {
     const dec = Object.entries(d.decodes).map(([site, list]) => `<tr><td>${esc(site)}</td><td>${toks(list.map((x) => x.token))}</td></tr>`).join("");
     const ex = (pol) => (d.exemplars[pol] || []).map((e) => `<div class="exemplar">${e.tokens.map((t, i) => {
       const m = e.marks ? e.marks[i] : null; const cls = [i === e.position ? "peak" : "", m != null && Math.abs(m) > 1 ? "fire" : ""].join(" ");
@@ -430,7 +438,7 @@ async function openNeuron(l, n) {
       <h4>Top exemplars, positive</h4>${ex("pos")}<h4>Top exemplars, negative</h4>${ex("neg")}
       ${d.notes.length ? `<p class="panel-note">${d.notes.map(esc).join("<br>")}</p>` : ""}`;
     $("#steer-this").onclick = () => { $("#steer-neurons").value = `${l}:${n}`; $("#steer-concept").value = ""; switchTab("steering"); steerFields(); };
-  } catch (e) { box.textContent = e.message; }
+  }
 }
 
 // ---------------------------------------------------------------- concept search
