@@ -75,20 +75,39 @@ def fold_device(subject, k: int, n_exemplars: int,
     return torch.device("cpu"), None
 
 
+class _LayerActs:
+    """Each layer's neuron activations [B*T, N] of one captured forward, read from the capture on demand (reading
+    makes a copy: one layer at a time keeps the copies to one layer instead of a second whole batch)."""
+
+    def __init__(self, bound, n_layers: int, n_neurons: int):
+        self._bound, self._l, self._n = bound, n_layers, n_neurons
+
+    def __len__(self) -> int:
+        return self._l
+
+    def __getitem__(self, l: int) -> torch.Tensor:
+        if not 0 <= l < self._l:
+            raise IndexError(l)
+        return self._bound.get("neurons", l).reshape(-1, self._n)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return (self[l] for l in range(self._l))
+
+
 def _forward_neurons(subject, base, ids: torch.Tensor, to_cpu: bool | None = None,
-                     cap=None) -> list[torch.Tensor]:
+                     cap=None) -> _LayerActs:
     """One forward of the decoder stack (no LM head); returns each layer's neuron activations [B*T, N].
 
-    cap: a Capture spec to reuse (a run passes one spec for all its batches: interventions remembers the last
-    binding of every spec it ran, so a new spec per batch would keep every batch's activations alive)."""
+    cap: a Capture spec to reuse (a run passes one spec for all its batches and resets it after each: interventions
+    remembers the last binding of every spec it ran, so a new spec per batch would keep every batch's activations
+    alive)."""
     from ..interventions import Capture, intervene
     if cap is None:
         cap = Capture(layers=None, sites=("neurons",),
                       to_cpu=subject.device.type != "cpu" if to_cpu is None else to_cpu)
     with intervene(subject, cap) as bound, torch.no_grad():
         base(input_ids=ids.to(subject.device), use_cache=False)
-    got = bound[0]
-    return [got.get("neurons", l).reshape(-1, subject.n_neurons) for l in range(subject.n_layers)]
+    return _LayerActs(bound[0], subject.n_layers, subject.n_neurons)
 
 
 def compute_stats(subject, corpus, atlas_dir, *, tokens: int | None = None, window: int = 64,
@@ -220,10 +239,12 @@ def compute_stats(subject, corpus, atlas_dir, *, tokens: int | None = None, wind
                  + torch.arange(window, dtype=torch.int64)).reshape(-1)
         acts = _forward_neurons(subject, base, ids, cap=cap_spec)
         if stacked:
-            groups[0].add(torch.cat(acts, dim=1) if L > 1 else acts[0], index)
+            groups[0].add(torch.cat(list(acts), dim=1) if L > 1 else acts[0], index)
         else:
             for st, a in zip(groups, acts):
                 st.add(a, index)
+        del acts
+        cap_spec.reset()        # interventions keeps the spec's last binding: drop this batch's activations now
         processed += len(ws)
         if bar is not None:
             bar.update(len(ws) * window)

@@ -20,7 +20,7 @@ from ..errors import NeuronscopeError
 from .extremes import LayerExtremes, default_slack
 from .levels import fmt_level, ranks_needed
 
-BASE_BYTES = 560 << 20       # python + torch + transformers + numba before the model loads (measured, see docs)
+BASE_BYTES = 420 << 20       # python, torch, transformers, numba and the forward's working memory (measured)
 WINDOW_ROW_BYTES = 28        # atlas.sqlite bytes per token of a stored exemplar window (ids, strings, text)
 
 
@@ -114,7 +114,7 @@ def make_plan(subject, *, levels: Sequence[float], tokens: int, k: int | None, n
     kk = ranks_needed(levels, tokens) if sized else int(k)
     sl = default_slack(kk) if slack is None else slack
     state = LayerExtremes.state_bytes(rows, kk, n_exemplars, slack=sl)
-    batch_b = batch * window * rows * 4
+    batch_b = batch * window * rows * 4 * (2 if on_gpu else 1)    # the capture (+ the all-layers copy on a GPU)
     stats_b = stats_file_bytes(len(levels), rows, n_exemplars)
     ext_b = extremes_file_bytes(rows, kk, n_exemplars) if keep_extremes else 0
     windows_b = min(n_windows, 2 * n_exemplars * rows) * window * WINDOW_ROW_BYTES
