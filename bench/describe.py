@@ -48,7 +48,10 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--skip-describe", action="store_true", help="reuse the stored labels")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: on an oversubscribed CPU two threads "
+                    "spin on OpenMP barriers and run several times slower)")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     from neuronscope.atlas.search import semantic_search
     from neuronscope.describe import Descriptions, LocalExplainer, cluster_neurons, describe_atlas
     from neuronscope.describe.describe import summarise

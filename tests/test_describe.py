@@ -85,6 +85,20 @@ def test_planted_neuron_label_names_its_token_and_scores_high(planted):
         D.get(0, 0, "both")
 
 
+def test_default_embedder_missing_skips_the_index_with_a_note(planted, monkeypatch):
+    from neuronscope.describe import Descriptions, describe_atlas
+    subject, folder, _, _ = planted
+    monkeypatch.delenv("NEURONSCOPE_EMBEDDER", raising=False)
+    with pytest.warns(UserWarning, match="No semantic search index"):
+        describe_atlas(folder, subject=subject, neurons=[(0, 1)], progress=False, overwrite=True)
+    sec = json.loads((folder / "manifest.json").read_text())["descriptions"]
+    assert "models pull all-minilm-l6-v2" in sec["index"]["skipped"]
+    assert Descriptions.open(folder).get(0, 1, "neg")["score"] is not None
+    with pytest.raises(NeuronscopeError, match="No embedding model folder"):
+        describe_atlas(folder, subject=subject, neurons=[(0, 1)], embedder="/nonexistent/emb", progress=False,
+                       overwrite=True)
+
+
 def test_wrong_descriptions_score_near_zero(planted):
     """The planted neuron's data scored against other neurons' labels (and a random token): near 0."""
     from neuronscope.describe import Descriptions, EvalSplit, token_match_predict

@@ -1,8 +1,8 @@
 """Concept search. `semantic_search` ranks neuron polarities by meaning; `search` by decoded tokens.
 
 semantic_search(folder, query): score = cos(embedding of the query, the neuron's vector in the index that
-`neuronscope describe` stores: its description's firing and promoted tokens, describe/index.py) + token_weight x
-min(1, token score of `search` below at the site that polarity promotes: down.pos / down.neg), so an exact
+`neuronscope describe` stores: its description's firing and promoted tokens, describe/index.py) + token_weight /
+(words in the query) x min(1, token score of `search` below at the site that polarity promotes), so an exact
 vocabulary match still counts, and "animals" finds dog and cat neurons although no token is "animals". With
 `interpretable=True` only neurons whose description scores at least the manifest's threshold are ranked.
 
@@ -165,7 +165,8 @@ def semantic_search(folder, query: str, *, k: int = 50, embedder=None, interpret
                                        atlas.apply_norm).clamp_min(0)
                 sel = kt[:, 2] == pol
                 tok[sel] = ts[kt[sel, 0], kt[sel, 1]].clamp(max=1.0)
-    score = sim + float(token_weight) * tok
+    n_words = max(1, len([w for w in re.split(r"[\s,;]+", query) if w]))
+    score = sim + float(token_weight) / n_words * tok            # one matching word of several counts less
     con = store.open_db(folder)
     try:
         threshold = float((store.read_manifest(folder).get("descriptions") or {}).get("threshold", 0.5))

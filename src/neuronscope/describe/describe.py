@@ -189,7 +189,14 @@ def describe_atlas(atlas_dir, *, explainer=None, embedder: Any = "default", subj
     if embedder is not None and not (isinstance(embedder, str) and embedder.lower() == "none"):
         from ..embed import load_embedder
         from .index import build_index
-        emb = load_embedder(None if embedder == "default" else embedder)
+        try:
+            emb = load_embedder(None if embedder == "default" else embedder)
+        except NeuronscopeError as exc:
+            if embedder != "default":
+                raise
+            import warnings
+            warnings.warn(f"No semantic search index was built: {exc}", stacklevel=2)
+            emb, emb_info = None, {"skipped": str(exc)}
         if emb is not None:
             emb_info = build_index(folder, emb, progress=progress)
     summary = summarise(folder, threshold)

@@ -14,6 +14,8 @@ promotes (write-vector decode).
 - Context: the key before a firing key is named ("'ma' after 'grand'") when at least 60% of that key's exemplars
   have it and that is at least 3x its rate before the same key in the corpus.
 - With no kept key the label says "nothing specific".
+- "promotes": the write vector's top decoded tokens, filtered the same way and limited to tokens that occur in the
+  corpus (the decode's tail of rare word pieces like 'uncture' or 'pathlib' says little to a reader).
 Text form: `fires on 'ma' after 'grand', 'pa' | promotes 'mother', 'father'` (items in '...', or "..." when they
 hold a quote). `parse_label_items` reads the items back; the token simulator (simulate.py) uses them.
 """
@@ -161,7 +163,7 @@ def make_label(vocab: LabelVocab, fire_ids: Sequence[int], prev_ids: Sequence[in
     promotes: list[int] = []
     for i in promote_ids:
         c = vocab.code(int(i))
-        if c >= 0 and c not in promotes:
+        if c >= 0 and c not in promotes and vocab.freq[c] > 0:
             promotes.append(c)
         if len(promotes) >= k_promote:
             break
