@@ -6,6 +6,11 @@ Prints, measured in one run (medians of --reps, the baseline interleaved with ea
   time to first streamed token for 1, 2 and 4 concurrent users, and the memory a session holds.
 
     .venv/bin/python bench/monitor.py [--atlas DIR | --stats-dir DIR] [--reps 7]
+    .venv/bin/python bench/monitor.py --atlas DIR --alice OUT_DIR    # the seed article's loop in the real page
+
+--alice runs the loop of the seed article in headless Chromium against a live server (ask the Alice question, rank
+the active concepts by attribution to the answer's number, suppress / strengthen the top concepts with one click,
+regenerate), prints each steered answer and saves screenshots into OUT_DIR.
 
 The activation view needs corpus statistics (to normalise): --atlas uses a full atlas folder (decodes, statistics,
 descriptions, embedding index); without it the first run computes a small set (4096 tokens of WikiText-2) into
@@ -40,6 +45,7 @@ def main() -> None:
     ap.add_argument("--stats-dir", default=str(Path(tempfile.gettempdir()) / "neuronscope-bench-smollm2-stats"))
     ap.add_argument("--atlas", default=None, help="an atlas folder of SmolLM2 (used instead of --stats-dir)")
     ap.add_argument("--concept", default="sister", help="the concept searched and steered in the action timings")
+    ap.add_argument("--alice", default=None, help="run the Alice loop in the page; screenshots into this folder")
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--tokens", type=int, default=64, help="conversation length")
     ap.add_argument("--threads", type=int, default=1,
@@ -65,6 +71,8 @@ def main() -> None:
     knowledge = Knowledge.load(subject, stats_dir)
     mon = Monitor(subject, knowledge)
     print("knowledge:", knowledge.capabilities)
+    if args.alice:
+        return alice(mon, Path(args.alice))
 
     # a conversation of exactly --tokens tokens: the question, then the model's answer cut to fit
     s = mon.sessions.create()
@@ -132,6 +140,66 @@ def main() -> None:
     mon.activations(s)
     mon.attribution(s, T - 1)
     print(f"session memory (views cached):  {s.memory_bytes() / 1024:8.1f} KiB")
+
+
+ALICE = "Alice has 4 brothers and 2 sisters. How many sisters does Alice's brother have?"
+
+
+def alice(mon, out: Path, n_concepts: int = 4) -> None:
+    """The seed article's loop, clicked in the real page (headless Chromium)."""
+    import re
+
+    from playwright.sync_api import sync_playwright
+
+    from neuronscope.server import create_app
+    sys.path.insert(0, str(REPO))
+    from tests.test_browser import ARGS, CHROMIUM
+    from tests.test_server_support import LiveServer
+    out.mkdir(parents=True, exist_ok=True)
+    mon.warm()
+    with LiveServer(create_app(mon)) as srv, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        page = browser.new_page(viewport={"width": 1440, "height": 900})
+        page.goto(srv.url + "/")
+        page.wait_for_selector("#model-info:has-text('layers')")
+        page.fill("#max-tokens", "40")
+        page.fill("#message", ALICE)
+        t0 = time.perf_counter()
+        page.click("#send")
+        page.wait_for_selector(".msg.assistant:not(.pending) .tok", timeout=600000)
+        page.wait_for_function("!document.querySelector('#send').disabled", timeout=600000)
+        print(f"answer in {time.perf_counter() - t0:.1f} s (page): {page.inner_text('.msg.assistant .body')!r}")
+        page.wait_for_selector("#clusters .cluster", timeout=600000)
+        print("active concepts (by summed activation):",
+              [c.inner_text() for c in page.locator("#clusters .cl-name").all()[:8]])
+        # click the answer's first number: concepts ranked by attribution to it
+        toks = page.locator(".msg.assistant .body .tok")
+        k = next((i for i in range(toks.count()) if re.search(r"\d", toks.nth(i).inner_text())), toks.count() - 1)
+        target = toks.nth(k)
+        print(f"clicked token {target.get_attribute('data-pos')} {target.inner_text()!r}")
+        target.click()
+        page.wait_for_selector("#attr-table tbody tr", timeout=600000)
+        page.select_option("#cl-sort", "attribution")
+        page.wait_for_function("document.querySelector('#cl-note').textContent.includes('attribution to token')",
+                               timeout=600000)
+        names = [c.inner_text() for c in page.locator("#clusters .cl-name").all()]
+        print("active concepts (by attribution):", names[:8])
+        page.screenshot(path=str(out / "alice-1-concepts.png"))
+        base = page.inner_text(".msg.assistant .body").strip()
+        for mode in ("suppress", "strengthen"):
+            for j in range(min(n_concepts, len(names))):
+                card = page.locator("#clusters .cluster").filter(has_text=names[j]).first
+                card.locator(f".cl-steer[data-mode={mode}]").click()
+                page.wait_for_selector(".msg.assistant.compare:not(.pending)", timeout=600000)
+                page.wait_for_function("!document.querySelector('#send').disabled", timeout=600000)
+                now = page.inner_text(".msg.compare .body").strip()
+                print(f"{mode} {names[j]!r}: {now!r}{'  (unchanged)' if now == base else ''}")
+                if j == 0:
+                    page.screenshot(path=str(out / f"alice-2-{mode}.png"))
+                page.click(".steer-remove")
+                page.wait_for_function("document.querySelectorAll('.steer-remove').length === 0")
+        page.screenshot(path=str(out / "alice-3-final.png"))
+        browser.close()
 
 
 def timed(fn, reps: int) -> tuple[float, float]:

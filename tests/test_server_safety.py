@@ -301,6 +301,13 @@ def test_neuron_detail_answers_without_a_model_call_then_with_marks(app, monitor
     assert [e["tokens"] for e in fast["exemplars"]["pos"]] == [e["tokens"] for e in full["exemplars"]["pos"]]
     assert all(len(e["marks"]) == len(e["tokens"]) for e in full["exemplars"]["pos"])
     assert monitor.neuron(2, 5, 3, True) is monitor.neuron(2, 5, 3, True)  # cached
+    # the levels the small test corpus cannot resolve are marked, and the view says which level normalises
+    info = monitor.knowledge.stats.level_info
+    want = {str(lv): info.get(lv).mark for lv in monitor.knowledge.stats.levels if info.get(lv).mark}
+    assert full["quantile_marks"] == want and want
+    hi, lo = monitor.knowledge.stats.norm_levels()
+    from neuronscope.stats.levels import fmt_level
+    assert full["normalised_by"].startswith(f"positive / q({fmt_level(hi)}), negative / |q({fmt_level(lo)})|")
 
 
 # ---- 5. responsive: sessions do not wait for each other's whole answers ----------------------------------------

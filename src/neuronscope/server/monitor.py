@@ -509,7 +509,8 @@ class Monitor:
             notes.insert(0, f"Not normalised: no corpus statistics, so this shows the {self.limits.raw_per_token} "
                             "strongest raw activations of each token (values are raw activations).")
         return {"version": s.version, "mode": a["mode"], "start": lo, "end": hi, "total": len(view), "page": page,
-                "page_size": page_size, "rows": rows, "token_sums": tints, "notes": notes}
+                "page_size": page_size, "rows": rows, "token_sums": tints, "notes": notes,
+                "normalised_by": self._normalised_by() if a["mode"] == "normalised" else None}
 
     # ---- attribution --------------------------------------------------------------------------------------
     def attribution(self, s: Session, position: int, token_id: int | None = None, *, page: int = 0,
@@ -601,7 +602,33 @@ class Monitor:
             exemplars[pol] = ex
         return {"layer": layer, "neuron": neuron, "decodes": decodes, "decodes_source": source,
                 "descriptions": {p: k.description(layer, neuron, p) for p in ("pos", "neg")},
-                "exemplars": exemplars, "quantiles": k.quantiles_of(layer, neuron), "notes": list(k.notes)}
+                "exemplars": exemplars, "quantiles": k.quantiles_of(layer, neuron),
+                "quantile_marks": self._level_marks(), "normalised_by": self._normalised_by(),
+                "notes": list(k.notes)}
+
+    def _level_marks(self) -> dict[str, str] | None:
+        """{level: mark} for the statistics' levels the corpus does not resolve (stats.levels), else None."""
+        st = self.knowledge.stats
+        info = getattr(st, "level_info", None) if st is not None else None
+        if info is None:
+            return None
+        out = {}
+        for lv in st.levels:
+            mark = info.get(lv).mark
+            if mark:
+                out[str(lv)] = mark
+        return out
+
+    def _normalised_by(self) -> str | None:
+        """How activations are normalised, e.g. "positive / q(1-1e-05), negative / |q(1e-05)|" (+ its mark)."""
+        st = self.knowledge.stats
+        if st is None or not hasattr(st, "norm_levels"):
+            return None
+        from ..stats.levels import fmt_level
+        hi, lo = st.norm_levels()
+        text = f"positive / q({fmt_level(hi)}), negative / |q({fmt_level(lo)})|"
+        marks = {m for m in (st.level_info.get(hi).mark, st.level_info.get(lo).mark) if m}
+        return text + (f" ({'; '.join(sorted(marks))})" if marks else "")
 
     def concepts(self, query: str, k: int = 50) -> dict[str, Any]:
         """Neurons for a concept, best first (by meaning when the atlas has the describe index, else by text)."""

@@ -158,6 +158,8 @@ class ActivationsOut(BaseModel):
     rows: list[ActivationRowOut]
     token_sums: list[float]
     notes: list[str]
+    normalised_by: Optional[str] = Field(None, description="The quantile levels that normalise, and their marks "
+                                                           "when the corpus does not resolve them.")
 
 
 class AttributionRowOut(BaseModel):
@@ -212,6 +214,8 @@ class NeuronOut(BaseModel):
     descriptions: dict[str, Optional[str]]
     exemplars: dict[str, list[ExemplarOut]]
     quantiles: Optional[dict[str, float]]
+    quantile_marks: Optional[dict[str, str]] = Field(None, description="Levels the corpus does not resolve: why.")
+    normalised_by: Optional[str] = None
     notes: list[str]
 
 

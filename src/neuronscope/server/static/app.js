@@ -309,7 +309,8 @@ async function loadActivations() {
   if (S.act.polarity) q.set("polarity", S.act.polarity);
   const d = await api("GET", sp(`/activations?${q}`));
   S.act.rows = d.rows; S.act.sums = d.token_sums;
-  $("#act-note").textContent = d.mode === "raw" || (S.act.interp && d.notes[0]?.startsWith("No descriptions")) ? d.notes[0] : "";
+  $("#act-note").textContent = d.mode === "raw" || (S.act.interp && d.notes[0]?.startsWith("No descriptions")) ? d.notes[0]
+    : d.normalised_by ? `· normalised: ${d.normalised_by}` : "";
   $("#act-summary").textContent = `${d.total} neurons${S.act.filter ? ` matching “${S.act.filter}”` : ""} firing in tokens [${d.start}, ${d.end})` +
     `${S.act.interp ? " · interpretable only" : ""}${S.act.content ? " · message tokens only" : ""}`;
   const pages = Math.max(1, Math.ceil(d.total / d.page_size));
@@ -435,6 +436,9 @@ function renderNeuron(d, l, n) {
     box.innerHTML = `<h3>L${d.layer}/N${d.neuron} <button type="button" id="steer-this">steer this neuron</button></h3>
       <p><b class="pos">+</b> ${esc(d.descriptions.pos || "no description")}<br><b class="neg">−</b> ${esc(d.descriptions.neg || "no description")}</p>
       <h4>Decoded tokens (${esc(d.decodes_source)})</h4><table class="grid">${dec}</table>
+      ${d.quantiles ? `<h4>Quantiles</h4><table class="grid">${Object.entries(d.quantiles).map(([lv, q]) =>
+        `<tr><td>q(${esc(lv)})</td><td>${fmt(q)}</td><td class="panel-note">${esc((d.quantile_marks || {})[lv] || "")}</td></tr>`).join("")}</table>
+        ${d.normalised_by ? `<p class="panel-note">normalised: ${esc(d.normalised_by)}</p>` : ""}` : ""}
       <h4>Top exemplars, positive</h4>${ex("pos")}<h4>Top exemplars, negative</h4>${ex("neg")}
       ${d.notes.length ? `<p class="panel-note">${d.notes.map(esc).join("<br>")}</p>` : ""}`;
     $("#steer-this").onclick = () => { $("#steer-neurons").value = `${l}:${n}`; $("#steer-concept").value = ""; switchTab("steering"); steerFields(); };
