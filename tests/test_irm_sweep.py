@@ -36,13 +36,13 @@ def test_sweep_resumes_a_killed_grid(tmp_path):
     cmd = [sys.executable, "-m", "neuronscope", "irm", "sweep", "-m", str(STORIES),
            "-a", f"happy={tmp_path / 'happy.jsonl'}", "-a", f"sad={tmp_path / 'sad.jsonl'}",
            "--control", str(tmp_path / "ctrl.jsonl"), "--sets", "q1,all", "--seeds", "0", "--no-chat",
-           "--width", "16", "--steps", "60", "--eval-every", "20", "--batch-size", "4", "-n", "4", "-o", str(out)]
+           "--width", "16", "--steps", "8", "--eval-every", "4", "--batch-size", "4", "-n", "4", "-o", str(out)]
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"), TOKENIZERS_PARALLELISM="false")
     p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state = out / "sweep.json"
     t0 = time.time()
     done_before: list[str] = []
-    while time.time() - t0 < 240 and p.poll() is None:
+    while time.time() - t0 < 400 and p.poll() is None:
         if state.is_file():
             try:
                 plan = json.loads(state.read_text())["plan"]

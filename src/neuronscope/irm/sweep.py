@@ -9,7 +9,8 @@ Layer sets (Smith et al. used 0-7, 8-15, 16-23, 24-31, every 4th and all of Llam
 model's depth: q1..q4 are the four quarters, `every4` is every (depth/8)-th layer (8 layers), `all` is every layer.
 Each run lives in OUT/runs/<alignment>-<set>-s<seed>; OUT/sweep.json records the plan and each run's status after
 every run (atomically). Running the same sweep again skips finished runs and resumes an interrupted one from its
-last checkpoint, so a killed grid loses at most the steps since that run's last checkpoint.
+last checkpoint, so a killed grid loses at most the steps since that run's last checkpoint; the grid may grow
+(more seeds, sets or alignments) between calls, with the same training options.
 """
 from __future__ import annotations
 
@@ -92,9 +93,16 @@ def run_sweep(subject, plan: Sequence[dict[str, Any]], out_dir: str | Path, *, c
             if old.get(key) != base[key]:
                 raise NeuronscopeError(f"'{out}' holds a sweep with a different {key} ({old.get(key)!r}); "
                                        "use a new folder.")
-        if [p["name"] for p in old.get("plan", [])] != [p["name"] for p in plan]:
-            raise NeuronscopeError(f"'{out}' holds a sweep with a different grid; use the same options or a new "
-                                   "folder.")
+        if old.get("train", {}).get("steps") != base["train"]["steps"] or \
+                old.get("train", {}).get("lr") != base["train"]["lr"]:
+            raise NeuronscopeError(f"'{out}' holds a sweep trained with other steps or learning rate; use the same "
+                                   "options or a new folder.")
+        before = {p["name"]: p for p in old.get("plan", [])}
+        for p in plan:       # a grid may grow (more seeds, sets, alignments); a run may not change
+            q = before.get(p["name"])
+            if q is not None and (q["data"], q["layers"], q["seed"]) != (p["data"], p["layers"], p["seed"]):
+                raise NeuronscopeError(f"Run '{p['name']}' in '{out}' was planned with other data or layers; "
+                                       "use a new folder.")
     records = {p["name"]: dict(p, status=run_status(runs_dir / p["name"])) for p in plan}
 
     def save() -> None:
