@@ -489,7 +489,11 @@ def test_chat_template_model_smollm2(smollm):
     content = c.get(f"/api/sessions/{sid}/activations", params={"content_only": True, "page_size": 1000}).json()
     assert all(toks[f["position"]]["role"] in ("user", "assistant") for r in content["rows"] for f in r["fires"]
                if f["position"] == r["position"])
-    assert [t["role"] for t in toks[answer["start"]:answer["end"]]] == ["assistant"] * (answer["end"] - answer["start"])
+    span = toks[answer["start"]:answer["end"]]
+    n_own = sum(t["role"] == "assistant" for t in span)  # the answer's own tokens, then the end-of-turn template
+    assert [t["role"] for t in span] == ["assistant"] * n_own + ["template"] * (len(span) - n_own)
+    assert "".join(t["text"] for t in span[:n_own]).strip() == ev[-1]["text"].strip()
+    assert all(t["role"] == "template" for t in span[n_own:]) and "<|im_end|>" in "".join(t["text"] for t in span)
     assert "".join(t["text"] for t in toks[answer["start"]:answer["end"]]).startswith(ev[-1]["text"])
     assert toks[0]["role"] in ("user", "template")
     ids = smollm.encode(q, chat=True)[0].tolist()
