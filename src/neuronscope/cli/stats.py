@@ -48,7 +48,7 @@ def stats(
     dtype: str = DtypeOpt,
     device: Optional[str] = DeviceOpt,
 ) -> None:
-    """Per-neuron corpus statistics: count, mean, variance, top/bottom-K values, extreme quantiles, exemplars.
+    """Per-neuron corpus statistics: count, mean, variance, extreme quantiles, exemplars (and top/bottom-K).
 
     Resumable: Ctrl-C (or SIGTERM) finishes the batch, saves a checkpoint and exits with status 130 (143); run the
     same command again and it continues from there. The state is sized by the levels and tokens asked for; the

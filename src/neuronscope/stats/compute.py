@@ -282,6 +282,7 @@ def compute_stats(subject, corpus, atlas_dir, *, tokens: int | None = None, wind
     loop_seconds = before["loop_seconds"] + time.perf_counter() - t0
     if stacked:
         layers = [v.to("cpu") for v in groups[0].split(L)]
+    _trim_heap()
     return finish(subject, folder, layers, settings, paths, n_windows, window, chat, max_windows, keep=keep,
                   plan=plan, loop_seconds=loop_seconds,
                   started=t_start - before["seconds"], progress=progress)
@@ -289,6 +290,16 @@ def compute_stats(subject, corpus, atlas_dir, *, tokens: int | None = None, wind
 
 def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+def _trim_heap() -> None:
+    """Give the batches' freed memory back to the system before the finishing steps allocate theirs (glibc keeps
+    freed blocks in its arenas; without this the finishing arrays come on top of the loop's peak)."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):       # not glibc
+        pass
 
 
 def peak_rss() -> int:

@@ -45,7 +45,12 @@ def tail_rank(p: float, n: int) -> int:
 def fmt_level(level: float) -> str:
     """A level as text that stays exact for the high tail: '1e-05', '1-1e-05' (not '0.99999' or '1')."""
     side, p = tail_of(level)
-    return f"{p:g}" if side == "low" else f"1-{p:g}"
+    if p < 1e-3:                            # 1e-04, 1e-05 (not 0.0001 next to 1e-05)
+        m, e = f"{p:.3e}".split("e")
+        text = f"{m.rstrip('0').rstrip('.')}e{e}"
+    else:
+        text = f"{p:.4g}"
+    return text if side == "low" else f"1-{text}"
 
 
 def covers(p: float, n: int) -> bool:

@@ -20,7 +20,7 @@ from ..errors import NeuronscopeError
 from .extremes import LayerExtremes, default_slack
 from .levels import fmt_level, ranks_needed
 
-BASE_BYTES = 420 << 20       # python, torch, transformers, numba and the forward's working memory (measured)
+BASE_BYTES = 560 << 20       # imports + numba (~0.39 GB) and the first batch's transient memory (measured)
 WINDOW_ROW_BYTES = 28        # atlas.sqlite bytes per token of a stored exemplar window (ids, strings, text)
 
 

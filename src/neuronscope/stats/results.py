@@ -98,7 +98,12 @@ def write_arrays(folder: Path, layers: Sequence[LayerExtremes], meta: dict[str, 
     n = layers[0].count
     extremes: dict[str, torch.Tensor] = {}
     levels = tuple(meta.get("levels") or LEVELS)
-    quants, means, vars_, ex = [], [], [], {k: [] for k in ("pv", "pi", "nv", "ni")}
+    L, N, E = len(layers), layers[0].n, layers[0].e
+    quants, means, vars_ = [], [], []
+    # the exemplar arrays are filled in place, layer by layer (no lists of copies to stack: the finishing steps
+    # should not need more memory than the arrays they write)
+    ex = {"pv": torch.empty(L, N, E), "pi": torch.empty(L, N, E, dtype=torch.int64),
+          "nv": torch.empty(L, N, E), "ni": torch.empty(L, N, E, dtype=torch.int64)}
     for l, st in enumerate(layers):
         top, bot = st.sorted_top(), st.sorted_bottom()
         kt, kb = sort_keys_desc(st.ex_top), sort_keys_desc(st.ex_bot)
@@ -110,10 +115,8 @@ def write_arrays(folder: Path, layers: Sequence[LayerExtremes], meta: dict[str, 
         vars_.append(st.var())
         pv, pi = split_keys(kt)
         nv, ni = split_keys(kb)
-        ex["pv"].append(pv)
-        ex["pi"].append(pi)
-        ex["nv"].append(-nv)
-        ex["ni"].append(ni)
+        ex["pv"][l], ex["pi"][l], ex["nv"][l], ex["ni"][l] = pv, pi, -nv, ni
+        del pv, pi, nv, ni, kt, kb
         if step is not None:
             step()
     q = torch.stack(quants, dim=1)                        # [levels, L, N]
@@ -122,14 +125,12 @@ def write_arrays(folder: Path, layers: Sequence[LayerExtremes], meta: dict[str, 
         import warnings
         warnings.warn(f"Quantiles {', '.join(fmt_level(x) for x in info['not_stored_levels'])} are not resolvable "
                       f"from {n} tokens with K={layers[0].k} (rank > K); stored as NaN.", stacklevel=3)
-    L, N = len(layers), layers[0].n
     arrays = {
         "quantiles": q,
         "levels": torch.tensor(levels, dtype=torch.float64),
         "count": torch.full((L, N), n, dtype=torch.int64),
         "mean": torch.stack(means), "var": torch.stack(vars_),
-        "ex_pos_value": torch.stack(ex["pv"]), "ex_pos_index": torch.stack(ex["pi"]),
-        "ex_neg_value": torch.stack(ex["nv"]), "ex_neg_index": torch.stack(ex["ni"]),
+        "ex_pos_value": ex["pv"], "ex_pos_index": ex["pi"], "ex_neg_value": ex["nv"], "ex_neg_index": ex["ni"],
     }
     if keep_extremes:
         store.save_tensors(folder / EXTREMES_FILE, extremes, {"k": str(layers[0].k), "count": str(n)})
