@@ -9,7 +9,7 @@ import torch
 
 from neuronscope.errors import NeuronscopeError
 from neuronscope.interventions import capture
-from neuronscope.stats import LEVELS, NeuronStats, compute_stats, merge_shards, quantiles_from_extremes
+from neuronscope.stats import NeuronStats, compute_stats, merge_shards, quantiles_from_extremes
 from neuronscope.stats import checkpoint
 from neuronscope.stats import compute as compute_mod
 from neuronscope.stats.corpus import iter_documents, iter_windows
