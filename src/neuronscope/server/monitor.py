@@ -642,6 +642,17 @@ class Monitor:
     def _search(self, query: str, k: int) -> list[dict]:
         """Semantic search of the atlas's neuron index (atlas.search.semantic_search) when it has one, else the
         decode + description text search of `Knowledge.search`."""
+        key = ("search", query.strip().lower(), int(k))
+        with self._desc_lock:
+            hit = self._neuron_cache.get(key)
+        if hit is not None:
+            return [dict(r) for r in hit]
+        rows = self._search_uncached(query, k)
+        with self._desc_lock:
+            self._neuron_cache[key] = [dict(r) for r in rows]
+        return rows
+
+    def _search_uncached(self, query: str, k: int) -> list[dict]:
         folder = self.knowledge.atlas_dir
         if folder and self._has_index():
             from ..atlas.search import semantic_search
