@@ -44,8 +44,21 @@ def test_irm_cli_end_to_end(tmp_path, capsys):
     assert rep["aligned"]["on"] < rep["aligned"]["off"] and "neutral" in rep
     assert (run / "eval.json").is_file()
 
+    q = tmp_path / "q.txt"
+    q.write_text("\n".join(SENTS[250:256]) + "\n")
+    code, out, err = _cli(["irm", "eval", str(run), "--judge", "builtin", "-q", str(q), "--limit", "4", "-n", "4",
+                           "--target", "joy", "--json"], capsys)
+    assert code == 0, err
+    rep = json.loads(out)
+    assert rep["n_prompts"] == 4 and rep["target"] == "joy" and "verdict" in rep and "vaderSentiment" in rep["judge"]
+    assert (run / "judged.json").is_file()
+    code, _, err = _cli(["irm", "eval", str(run), "--judge", "builtin"], capsys)
+    assert code == 2 and "--questions" in err
+    code, _, err = _cli(["irm", "eval", str(run), "--judge", "builtin", "-q", str(q), "--target", "boredom"], capsys)
+    assert code == 2 and "Unknown emotion" in err
+
     code, out, err = _cli(["irm", "analyze", str(run), str(run), "-o", str(tmp_path / "rep"), "-n", "4",
-                           "--top-k", "3"], capsys)
+                           "--top-k", "3", "--random", "3", "--permutations", "50"], capsys)
     assert code == 0, err
     assert (tmp_path / "rep" / "report.md").is_file() and (tmp_path / "rep" / "correlation.png").is_file()
 
@@ -66,6 +79,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 
 
 def test_help_has_examples(capsys):
-    for cmd in (["irm", "train"], ["irm", "generate"], ["irm", "eval"], ["irm", "analyze"], ["data", "synth"]):
+    for cmd in (["irm", "train"], ["irm", "generate"], ["irm", "eval"], ["irm", "analyze"], ["irm", "sweep"],
+                ["data", "synth"], ["data", "select"], ["outliers"]):
         code, out, _ = _cli([*cmd, "--help"], capsys)
         assert code == 0 and "Example:" in out, cmd
