@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, TypedDict
 
 import torch
 from torch import nn
@@ -24,6 +24,14 @@ from .refs import check_layer, check_neurons, parse_index_set
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
+
+
+# Facts about a loaded model (`Subject.info()`, `neuronscope info --json`); "class" is the *ForCausalLM class.
+ModelInfo = TypedDict("ModelInfo", {
+    "name": str, "family": str, "model_type": "str | None", "class": str, "layers": int, "neurons_per_layer": int,
+    "neurons_total": int, "hidden_size": int, "vocab_size": int, "gated_mlp": bool, "tied_lm_head": bool,
+    "parameters": int, "dtype": str, "device": str, "sites": "list[str]", "has_chat_template": bool,
+    "fingerprint": str})
 
 
 @dataclass
@@ -296,7 +304,7 @@ class Subject:
             s.insert(1, "resid.mid")
         return s
 
-    def info(self) -> dict[str, Any]:
+    def info(self) -> ModelInfo:
         """Facts about the model, as shown by `neuronscope info`."""
         n_params = sum(p.numel() for p in {id(p): p for p in self.model.parameters()}.values())
         return {
@@ -515,4 +523,4 @@ def supported_families_sentence() -> str:
     return "Supported model types: " + ", ".join(SUPPORTED_MODEL_TYPES) + "."
 
 
-__all__ = ["Subject", "ResolvedSource", "resolve_source", "parse_index_set", "fingerprint_model"]
+__all__ = ["Subject", "ModelInfo", "ResolvedSource", "resolve_source", "parse_index_set", "fingerprint_model"]

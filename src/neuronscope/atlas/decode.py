@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -27,6 +27,7 @@ from ..errors import NeuronscopeError
 
 if TYPE_CHECKING:
     from ..subject import Subject
+    from .atlas import DecodedToken
 
 SIDES = ("pos", "neg")
 
@@ -275,7 +276,7 @@ def naive_decode(vectors: torch.Tensor, unembedding: torch.Tensor, k: int = 20) 
 
 def decode_neuron(subject: Subject, layer: int, neuron: int, *, k: int = 5, apply_norm: bool = True,
                   unembedding: torch.Tensor | None = None, gain: torch.Tensor | None = None,
-                  vocab: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
+                  vocab: list[str] | None = None) -> dict[str, list[DecodedToken]]:
     """One neuron decoded through the LM head, from the weights: {site: [{"token", "id", "logit", "prob"}]} for
     up, gate (gated MLPs), down.pos and down.neg, best first (the format of `Atlas.neuron`).
 
@@ -290,7 +291,7 @@ def decode_neuron(subject: Subject, layer: int, neuron: int, *, k: int = 5, appl
         jobs: list[tuple[str, torch.Tensor, tuple[str, ...]]] = [
             (site, m[neuron], ("pos",)) for site, m in spec.read_vectors(hf, layer).items()]
         jobs.append(("down", spec.write_vectors(hf, layer)[neuron], ("pos", "neg")))
-        out: dict[str, list[dict[str, Any]]] = {}
+        out: dict[str, list[DecodedToken]] = {}
         for name, vec, sides in jobs:
             v = vec.detach().float().to(W.device)
             if g is not None:

@@ -23,6 +23,7 @@ from ..refs import check_polarity
 
 if TYPE_CHECKING:
     from ..atlas import Atlas
+    from ..atlas.atlas import DecodedToken
     from ..describe.describe import Descriptions
     from ..stats.results import NeuronStats
     from ..subject import Subject
@@ -116,12 +117,12 @@ class Knowledge:
             vocab: list[str] = self._cache["vocab"]
             return vocab
 
-    def _model_decodes(self, layer: int, neuron: int) -> dict[str, list[dict[str, Any]]]:
+    def _model_decodes(self, layer: int, neuron: int) -> dict[str, list[DecodedToken]]:
         """Top-5 decodes of one neuron from the weights (when there is no atlas), by atlas.decode.decode_neuron."""
         key = ("dec", layer, neuron)
         with self._lock:
             if key in self._cache:
-                hit: dict[str, list[dict[str, Any]]] = self._cache[key]
+                hit: dict[str, list[DecodedToken]] = self._cache[key]
                 return hit
             if "W_U" not in self._cache:
                 s = self.subject
@@ -139,7 +140,7 @@ class Knowledge:
             return self.atlas.top_tokens(layer, neuron, site, k)
         return [r["token"] for r in self._model_decodes(layer, neuron)[site][:k]]
 
-    def decodes(self, layer: int, neuron: int) -> tuple[dict[str, list[dict[str, Any]]], str]:
+    def decodes(self, layer: int, neuron: int) -> tuple[dict[str, list[DecodedToken]], str]:
         """(decodes per site, source) from the atlas, or from the weights without one."""
         if self.atlas is not None:
             return self.atlas.neuron(layer, neuron), "atlas"
@@ -165,13 +166,13 @@ class Knowledge:
                 e["acts"] = acts
         return out
 
-    def search(self, query: str, k: int = 50) -> list[dict]:
+    def search(self, query: str, k: int = 50) -> list[dict[str, Any]]:
         """Neurons for a concept: the atlas search plus the descriptions' text search, merged, best first."""
         if not query.strip():
             raise NeuronscopeError("The concept is empty; type a word or phrase to search for.")
         if self.atlas is None and self.descriptions is None:
             raise NeuronscopeError("Concept search needs an atlas or descriptions; start the server with --atlas.")
-        found: dict[tuple[int, int, str], dict] = {}
+        found: dict[tuple[int, int, str], dict[str, Any]] = {}
         atlas_error = None
         hits = []
         if self.atlas is not None:
@@ -199,7 +200,8 @@ class Knowledge:
             r["description"] = self.description(r["layer"], r["neuron"], r["polarity"])
         return rows
 
-    def clusters(self, neurons: list[tuple[int, int, str]], min_size: int = 2) -> tuple[list[dict], str]:
+    def clusters(self, neurons: list[tuple[int, int, str]],
+                 min_size: int = 2) -> tuple[list[dict[str, Any]], str]:
         """Clusters of related neurons (the describe package's clustering, or shared top decoded tokens)."""
         if not neurons:
             return [], "none"
@@ -210,7 +212,7 @@ class Knowledge:
                 pass
             else:
                 return cluster_neurons(self.atlas, neurons, min_size=min_size), "describe"
-        groups: dict[str, list] = {}
+        groups: dict[str, list[list[Any]]] = {}
         for l, i, pol in neurons:  # fallback: neurons whose top decoded token is the same word
             tok = self.top_tokens(l, i, pol, k=1)[0].strip().lower()
             if tok:
