@@ -210,3 +210,24 @@ def test_ctrl_c_during_a_build_saves_the_finished_layers_and_resumes(stories, bu
     monkeypatch.setattr(build_mod, "_decode_layer", real)
     again = build_atlas(stories, tmp_path / "a", progress=False)
     assert torch.equal(again.top_ids("down.pos"), built.top_ids("down.pos"))
+
+
+def test_damaged_statistics_and_embeddings_parts(tmp_path):
+    """A folder with statistics and descriptions: a truncated stats.safetensors or neuron_emb.safetensors leaves
+    the Monitor without that part and a note naming the file; the atlas part still opens."""
+    from tests.test_server_support import _stories, stories_atlas_dir
+    subject = _stories()
+    src = stories_atlas_dir(True)
+    for name in ("stats.safetensors", "neuron_emb.safetensors"):
+        folder = tmp_path / name
+        shutil.copytree(src, folder)
+        if not (folder / name).exists():
+            pytest.skip(f"this build writes no {name}")
+        _truncate(folder / name)
+        k = Knowledge.load(subject, folder)
+        assert k.atlas is not None
+        assert any(name in n and "damaged" in n for n in k.notes), (name, k.notes)
+        if name == "stats.safetensors":
+            assert k.stats is None and k.normalise(torch.zeros(1)) is None
+        else:
+            assert k.descriptions is None and k.stats is not None
