@@ -231,3 +231,45 @@ def test_damaged_statistics_and_embeddings_parts(tmp_path):
             assert k.stats is None and k.normalise(torch.zeros(1)) is None
         else:
             assert k.descriptions is None and k.stats is not None
+
+
+def test_serve_starts_without_a_damaged_part_and_says_so(built, tmp_path):
+    """`neuronscope serve --atlas DIR` with a truncated atlas file: it prints a note naming the file, listens, and
+    answers a neuron request from the weights (200, not 500)."""
+    import re
+    import subprocess
+    import sys
+    import time
+    import urllib.error
+    import urllib.request
+    folder = _copy(built, tmp_path)
+    _truncate(site_file(folder, "up"))
+    proc = subprocess.Popen([sys.executable, "-c", "from neuronscope.cli import main; main()", "serve", str(STORIES),
+                             "--atlas", str(folder), "--port", "0"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**__import__("os").environ, "COLUMNS": "300"})
+    try:
+        lines, url, deadline = [], None, time.time() + 120
+        while url is None and time.time() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            m = re.search(r"(http://127\.0\.0\.1:\d+/)", line)
+            url = m.group(1) if m else None
+        out = "".join(lines)
+        assert url, out
+        assert "note:" in out and "atlas_up.safetensors" in out and "damaged" in out, out
+        body = None
+        for _ in range(50):
+            try:
+                with urllib.request.urlopen(url + "api/neurons/3/17?n_exemplars=0", timeout=10) as r:
+                    body = json.loads(r.read())
+                break
+            except urllib.error.HTTPError:
+                raise
+            except OSError:
+                time.sleep(0.2)
+        assert body is not None and body["decodes_source"] == "model" and len(body["decodes"]["down.pos"]) == 5
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
