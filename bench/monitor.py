@@ -182,22 +182,33 @@ def alice(mon, out: Path, n_concepts: int = 4) -> None:
         page.select_option("#cl-sort", "attribution")
         page.wait_for_function("document.querySelector('#cl-note').textContent.includes('attribution to token')",
                                timeout=600000)
-        names = [c.inner_text() for c in page.locator("#clusters .cl-name").all()]
-        print("active concepts (by attribution):", names[:8])
-        page.screenshot(path=str(out / "alice-1-concepts.png"))
         base = page.inner_text(".msg.assistant .body").strip()
-        for mode in ("suppress", "strengthen"):
-            for j in range(min(n_concepts, len(names))):
-                card = page.locator("#clusters .cluster").filter(has_text=names[j]).first
-                card.locator(f".cl-steer[data-mode={mode}]").click()
-                page.wait_for_selector(".msg.assistant.compare:not(.pending)", timeout=600000)
-                page.wait_for_function("!document.querySelector('#send').disabled", timeout=600000)
-                now = page.inner_text(".msg.compare .body").strip()
-                print(f"{mode} {names[j]!r}: {now!r}{'  (unchanged)' if now == base else ''}")
-                if j == 0:
-                    page.screenshot(path=str(out / f"alice-2-{mode}.png"))
-                page.click(".steer-remove")
-                page.wait_for_function("document.querySelectorAll('.steer-remove').length === 0")
+        for which in ("interpretable", "all"):
+            if which == "all":  # the toggle: every firing neuron, not only the interpretable ones
+                page.uncheck("#act-interp")
+                page.wait_for_function("!document.querySelector('#act-summary').textContent.includes('interp')",
+                                       timeout=600000)
+                page.wait_for_function("document.querySelector('#cl-note').textContent.includes('attribution to')",
+                                       timeout=600000)
+            names = [c.inner_text() for c in page.locator("#clusters .cl-name").all()]
+            print(f"active concepts of {which} neurons, by attribution to the number:", names[:8],
+                  page.inner_text("#cl-note"))
+            page.screenshot(path=str(out / f"alice-1-concepts-{which}.png"))
+            for mode in ("suppress", "strengthen"):
+                for j in range(min(n_concepts, len(names))):
+                    card = page.locator("#clusters .cluster").filter(has_text=names[j]).first
+                    card.locator(f".cl-steer[data-mode={mode}]").click()
+                    page.wait_for_function(  # the new answer, made with this steering, is rendered
+                        "([m, n]) => { const w = document.querySelector('.msg.compare .who'); return w && "
+                        "!document.querySelector('#send').disabled && !document.querySelector('.msg.pending') && "
+                        "w.textContent.includes(m) && w.textContent.includes(n); }", arg=[mode, names[j]],
+                        timeout=600000)
+                    now = page.inner_text(".msg.compare .body").strip()
+                    print(f"  {mode} {names[j]!r}: {now!r}{'  (unchanged)' if now == base else ''}")
+                    if j == 0:
+                        page.screenshot(path=str(out / f"alice-2-{which}-{mode}.png"))
+                    page.click(".steer-remove")
+                    page.wait_for_function("document.querySelectorAll('.steer-remove').length === 0")
         page.screenshot(path=str(out / "alice-3-final.png"))
         browser.close()
 

@@ -112,8 +112,10 @@ def test_monitor_page_end_to_end(tmp_path):
             for k in range(min(n_clusters, 6)):
                 name = page.locator("#clusters .cluster .cl-name").nth(k).inner_text()
                 page.locator("#clusters .cluster").nth(k).locator(".cl-steer[data-mode=strengthen]").click()
-                page.wait_for_selector(".msg.assistant.compare:not(.pending)", timeout=30000)
-                page.wait_for_function("!document.querySelector('#send').disabled")
+                page.wait_for_function(  # the new answer, made with this steering, is rendered
+                    "(n) => { const w = document.querySelector('.msg.compare .who'); return w && "
+                    "!document.querySelector('#send').disabled && !document.querySelector('.msg.pending') && "
+                    "w.textContent.includes(n); }", arg=name, timeout=30000)
                 assert name in page.inner_text("#steerbar")
                 now, before = answer_text(page, ".msg.compare .body"), page.inner_text(".msg.compare .previous .text")
                 assert before.strip() == answer.strip()

@@ -518,6 +518,15 @@ class Monitor:
         """The neurons that caused the token at `position` (top 1000 by |a * dp/da|), once per state, cached."""
         if not 1 <= page_size <= self.limits.max_page_size or page < 0:
             raise NeuronscopeError(f"page must be >= 0 and page_size between 1 and {self.limits.max_page_size}.")
+        res = self._attribution(s, position, token_id)
+        out = {k: v for k, v in res.items() if k != "rows"}
+        page_rows = [self._meta(row) for row in res["rows"][page * page_size:(page + 1) * page_size]]
+        out.update(version=s.version, total=len(res["rows"]), page=page, page_size=page_size, rows=page_rows,
+                   notes=list(self.knowledge.notes))
+        return out
+
+    def _attribution(self, s: Session, position: int, token_id: int | None) -> dict[str, Any]:
+        """The whole attribution result of one state (computed once, cached in the session)."""
         with s.lock:
             r = self.render(s)
             T = len(r["ids"])
@@ -547,11 +556,7 @@ class Monitor:
                 res = s.cache[key] = {"target_position": position, "target_token": att.target_token,
                                       "target_text": self.subject.token_strings([att.target_token])[0],
                                       "probability": att.probability, "rows": rows, "position_scores": sums}
-        out = {k: v for k, v in res.items() if k != "rows"}
-        page_rows = [self._meta(row) for row in res["rows"][page * page_size:(page + 1) * page_size]]
-        out.update(version=s.version, total=len(res["rows"]), page=page, page_size=page_size, rows=page_rows,
-                   notes=list(self.knowledge.notes))
-        return out
+        return res
 
     # ---- neurons, concepts, clusters -----------------------------------------------------------------------
     def _check_neuron(self, layer: int, neuron: int) -> None:
@@ -728,15 +733,12 @@ class Monitor:
                 s.cache[key] = base
         clusters = [dict(c, attribution=None) for c in base["clusters"]]
         if position is not None:
-            att = self.attribution(s, position, page_size=1)
-            with s.lock:
-                rows = s.cache[("attr", position, None)]["rows"]
+            rows = self._attribution(s, position, None)["rows"]
             score: dict[tuple[int, int], float] = {}
             for r in rows:
                 score[(r["layer"], r["neuron"])] = score.get((r["layer"], r["neuron"]), 0.0) + abs(r["score"])
             for c in clusters:
                 c["attribution"] = float(sum(score.get((m[0], m[1]), 0.0) for m in c["members"]))
-            del att
         by = {"activation": lambda c: -c["activation"], "size": lambda c: (-c["size"], -c["activation"]),
               "attribution": lambda c: -(c["attribution"] or 0.0)}[sort]
         clusters.sort(key=by)

@@ -76,12 +76,11 @@ async function init() {
 async function refresh() {
   const [t, st] = await Promise.all([api("GET", sp("/tokens")), api("GET", sp(""))]);
   S.tokens = t.tokens; S.version = t.version; S.state = st;
-  if (S.attr.pos != null && S.attr.pos >= S.tokens.length) S.attr.pos = null;
-  if (S.sel && S.sel[1] > S.tokens.length) S.sel = null;
+  // a clicked token or a selection beyond the conversation (e.g. while an answer is regenerated) is kept but unused
   renderConversation(); renderSteerings(st.steerings);
   const jobs = [loadClusters()];
   if (S.tab === "activations") jobs.push(loadActivations());
-  else if (S.tab === "attribution" && S.attr.pos != null) jobs.push(loadAttribution());
+  else if (S.tab === "attribution" && attrPos() != null) jobs.push(loadAttribution());
   else tint();
   await Promise.all(jobs.map((j) => j.catch((e) => status(e.message))));
 }
@@ -140,12 +139,12 @@ function tint() {
     el.style.background = v === 0 ? "" : (v > 0 ? `rgba(58,109,240,${a})` : `rgba(220,60,50,${a})`);
   });
   document.querySelectorAll("#conversation .tok.target").forEach((el) => el.classList.remove("target"));
-  if (S.attr.pos != null) tokEl(S.attr.pos)?.classList.add("target");
+  if (attrPos() != null) tokEl(S.attr.pos)?.classList.add("target");
 }
 
 function markSelection() {
   document.querySelectorAll("#conversation .tok.sel").forEach((el) => el.classList.remove("sel"));
-  if (!S.sel) { $("#selection-bar").hidden = true; return; }
+  if (!selRange()) { $("#selection-bar").hidden = true; return; }
   for (let p = S.sel[0]; p < S.sel[1]; p++) tokEl(p)?.classList.add("sel");
   $("#selection-bar").hidden = false; $("#sel-range").textContent = `[${S.sel[0]}, ${S.sel[1]})`;
 }
@@ -297,9 +296,12 @@ const toks = (list) => `<span class="toks">${(list || []).map((t) => `<code>${es
 document.addEventListener("click", (e) => { const el = e.target.closest(".nid"); if (el) openNeuron(+el.dataset.l, +el.dataset.n); });
 
 // ---------------------------------------------------------------- activations
+const attrPos = () => (S.attr.pos != null && S.attr.pos < S.tokens.length ? S.attr.pos : null);
+const selRange = () => (S.sel && S.sel[1] <= S.tokens.length ? S.sel : null);
 function viewQuery() {
   const q = new URLSearchParams({ content_only: S.act.content, interpretable: S.act.interp });
-  if (S.sel) { q.set("start", S.sel[0]); q.set("end", S.sel[1]); }
+  const sel = selRange();
+  if (sel) { q.set("start", sel[0]); q.set("end", sel[1]); }
   return q;
 }
 async function loadActivations() {
@@ -345,9 +347,9 @@ async function loadClusters() {
   if (!S.tokens.length) { $("#clusters").innerHTML = ""; $("#cl-note").textContent = "Concepts appear once there is a conversation."; return; }
   const q = viewQuery();
   let sort = S.cl.sort;
-  if (sort === "attribution" && S.attr.pos == null) { sort = "activation"; $("#cl-note").textContent = "Click a token to rank concepts by attribution to it."; }
+  if (sort === "attribution" && attrPos() == null) { sort = "activation"; $("#cl-note").textContent = "Click a token to rank concepts by attribution to it."; }
   q.set("sort", sort);
-  if (sort === "attribution") q.set("position", S.attr.pos);
+  if (sort === "attribution") q.set("position", attrPos());
   const d = await api("GET", sp(`/clusters?${q}`));
   S.cl.list = d.clusters;
   if (sort === S.cl.sort) $("#cl-note").textContent = `${d.clusters.length} concepts among ${d.n_neurons} firing neurons (${d.method})` +
@@ -377,7 +379,7 @@ $("#clusters").addEventListener("mouseover", (e) => {
 async function steerCluster(c, mode) {
   const body = { mode, label: c.name, neurons: c.members.map((m) => [m[0], m[1], m[2] === "neg" ? 1 : 0]), generated: true, ranges: [] };
   if (mode === "strengthen") body.strength = +$("#cl-strength").value || 1;
-  if ($("#cl-on-sel").checked && S.sel) body.ranges = [S.sel];
+  if ($("#cl-on-sel").checked && selRange()) body.ranges = [selRange()];
   const st = await api("POST", sp("/steerings"), body);
   status(`steering ${st.id}: ${steerLabel(st)}`);
   renderSteerings((await api("GET", sp(""))).steerings);
@@ -388,7 +390,7 @@ async function steerCluster(c, mode) {
 // ---------------------------------------------------------------- attribution
 async function loadAttribution() {
   tint();
-  if (S.attr.pos == null) { S.attr.scores = []; tint(); return; }
+  if (attrPos() == null) { S.attr.scores = []; tint(); return; }
   if (S.attr.pos < 1) { $("#attr-head").textContent = "The first token has no prediction before it; click a later token."; $("#attr-table tbody").innerHTML = ""; return; }
   status("attributing…");
   const d = await api("GET", sp(`/attribution?position=${S.attr.pos}&page=${S.attr.page}&page_size=${S.attr.pageSize}`));
