@@ -273,3 +273,35 @@ def test_serve_starts_without_a_damaged_part_and_says_so(built, tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_an_unfinished_build_of_the_old_layout_is_migrated_and_resumed(stories, built, tmp_path, monkeypatch):
+    """Version-1 builds kept their parts in parts/: the next build moves only its layer files and resumes."""
+    from neuronscope.atlas import build as build_mod
+    folder = tmp_path / "old"
+    real = build_mod._decode_layer
+
+    def dying(subject, layer, *a, **kw):
+        if layer == 2:
+            raise KeyboardInterrupt
+        return real(subject, layer, *a, **kw)
+    monkeypatch.setattr(build_mod, "_decode_layer", dying)
+    with pytest.raises(KeyboardInterrupt):
+        build_atlas(stories, folder, progress=False)
+    # make it look like the old layout: no format section, parts in parts/, plus a file of the user's there
+    man = json.loads((folder / MANIFEST).read_text())
+    del man["format"]
+    (folder / MANIFEST).write_text(json.dumps(man))
+    (folder / PARTS_DIR).rename(folder / "parts")
+    (folder / "parts" / "notes.txt").write_text("mine")
+    calls = []
+
+    def counting(subject, layer, *a, **kw):
+        calls.append(layer)
+        return real(subject, layer, *a, **kw)
+    monkeypatch.setattr(build_mod, "_decode_layer", counting)
+    done = build_atlas(stories, folder, progress=False)
+    assert calls == [2, 3, 4]                                   # layers 0 and 1 were taken over from parts/
+    assert torch.equal(done.top_ids("up"), built.top_ids("up"))
+    assert (folder / "parts" / "notes.txt").read_text() == "mine" and len(list((folder / "parts").iterdir())) == 1
+    assert json.loads((folder / MANIFEST).read_text())["format"]["version"] == 1

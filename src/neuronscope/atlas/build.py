@@ -55,6 +55,7 @@ def build_atlas(subject: Subject, out_dir: str | os.PathLike, *, top_k: int = 20
     if not isinstance(chunk, int) or chunk < 1:
         raise NeuronscopeError(f"chunk must be at least 1, got {chunk}.")
     af = AtlasFolder.open(out_dir, create=True)
+    af.migrate()                                           # an unfinished build of an older version resumes
     folder = af.path
     options: dict = {"top_k": top_k, "apply_norm": bool(apply_norm), "sites": list(sites), "format": FORMAT_VERSION}
     if len(todo_layers) != subject.n_layers:

@@ -293,6 +293,27 @@ class AtlasFolder:
         self.manifest = store.update_manifest(self.path, section, value)
         return self.manifest
 
+    def migrate(self) -> list[str]:
+        """Bring a folder written by an older neuronscope up to this layout; returns what was moved.
+
+        Builds before the "format" section kept their per-layer parts in `parts/`: when the manifest says such a
+        build is unfinished, its `parts/layer_NNN.safetensors` files move to `.atlas-parts/` (nothing else in
+        `parts/` is touched, and the folder is removed only when that leaves it empty)."""
+        old = self.path / "parts"
+        if self.section("atlas").get("status") != "building" or "format" in self.manifest or not old.is_dir():
+            return []
+        moved = []
+        for f in sorted(old.glob("layer_[0-9][0-9][0-9].safetensors")):
+            dest = self.path / PARTS_DIR / f.name
+            dest.parent.mkdir(exist_ok=True)
+            os.replace(f, dest)
+            moved.append(f.name)
+        try:
+            old.rmdir()
+        except OSError:
+            pass
+        return moved
+
     def remove_parts(self) -> None:
         """Delete the build parts this module names (only those), and their folder when it is then empty."""
         for f in sorted((self.path / PARTS_DIR).glob("layer_*.safetensors")):
