@@ -124,7 +124,7 @@ def parse_add_vector(text: str, subject: Subject) -> AddToResidual:
     layers = parse_index_set(m.group(1), subject.n_layers, what="layer")
     site = "resid." + (m.group(2) or "post").replace("resid.", "")
     rest = m.group(3)
-    where = "all"
+    where: str | list[int] = "all"
     if "@" in rest:
         rest, _, w = rest.rpartition("@")
         where = parse_where(w)

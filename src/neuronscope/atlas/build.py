@@ -147,7 +147,8 @@ def _decode_layer(subject: Subject, layer: int, sites: Sequence[str], W, perm, g
     out: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         reads = spec.read_vectors(hf, layer) if ("up" in sites or "gate" in sites) else {}
-        jobs = [(s, reads[s], ("pos",)) for s in ("up", "gate") if s in sites]
+        jobs: list[tuple[str, torch.Tensor, tuple[str, ...]]] = [
+            (s, reads[s], ("pos",)) for s in ("up", "gate") if s in sites]
         down_sides = tuple(side for side in ("pos", "neg") if f"down.{side}" in sites)
         if down_sides:
             jobs.append(("down", spec.write_vectors(hf, layer), down_sides))

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -133,7 +133,7 @@ def _decode_fused(u: torch.Tensor, W: torch.Tensor, k: int, sides, block: int,
     tmp = torch.empty_like(buf)
     b0 = buf[:, :first]
     torch.mm(u, W[:first].T, out=b0)
-    state = {}
+    state: dict[str, dict[str, Any]] = {}
     ex = torch.exp(b0, out=tmp[:, :first])
     for s in sides:
         v0, i0 = (b0 if s == "pos" else torch.neg(b0)).topk(k, dim=1)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import typer
 from rich.table import Table
@@ -74,7 +74,8 @@ def generate(
         return
     subject = load_subject(model, gguf_file, dtype, device, device_map, chat=chat)
     edits += [parse_add_vector(v, subject) for v in add_vector]
-    kw = dict(chat=chat, system=system, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+    kw: dict[str, Any] = dict(chat=chat, system=system, max_new_tokens=max_new_tokens, temperature=temperature,
+                              seed=seed)
     if compare and edits:
         console.print("[bold]without interventions[/bold]")
         typer.echo(subject.generate(prompt, **kw))
