@@ -259,6 +259,18 @@ def test_steer_sweep_rows_equal_separate_runs(planted, embedder):
         parse_strengths("0.5,lots")
 
 
+def test_clusters_without_any_embedder_use_shared_tokens(planted, tmp_path, monkeypatch):
+    import shutil
+    from neuronscope.describe import cluster_neurons
+    _, folder, happy, mom = planted
+    copy = tmp_path / "atlas"
+    shutil.copytree(folder, copy)
+    (copy / "neuron_emb.safetensors").unlink()
+    monkeypatch.delenv("NEURONSCOPE_EMBEDDER", raising=False)
+    groups = cluster_neurons(copy, [(0, n, "pos") for n in HAPPY_GROUP + MOM_GROUP])
+    assert sorted((g["name"], g["size"]) for g in groups) == sorted([(happy, 3), (mom, 3)])
+
+
 def fake_llm(request: httpx.Request) -> httpx.Response:
     """An OpenAI-compatible endpoint that answers from the request: explanations name the token marked most often;
     simulations return the numbers of the tokens the quoted description names."""

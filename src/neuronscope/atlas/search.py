@@ -33,13 +33,55 @@ def concept_ids(atlas, query: str, subject=None) -> list[int]:
     forms: set[str] = set()
     for w in words:
         forms |= word_forms(w)
-    ids = [i for i, t in enumerate(atlas.vocab) if normalise(t) in forms]
+    by_form = _normalised_vocab(atlas)
+    ids = [i for f in forms for i in by_form.get(f, ())]
     if not ids and subject is not None and subject.tokenizer is not None:
         for w in words:
             ids += subject.tokenizer(" " + w, add_special_tokens=False)["input_ids"][:1]
     if not ids:
         raise NeuronscopeError(f"No token of this model's vocabulary matches '{query}'; try another spelling.")
     return sorted(set(ids))
+
+
+def _normalised_vocab(atlas) -> dict[str, list[int]]:
+    """normalise(token) -> ids, computed once per opened atlas (49K tokens take ~0.2 s to normalise)."""
+    cached = getattr(atlas, "_by_normalised", None)
+    if cached is None:
+        cached = {}
+        for i, t in enumerate(atlas.vocab):
+            cached.setdefault(normalise(t), []).append(i)
+        atlas._by_normalised = cached
+    return cached
+
+
+_ATLASES: dict[str, tuple[float, object]] = {}
+
+
+def _open_atlas(folder):
+    """The folder's Atlas, opened once per process while its manifest is unchanged (None without decodes)."""
+    from pathlib import Path
+
+    from .atlas import Atlas
+    man = Path(folder) / "manifest.json"
+    key = str(Path(folder).resolve())
+    mtime = man.stat().st_mtime if man.is_file() else -1.0
+    hit = _ATLASES.get(key)
+    if hit is not None and hit[0] == mtime:
+        return hit[1]
+    try:
+        atlas = Atlas.open(folder)
+    except NeuronscopeError:
+        atlas = None
+    _ATLASES[key] = (mtime, atlas)
+    return atlas
+
+
+def _pol_rows(idx, pol: int) -> torch.Tensor:
+    """Rows of the index holding polarity `pol` (0 pos, 1 neg), computed once per loaded index."""
+    cache = idx.__dict__.setdefault("_pol_rows", {})
+    if pol not in cache:
+        cache[pol] = (idx.key_tensor[:, 2] == pol).nonzero().squeeze(1)
+    return cache[pol]
 
 
 def search(atlas, query: str, *, k: int = 50, sites=None, subject=None) -> list[dict]:
@@ -142,12 +184,7 @@ def semantic_search(folder, query: str, *, k: int = 50, embedder=None, interpret
                                f"{idx.emb.shape[1]}-d ones (built with {idx.embedder}); use that embedder.")
     sim = idx.emb @ q                                                          # [M]
     tok = torch.zeros_like(sim)
-    atlas = None
-    try:
-        from .atlas import Atlas
-        atlas = Atlas.open(folder)
-    except NeuronscopeError:
-        pass
+    atlas = _open_atlas(folder)
     if atlas is not None and token_weight:
         try:
             ids = torch.tensor(concept_ids(atlas, query, subject))
@@ -159,11 +196,14 @@ def semantic_search(folder, query: str, *, k: int = 50, embedder=None, interpret
             for pol, site in ((0, "down.pos"), (1, "down.neg")):
                 if site not in atlas.sites:
                     continue
-                ts = (torch.isin(atlas.top_ids(site), ids).float() * weights).sum(-1)      # [L, N]
+                top = atlas.top_ids(site)
+                table = torch.zeros(max(len(atlas.vocab), int(top.max()) + 1))
+                table[ids] = 1.0                                  # a lookup, not isin: ~30x faster here
+                ts = (table[top] * weights).sum(-1)                                         # [L, N]
                 if subject is not None:
                     ts = ts + _cosines(subject, site, _concept_direction(subject, ids, atlas.apply_norm),
                                        atlas.apply_norm).clamp_min(0)
-                sel = kt[:, 2] == pol
+                sel = _pol_rows(idx, pol)
                 tok[sel] = ts[kt[sel, 0], kt[sel, 1]].clamp(max=1.0)
     n_words = max(1, len([w for w in re.split(r"[\s,;]+", query) if w]))
     score = sim + float(token_weight) / n_words * tok            # one matching word of several counts less

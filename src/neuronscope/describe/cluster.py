@@ -1,7 +1,8 @@
 """`cluster_neurons`: group neuron polarities into named concepts by the meaning of their descriptions and decodes.
 
 Each (layer, neuron, polarity) is its vector in the embedding index (index.py: the embedded tokens its description
-says fire it and that it promotes; computed on the fly with the embedder for neurons not in the index). Clusters
+says fire it and that it promotes; computed on the fly with the embedder for neurons not in the index; with no
+embedder at all, weighted one-hot vectors of the tokens they name). Clusters
 are scipy's average-linkage agglomeration on cosine distance, cut at `threshold` (Transluce's Monitor: 0.6);
 clusters of at least `min_size` (default 3) are returned, each with
 - a name read from what its members share: the tokens named by at least half of its members, else the two member
@@ -79,16 +80,21 @@ def cluster_neurons(atlas, neurons: Sequence[Sequence], *, threshold: float = 0.
                 vec[j] = idx.emb[pos[it]]
     if missing:
         from ..embed import load_embedder
-        emb = load_embedder(embedder)
+        try:
+            emb = load_embedder(embedder)
+        except NeuronscopeError:
+            if embedder is not None:
+                raise
+            emb = None                       # the default embedder is not pulled: shared tokens only
         if emb is None:
-            raise NeuronscopeError("Some neurons are not in the embedding index and no embedder was given; run "
-                                   "`neuronscope describe` first or give --embedder.")
-        extra, _ = neuron_vectors([texts[items[j]] for j in missing], emb,
-                                  center=idx.center if idx is not None else None)
-        if idx is None:
-            vec = torch.zeros(len(items), extra.shape[1])
-        for j, v in zip(missing, extra):
-            vec[j] = v
+            vec = _bag_vectors([texts[it] for it in items])
+        else:
+            extra, _ = neuron_vectors([texts[items[j]] for j in missing], emb,
+                                      center=idx.center if idx is not None else None)
+            if idx is None:
+                vec = torch.zeros(len(items), extra.shape[1])
+            for j, v in zip(missing, extra):
+                vec[j] = v
     alive = [j for j in range(len(items)) if float(vec[j].norm()) > 0.5]
     groups: list[list[int]] = [[j] for j in range(len(items)) if j not in alive]
     if len(alive) >= 2:
@@ -116,6 +122,18 @@ def cluster_neurons(atlas, neurons: Sequence[Sequence], *, threshold: float = 0.
                     "coherence": round(coherence, 4), "tokens": tokens, "steer": steer_form(members)})
     out.sort(key=lambda c: (-c["size"], -c["coherence"], c["members"][0]))
     return out
+
+
+def _bag_vectors(texts: list[tuple[str, str]]) -> torch.Tensor:
+    """Without an embedder: each description as weighted one-hot token keys (neurons alike only when they name the
+    same tokens)."""
+    rows = [{token_key(s) or s: w for s, w in description_items(t)} for t, _ in texts]
+    keys = {k: i for i, k in enumerate(sorted({k for r in rows for k in r}))}
+    out = torch.zeros(len(rows), max(1, len(keys)))
+    for i, r in enumerate(rows):
+        for k, w in r.items():
+            out[i, keys[k]] = max(float(out[i, keys[k]]), w)
+    return torch.nn.functional.normalize(out, dim=1)
 
 
 def _texts(folder: Path, items: list[tuple[int, int, str]]) -> dict[tuple[int, int, str], tuple[str, str]]:
@@ -176,13 +194,25 @@ def _name(members, texts, V: torch.Tensor, embedder, center: torch.Tensor | None
     if emb is None:
         tokens = [shown[k] for k, _ in share.most_common(2)]
         return " / ".join(tokens), tokens
-    E = torch.nn.functional.normalize(torch.as_tensor(emb(strings), dtype=torch.float32), dim=1)
+    E = _embed_cached(emb, strings)
     if center is not None:
         E = torch.nn.functional.normalize(E - center, dim=1)
     centre = torch.nn.functional.normalize(V.mean(0), dim=0)
     best = (E @ centre).argsort(descending=True)[:2].tolist()
     tokens = [strings[i] for i in best]
     return " / ".join(tokens) + " (nearest)", tokens
+
+
+_STRING_EMB: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def _embed_cached(emb, strings: list[str]) -> torch.Tensor:
+    """Unit embeddings of token strings, each computed once per embedder and process (cluster names repeat)."""
+    need = [s for s in strings if (id(emb), s) not in _STRING_EMB]
+    if need:
+        for s, v in zip(need, torch.nn.functional.normalize(torch.as_tensor(emb(need), dtype=torch.float32), dim=1)):
+            _STRING_EMB[(id(emb), s)] = v
+    return torch.stack([_STRING_EMB[(id(emb), s)] for s in strings])
 
 
 def _llm_name(explainer, descriptions: list[str]) -> str:

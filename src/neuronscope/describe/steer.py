@@ -23,12 +23,17 @@ from ..errors import NeuronscopeError
 Neuron = tuple[int, int, str]
 
 
-def concept_neurons(folder, concept: str, *, k: int = 20, embedder: Any = None, min_similarity: float = 0.0
-                    ) -> list[Neuron]:
-    """The top-k interpretable neuron polarities for a concept by semantic search."""
+MIN_SIMILARITY = 0.3
+
+
+def concept_neurons(folder, concept: str, *, k: int = 20, embedder: Any = None,
+                    min_similarity: float = MIN_SIMILARITY) -> list[Neuron]:
+    """The top-k interpretable neuron polarities for a concept by semantic search, keeping those whose embedding
+    similarity to the concept is at least `min_similarity` (the nearest interpretable neurons of a rare concept
+    can be unrelated; steering them steers nothing the user asked for)."""
     from ..atlas.search import semantic_search
     rows = semantic_search(folder, concept, k=k, embedder=embedder, interpretable=True)
-    out = [(r["layer"], r["neuron"], r["polarity"]) for r in rows if r["similarity"] >= min_similarity]
+    out = [(r["layer"], r["neuron"], r["polarity"]) for r in rows if r["similarity"] >= float(min_similarity)]
     if not out:
         raise NeuronscopeError(f"No interpretable neuron matches '{concept}'; try another word, or describe the "
                                "atlas with an explainer to get more interpretable neurons.")
