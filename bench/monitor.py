@@ -185,6 +185,7 @@ def alice(mon, out: Path, n_concepts: int = 4) -> None:
         base = page.inner_text(".msg.assistant .body").strip()
         for which in ("interpretable", "all"):
             if which == "all":  # the toggle: every firing neuron, not only the interpretable ones
+                page.click("#tab-activations")
                 page.uncheck("#act-interp")
                 page.wait_for_function("!document.querySelector('#act-summary').textContent.includes('interp')",
                                        timeout=600000)

@@ -292,7 +292,8 @@ function switchTab(name) {
 }
 document.querySelectorAll("#tabs button").forEach((b) => { b.onclick = () => switchTab(b.dataset.tab); });
 const nid = (l, n) => `<span class="nid" data-l="${l}" data-n="${n}">L${l}/N${n}</span>`;
-const toks = (list) => `<span class="toks">${(list || []).map((t) => `<code>${esc(t)}</code>`).join("")}</span>`;
+const shown = (t) => esc(t).replace(/\n/g, "⏎").replace(/\t/g, "⇥");  // one line per token chip
+const toks = (list) => `<span class="toks">${(list || []).map((t) => `<code>${shown(t)}</code>`).join("")}</span>`;
 document.addEventListener("click", (e) => { const el = e.target.closest(".nid"); if (el) openNeuron(+el.dataset.l, +el.dataset.n); });
 
 // ---------------------------------------------------------------- activations
