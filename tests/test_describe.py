@@ -348,6 +348,22 @@ def test_cli_describe_search_cluster(planted):
     assert r.returncode == 2 and "error:" in r.stderr
 
 
+def test_cli_generate_steer(planted, tmp_path):
+    subject, folder, _, _ = planted
+    mdir = tmp_path / "tiny"
+    subject.model.save_pretrained(mdir)
+    subject.tokenizer.save_pretrained(mdir)
+    r = _cli("generate", str(mdir), "-p", "Tom and Lily", "-n", "6", "--steer", "joyful", "--strengths", "0.5,1",
+             "--atlas", str(folder), "--steer-k", "3")
+    assert r.returncode == 0, r.stderr
+    assert "no steering" in r.stdout and "strength 0.5" in r.stdout and "strength 1" in r.stdout
+    assert all(f"0:{n}+" in r.stdout for n in HAPPY_GROUP)
+    r = _cli("generate", str(mdir), "-p", "Tom", "--steer", "joyful")
+    assert r.returncode == 2 and "--atlas" in r.stderr
+    r = _cli("generate", str(mdir), "-p", "Tom", "--steer", "joyful", "--atlas", str(folder), "--strengths", "a")
+    assert r.returncode == 2 and "strengths" in r.stderr
+
+
 @pytest.mark.slow
 def test_local_explainer_smollm(planted, smollm):
     from neuronscope.describe import Descriptions, LocalExplainer, describe_atlas
