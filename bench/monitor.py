@@ -253,7 +253,11 @@ def actions(mon, s, T: int, args) -> None:
         mon.activations(s, page_size=50)
         mon.attribution(s, T - 1, page_size=1)
 
-    cases = [("concept search", lambda: mon.concepts(args.concept, 50)),
+    words = iter(["brother", "sister", "family", "number", "count", "girl", "boy", "mother", "father", "child",
+                  "two", "four", "many", "answer", "question", "friend"])
+    mon.warm()  # as `neuronscope serve` does at start: descriptions, vocabulary, index, embedder
+    cases = [("concept search (a new query each call)", lambda: mon.concepts(next(words), 50)),
+             ("concept search (the same query again)", lambda: mon.concepts(args.concept, 50)),
              ("neuron detail (10 exemplars, no marks)", lambda: mon.neuron((l + 1) % mon.subject.n_layers, n, 10,
                                                                         marks=False)),
              ("neuron detail (10 exemplars + marks)", lambda: mon.neuron(l, n, 10)),
