@@ -47,12 +47,13 @@ class StopRequest:
     """Context manager: while active, SIGINT/SIGTERM set `self.requested` (truthy) instead of killing the process.
 
     what: a short description for the message printed when the signal arrives ("stats", "training").
-    quiet: print nothing when the signal arrives.
+    quiet: print nothing when the signal arrives. note: the line to print instead of the default one.
     """
 
-    def __init__(self, what: str = "the run", quiet: bool = False):
+    def __init__(self, what: str = "the run", quiet: bool = False, note: str | None = None):
         self.what = what
         self.quiet = quiet
+        self.note = note
         self.signum: int | None = None
         self._old: dict[int, Any] = {}
 
@@ -69,8 +70,9 @@ class StopRequest:
         self.signum = signum
         if not self.quiet:
             name = signal.Signals(signum).name
-            print(f"\n{name}: {self.what} stops after the current step and saves its work "
-                  "(send it again to stop at once).", file=sys.stderr, flush=True)
+            line = self.note or (f"{self.what} stops after the current step and saves its work (send it again to "
+                                 "stop at once).")
+            print(f"\n{name}: {line}", file=sys.stderr, flush=True)
 
     def __enter__(self) -> "StopRequest":
         if threading.current_thread() is threading.main_thread():

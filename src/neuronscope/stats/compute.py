@@ -283,9 +283,13 @@ def compute_stats(subject, corpus, atlas_dir, *, tokens: int | None = None, wind
     if stacked:
         layers = [v.to("cpu") for v in groups[0].split(L)]
     _trim_heap()
-    return finish(subject, folder, layers, settings, paths, n_windows, window, chat, max_windows, keep=keep,
-                  plan=plan, loop_seconds=loop_seconds,
-                  started=t_start - before["seconds"], progress=progress)
+    # a signal now lets the (short) finishing steps complete: stopping here would lose the batches since the last
+    # checkpoint; a second signal stops at once
+    with StopRequest(note="the statistics are complete and being written; this takes a moment (send the signal "
+                          "again to stop at once and lose the batches since the last checkpoint)."):
+        return finish(subject, folder, layers, settings, paths, n_windows, window, chat, max_windows, keep=keep,
+                      plan=plan, loop_seconds=loop_seconds, started=t_start - before["seconds"],
+                      progress=progress)
 
 
 def _say(msg: str) -> None:
