@@ -378,3 +378,38 @@ def test_local_explainer_smollm(planted, smollm):
     assert all(isinstance(c["score"], float) for c in cands)
     d = Descriptions.open(folder).get(0, PLANTED, "pos")
     assert d["score"] == pytest.approx(max(c["score"] for c in cands), abs=1e-6)
+
+
+def test_damaged_index_or_database_is_one_sentence_from_describe_and_search(planted, tmp_path):
+    """A truncated neuron_emb.safetensors or a garbled atlas.sqlite: `atlas search` / `describe` say so in one
+    `error:` line naming the file (exit 2), through AtlasFolder's checks; the library raises NeuronscopeError."""
+    import shutil
+    from neuronscope.atlas.search import semantic_search
+    from neuronscope.describe import Descriptions
+    _, folder, _, mom = planted
+    bad_index = tmp_path / "bad-index"
+    shutil.copytree(folder, bad_index)
+    f = bad_index / "neuron_emb.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(NeuronscopeError, match="neuron_emb.safetensors' is damaged"):
+        semantic_search(bad_index, "mother", embedder=MINILM)
+    r = _cli("atlas", "search", str(bad_index), "mother", "-k", "3")
+    assert r.returncode == 2, r.stderr
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert lines[-1].startswith("error:") and "neuron_emb.safetensors" in lines[-1] and "describe" in lines[-1]
+    assert "Traceback" not in r.stderr
+    bad_db = tmp_path / "bad-db"
+    shutil.copytree(folder, bad_db)
+    db = bad_db / "atlas.sqlite"
+    data = bytearray(db.read_bytes())
+    data[:100] = b"not a database" * 7 + b"xx"
+    db.write_bytes(bytes(data))
+    with pytest.raises(NeuronscopeError, match="atlas.sqlite"):
+        Descriptions.open(bad_db)
+    r = _cli("describe", str(bad_db), "--show", f"0:{PLANTED}+")
+    assert r.returncode == 2, r.stderr
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert lines[-1].startswith("error:") and "atlas.sqlite" in lines[-1] and "damaged" in lines[-1]
+    assert "Traceback" not in r.stderr
+    r = _cli("atlas", "search", str(bad_db), "mother", "-k", "3")
+    assert r.returncode == 2 and "atlas.sqlite" in r.stderr and "Traceback" not in r.stderr

@@ -62,7 +62,8 @@ def _open_atlas(folder):
     from pathlib import Path
 
     from .atlas import Atlas
-    man = Path(folder) / "manifest.json"
+    from .folder import MANIFEST
+    man = Path(folder) / MANIFEST
     key = str(Path(folder).resolve())
     mtime = man.stat().st_mtime if man.is_file() else -1.0
     hit = _ATLASES.get(key)
@@ -160,16 +161,18 @@ def semantic_search(folder, query: str, *, k: int = 50, embedder=None, interpret
 
     embedder: an Embedder, a folder, None (the pulled default). Needs the index of `neuronscope describe`.
     """
-    from pathlib import Path
-
+    from .. import store
+    from ..describe.describe import check_db_once
     from ..describe.index import load_index
     from ..embed import load_embedder
-    from .. import store
+    from .folder import DESCRIPTIONS_TABLE as TABLE
+    from .folder import AtlasFolder
     if not isinstance(query, str) or not query.strip():
         raise NeuronscopeError("The search query is empty; give a word or phrase, like \"animals\".")
     if k < 1:
         raise NeuronscopeError(f"k must be at least 1, got {k}.")
-    folder = Path(folder)
+    af = AtlasFolder.open(folder)
+    folder = af.path
     idx = load_index(folder)
     if idx is None:
         raise NeuronscopeError(f"'{folder}' has no neuron embedding index; run `neuronscope describe {folder}` "
@@ -207,11 +210,12 @@ def semantic_search(folder, query: str, *, k: int = 50, embedder=None, interpret
                 tok[sel] = ts[kt[sel, 0], kt[sel, 1]].clamp(max=1.0)
     n_words = max(1, len([w for w in re.split(r"[\s,;]+", query) if w]))
     score = sim + float(token_weight) / n_words * tok            # one matching word of several counts less
+    check_db_once(af)
+    threshold = float(af.section("descriptions").get("threshold", 0.5))
     con = store.open_db(folder)
     try:
-        threshold = float((store.read_manifest(folder).get("descriptions") or {}).get("threshold", 0.5))
         if interpretable:
-            ok = set(con.execute("SELECT layer, neuron, polarity FROM descriptions WHERE score >= ?",
+            ok = set(con.execute(f"SELECT layer, neuron, polarity FROM {TABLE} WHERE score >= ?",
                                  (threshold,)).fetchall())
             mask = torch.tensor([key in ok for key in idx.keys], dtype=torch.bool)
             score = torch.where(mask, score, torch.full_like(score, float("-inf")))
@@ -220,7 +224,7 @@ def semantic_search(folder, query: str, *, k: int = 50, embedder=None, interpret
         out = []
         for v, j in zip(vals.tolist(), order.tolist()):
             l, n, p = idx.keys[j]
-            row = con.execute("SELECT text, score FROM descriptions WHERE layer=? AND neuron=? AND polarity=?",
+            row = con.execute(f"SELECT text, score FROM {TABLE} WHERE layer=? AND neuron=? AND polarity=?",
                               (l, n, p)).fetchone()
             ds = None if row is None else row[1]
             out.append({"layer": l, "neuron": n, "polarity": p, "score": round(v, 6),

@@ -84,8 +84,8 @@ def describe(
                            n_candidates=candidates, simulator=simulator, threshold=threshold, embedder=embedder,
                            overwrite=overwrite, progress=True)
         if items is None:
-            from .. import store
-            sec = store.read_manifest(atlas_dir)["descriptions"]
+            from ..atlas.folder import AtlasFolder
+            sec = AtlasFolder.open(atlas_dir).section("descriptions")
             s = sec.get("scores_all", {})
             console.print(f"described {sec['described']} neuron polarities in {escape(str(atlas_dir))}: median "
                           f"score {s.get('median')}, {100 * s.get('share_interpretable', 0):.1f}% interpretable "

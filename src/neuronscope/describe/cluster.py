@@ -20,8 +20,10 @@ from typing import Any, Sequence
 import torch
 
 from .. import store
+from ..atlas.folder import DESCRIPTIONS_TABLE, AtlasFolder
 from ..errors import NeuronscopeError
-from .describe import POLARITIES, decoded_site
+from ..refs import check_neuron, check_polarity
+from .describe import check_db_once, decoded_site
 from .index import description_items, load_index, neuron_vectors
 from .label import quote, token_key
 
@@ -38,12 +40,9 @@ def _items(neurons: Sequence[Sequence], n_layers: int | None, n_neurons: int | N
         if len(it) not in (2, 3):
             raise NeuronscopeError(f"A neuron is (layer, neuron[, polarity]), got {it!r}.")
         l, n = int(it[0]), int(it[1])
-        p = it[2] if len(it) == 3 else "pos"
-        if p not in POLARITIES:
-            raise NeuronscopeError(f"Polarity must be 'pos' or 'neg', got {p!r}.")
-        if n_layers is not None and not (0 <= l < n_layers and 0 <= n < (n_neurons or 0)):
-            raise NeuronscopeError(f"Neuron {l}:{n} is out of range: layers 0-{n_layers - 1}, neurons "
-                                   f"0-{(n_neurons or 1) - 1}.")
+        p = check_polarity(it[2] if len(it) == 3 else "pos")
+        if n_layers is not None:
+            check_neuron(l, n, n_layers, n_neurons or 0, where="this atlas")
         if (l, n, p) not in seen:
             seen.add((l, n, p))
             out.append((l, n, p))
@@ -64,8 +63,7 @@ def cluster_neurons(atlas, neurons: Sequence[Sequence], *, threshold: float = 0.
         raise NeuronscopeError(f"The distance threshold must be in (0, 2], got {threshold}.")
     if min_size < 1:
         raise NeuronscopeError(f"min_size must be at least 1, got {min_size}.")
-    man = store.read_manifest(folder)
-    m = man.get("model", {})
+    m = AtlasFolder.open(folder).model
     items = _items(neurons, m.get("n_layers"), m.get("n_neurons"))
     if not items:
         return []
@@ -139,12 +137,15 @@ def _bag_vectors(texts: list[tuple[str, str]]) -> torch.Tensor:
 def _texts(folder: Path, items: list[tuple[int, int, str]]) -> dict[tuple[int, int, str], tuple[str, str]]:
     """(description text, source) per neuron; without a description, its decoded tokens as a label."""
     out: dict[tuple[int, int, str], tuple[str, str]] = {}
+    af = AtlasFolder.open(folder)
+    if af.db_path.is_file():
+        check_db_once(af)
     con = store.open_db(folder)
     try:
-        has = con.execute("SELECT name FROM sqlite_master WHERE name='descriptions'").fetchone()
+        has = con.execute("SELECT name FROM sqlite_master WHERE name=?", (DESCRIPTIONS_TABLE,)).fetchone()
         for it in items:
-            r = con.execute("SELECT text, source FROM descriptions WHERE layer=? AND neuron=? AND polarity=?",
-                            it).fetchone() if has else None
+            r = con.execute(f"SELECT text, source FROM {DESCRIPTIONS_TABLE} WHERE layer=? AND neuron=? AND "
+                            "polarity=?", it).fetchone() if has else None
             if r is not None:
                 out[it] = (r[0], r[1])
     finally:

@@ -24,15 +24,33 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .. import store
+from ..atlas.folder import DB, DESCRIPTIONS_TABLE, AtlasFolder
 from ..errors import NeuronscopeError
+from ..refs import POLARITIES, check_neuron, check_polarity
 from .explainer import clean_reply, explain_prompt, make_explainer
 from .label import LabelVocab, excluded_token_ids, make_label, parse_label_items
 from .score import EvalSplit, score_token_labels
 from .simulate import LLMSimulator, norm_token, token_match_predict
 
-TABLE = "descriptions"
-POLARITIES = ("pos", "neg")
+TABLE = DESCRIPTIONS_TABLE
 THRESHOLD = 0.5
+
+
+REMEDY = "run `neuronscope describe` again in a new folder"
+_CHECKED: dict[str, tuple[float, int]] = {}
+
+
+def check_db_once(af: AtlasFolder, remedy: str = REMEDY) -> None:
+    """af.check_db (one sentence for a damaged atlas.sqlite), done once per process while the file is unchanged:
+    a quick_check of a whole model's database takes ~60 ms, too long for every concept query."""
+    path = af.db_path
+    st = path.stat() if path.is_file() else None
+    key = (st.st_mtime, st.st_size) if st is not None else None
+    if key is not None and _CHECKED.get(str(path)) == key:
+        return
+    af.check_db(remedy)
+    if key is not None:
+        _CHECKED[str(path)] = key
 
 
 def _ensure_table(con) -> None:
@@ -57,24 +75,18 @@ def parse_neuron_list(neurons, n_layers: int, n_neurons: int) -> list[tuple[int,
             pols = (item[2],)
         else:
             raise NeuronscopeError(f"A neuron is (layer, neuron) or (layer, neuron, polarity), got {item!r}.")
-        l, n = item[0], item[1]
-        if not all(isinstance(x, int) and not isinstance(x, bool) for x in (l, n)) or not 0 <= l < n_layers \
-                or not 0 <= n < n_neurons:
-            raise NeuronscopeError(f"Neuron {item!r} is out of range: layers 0-{n_layers - 1}, "
-                                   f"neurons 0-{n_neurons - 1}.")
+        l, n = check_neuron(item[0], item[1], n_layers, n_neurons, where="these statistics")
         for p in pols:
-            if p not in POLARITIES:
-                raise NeuronscopeError(f"Polarity must be 'pos' or 'neg', got {p!r}.")
-            out.append((l, n, p))
+            out.append((l, n, check_polarity(p)))
     return out
 
 
-def _load_subject(folder: Path, manifest: dict, subject):
+def _load_subject(af: AtlasFolder, subject):
     """The studied model: the one given (checked against the fingerprint) or the one the manifest names."""
-    from ..atlas.folder import AtlasFolder
-    fp = manifest.get("model", {}).get("fingerprint")
+    folder = af.path
+    fp = af.fingerprint
     if subject is None:
-        path = AtlasFolder(Path(folder), manifest).model_path()   # a relative name resolves against the folder
+        path = af.model_path()   # a relative name resolves against the folder
         if path is None:
             raise NeuronscopeError(f"Scoring descriptions needs the model of '{folder}' (to compute real "
                                    "activations on held-out windows); give it with --model.")
@@ -107,16 +119,14 @@ def describe_atlas(atlas_dir, *, explainer=None, embedder: Any = "default", subj
         raise NeuronscopeError(f"Unknown simulator '{simulator}'; use tokens or llm.")
     if not 0.0 <= float(threshold) <= 1.0:
         raise NeuronscopeError(f"The interpretable threshold must be in [0, 1], got {threshold}.")
-    from ..stats import NeuronStats
-    stats = NeuronStats.open(folder)
+    af = AtlasFolder.open(folder)
+    stats = af.open_stats()
     atlas = None
     try:
-        from ..atlas import Atlas
-        atlas = Atlas.open(folder)
+        atlas = af.open_atlas()
     except NeuronscopeError:
         pass
-    manifest = store.read_manifest(folder)
-    subject = _load_subject(folder, manifest, subject)
+    subject = _load_subject(af, subject)
     todo = parse_neuron_list(neurons, stats.n_layers, stats.n_neurons) if neurons is not None else \
         [(l, n, p) for l in range(stats.n_layers) for n in range(stats.n_neurons) for p in POLARITIES]
     explainer = make_explainer(explainer)
@@ -255,8 +265,11 @@ class Descriptions:
 
     @classmethod
     def open(cls, atlas_dir, embedder: Any = None) -> "Descriptions":
-        folder = Path(atlas_dir)
-        sec = store.read_manifest(folder).get("descriptions") if (folder / store.DB).is_file() else None
+        af = AtlasFolder.open(atlas_dir)
+        folder = af.path
+        sec = af.section("descriptions") if (folder / DB).is_file() else None
+        if sec:
+            check_db_once(af)
         if not sec:
             raise NeuronscopeError(f"The atlas '{folder}' has no neuron descriptions yet; run "
                                    f"`neuronscope describe {folder}` first.")
@@ -275,8 +288,7 @@ class Descriptions:
 
     def get(self, layer: int, i: int, polarity: str = "pos") -> dict | None:
         """{"layer", "neuron", "polarity", "text", "score", "source", "interpretable"} or None."""
-        if polarity not in POLARITIES:
-            raise NeuronscopeError(f"Polarity must be 'pos' or 'neg', got '{polarity}'.")
+        check_polarity(polarity)
         r = self._rows(f"SELECT layer, neuron, polarity, text, score, source FROM {TABLE} WHERE layer=? AND "
                        "neuron=? AND polarity=?", (int(layer), int(i), polarity))
         return self._row(*r[0]) if r else None

@@ -21,8 +21,10 @@ from pathlib import Path
 import torch
 
 from .. import store
+from ..atlas.folder import DESCRIPTIONS_TABLE, EMBEDDINGS_FILE, check_safetensors
+from ..errors import NeuronscopeError
 
-INDEX_FILE = "neuron_emb.safetensors"
+INDEX_FILE = EMBEDDINGS_FILE
 W_FIRE = (1.0, 0.8, 0.6, 0.5)
 W_PROMOTE = (0.5, 0.35, 0.25, 0.15)
 W_TEXT = 2.0
@@ -107,8 +109,8 @@ def build_index(folder, embedder, progress: bool = False) -> dict:
     folder = Path(folder)
     con = store.open_db(folder)
     try:
-        rows = con.execute("SELECT layer, neuron, polarity, text, source FROM descriptions ORDER BY layer, neuron, "
-                           "polarity").fetchall()
+        rows = con.execute(f"SELECT layer, neuron, polarity, text, source FROM {DESCRIPTIONS_TABLE} ORDER BY layer, "
+                           "neuron, polarity").fetchall()
     finally:
         con.close()
     vecs, center = neuron_vectors([(r[3], r[4]) for r in rows], embedder)
@@ -135,11 +137,17 @@ def load_index(folder) -> NeuronIndex | None:
     if hit is not None and hit[0] == mtime:
         return hit[1]
     from safetensors import safe_open
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        kt = f.get_tensor("keys")
-        emb = f.get_tensor("emb").float()
-        center = f.get_tensor("center").float() if "center" in f.keys() else torch.zeros(emb.shape[1])
+    remedy = "delete it and run `neuronscope describe` again to rebuild the index"
+    check_safetensors(path, remedy)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            kt = f.get_tensor("keys")
+            emb = f.get_tensor("emb").float()
+            center = f.get_tensor("center").float() if "center" in f.keys() else torch.zeros(emb.shape[1])
+    except Exception as exc:  # noqa: BLE001 - a readable header over damaged data or missing tensors
+        why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise NeuronscopeError(f"The file '{path}' is damaged (not a neuron index: {why}); {remedy}.") from None
     keys = [(int(a), int(b), POLS[int(c)]) for a, b, c in kt.tolist()]
     idx = NeuronIndex(keys, kt, emb, meta.get("embedder", "?"), center)
     _CACHE[str(path)] = (mtime, idx)

@@ -19,6 +19,7 @@ from typing import Any, Sequence
 import torch
 
 from ..errors import NeuronscopeError
+from ..refs import check_neuron, check_polarity
 
 Neuron = tuple[int, int, str]
 
@@ -54,12 +55,8 @@ def steer_interventions(stats, neurons: Sequence[Sequence], strength: float, *, 
     by_layer: dict[int, dict[int, float]] = {}
     for it in neurons:
         l, n = int(it[0]), int(it[1])
-        p = it[2] if len(it) == 3 else "pos"
-        if p not in ("pos", "neg"):
-            raise NeuronscopeError(f"Polarity must be 'pos' or 'neg', got {p!r}.")
-        if not (0 <= l < stats.n_layers and 0 <= n < stats.n_neurons):
-            raise NeuronscopeError(f"Neuron {l}:{n} is out of range: layers 0-{stats.n_layers - 1}, neurons "
-                                   f"0-{stats.n_neurons - 1}.")
+        p = check_polarity(it[2] if len(it) == 3 else "pos")
+        check_neuron(l, n, stats.n_layers, stats.n_neurons, where="these statistics")
         q = float(hi[l, n] if p == "pos" else lo[l, n])
         if q != q:
             raise NeuronscopeError(f"Neuron {l}:{n} has no {p} quantile in these statistics.")
@@ -126,12 +123,10 @@ def steer_generate(subject, folder, prompt: str, steer: str, strengths: Sequence
                    embedder: Any = None, chat: bool = False, system: str | None = None, max_new_tokens: int = 64
                    ) -> dict:
     """`neuronscope generate --steer`: {"neurons": [...], "answers": steer_sweep(...)}."""
-    from ..stats import NeuronStats
-    stats = NeuronStats.open(folder)
-    fp = (stats.manifest.get("model") or {}).get("fingerprint")
-    if fp and subject.fingerprint != fp:
-        raise NeuronscopeError(f"The atlas '{folder}' was built for other weights than {subject.name}; give the "
-                               "atlas of this model.")
+    from ..atlas.folder import AtlasFolder
+    af = AtlasFolder.open(folder)
+    af.check_model(subject)
+    stats = af.open_stats()
     neurons = steer_targets(folder, steer, k=k, embedder=embedder)
     answers = steer_sweep(subject, prompt, neurons, strengths, stats, chat=chat, system=system,
                           max_new_tokens=max_new_tokens)

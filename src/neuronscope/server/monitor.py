@@ -25,6 +25,7 @@ import torch
 from ..attribution import attribute
 from ..errors import NeuronscopeError
 from ..interventions import Capture, Clamp, intervene
+from ..refs import check_neuron, check_polarity
 from .decoding import FairLock, decode
 from .knowledge import Knowledge
 from .limits import Limits
@@ -454,8 +455,8 @@ class Monitor:
             raise NeuronscopeError(f"Unknown sort '{sort}'; use one of {', '.join(SORTS)}.")
         if order not in ("asc", "desc"):
             raise NeuronscopeError("Order must be asc or desc.")
-        if polarity not in (None, "pos", "neg"):
-            raise NeuronscopeError("Polarity must be pos or neg.")
+        if polarity is not None:
+            check_polarity(polarity)
         if not 1 <= page_size <= self.limits.max_page_size or page < 0:
             raise NeuronscopeError(f"page must be >= 0 and page_size between 1 and {self.limits.max_page_size}.")
         a = self.analysis(s)
@@ -560,8 +561,7 @@ class Monitor:
 
     # ---- neurons, concepts, clusters -----------------------------------------------------------------------
     def _check_neuron(self, layer: int, neuron: int) -> None:
-        self.subject.check_layer(layer)
-        self.subject.check_neurons([neuron])
+        check_neuron(layer, neuron, self.subject.n_layers, self.subject.n_neurons)
 
     def neuron(self, layer: int, neuron: int, n_exemplars: int = 10, marks: bool = True) -> dict[str, Any]:
         """A neuron's decodes, description and top exemplars (with each token's normalised activation).
@@ -792,9 +792,8 @@ class Monitor:
                     self._check_neuron(l, i)
                     pol = "pos"
                     if len(nrn) == 3:
-                        pol = {0: "pos", 1: "neg"}.get(nrn[2], None) if not isinstance(nrn[2], str) else nrn[2]
-                        if pol not in ("pos", "neg"):
-                            raise NeuronscopeError("A neuron's polarity is pos or neg.")
+                        pol = check_polarity({0: "pos", 1: "neg"}.get(nrn[2], nrn[2])
+                                             if not isinstance(nrn[2], str) else nrn[2])
                     picked.append((l, i, pol))
                 if len(neurons) > L.max_steer_neurons:
                     raise NeuronscopeError(f"At most {L.max_steer_neurons} neurons can be steered at once.")
@@ -914,8 +913,7 @@ class Monitor:
                     for n in neurons:
                         l, i, pol = int(n["layer"]), int(n["neuron"]), str(n.get("polarity", "pos"))
                         self._check_neuron(l, i)
-                        if pol not in ("pos", "neg"):
-                            raise NeuronscopeError("A neuron's polarity is pos or neg.")
+                        check_polarity(pol)
                         v = float(n["value"])
                         if not math.isfinite(v) or abs(v) > max(L.max_clamp, 1e6):
                             raise NeuronscopeError("A steering value is not a finite number.")
