@@ -23,13 +23,14 @@ import torch
 from .. import store
 from ..atlas.folder import DESCRIPTIONS_TABLE, EMBEDDINGS_FILE, check_safetensors
 from ..errors import NeuronscopeError
+from ..refs import POLARITIES
 
 INDEX_FILE = EMBEDDINGS_FILE
 W_FIRE = (1.0, 0.8, 0.6, 0.5)
 W_PROMOTE = (0.5, 0.35, 0.25, 0.15)
 W_TEXT = 2.0
 _ITEM = re.compile(r"'([^']+)'|\"([^\"]+)\"")
-POLS = ("pos", "neg")
+POLS = POLARITIES                 # index 0 = pos, 1 = neg in `keys`
 
 
 def description_items(text: str) -> list[tuple[str, float]]:

@@ -20,7 +20,9 @@ from typing import Callable
 import torch
 
 from .. import store
+from ..atlas.folder import WINDOWS_TABLE
 from ..errors import NeuronscopeError
+from ..refs import POLARITIES
 from .label import LabelVocab
 from .simulate import pearson
 
@@ -36,7 +38,7 @@ class EvalSplit:
         self.stats, self.every, self.held_out = stats, int(every), int(held_out)
         con = store.open_db(stats.folder)
         try:
-            rows = con.execute("SELECT window, token_ids, tokens FROM stats_windows ORDER BY window").fetchall()
+            rows = con.execute(f"SELECT window, token_ids, tokens FROM {WINDOWS_TABLE} ORDER BY window").fetchall()
         finally:
             con.close()
         if not rows:
@@ -172,7 +174,7 @@ def score_token_labels(subject, split: EvalSplit, vocab: LabelVocab, items: dict
                 subject.model(input_ids=ids.to(subject.device))
             for l in layers:
                 A = cap.get("neurons", l).reshape(B * T, -1).float().cpu()
-                for p in ("pos", "neg"):
+                for p in POLARITIES:
                     if (l, p) not in arrays:
                         continue
                     a = arrays[(l, p)]
