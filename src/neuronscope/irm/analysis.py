@@ -360,7 +360,7 @@ def findings(r: dict[str, Any]) -> list[str]:
                         for d in t if d.get("p_value") is not None)
         verdict = {True: "SURVIVES", False: "does not survive", None: "cannot be tested"}[x["striation_survives"]]
         out.append(f"{x['name']}: striation share {x['striation']['index_share']:.3f} {verdict} "
-                   f"(p < {a} under every null){' — ' + txt if txt else ''}.")
+                   f"(needs p < {a} under every null){' — ' + txt if txt else ''}.")
         for kind, c in x["coincidences"].items():
             if c["value"] > 0:
                 v2 = {True: "SURVIVES", False: "does not survive", None: "cannot be tested"}[c["survives"]]
