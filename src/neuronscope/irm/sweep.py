@@ -87,8 +87,10 @@ def run_sweep(subject, plan: Sequence[dict[str, Any]], out_dir: str | Path, *, c
     state_file = out / SWEEP
     base = {"model": subject.name, "fingerprint": subject.fingerprint, "train": asdict(cfg), "width": width,
             "depth": depth}
+    kept: dict[str, dict[str, Any]] = {}
     if state_file.is_file():
         old = read_json(state_file)
+        kept = {p["name"]: p for p in old.get("plan", [])}
         for key in ("fingerprint", "width", "depth"):
             if old.get(key) != base[key]:
                 raise NeuronscopeError(f"'{out}' holds a sweep with a different {key} ({old.get(key)!r}); "
@@ -103,7 +105,7 @@ def run_sweep(subject, plan: Sequence[dict[str, Any]], out_dir: str | Path, *, c
             if q is not None and (q["data"], q["layers"], q["seed"]) != (p["data"], p["layers"], p["seed"]):
                 raise NeuronscopeError(f"Run '{p['name']}' in '{out}' was planned with other data or layers; "
                                        "use a new folder.")
-    records = {p["name"]: dict(p, status=run_status(runs_dir / p["name"])) for p in plan}
+    records = {p["name"]: dict(kept.get(p["name"], {}), **p, status=run_status(runs_dir / p["name"])) for p in plan}
 
     def save() -> None:
         write_json(state_file, dict(base, plan=list(records.values())))
