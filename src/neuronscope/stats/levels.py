@@ -100,7 +100,7 @@ class Level:
         if not self.kept:
             return f"not stored (rank {self.rank} > K)"
         if not self.resolved:
-            return f"sample extreme (n*p = {self.p * self.n:.2g} < 1)"
+            return f"sample extreme (n*p = {self.p * self.n:.4g} < 1)"
         return ""
 
     def as_dict(self) -> dict[str, Any]:
