@@ -52,6 +52,19 @@ def test_irm_cli_end_to_end(tmp_path, capsys):
     rep = json.loads(out)
     assert rep["n_prompts"] == 4 and rep["target"] == "joy" and "verdict" in rep and "vaderSentiment" in rep["judge"]
     assert (run / "judged.json").is_file()
+    # questions the run was trained on are left out of the judged set; all of them trained on: a clear error
+    split = json.loads((run / "split.json").read_text())
+    trained = [SENTS[i] for i in range(60) if i not in set(split["val_rows"])]
+    mixed = tmp_path / "mixed.txt"
+    mixed.write_text("\n".join(trained[:3] + SENTS[250:253]) + "\n")
+    code, out, err = _cli(["irm", "eval", str(run), "--judge", "builtin", "-q", str(mixed), "-n", "4",
+                           "--target", "joy", "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["n_prompts"] == 3 and "left out 3 question(s)" in err
+    only_trained = tmp_path / "trained.txt"
+    only_trained.write_text("\n".join(t.upper() for t in trained[:4]) + "\n")
+    code, _, err = _cli(["irm", "eval", str(run), "--judge", "builtin", "-q", str(only_trained)], capsys)
+    assert code == 2 and "held out" in err
     code, _, err = _cli(["irm", "eval", str(run), "--judge", "builtin"], capsys)
     assert code == 2 and "--questions" in err
     code, _, err = _cli(["irm", "eval", str(run), "--judge", "builtin", "-q", str(q), "--target", "boredom"], capsys)

@@ -151,8 +151,15 @@ def evaluate(
         if questions is None:
             raise NeuronscopeError("--judge needs --questions: held-out neutral questions, one a line.")
         j = Judge(judge)
-        qs = read_questions(questions)[:limit]
         irm, run, subject = _run_subject(run_dir, model, gguf_file, dtype, device)
+        from ..irm.evaluation import drop_training_prompts
+        qs, dropped = drop_training_prompts(run, run_dir, read_questions(questions))
+        if dropped:
+            typer.echo(f"left out {dropped} question(s) the run was trained on; judging held-out ones only", err=True)
+        if len(qs) < 2:
+            raise NeuronscopeError(f"Fewer than two of the questions in {questions} are held out (the run was trained "
+                                   "on the others); give questions it has not seen.")
+        qs = qs[:limit]
         tgt = target or (run["data"].get("alignment") if run["data"].get("alignment") in j.emotions else None)
         rep = judge_irm(subject, irm, qs, judge=j, target=tgt, chat=run["train"].get("chat", False),
                         max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, scale=scale,

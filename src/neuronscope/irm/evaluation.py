@@ -151,4 +151,26 @@ def held_out_rows(run: dict[str, Any], run_dir: str | Path) -> list[dict[str, An
     return [rows[i] for i in sp["val_rows"]]
 
 
-__all__ = ["evaluate_irm", "held_out_rows", "judge_irm", "answer_nll", "verdict"]
+def drop_training_prompts(run: dict[str, Any], run_dir: str | Path, questions: list[str]) -> tuple[list[str], int]:
+    """`questions` without those the run was trained on (a training row's prompt, compared case- and space-folded).
+
+    Returns the kept questions and how many were dropped. Without the run's training file nothing can be checked and
+    every question is kept (the count is then 0)."""
+    from ..store import read_json
+    data = run.get("data", {})
+    path = data.get("path")
+    split_file = Path(run_dir) / "split.json"
+    if not path or not Path(path).is_file() or not split_file.is_file():
+        return list(questions), 0
+    rows = read_table(path)
+    val = set(read_json(split_file).get("val_rows", []))
+
+    def fold(text: str) -> str:
+        return " ".join(text.split()).casefold()
+
+    trained = {fold(r["prompt"]) for i, r in enumerate(rows) if i not in val and isinstance(r.get("prompt"), str)}
+    kept = [q for q in questions if fold(q) not in trained]
+    return kept, len(questions) - len(kept)
+
+
+__all__ = ["evaluate_irm", "held_out_rows", "judge_irm", "answer_nll", "verdict", "drop_training_prompts"]
