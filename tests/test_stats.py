@@ -13,6 +13,7 @@ from neuronscope.stats import NeuronStats, compute_stats, merge_shards, quantile
 from neuronscope.stats import checkpoint
 from neuronscope.stats import compute as compute_mod
 from neuronscope.stats.corpus import iter_documents, iter_windows
+from neuronscope.stats.results import with_window_acts
 
 WINDOW = 32
 K = 300
@@ -99,7 +100,7 @@ def test_exemplars_point_at_the_recorded_tokens(single, all_acts, stories):
     acts, wins = all_acts
     for layer, neuron in ((0, 3), (4, 100)):
         for pol in ("pos", "neg"):
-            ex = single.exemplars(layer, neuron, pol, n=E, subject=stories)
+            ex = with_window_acts(stories, single.exemplars(layer, neuron, pol, n=E), layer, neuron)
             assert len(ex) == E
             vals = [e["activation"] for e in ex]
             assert vals == sorted(vals, reverse=(pol == "pos"))

@@ -153,17 +153,12 @@ class Knowledge:
         d = self.descriptions.get(layer, neuron, polarity)
         return d.get("text") if d else None
 
-    def exemplars(self, layer: int, neuron: int, polarity: str, n: int,
-                  subject: Subject | None = None) -> list[dict[str, Any]]:
-        """The stored exemplars (read from the folder; the reader never runs the model). With `subject`, each
-        gets `acts`: this neuron's activation at every token of its window, recomputed here."""
+    def exemplars(self, layer: int, neuron: int, polarity: str, n: int) -> list[dict[str, Any]]:
+        """The stored exemplars, read from the folder (the reader never runs the model; the Monitor fills in each
+        window's activations with `stats.results.with_window_acts`)."""
         if self.stats is None:
             return []
         out: list[dict[str, Any]] = self.stats.exemplars(layer, neuron, polarity=polarity, n=n)
-        if subject is not None and out:
-            from ..stats.results import window_activations
-            for e, acts in zip(out, window_activations(subject, [e["token_ids"] for e in out], layer, neuron)):
-                e["acts"] = acts
         return out
 
     def search(self, query: str, k: int = 50) -> list[dict[str, Any]]:

@@ -592,11 +592,11 @@ class Monitor:
         for pol in ("pos", "neg"):
             ex = []
             if n_exemplars and k.stats is not None:
+                found = k.exemplars(layer, neuron, pol, n_exemplars)
                 if marks:
+                    from ..stats.results import with_window_acts
                     with self.model_lock:
-                        found = k.exemplars(layer, neuron, pol, n_exemplars, subject=self.subject)
-                else:
-                    found = k.exemplars(layer, neuron, pol, n_exemplars, subject=None)
+                        found = with_window_acts(self.subject, found, layer, neuron)
                 for e in found:
                     acts = e.get("acts")
                     marks = [k.normalise_one(layer, neuron, x) for x in acts] if acts else None

@@ -269,19 +269,15 @@ class NeuronStats:
             hit = self._win_cache[w] = (json.loads(row[0]), json.loads(row[1]), row[2])
         return hit
 
-    def exemplars(self, layer: int, i: int, polarity: str = "pos", n: int = 20, subject=None) -> list[dict]:
-        """The top (`pos`) or bottom (`neg`) exemplars of neuron (layer, i), strongest first.
+    def exemplars(self, layer: int, i: int, polarity: str = "pos", n: int = 20) -> list[dict]:
+        """The top (`pos`) or bottom (`neg`) exemplars of neuron (layer, i), strongest first, read from the folder.
 
-        Each: activation, window id, position in the window, the window's token ids, token strings and text,
-        and `acts` (this neuron's activation at every token of the window, recomputed with `subject`; else None).
+        Each: activation, window id, position in the window, the window's token ids, token strings and text, and
+        `acts` None (a reader never runs the model: `with_window_acts(subject, exemplars, layer, i)` fills it in).
         """
-        if polarity not in ("pos", "neg"):
-            raise NeuronscopeError(f"Polarity must be 'pos' or 'neg', got '{polarity}'.")
-        if not (isinstance(layer, int) and 0 <= layer < self.n_layers):
-            raise NeuronscopeError(f"Layer {layer} is out of range: the statistics cover layers 0 to "
-                                   f"{self.n_layers - 1}.")
-        if not (isinstance(i, int) and 0 <= i < self.n_neurons):
-            raise NeuronscopeError(f"Neuron {i} is out of range: each layer has neurons 0 to {self.n_neurons - 1}.")
+        from ..refs import check_neuron, check_polarity
+        check_polarity(polarity)
+        check_neuron(layer, i, self.n_layers, self.n_neurons, where="the statistics")
         if n < 1:
             return []
         vals = self._a[f"ex_{polarity}_value"][layer, i]
@@ -294,10 +290,6 @@ class NeuronStats:
             ids, toks, text = self._window(w)
             out.append({"activation": float(v), "window": w, "position": pos, "token_ids": list(ids),
                         "tokens": list(toks), "text": text, "acts": None})
-        if subject is not None and out:
-            acts = window_activations(subject, [e["token_ids"] for e in out], layer, i)
-            for e, a in zip(out, acts):
-                e["acts"] = a
         return out
 
     def extremes(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -308,6 +300,16 @@ class NeuronStats:
                                    "extremes; run `neuronscope stats` with --keep-extremes to keep them.")
         with safe_open(str(self.folder / EXTREMES_FILE), framework="pt") as f:
             return f.get_tensor(f"top.{layer}"), f.get_tensor(f"bottom.{layer}")
+
+
+def with_window_acts(subject, exemplars: list[dict], layer: int, neuron: int) -> list[dict]:
+    """`exemplars` (from `NeuronStats.exemplars`) with `acts` filled in: this neuron's activation at every token of
+    each window, recomputed with `subject` (one batched forward per window length)."""
+    if exemplars:
+        acts = window_activations(subject, [e["token_ids"] for e in exemplars], layer, neuron)
+        for e, a in zip(exemplars, acts):
+            e["acts"] = a
+    return exemplars
 
 
 def window_activations(subject, windows: Sequence[Sequence[int]], layer: int, neuron: int) -> list[list[float]]:
