@@ -69,7 +69,7 @@ def test_chat_on_a_base_model_fails_before_the_weights_load(gemma_dir, capsys, m
         Subject.load(gemma_dir, require_chat_template=True)
 
 
-def test_relative_model_path_in_the_manifest_is_found_from_elsewhere(gemma_dir, tmp_path, monkeypatch):
+def test_relative_model_path_in_the_manifest_is_found_from_elsewhere(gemma_dir, tmp_path, monkeypatch, capsys):
     import shutil
     work = tmp_path / "work"
     shutil.copytree(gemma_dir, work / "models" / "g3")
@@ -88,6 +88,15 @@ def test_relative_model_path_in_the_manifest_is_found_from_elsewhere(gemma_dir, 
     assert AtlasFolder(af.path, man).model_path() == af.path / "../../models/g3"
     man["model"]["name"] = "nowhere/g3"
     assert AtlasFolder(af.path, man).model_path() is None
+    # `atlas search` from elsewhere uses the model side; when the model is nowhere on disk it says so
+    code, out, err = run(capsys, "atlas", "search", af.path, "the", "-k", "2")
+    assert code == 0, err
+    assert "without the model side" not in " ".join(out.split())
+    import json
+    (af.path / "manifest.json").write_text(json.dumps(man))
+    code, out, err = run(capsys, "atlas", "search", af.path, "the", "-k", "2")
+    assert code == 0, err
+    assert "without the model side" in " ".join(out.split())
 
 
 @pytest.mark.slow

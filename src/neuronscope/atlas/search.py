@@ -102,7 +102,7 @@ def search(atlas, query: str, *, k: int = 50, sites=None, subject=None) -> list[
         hit = torch.isin(atlas.top_ids(s), idt).float()                     # [L, N, k]
         score = (hit * weights).sum(-1)                                     # [L, N]
         if direction is not None:
-            score = score + _cosines(subject, s, direction, atlas.apply_norm)
+            score = score + _cosines(subject, s, direction, atlas.apply_norm, atlas.layers)
         scored.append(score)
     allscores = torch.stack(scored)                                          # [S, L, N]
     flat = allscores.reshape(-1)
@@ -134,13 +134,18 @@ def _concept_direction(subject, ids: torch.Tensor, apply_norm: bool) -> torch.Te
     return d / d.norm().clamp_min(1e-12)
 
 
-def _cosines(subject, site: str, direction: torch.Tensor, apply_norm: bool) -> torch.Tensor:
-    """cos(g * v, direction) for every neuron of every layer at `site`: [L, N]."""
+def _cosines(subject, site: str, direction: torch.Tensor, apply_norm: bool, layers=None) -> torch.Tensor:
+    """cos(g * v, direction) for every neuron of every layer at `site`: [L, N]; 0 for layers not in `layers` (the
+    layers an atlas was built for, so a search never names a neuron of a layer the atlas lacks)."""
     spec, hf = subject.spec, subject.model
     g = spec.final_norm_gain(hf).detach().float().cpu() if apply_norm else None
+    built = set(range(subject.n_layers) if layers is None else layers)
     rows = []
     with torch.no_grad():
         for l in range(subject.n_layers):
+            if l not in built:
+                rows.append(torch.zeros(subject.n_neurons))
+                continue
             if site in ("up", "gate"):
                 v = spec.read_vectors(hf, l)[site]
             else:
@@ -205,7 +210,7 @@ def semantic_search(folder, query: str, *, k: int = 50, embedder=None, interpret
                 ts = (table[top] * weights).sum(-1)                                         # [L, N]
                 if subject is not None:
                     ts = ts + _cosines(subject, site, _concept_direction(subject, ids, atlas.apply_norm),
-                                       atlas.apply_norm).clamp_min(0)
+                                       atlas.apply_norm, atlas.layers).clamp_min(0)
                 sel = _pol_rows(idx, pol)
                 tok[sel] = ts[kt[sel, 0], kt[sel, 1]].clamp(max=1.0)
     n_words = max(1, len([w for w in re.split(r"[\s,;]+", query) if w]))

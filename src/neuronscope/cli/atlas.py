@@ -132,13 +132,16 @@ def search(
     k: int = typer.Option(20, "--k", "-k", min=1, help="Neurons listed."),
     sites: Optional[str] = typer.Option(None, "--sites", help="With --tokens-only: comma list of sites to search."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="The atlas's model: adds the cosine of each "
-                                        "neuron's write vector with the concept's unembedding rows."),
+                                        "neuron's write vector with the concept's unembedding rows (default: the "
+                                        "model recorded in the atlas, when it is on disk)."),
+    no_model: bool = typer.Option(False, "--no-model", help="Leave the model side out (no model load)."),
     embedder: str = typer.Option("default", "--embedder", help="Sentence embedder: a folder, a hub id, 'default' "
                                  "(all-MiniLM-L6-v2, `neuronscope models pull all-minilm-l6-v2`) or 'none' "
                                  "(= --tokens-only)."),
     interpretable: bool = typer.Option(False, "--interpretable", help="Only neurons whose description scores at "
                                        "least the interpretable threshold."),
-    tokens_only: bool = typer.Option(False, "--tokens-only", help="Rank by decoded tokens only (no embedder)."),
+    tokens_only: bool = typer.Option(False, "--tokens-only", help="Rank by decoded tokens only (no embedder, no "
+                                     "model load)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Rank neurons for a concept by meaning: the embedding similarity of the query to each neuron's description
@@ -149,18 +152,28 @@ def search(
     from ..atlas import Atlas
     from ..atlas.search import semantic_search
     from ..describe.index import load_index
-    subject = load_subject(model) if model else None
+    from ..atlas.folder import AtlasFolder
+    model_note = ""
+    no_model = no_model or tokens_only
+    if model is None and not no_model:
+        found = AtlasFolder.open(atlas_dir).model_path()
+        if found is not None:
+            model = str(found)
+        else:
+            model_note = "; without the model side: the atlas's model is not on disk, pass --model"
+    subject = load_subject(model) if model and not no_model else None
     no_index = not (tokens_only or embedder.lower() == "none") and load_index(atlas_dir) is None
     if tokens_only or embedder.lower() == "none" or no_index:
         atlas = Atlas.open(atlas_dir)
         rows = atlas.search(query, k=k, sites=sites, subject=subject)
         title = f"neurons for {query!r} (decoded tokens only" + (
-            "; run `neuronscope describe` for search by meaning)" if no_index else ")")
+            "; run `neuronscope describe` for search by meaning" if no_index else "") + model_note + ")"
         cols = [("site", "site"), ("score", "score")]
     else:
         rows = semantic_search(atlas_dir, query, k=k, embedder=None if embedder == "default" else embedder,
                                interpretable=interpretable, subject=subject)
-        title = f"neurons for {query!r} by meaning" + (" (interpretable only)" if interpretable else "")
+        title = f"neurons for {query!r} by meaning" + (" (interpretable only)" if interpretable else "") + (
+            f" ({model_note[2:]})" if model_note else "")
         cols = [("pol", "polarity"), ("score", "score"), ("sim", "similarity"), ("desc. score", "desc_score")]
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
