@@ -48,3 +48,31 @@ def smollm():
 @pytest.fixture(scope="session")
 def stories_tokenizer(stories):
     return stories.tokenizer
+
+
+def run_cli(capsys, *args):
+    """`neuronscope ARGS...` in this process: (exit status, stdout, stderr)."""
+    from neuronscope.cli import main
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def wait_for_url(proc, timeout: float) -> tuple[str | None, str]:
+    """Read a `neuronscope serve` subprocess's output until it prints its http://127.0.0.1:PORT/ URL (or `timeout`
+    seconds pass, or it ends): (the URL or None, what it printed)."""
+    import re
+    import time
+    url, lines, deadline = None, [], time.time() + timeout
+    while url is None and time.time() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        m = re.search(r"(http://127\.0\.0\.1:\d+/)", line)
+        url = m.group(1) if m else None
+    return url, "".join(lines)

@@ -10,20 +10,9 @@ import torch
 
 from neuronscope.atlas import Atlas, build_atlas
 from neuronscope.atlas.folder import DB, MANIFEST, PARTS_DIR, AtlasFolder, site_file
-from neuronscope.cli import main
 from neuronscope.errors import NeuronscopeError
 from neuronscope.server import Knowledge
-from conftest import STORIES
-
-
-def run(capsys, *args):
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    out = capsys.readouterr()
-    return code, out.out, out.err
+from conftest import STORIES, run_cli as run, wait_for_url
 
 
 def _tree(folder):
@@ -236,7 +225,6 @@ def test_damaged_statistics_and_embeddings_parts(tmp_path):
 def test_serve_starts_without_a_damaged_part_and_says_so(built, tmp_path):
     """`neuronscope serve --atlas DIR` with a truncated atlas file: it prints a note naming the file, listens, and
     answers a neuron request from the weights (200, not 500)."""
-    import re
     import subprocess
     import sys
     import time
@@ -248,15 +236,7 @@ def test_serve_starts_without_a_damaged_part_and_says_so(built, tmp_path):
                              "--atlas", str(folder), "--port", "0"], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env={**__import__("os").environ, "COLUMNS": "300"})
     try:
-        lines, url, deadline = [], None, time.time() + 120
-        while url is None and time.time() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            m = re.search(r"(http://127\.0\.0\.1:\d+/)", line)
-            url = m.group(1) if m else None
-        out = "".join(lines)
+        url, out = wait_for_url(proc, 120)
         assert url, out
         assert "note:" in out and "atlas_up.safetensors" in out and "damaged" in out, out
         body = None

@@ -10,24 +10,13 @@ import torch
 
 from neuronscope.atlas import Atlas
 from neuronscope.atlas.folder import AtlasFolder
-from neuronscope.cli import main
 from neuronscope.cli.common import fmt_prob
 from neuronscope.errors import NeuronscopeError
 from neuronscope.subject import Subject
-from conftest import SMOLLM_GGUF
+from conftest import SMOLLM_GGUF, run_cli as run
 from tiny import tiny_model
 
 VOCAB = 32768   # big enough that every decoded probability is ~1/V (the 262K-vocabulary case in small)
-
-
-def run(capsys, *args):
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ from fastapi.testclient import TestClient
 from neuronscope.attribution import attribute
 from neuronscope.interventions import Capture, Clamp, intervene
 from neuronscope.server import Knowledge, Limits, Monitor, SessionStore, create_app
+from tests.conftest import wait_for_url
 from tests.test_server_support import HAVE_DESCRIBE, _stories, sse_events, stories_atlas_dir
 
 PROMPT = "Once upon a time there was a little dog"
@@ -388,10 +389,8 @@ def test_page_is_served(client):
 
 
 def test_cli_serve_prints_the_url_and_serves(atlas_dir):
-    import re
     import subprocess
     import sys
-    import time
 
     import httpx
 
@@ -399,15 +398,8 @@ def test_cli_serve_prints_the_url_and_serves(atlas_dir):
     proc = subprocess.Popen([sys.executable, "-m", "neuronscope", "serve", str(STORIES), "--atlas", atlas_dir,
                              "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        url, lines, t0 = None, [], time.time()
-        while url is None and time.time() - t0 < 60:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            m = re.search(r"(http://127\.0\.0\.1:\d+/)", line)
-            url = m.group(1) if m else None
-        assert url, "".join(lines)
+        url, printed = wait_for_url(proc, 60)
+        assert url, printed
         info = httpx.get(url + "api/info", timeout=10).json()
         assert info["capabilities"]["stats"] is True and info["model"]["n_layers"] == 5
     finally:
