@@ -134,7 +134,10 @@ def test_monitor_page_end_to_end(tmp_path):
             page.wait_for_selector(".msg.compare .body .tok", timeout=30000)
             assert answer_text(page, ".msg.compare .body") == steered
             assert page.locator("#steerbar .chip").count() == 1
-            assert "active" in (page.get_attribute("#tab-attribution", "class") or "")  # the tab that was open
+            # the tab that was open (restored right after the conversation renders)
+            page.wait_for_function("document.querySelector('#tab-attribution')?.classList.contains('active')",
+                                   timeout=10000)
+            assert "active" in (page.get_attribute("#tab-attribution", "class") or "")
             tab2 = ctx.new_page()
             tab2.goto(srv.url + "/")
             tab2.wait_for_selector(".msg.compare .body .tok", timeout=30000)
