@@ -41,6 +41,8 @@ def train(
     batch_size: int = typer.Option(8, "--batch-size", "-b", min=1),
     lr: float = typer.Option(1e-3, "--lr", help="Adam learning rate."),
     l1: float = typer.Option(0.0, "--l1", help="L1 penalty on the IRM's outputs."),
+    kl: float = typer.Option(0.0, "--kl", help="Anchor: weight of KL(frozen || IRM-on) on the target tokens "
+                             "(keeps the model's own next-token distribution; one more forward a step)."),
     max_len: int = typer.Option(256, "--max-len", min=2, help="Tokens per example (longer ones are cut)."),
     val_fraction: float = typer.Option(0.1, "--val-fraction", help="Held-out share of the rows (seeded split)."),
     eval_every: int = typer.Option(50, "--eval-every", min=1, help="Validate and checkpoint every N steps."),
@@ -60,8 +62,9 @@ def train(
     Example: neuronscope irm train -m SmolLM2.gguf --data anger.jsonl --chat --layers 0-29 -o runs/anger
     """
     from ..irm.training import TrainConfig, train_irm
-    cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, l1=l1, max_len=max_len, val_fraction=val_fraction,
-                      eval_every=eval_every, patience=patience, seed=seed, chat=chat).validate()
+    cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, l1=l1, kl=kl, max_len=max_len,
+                      val_fraction=val_fraction, eval_every=eval_every, patience=patience, seed=seed,
+                      chat=chat).validate()
     from ..interrupt import Interrupted
     subject = load_subject(model, gguf_file, dtype, device)
     try:

@@ -186,6 +186,17 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean")
     return loss / count.clamp(min=1)
 
 
+def kl_to_frozen(frozen_logits: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean KL(frozen || IRM-on) of the next-token distributions over the positions `lm_loss` scores (the same
+    single shift: position t counts when labels[t + 1] is a target). Zero when the two logits agree."""
+    mask = (labels[:, 1:] != IGNORE).to(logits.device)
+    lp = F.log_softmax(logits[:, :-1].float(), -1)[mask]
+    lq = F.log_softmax(frozen_logits[:, :-1].float().to(logits.device), -1)[mask]
+    if lp.numel() == 0:
+        return logits.sum() * 0.0
+    return (lq.exp() * (lq - lp)).sum(-1).mean()
+
+
 def batches(examples: Sequence[Example], batch_size: int, pad_id: int) -> Iterable[dict[str, torch.Tensor]]:
     """Fixed-order batches (for evaluation)."""
     for i in range(0, len(examples), batch_size):
@@ -211,5 +222,5 @@ def read_texts(path: str | Path) -> list[str]:
     return paras
 
 
-__all__ = ["read_table", "table_kind", "tokenize_rows", "split", "collate", "lm_loss", "batches", "Example",
-           "IGNORE", "read_texts", "file_sha256", "prompt_ids"]
+__all__ = ["read_table", "table_kind", "tokenize_rows", "split", "collate", "lm_loss", "kl_to_frozen", "batches",
+           "Example", "IGNORE", "read_texts", "file_sha256", "prompt_ids"]

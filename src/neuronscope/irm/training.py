@@ -21,7 +21,8 @@ import torch
 
 from ..errors import NeuronscopeError
 from ..store import load_tensors, read_json, save_tensors, write_json
-from .data import (Example, collate, file_sha256, lm_loss, read_table, split, table_kind, tokenize_rows)
+from .data import (Example, collate, file_sha256, kl_to_frozen, lm_loss, read_table, split, table_kind,
+                   tokenize_rows)
 from .model import IRM
 
 RUN = "run.json"
@@ -35,6 +36,7 @@ class TrainConfig:
     batch_size: int = 8
     lr: float = 1e-3
     l1: float = 0.0               # L1 penalty on the IRM's outputs (mean |out| per element)
+    kl: float = 0.0               # anchor: weight of KL(frozen || IRM-on) on the target tokens (one more forward)
     max_len: int = 256
     val_fraction: float = 0.1
     eval_every: int = 50
@@ -51,6 +53,8 @@ class TrainConfig:
             raise NeuronscopeError(f"The learning rate must be a positive number, got {self.lr}.")
         if not (self.l1 >= 0 and math.isfinite(self.l1)):
             raise NeuronscopeError(f"The L1 weight must be >= 0, got {self.l1}.")
+        if not (self.kl >= 0 and math.isfinite(self.kl)):
+            raise NeuronscopeError(f"The KL anchor weight must be >= 0, got {self.kl}.")
         if self.patience < 0:
             raise NeuronscopeError("patience must be >= 0.")
         return self
@@ -136,7 +140,7 @@ def train_irm(subject, data: str | Path | Sequence[dict[str, Any]], run_dir: str
         while state["step"] < cfg.steps and not state["stopped_early"]:
             step = state["step"]
             batch = collate(_batch_examples(train_ex, step, cfg.batch_size, cfg.seed), pad)
-            loss, lm = train_step(subject, irm, opt, batch, cfg.l1)
+            loss, lm = train_step(subject, irm, opt, batch, cfg.l1, cfg.kl)
             state["step"] = step + 1
             running = state["running"] = lm if state["running"] is None else 0.9 * state["running"] + 0.1 * lm
             bar.update(1)
@@ -182,22 +186,35 @@ def train_irm(subject, data: str | Path | Sequence[dict[str, Any]], run_dir: str
                        state["history"], state["seconds"])
 
 
-def train_step(subject, irm: IRM, opt: torch.optim.Optimizer, batch: dict[str, torch.Tensor], l1: float = 0.0):
+def train_step(subject, irm: IRM, opt: torch.optim.Optimizer, batch: dict[str, torch.Tensor], l1: float = 0.0,
+               kl: float = 0.0):
     """One optimisation step of the IRM on one batch; returns (total loss, LM loss) as floats."""
-    outs: list[torch.Tensor] = []
-    dev = subject.device
-    with irm.attached(subject, on_output=(lambda o, ctx: outs.append(o)) if l1 > 0 else None):
-        logits = subject.model(input_ids=batch["input_ids"].to(dev),
-                               attention_mask=batch["attention_mask"].to(dev)).logits
-    lm = lm_loss(logits, batch["labels"])
-    loss = lm
-    if l1 > 0:
-        m = batch["attention_mask"].to(dev).bool()
-        loss = lm + l1 * torch.stack([o[m].abs().mean() for o in outs]).mean()
+    loss, lm = irm_loss(subject, irm, batch, l1, kl)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
     return float(loss.detach()), float(lm.detach())
+
+
+def irm_loss(subject, irm: IRM, batch: dict[str, torch.Tensor], l1: float = 0.0, kl: float = 0.0):
+    """(training loss, LM loss) tensors of one batch: the LM loss on the targets with the IRM on, plus l1 x mean
+    |IRM output| and kl x KL(frozen || IRM-on) on the target positions (the frozen model's next-token distribution
+    from a no-grad forward without hooks, so the anchor's gradient reaches the IRM alone)."""
+    outs: list[torch.Tensor] = []
+    dev = subject.device
+    ids, mask = batch["input_ids"].to(dev), batch["attention_mask"].to(dev)
+    with irm.attached(subject, on_output=(lambda o, ctx: outs.append(o)) if l1 > 0 else None):
+        logits = subject.model(input_ids=ids, attention_mask=mask).logits
+    lm = lm_loss(logits, batch["labels"])
+    loss = lm
+    if l1 > 0:
+        m = mask.bool()
+        loss = loss + l1 * torch.stack([o[m].abs().mean() for o in outs]).mean()
+    if kl > 0:
+        with torch.no_grad():
+            frozen = subject.model(input_ids=ids, attention_mask=mask).logits
+        loss = loss + kl * kl_to_frozen(frozen, logits, batch["labels"])
+    return loss, lm
 
 
 @torch.no_grad()
@@ -257,10 +274,12 @@ def _check_same_plan(saved: dict[str, Any], plan: dict[str, Any]) -> None:
     keys = [("data", "sha256"), ("irm", "inject_layers"), ("irm", "read_layer"), ("irm", "read_site"),
             ("irm", "inject_site"), ("irm", "width"), ("irm", "depth"), ("irm", "model_fingerprint"),
             ("train", "seed"), ("train", "batch_size"), ("train", "lr"), ("train", "max_len"),
-            ("train", "val_fraction"), ("train", "chat"), ("train", "l1")]
+            ("train", "val_fraction"), ("train", "chat"), ("train", "l1"), ("train", "kl")]
+    defaults = {("train", "kl"): 0.0}         # options added later: a run saved before them used the default
     for a, b in keys:
-        if saved.get(a, {}).get(b) != plan[a][b]:
-            raise NeuronscopeError(f"Cannot resume: {a}.{b} was {saved.get(a, {}).get(b)!r} in this run and is now "
+        was = saved.get(a, {}).get(b, defaults.get((a, b)))
+        if was != plan[a][b]:
+            raise NeuronscopeError(f"Cannot resume: {a}.{b} was {was!r} in this run and is now "
                                    f"{plan[a][b]!r}; use the same options or a new run folder.")
 
 
@@ -322,5 +341,5 @@ def _load_optimizer(opt, path: Path, device) -> None:
     opt.load_state_dict({"state": state, "param_groups": groups})
 
 
-__all__ = ["TrainConfig", "TrainResult", "train_irm", "train_step", "validation_loss", "load_run",
+__all__ = ["TrainConfig", "TrainResult", "train_irm", "train_step", "irm_loss", "validation_loss", "load_run",
            "latest_checkpoint"]
