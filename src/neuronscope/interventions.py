@@ -24,8 +24,10 @@ One hook per (layer, site) runs all active edits in order, then all captures, so
 actually used. Positions are absolute token positions (columns of the input), tracked across `generate`'s KV-cache
 calls; "prompt" means the positions of the first call (the prefill), "generated" every later one. Note that the
 first generated token is predicted from the prefill's last position, so an edit on "generated" positions first
-changes the second generated token. Hooks are always removed when the context ends, also on an exception; no weight
-is ever changed.
+changes the second generated token. A prefill split into chunks over a KV cache (each chunk its own `intervene`, as
+the Monitor does to share the model between sessions) passes `intervene(..., prompt_len=N)`: every call then knows
+that positions 0..N-1 are the prompt, whatever chunk it runs; its absolute start is the cache's length as always.
+Hooks are always removed when the context ends, also on an exception; no weight is ever changed.
 """
 from __future__ import annotations
 
@@ -591,11 +593,14 @@ class BoundResidualFunction(Bound):
 # the hook runner
 # ---------------------------------------------------------------------------------------------------------------
 class _Runner:
-    def __init__(self, subject: Subject, interventions: Sequence[Intervention]):
+    def __init__(self, subject: Subject, interventions: Sequence[Intervention], prompt_len: int | None = None):
         self.subject = subject
         self.interventions = list(interventions)
         self.bound: list[Bound] = []
         self.ctx = StepContext()
+        self.fixed_prompt_len = prompt_len
+        if prompt_len is not None:
+            self.ctx.prompt_len = prompt_len
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
         self.fns: dict[tuple[int, str], list[Hook]] = {}
         self._mid_delta: dict[int, torch.Tensor | None] = {}
@@ -638,7 +643,7 @@ class _Runner:
                 past = int(cache[0][0].shape[-2])
             self.ctx.start = past
             self.ctx.length = int(ids.shape[1]) if ids is not None else 0
-            if past == 0:
+            if past == 0 and self.fixed_prompt_len is None:
                 self.ctx.prompt_len = self.ctx.length
             self.ctx.grad = torch.is_grad_enabled()
             return None
@@ -692,10 +697,16 @@ class _Runner:
 
 
 @contextmanager
-def intervene(subject: Subject, *interventions: Intervention) -> Iterator[list[Bound]]:
+def intervene(subject: Subject, *interventions: Intervention, prompt_len: int | None = None) -> Iterator[list[Bound]]:
     """Activate interventions on `subject` for the duration of the block; yields their bound objects, in order
-    (read a capture's results from its bound object)."""
-    runner = _Runner(subject, interventions)
+    (read a capture's results from its bound object).
+
+    `prompt_len`: the length of the sequence's prompt, for a call that continues a KV cache (a chunk of a prefill
+    split over several calls, or one decoding step): "prompt" / "generated" positions then follow it instead of the
+    first call's length."""
+    if prompt_len is not None and (isinstance(prompt_len, bool) or not isinstance(prompt_len, int) or prompt_len < 0):
+        raise NeuronscopeError(f"prompt_len must be an integer >= 0, got {prompt_len!r}.")
+    runner = _Runner(subject, interventions, prompt_len)
     try:
         runner.install()
         yield list(runner.bound)

@@ -1,9 +1,18 @@
-"""Step-by-step decoding that shares one model fairly between sessions.
+"""Model calls that share one model fairly between sessions: step-by-step decoding and forwards in chunks.
 
-`FairLock` is a first-come, first-served lock: every model call of the Monitor (a decoding step, a view's forward,
-an attribution) takes it, and a waiting thread is served before the releasing thread can take it again. `decode`
-generates one token per lock hold (prefill, then one step per token, each under its own `intervene`), so a session
-streaming an answer waits at most for one model call of another session, never for its whole answer.
+`FairLock` is a first-come, first-served lock: every model call of the Monitor takes it, and a waiting thread is
+served before the releasing thread can take it again. No call holds it for more than about one decoding step:
+- `decode` generates one token per lock hold (the prompt's prefill in chunks of `chunk` positions, then one step
+  per token, each under its own `intervene`), so a session streaming an answer never waits for another session's
+  whole answer;
+- `forward_chunks` runs a view's forward (activations, attribution, exemplar marks) in chunks of `chunk` positions
+  over a KV cache, one lock hold per chunk, so a long conversation's view does not stall another session's stream.
+
+Each chunk binds the interventions anew with `prompt_len` = the whole prompt, and its hooks see absolute positions
+(the cache's length is the chunk's start), so a steering on a token range or on the generated tokens applies to the
+same positions as in one forward; results equal one forward within float rounding (tests/test_server_chunks.py).
+The backward of an attribution runs no hook (the intervention core installs forward hooks only, and a backward
+changes no module state), so `attribute_chunked` runs it outside the lock.
 
 Greedy decoding equals `transformers` `generate(do_sample=False)`; sampling is plain temperature sampling (top_k 0,
 top_p 1, as `Subject.generate_ids`) from a generator seeded with `seed`.
@@ -11,12 +20,19 @@ top_p 1, as `Subject.generate_ids`) from a generator seeded with `seed`.
 from __future__ import annotations
 
 import collections
+import inspect
 import threading
-from typing import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 import torch
 
-from ..interventions import Intervention, intervene
+from ..attribution import Attribution
+from ..errors import NeuronscopeError
+from ..interventions import BoundCapture, Capture, Intervention, ResidualFunction, intervene
+
+CHUNK_TOKENS = 32   # positions per lock hold; on SmolLM2-135M (2-core CPU) a 32-token chunk costs ~2-3 decoding steps
 
 
 class FairLock:
@@ -49,28 +65,64 @@ class FairLock:
         self.release()
 
 
+_CALL_ARGS: dict[type, tuple[str, bool]] = {}
+
+
+def _call_args(subject) -> tuple[str, bool]:
+    """(the forward's name for the KV cache, whether it takes logits_to_keep), read once per model class."""
+    cls = type(subject.model)
+    got = _CALL_ARGS.get(cls)
+    if got is None:
+        params = inspect.signature(subject.model.forward).parameters
+        got = _CALL_ARGS[cls] = ("cache" if "cache" in params else "past_key_values", "logits_to_keep" in params)
+    return got
+
+
+def _new_cache(subject):
+    from transformers import DynamicCache
+    try:
+        return DynamicCache(config=subject.config)
+    except (TypeError, ValueError, AttributeError):
+        return DynamicCache()
+
+
+def _check_chunk(chunk: int) -> int:
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise NeuronscopeError(f"The chunk size must be a positive number of tokens, got {chunk!r}.")
+    return chunk
+
+
 def decode(subject, prompt: Sequence[int], *, interventions: Sequence[Intervention], lock: FairLock,
            max_new_tokens: int, temperature: float, seed: int | None, eos: set[int],
-           on_token: Callable[[int], None], cancelled: Callable[[], bool] = lambda: False) -> list[int]:
-    """Generate after `prompt`, one model call per lock hold; calls `on_token(id)` for each new token."""
-    import inspect
-
-    from transformers import DynamicCache
-    cache = DynamicCache()
-    params = inspect.signature(subject.model.forward).parameters
-    extra: dict = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+           on_token: Callable[[int], None], cancelled: Callable[[], bool] = lambda: False,
+           chunk: int = CHUNK_TOKENS) -> list[int]:
+    """Generate after `prompt`, one model call per lock hold (the prefill in chunks of `chunk` positions); calls
+    `on_token(id)` for each new token."""
+    _check_chunk(chunk)
+    cache = _new_cache(subject)
+    cache_kw, keep = _call_args(subject)
+    extra: dict = {"logits_to_keep": 1} if keep else {}
     gen = None
     if temperature > 0:
         gen = torch.Generator(device="cpu")
         gen.manual_seed(int(seed) if seed is not None else int(torch.randint(0, 2 ** 31 - 1, (1,))))
-    inp = torch.tensor([list(prompt)], device=subject.device)
+    P = len(prompt)
+    ids = torch.tensor([list(prompt)], device=subject.device)
     new: list[int] = []
-    for _ in range(int(max_new_tokens)):
+    out = None
+    for a in range(0, P, chunk):  # the prefill
         if cancelled():
-            break
-        with lock, intervene(subject, *interventions), torch.no_grad():
-            extra["cache" if "cache" in params else "past_key_values"] = cache
-            out = subject.model(input_ids=inp, use_cache=True, **extra)
+            return new
+        with lock, intervene(subject, *interventions, prompt_len=P), torch.no_grad():
+            out = subject.model(input_ids=ids[:, a:a + chunk], use_cache=True, **{cache_kw: cache}, **extra)
+    for k in range(int(max_new_tokens)):
+        if k:
+            if cancelled():
+                break
+            with lock, intervene(subject, *interventions, prompt_len=P), torch.no_grad():
+                out = subject.model(input_ids=torch.tensor([[new[-1]]], device=subject.device), use_cache=True,
+                                    **{cache_kw: cache}, **extra)
+        assert out is not None
         logits = out.logits[0, -1].float()
         if temperature > 0:
             probs = torch.softmax(logits.cpu() / float(temperature), -1)
@@ -81,5 +133,121 @@ def decode(subject, prompt: Sequence[int], *, interventions: Sequence[Interventi
         on_token(t)
         if t in eos:
             break
-        inp = torch.tensor([[t]], device=subject.device)
     return new
+
+
+class _Stop(Exception):
+    """Raised by a hook after the last layer a chunk needs: the rest of the forward is not run."""
+
+
+def _stop(layer: int, x: torch.Tensor, ctx: Any) -> None:
+    raise _Stop()
+
+
+@dataclass
+class Chunks:
+    """What `forward_chunks` returns: the logits of every position ([T, vocab]; only the last one's, [1, vocab],
+    with last_logits; None with stop_after) and the capture's bound object of each chunk, in order."""
+    logits: torch.Tensor | None
+    captures: list[BoundCapture]
+
+    def activations(self) -> torch.Tensor:
+        """The captured activations of all chunks, [layers, batch, T, width] (the capture's first site)."""
+        parts = [c.activations if "neurons" in c.sites else c.get(c.sites[0]) for c in self.captures]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+
+
+def forward_chunks(subject, ids: torch.Tensor, *, lock: FairLock | None, chunk: int = CHUNK_TOKENS,
+                   interventions: Sequence[Intervention] = (), capture: Capture | None = None,
+                   last_logits: bool = False, grad: bool = False, stop_after: int | None = None) -> Chunks:
+    """One forward of `ids` [B, T] split into chunks of `chunk` positions over a KV cache, each chunk its own
+    `intervene` under its own hold of `lock` (None: no lock). `capture` (a Capture spec) is bound in every chunk;
+    `grad` keeps the autograd graph (for a backward after, outside the lock); `stop_after` runs only the layers up to
+    that one (no logits; the rest of each chunk's forward is skipped)."""
+    _check_chunk(chunk)
+    ids = torch.as_tensor(ids)
+    if ids.ndim == 1:
+        ids = ids.unsqueeze(0)
+    B, T = ids.shape
+    ids = ids.to(subject.device)
+    cache = _new_cache(subject)
+    cache_kw, keep = _call_args(subject)
+    extra: dict = {"logits_to_keep": 1} if (last_logits and keep) else {}
+    ivs = list(interventions)
+    if stop_after is not None:
+        ivs.append(ResidualFunction(layers=[subject.check_layer(stop_after)], site="resid.post", fn=_stop))
+    if capture is not None:
+        ivs.append(capture)
+    caps: list[BoundCapture] = []
+    logits: list[torch.Tensor] = []
+    for a in range(0, T, chunk):
+        with lock if lock is not None else nullcontext(), intervene(subject, *ivs, prompt_len=T) as bound, \
+                (torch.enable_grad() if grad else torch.no_grad()):
+            try:
+                out = subject.model(input_ids=ids[:, a:a + chunk], use_cache=True, **{cache_kw: cache}, **extra)
+            except _Stop:
+                out = None
+        if capture is not None:
+            cap = bound[-1]
+            assert isinstance(cap, BoundCapture)
+            caps.append(cap)
+        if out is not None and (not last_logits or a + chunk >= T):
+            logits.append(out.logits[0] if B == 1 else out.logits)
+    lg = None
+    if logits:
+        lg = logits[0] if len(logits) == 1 else torch.cat(logits, dim=-2)
+        if last_logits:
+            lg = lg[..., -1:, :]
+    return Chunks(logits=lg, captures=caps)
+
+
+def attribute_chunked(subject, ids: torch.Tensor, target_position: int, target_token: int | None = None,
+                      top: int = 1000, *, lock: FairLock | None, chunk: int = CHUNK_TOKENS,
+                      interventions: Sequence[Intervention] = ()) -> Attribution:
+    """`neuronscope.attribution.attribute` with its forward in chunks under the lock and its backward outside it
+    (the same definition: |a * dp/da| of every neuron of every layer at every position before the target, p the
+    probability of the target token; the total derivative through zero probes). ids [1, T]; 1 <= target <= T."""
+    ids = torch.as_tensor(ids)
+    if ids.ndim == 1:
+        ids = ids.unsqueeze(0)
+    T = int(ids.shape[1])
+    if not 1 <= target_position <= T:
+        raise NeuronscopeError(f"Target position {target_position} is out of range: explain a token at positions "
+                               f"1 to {T - 1}.")
+    if target_token is None and target_position < T:
+        target_token = int(ids[0, target_position])
+    run = forward_chunks(subject, ids[:, :target_position], lock=lock, chunk=chunk, interventions=interventions,
+                         capture=Capture(grad=True), last_logits=True, grad=True)
+    assert run.logits is not None
+    with torch.enable_grad():  # outside the lock: a backward runs no forward hook
+        logits = run.logits[-1]
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        probs = torch.softmax(logits, dim=-1)
+        if target_token is None:
+            target_token = int(probs.argmax())
+        p = probs[int(target_token)]
+        leaves = [c.leaves() for c in run.captures]          # [chunk][layer]
+        flat = [leaf for per in leaves for leaf in per]
+        grads = torch.autograd.grad(p, flat, allow_unused=True)
+    layers = run.captures[0].layers
+    n_layers = len(layers)
+    per_layer_acts, per_layer_grads = [], []
+    for j in range(n_layers):
+        acts_j, grads_j = [], []
+        for c, cap in enumerate(run.captures):
+            acts_j.append(cap.get("neurons", layers[j])[0])
+            g = grads[c * n_layers + j]
+            grads_j.append(torch.zeros_like(leaves[c][j][0]) if g is None else g[0])
+        per_layer_acts.append(torch.cat(acts_j, dim=0))
+        per_layer_grads.append(torch.cat(grads_j, dim=0))
+    acts = torch.stack(per_layer_acts)                                                  # [L, T', N]
+    grad = torch.stack(per_layer_grads).to(acts.dtype)
+    score = (acts * grad).abs()
+    L, Tp, N = score.shape
+    k = min(top, score.numel())
+    vals, idx = torch.topk(score.reshape(-1), k)
+    layer_idx = torch.as_tensor(layers, dtype=torch.long)[idx // (Tp * N)]
+    return Attribution(
+        target_position=target_position, target_token=int(target_token), probability=float(p.detach()),
+        layer=layer_idx.cpu(), position=((idx // N) % Tp).cpu(), neuron=(idx % N).cpu(),
+        activation=acts.reshape(-1)[idx].cpu(), gradient=grad.reshape(-1)[idx].cpu(), score=vals.detach().cpu())

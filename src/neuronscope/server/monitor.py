@@ -6,8 +6,10 @@
     mon.activations(s, page_size=20)["rows"]
 
 One model serves every session: every model call runs under `Monitor.model_lock`, a first-come first-served lock,
-and answers are decoded one token per lock hold (`decoding.decode`), so one session's answer never waits for another
-session's whole answer, only for its current model call. An answer is generated to its end on the server even if the
+held for about one decoding step at a time: answers are decoded one token per lock hold (`decoding.decode`), and a
+view's forward (activations, attribution, exemplar marks) runs in chunks of `chunk_tokens` positions over a KV cache,
+one lock hold per chunk (`decoding.forward_chunks`), so one session's work never stalls another session's stream
+for longer than one chunk. An answer is generated to its end on the server even if the
 client goes away, and kept in the session (a reload mid-answer finds it; `state()["generating"]` shows the partial
 text meanwhile). Views of a conversation state are computed once and cached in the session until the conversation or
 its steerings change. Models without a chat template chat by plain continuation: the conversation is the text of its
@@ -22,11 +24,10 @@ from typing import Any, Iterator
 
 import torch
 
-from ..attribution import attribute
 from ..errors import NeuronscopeError
-from ..interventions import Capture, Clamp, intervene
+from ..interventions import Capture, Clamp
 from ..refs import check_neuron, check_polarity
-from .decoding import FairLock, decode
+from .decoding import CHUNK_TOKENS, FairLock, attribute_chunked, decode, forward_chunks
 from .knowledge import Knowledge
 from .limits import Limits
 from .sessions import Message, Session, SessionStore, Steering
@@ -41,8 +42,12 @@ EXPORT_FORMAT = "neuronscope-monitor-session/1"
 
 class Monitor:
     def __init__(self, subject, knowledge: Knowledge | None = None, limits: Limits | None = None,
-                 sessions: SessionStore | None = None):
+                 sessions: SessionStore | None = None, chunk_tokens: int = CHUNK_TOKENS):
+        """`chunk_tokens`: positions of a view's forward (or a prefill) run per hold of the model lock."""
+        if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1:
+            raise NeuronscopeError(f"chunk_tokens must be a positive number of tokens, got {chunk_tokens!r}.")
         self.subject = subject
+        self.chunk_tokens = chunk_tokens
         self.knowledge = knowledge if knowledge is not None else Knowledge.load(subject, None)
         self.limits = limits if limits is not None else Limits()
         self.sessions = sessions if sessions is not None else SessionStore(
@@ -286,7 +291,8 @@ class Monitor:
         def work():
             try:
                 decode(self.subject, prompt, interventions=ivs, lock=self.model_lock, max_new_tokens=max_new_tokens,
-                       temperature=float(temperature), seed=seed, eos=self.eos, on_token=on_token)
+                       temperature=float(temperature), seed=seed, eos=self.eos, on_token=on_token,
+                       chunk=self.chunk_tokens)
                 content_ids = [t for t in new if t not in self.eos]
                 with s.lock:
                     s.messages.append(Message("assistant", self.subject.decode(content_ids), ids=content_ids,
@@ -341,7 +347,8 @@ class Monitor:
         return ivs, steered
 
     def analysis(self, s: Session) -> dict[str, Any]:
-        """One forward of the conversation (with its steerings): tokens, top-5, firing neurons. Cached."""
+        """One forward of the conversation (with its steerings; in chunks, one lock hold each): tokens, top-5,
+        firing neurons. Cached."""
         with s.lock:
             a = s.cache.get("analysis")
             if a is not None:
@@ -352,11 +359,11 @@ class Monitor:
                 s.cache["analysis"] = a
                 return a
             ivs, steered = self._analysis_edits(s)
-            ids = torch.tensor([r["ids"]], device=self.subject.device)
-            cap = Capture(layers=None, sites=("neurons",))
-            with self.model_lock, intervene(self.subject, *ivs, cap), torch.no_grad():
-                logits = self.subject.model(input_ids=ids, use_cache=False).logits[0].float()
-            acts = cap.activations[:, 0].float()                                   # [L, T, N]
+            run = forward_chunks(self.subject, torch.tensor([r["ids"]]), lock=self.model_lock,
+                                 chunk=self.chunk_tokens, interventions=ivs, capture=Capture(layers=None))
+            assert run.logits is not None
+            logits = run.logits.float()                                            # [T, vocab]
+            acts = run.activations()[:, 0].float()                                 # [L, T, N]
             a = self._summarise(r, logits, acts, steered)
             s.cache["analysis"] = a
             return a
@@ -541,9 +548,9 @@ class Monitor:
             res = s.cache.get(key)
             if res is None:
                 ivs, _ = self._analysis_edits(s)
-                with self.model_lock:
-                    att = attribute(self.subject, torch.tensor([r["ids"]]), position, token_id,
-                                    top=self.limits.attribution_top, interventions=tuple(ivs))
+                att = attribute_chunked(self.subject, torch.tensor([r["ids"]]), position, token_id,
+                                        top=self.limits.attribution_top, lock=self.model_lock,
+                                        chunk=self.chunk_tokens, interventions=ivs)
                 strs = self.display_tokens(r["ids"])
                 rows = []
                 for row in att.rows():
@@ -594,22 +601,30 @@ class Monitor:
             if n_exemplars and k.stats is not None:
                 found = k.exemplars(layer, neuron, pol, n_exemplars)
                 if marks:
-                    from ..stats.results import with_window_acts
-                    with self.model_lock:
-                        found = with_window_acts(self.subject, found, layer, neuron)
+                    for e in found:
+                        e["acts"] = self._window_acts(e["token_ids"], layer, neuron)
                 for e in found:
                     acts = e.get("acts")
-                    marks = [k.normalise_one(layer, neuron, x) for x in acts] if acts else None
+                    marked = [k.normalise_one(layer, neuron, x) for x in acts] if acts else None
                     ex.append({"activation": float(e["activation"]), "normalised": k.normalise_one(
                         layer, neuron, float(e["activation"])), "position": int(e["position"]),
                         "tokens": self.display_tokens(list(e["token_ids"])) if e.get("token_ids") else
-                        list(e["tokens"]), "text": e.get("text", ""), "marks": marks})
+                        list(e["tokens"]), "text": e.get("text", ""), "marks": marked})
             exemplars[pol] = ex
         return {"layer": layer, "neuron": neuron, "decodes": decodes, "decodes_source": source,
                 "descriptions": {p: k.description(layer, neuron, p) for p in ("pos", "neg")},
                 "exemplars": exemplars, "quantiles": k.quantiles_of(layer, neuron),
                 "quantile_marks": self._level_marks(), "normalised_by": self._normalised_by(),
                 "notes": list(k.notes)}
+
+    def _window_acts(self, window: list[int], layer: int, neuron: int) -> list[float]:
+        """Neuron (layer, neuron)'s activation at every token of an exemplar window: a forward in chunks under the
+        lock that stops after `layer` (the layers above it cannot change the neuron)."""
+        run = forward_chunks(self.subject, torch.tensor([list(window)]), lock=self.model_lock,
+                             chunk=self.chunk_tokens, capture=Capture(layers=[layer], neurons=[neuron]),
+                             stop_after=layer)
+        out: list[float] = run.activations()[0, 0, :, 0].float().tolist()
+        return out
 
     def _level_marks(self) -> dict[str, str] | None:
         """{level: mark} for the statistics' levels the corpus does not resolve (stats.levels), else None."""
