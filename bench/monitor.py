@@ -3,7 +3,9 @@
 Prints, measured in one run (medians of --reps, the baseline interleaved with each view):
   activation view / plain forward (target <= 1.5), attribution view / plain forward (target <= 3),
   the latency of every action that needs no forward pass (target <= 200 ms; first call and warm median),
-  time to first streamed token for 1, 2 and 4 concurrent users, and the memory a session holds.
+  time to first streamed token for 1, 2 and 4 concurrent users, the longest stall of a streaming answer while another
+  session runs a view of a long conversation (against that view's forward in one piece: how long the stream waited
+  before views ran in chunks), and the memory a session holds.
 
     .venv/bin/python bench/monitor.py [--atlas DIR | --stats-dir DIR] [--reps 7]
     .venv/bin/python bench/monitor.py --atlas DIR --alice OUT_DIR    # the seed article's loop in the real page
@@ -48,6 +50,7 @@ def main() -> None:
     ap.add_argument("--alice", default=None, help="run the Alice loop in the page; screenshots into this folder")
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--tokens", type=int, default=64, help="conversation length")
+    ap.add_argument("--long", type=int, default=900, help="length of the long conversation of the stall figures")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1 on a shared machine: 2 OpenMP threads on an oversubscribed CPU spin at "
                          "barriers and make the main thread's forwards erratic, 2-20x slower)")
@@ -133,6 +136,7 @@ def main() -> None:
 
     actions(mon, s, T, args)
     concurrent_ttft(mon, prompt_len)
+    stalls(mon, args.long)
 
     # memory a session holds after chat + tokens + activations + one attribution
     s.cache.clear()
@@ -312,6 +316,70 @@ def concurrent_ttft(mon, prompt_len: int, n_new: int = 24) -> None:
             t.join()
         print(f"  {users} user(s): first token median {1000 * med(ttft):7.0f} ms (max {1000 * max(ttft):.0f} ms); "
               f"whole answers median {1000 * med(total):.0f} ms (max {1000 * max(total):.0f} ms)")
+
+
+def stalls(mon, n_tokens: int) -> None:
+    """The longest gap between two tokens of a streaming answer while another session runs a view of an
+    `n_tokens`-token conversation, against the gaps of the stream alone and that view's forward in one piece."""
+    import threading
+
+    from neuronscope.server.decoding import decode
+    from neuronscope.server.sessions import Message
+    subject = mon.subject
+    b = mon.sessions.create()
+    para = "The village by the river had stone houses, narrow streets and a market that opened every morning. "
+    b.messages = [Message("user", para * max(1, n_tokens // 19)), Message("assistant", "It is a quiet place.")]
+    b.changed()
+    ids = torch.tensor([mon.render(b)["ids"]])
+    T = ids.shape[1]
+    one = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            subject.model(input_ids=ids, use_cache=False)
+        one.append(time.perf_counter() - t0)
+    t_one = med(one)
+    prompt = subject.encode(QUESTION, chat=subject.has_chat_template)[0].tolist()
+    l, n = 15 % subject.n_layers, 7
+
+    def activations():
+        b.cache.clear()
+        mon.activations(b, page_size=5)
+
+    def attribution():
+        b.cache.clear()
+        mon.attribution(b, T - 1, page_size=5)
+
+    def marks():
+        mon._neuron_cache.clear()
+        mon.neuron(l, n, 8)
+    print(f"stall of a streaming answer while another session runs a view of a {T}-token conversation "
+          f"(chunks of {mon.chunk_tokens} tokens while an answer streams; its forward in one piece: "
+          f"{1000 * t_one:.0f} ms):")
+    for name, view in (("alone (no view)", None), ("activation view", activations), ("attribution view", attribution),
+                       (f"neuron {l}:{n} marks (16 windows)", marks)):
+        times: list[float] = []
+        done = threading.Event()
+
+        def stream(times=times, done=done):
+            decode(subject, prompt, interventions=[], lock=mon.model_lock, max_new_tokens=100000, temperature=0.0,
+                   seed=None, eos=set(), on_token=lambda t: times.append(time.perf_counter()), cancelled=done.is_set)
+        th = threading.Thread(target=stream)
+        th.start()
+        while len(times) < 4:
+            time.sleep(0.005)
+        t0 = time.perf_counter()
+        if view is None:
+            time.sleep(3.0)
+        else:
+            view()
+        t1 = time.perf_counter()
+        done.set()
+        th.join()
+        gaps = [y - x for x, y in zip(times, times[1:]) if y > t0 and x < t1]
+        print(f"  {name:34s} view {1000 * (t1 - t0):7.0f} ms; stream gaps median {1000 * med(gaps):5.0f} ms, "
+              f"longest {1000 * max(gaps):5.0f} ms ({max(gaps) / t_one:.2f} x the forward in one piece; "
+              f"{len(gaps)} gaps)")
 
 
 if __name__ == "__main__":

@@ -55,6 +55,24 @@ def test_a_forward_in_chunks_equals_one_forward(subject):
     torch.testing.assert_close(part.activations()[0], ref[2][..., [5, 6]], rtol=1e-4, atol=1e-4)
 
 
+def test_chunks_are_small_only_while_an_answer_streams(subject):
+    ids = subject.tokenizer(TEXT, return_tensors="pt")["input_ids"]
+    T = ids.shape[1]
+    lock = FairLock()
+    alone = forward_chunks(subject, ids, lock=lock, chunk=4, idle_chunk=16, capture=Capture(layers=[0]))
+    assert len(alone.captures) == -(-T // 16)
+    with lock.streaming():  # as decode does while an answer streams
+        busy = forward_chunks(subject, ids, lock=lock, chunk=4, idle_chunk=16, capture=Capture(layers=[0]))
+        assert lock.streams == 1
+    assert lock.streams == 0 and len(busy.captures) == -(-T // 4)
+    torch.testing.assert_close(alone.activations(), busy.activations(), rtol=1e-4, atol=1e-4)
+    # an answer counts itself as streaming while it is decoded, and no longer after
+    seen: list[int] = []
+    decode(subject, ids[0].tolist(), interventions=[], lock=lock, max_new_tokens=3, temperature=0.0, seed=None,
+           eos=set(), on_token=lambda t: seen.append(lock.streams))
+    assert seen == [1, 1, 1] and lock.streams == 0
+
+
 def test_attribution_in_chunks_equals_the_library(subject):
     ids = subject.tokenizer(TEXT, return_tensors="pt")["input_ids"]
     ivs = _edits()
@@ -83,7 +101,7 @@ def test_chunked_prefill_decodes_the_same_answer(subject):
     for chunk in (1, 5, 1000):
         got: list[int] = []
         decode(subject, ids[0].tolist(), interventions=ivs, lock=FairLock(), max_new_tokens=12, temperature=0.0,
-               seed=None, eos=set(), on_token=got.append, chunk=chunk)
+               seed=None, eos=set(), on_token=got.append, chunk=chunk, idle_chunk=None)
         assert got == want[:len(got)] and len(got) == 12
 
 
@@ -91,7 +109,8 @@ def test_monitor_views_in_chunks_equal_one_forward(subject):
     """A tiny chunk (5 tokens) against one forward (chunk 10,000), with steerings on a prompt range and on the
     generated tokens: the same tokens, top-5, firing neurons, attribution and exemplar marks."""
     knowledge = Knowledge.load(subject, stories_atlas_dir(True))
-    small, whole = Monitor(subject, knowledge, chunk_tokens=5), Monitor(subject, knowledge, chunk_tokens=10_000)
+    small = Monitor(subject, knowledge, chunk_tokens=5, idle_chunk_tokens=5)
+    whole = Monitor(subject, knowledge, chunk_tokens=10_000, idle_chunk_tokens=10_000)
     views = []
     for mon in (small, whole):
         s = mon.sessions.create()

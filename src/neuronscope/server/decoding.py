@@ -1,12 +1,17 @@
 """Model calls that share one model fairly between sessions: step-by-step decoding and forwards in chunks.
 
 `FairLock` is a first-come, first-served lock: every model call of the Monitor takes it, and a waiting thread is
-served before the releasing thread can take it again. No call holds it for more than about one decoding step:
-- `decode` generates one token per lock hold (the prompt's prefill in chunks of `chunk` positions, then one step
-  per token, each under its own `intervene`), so a session streaming an answer never waits for another session's
-  whole answer;
-- `forward_chunks` runs a view's forward (activations, attribution, exemplar marks) in chunks of `chunk` positions
-  over a KV cache, one lock hold per chunk, so a long conversation's view does not stall another session's stream.
+served before the releasing thread can take it again. While an answer streams, no call holds it for longer than a
+decoding step or one chunk of `chunk` positions (32 by default: on SmolLM2-135M on a 2-core CPU a step costs ~64 ms
+and a 32-token chunk ~180 ms, so a stream's gap during another session's view is ~0.25 s instead of that view's
+whole forward, ~3.5 s for 1024 tokens):
+- `decode` generates one token per lock hold (the prompt's prefill in chunks, then one step per token, each under
+  its own `intervene`), so a session streaming an answer never waits for another session's whole answer;
+- `forward_chunks` runs a view's forward (activations, attribution, exemplar marks) in chunks over a KV cache, one
+  lock hold per chunk, so a long conversation's view does not stall another session's stream.
+Splitting costs one extra weight pass per chunk (~a decoding step), so chunks are small only while some answer is
+streaming (`FairLock.streams`, counted by `decode`); otherwise they are `idle_chunk` positions (256 by default: a
+view runs at the speed of one forward, and an answer that starts meanwhile waits for at most one such chunk).
 
 Each chunk binds the interventions anew with `prompt_len` = the whole prompt, and its hooks see absolute positions
 (the cache's length is the chunk's start), so a steering on a token range or on the generated tokens applies to the
@@ -22,9 +27,9 @@ from __future__ import annotations
 import collections
 import inspect
 import threading
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -32,7 +37,8 @@ from ..attribution import Attribution
 from ..errors import NeuronscopeError
 from ..interventions import BoundCapture, Capture, Intervention, ResidualFunction, intervene
 
-CHUNK_TOKENS = 32   # positions per lock hold; on SmolLM2-135M (2-core CPU) a 32-token chunk costs ~2-3 decoding steps
+CHUNK_TOKENS = 32         # positions per lock hold while another session's answer streams
+IDLE_CHUNK_TOKENS = 256   # positions per lock hold while no answer streams
 
 
 class FairLock:
@@ -42,6 +48,22 @@ class FairLock:
         self._cond = threading.Condition(threading.Lock())
         self._queue: collections.deque = collections.deque()
         self._held = False
+        self.streams = 0          # answers being decoded now (`streaming`)
+
+    @contextmanager
+    def streaming(self) -> Iterator[None]:
+        """Count an answer as streaming for the duration of the block (other calls then use small chunks)."""
+        with self._cond:
+            self.streams += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.streams -= 1
+
+    def chunk_size(self, chunk: int, idle_chunk: int | None, own: int = 0) -> int:
+        """`chunk` while an answer other than the caller's `own` streams, else `idle_chunk` (default `chunk`)."""
+        return chunk if idle_chunk is None or self.streams > own else idle_chunk
 
     def acquire(self) -> None:
         me = object()
@@ -95,10 +117,16 @@ def _check_chunk(chunk: int) -> int:
 def decode(subject, prompt: Sequence[int], *, interventions: Sequence[Intervention], lock: FairLock,
            max_new_tokens: int, temperature: float, seed: int | None, eos: set[int],
            on_token: Callable[[int], None], cancelled: Callable[[], bool] = lambda: False,
-           chunk: int = CHUNK_TOKENS) -> list[int]:
-    """Generate after `prompt`, one model call per lock hold (the prefill in chunks of `chunk` positions); calls
-    `on_token(id)` for each new token."""
-    _check_chunk(chunk)
+           chunk: int = CHUNK_TOKENS, idle_chunk: int | None = IDLE_CHUNK_TOKENS) -> list[int]:
+    """Generate after `prompt`, one model call per lock hold (the prefill in chunks of `chunk` positions while
+    another answer streams, else of `idle_chunk`); calls `on_token(id)` for each new token."""
+    with lock.streaming():
+        return _decode(subject, prompt, interventions, lock, max_new_tokens, temperature, seed, eos, on_token,
+                       cancelled, _check_chunk(chunk), None if idle_chunk is None else _check_chunk(idle_chunk))
+
+
+def _decode(subject, prompt, interventions, lock, max_new_tokens, temperature, seed, eos, on_token, cancelled,
+            chunk, idle_chunk) -> list[int]:
     cache = _new_cache(subject)
     cache_kw, keep = _call_args(subject)
     extra: dict = {"logits_to_keep": 1} if keep else {}
@@ -110,11 +138,14 @@ def decode(subject, prompt: Sequence[int], *, interventions: Sequence[Interventi
     ids = torch.tensor([list(prompt)], device=subject.device)
     new: list[int] = []
     out = None
-    for a in range(0, P, chunk):  # the prefill
+    a = 0
+    while a < P:  # the prefill
         if cancelled():
             return new
         with lock, intervene(subject, *interventions, prompt_len=P), torch.no_grad():
-            out = subject.model(input_ids=ids[:, a:a + chunk], use_cache=True, **{cache_kw: cache}, **extra)
+            c = lock.chunk_size(chunk, idle_chunk, own=1)
+            out = subject.model(input_ids=ids[:, a:a + c], use_cache=True, **{cache_kw: cache}, **extra)
+        a += c
     for k in range(int(max_new_tokens)):
         if k:
             if cancelled():
@@ -158,13 +189,17 @@ class Chunks:
 
 
 def forward_chunks(subject, ids: torch.Tensor, *, lock: FairLock | None, chunk: int = CHUNK_TOKENS,
-                   interventions: Sequence[Intervention] = (), capture: Capture | None = None,
-                   last_logits: bool = False, grad: bool = False, stop_after: int | None = None) -> Chunks:
-    """One forward of `ids` [B, T] split into chunks of `chunk` positions over a KV cache, each chunk its own
-    `intervene` under its own hold of `lock` (None: no lock). `capture` (a Capture spec) is bound in every chunk;
+                   idle_chunk: int | None = None, interventions: Sequence[Intervention] = (),
+                   capture: Capture | None = None, last_logits: bool = False, grad: bool = False,
+                   stop_after: int | None = None) -> Chunks:
+    """One forward of `ids` [B, T] split into chunks over a KV cache, each chunk its own `intervene` under its own
+    hold of `lock` (None: no lock): chunks of `chunk` positions while an answer streams, else of `idle_chunk`
+    (default: `chunk` always). `capture` (a Capture spec) is bound in every chunk;
     `grad` keeps the autograd graph (for a backward after, outside the lock); `stop_after` runs only the layers up to
     that one (no logits; the rest of each chunk's forward is skipped)."""
     _check_chunk(chunk)
+    if idle_chunk is not None:
+        _check_chunk(idle_chunk)
     ids = torch.as_tensor(ids)
     if ids.ndim == 1:
         ids = ids.unsqueeze(0)
@@ -180,19 +215,22 @@ def forward_chunks(subject, ids: torch.Tensor, *, lock: FairLock | None, chunk: 
         ivs.append(capture)
     caps: list[BoundCapture] = []
     logits: list[torch.Tensor] = []
-    for a in range(0, T, chunk):
+    a = 0
+    while a < T:
         with lock if lock is not None else nullcontext(), intervene(subject, *ivs, prompt_len=T) as bound, \
                 (torch.enable_grad() if grad else torch.no_grad()):
+            c = chunk if lock is None else lock.chunk_size(chunk, idle_chunk)
             try:
-                out = subject.model(input_ids=ids[:, a:a + chunk], use_cache=True, **{cache_kw: cache}, **extra)
+                out = subject.model(input_ids=ids[:, a:a + c], use_cache=True, **{cache_kw: cache}, **extra)
             except _Stop:
                 out = None
         if capture is not None:
             cap = bound[-1]
             assert isinstance(cap, BoundCapture)
             caps.append(cap)
-        if out is not None and (not last_logits or a + chunk >= T):
+        if out is not None and (not last_logits or a + c >= T):
             logits.append(out.logits[0] if B == 1 else out.logits)
+        a += c
     lg = None
     if logits:
         lg = logits[0] if len(logits) == 1 else torch.cat(logits, dim=-2)
@@ -203,7 +241,7 @@ def forward_chunks(subject, ids: torch.Tensor, *, lock: FairLock | None, chunk: 
 
 def attribute_chunked(subject, ids: torch.Tensor, target_position: int, target_token: int | None = None,
                       top: int = 1000, *, lock: FairLock | None, chunk: int = CHUNK_TOKENS,
-                      interventions: Sequence[Intervention] = ()) -> Attribution:
+                      idle_chunk: int | None = None, interventions: Sequence[Intervention] = ()) -> Attribution:
     """`neuronscope.attribution.attribute` with its forward in chunks under the lock and its backward outside it
     (the same definition: |a * dp/da| of every neuron of every layer at every position before the target, p the
     probability of the target token; the total derivative through zero probes). ids [1, T]; 1 <= target <= T."""
@@ -216,7 +254,8 @@ def attribute_chunked(subject, ids: torch.Tensor, target_position: int, target_t
                                f"1 to {T - 1}.")
     if target_token is None and target_position < T:
         target_token = int(ids[0, target_position])
-    run = forward_chunks(subject, ids[:, :target_position], lock=lock, chunk=chunk, interventions=interventions,
+    run = forward_chunks(subject, ids[:, :target_position], lock=lock, chunk=chunk, idle_chunk=idle_chunk,
+                         interventions=interventions,
                          capture=Capture(grad=True), last_logits=True, grad=True)
     assert run.logits is not None
     with torch.enable_grad():  # outside the lock: a backward runs no forward hook

@@ -27,7 +27,7 @@ import torch
 from ..errors import NeuronscopeError
 from ..interventions import Capture, Clamp
 from ..refs import check_neuron, check_polarity
-from .decoding import CHUNK_TOKENS, FairLock, attribute_chunked, decode, forward_chunks
+from .decoding import CHUNK_TOKENS, IDLE_CHUNK_TOKENS, FairLock, attribute_chunked, decode, forward_chunks
 from .knowledge import Knowledge
 from .limits import Limits
 from .sessions import Message, Session, SessionStore, Steering
@@ -42,12 +42,15 @@ EXPORT_FORMAT = "neuronscope-monitor-session/1"
 
 class Monitor:
     def __init__(self, subject, knowledge: Knowledge | None = None, limits: Limits | None = None,
-                 sessions: SessionStore | None = None, chunk_tokens: int = CHUNK_TOKENS):
-        """`chunk_tokens`: positions of a view's forward (or a prefill) run per hold of the model lock."""
-        if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1:
-            raise NeuronscopeError(f"chunk_tokens must be a positive number of tokens, got {chunk_tokens!r}.")
+                 sessions: SessionStore | None = None, chunk_tokens: int = CHUNK_TOKENS,
+                 idle_chunk_tokens: int = IDLE_CHUNK_TOKENS):
+        """`chunk_tokens`: positions of a view's forward (or a prefill) run per hold of the model lock while an
+        answer streams; `idle_chunk_tokens`: the same while none does (see `decoding`)."""
+        for name, v in (("chunk_tokens", chunk_tokens), ("idle_chunk_tokens", idle_chunk_tokens)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise NeuronscopeError(f"{name} must be a positive number of tokens, got {v!r}.")
         self.subject = subject
-        self.chunk_tokens = chunk_tokens
+        self.chunk_tokens, self.idle_chunk_tokens = chunk_tokens, idle_chunk_tokens
         self.knowledge = knowledge if knowledge is not None else Knowledge.load(subject, None)
         self.limits = limits if limits is not None else Limits()
         self.sessions = sessions if sessions is not None else SessionStore(
@@ -292,7 +295,7 @@ class Monitor:
             try:
                 decode(self.subject, prompt, interventions=ivs, lock=self.model_lock, max_new_tokens=max_new_tokens,
                        temperature=float(temperature), seed=seed, eos=self.eos, on_token=on_token,
-                       chunk=self.chunk_tokens)
+                       chunk=self.chunk_tokens, idle_chunk=self.idle_chunk_tokens)
                 content_ids = [t for t in new if t not in self.eos]
                 with s.lock:
                     s.messages.append(Message("assistant", self.subject.decode(content_ids), ids=content_ids,
@@ -360,7 +363,8 @@ class Monitor:
                 return a
             ivs, steered = self._analysis_edits(s)
             run = forward_chunks(self.subject, torch.tensor([r["ids"]]), lock=self.model_lock,
-                                 chunk=self.chunk_tokens, interventions=ivs, capture=Capture(layers=None))
+                                 chunk=self.chunk_tokens, idle_chunk=self.idle_chunk_tokens, interventions=ivs,
+                                 capture=Capture(layers=None))
             assert run.logits is not None
             logits = run.logits.float()                                            # [T, vocab]
             acts = run.activations()[:, 0].float()                                 # [L, T, N]
@@ -550,7 +554,8 @@ class Monitor:
                 ivs, _ = self._analysis_edits(s)
                 att = attribute_chunked(self.subject, torch.tensor([r["ids"]]), position, token_id,
                                         top=self.limits.attribution_top, lock=self.model_lock,
-                                        chunk=self.chunk_tokens, interventions=ivs)
+                                        chunk=self.chunk_tokens, idle_chunk=self.idle_chunk_tokens,
+                                        interventions=ivs)
                 strs = self.display_tokens(r["ids"])
                 rows = []
                 for row in att.rows():
@@ -595,21 +600,22 @@ class Monitor:
     def _neuron(self, layer: int, neuron: int, n_exemplars: int, marks: bool) -> dict[str, Any]:
         k = self.knowledge
         decodes, source = k.decodes(layer, neuron)
+        found = {pol: k.exemplars(layer, neuron, pol, n_exemplars) if n_exemplars and k.stats is not None else []
+                 for pol in ("pos", "neg")}
+        if marks:
+            every = [e for pol in ("pos", "neg") for e in found[pol]]
+            for e, acts in zip(every, self._window_acts([list(e["token_ids"]) for e in every], layer, neuron)):
+                e["acts"] = acts
         exemplars = {}
         for pol in ("pos", "neg"):
             ex = []
-            if n_exemplars and k.stats is not None:
-                found = k.exemplars(layer, neuron, pol, n_exemplars)
-                if marks:
-                    for e in found:
-                        e["acts"] = self._window_acts(e["token_ids"], layer, neuron)
-                for e in found:
-                    acts = e.get("acts")
-                    marked = [k.normalise_one(layer, neuron, x) for x in acts] if acts else None
-                    ex.append({"activation": float(e["activation"]), "normalised": k.normalise_one(
-                        layer, neuron, float(e["activation"])), "position": int(e["position"]),
-                        "tokens": self.display_tokens(list(e["token_ids"])) if e.get("token_ids") else
-                        list(e["tokens"]), "text": e.get("text", ""), "marks": marked})
+            for e in found[pol]:
+                acts = e.get("acts")
+                marked = [k.normalise_one(layer, neuron, x) for x in acts] if acts else None
+                ex.append({"activation": float(e["activation"]), "normalised": k.normalise_one(
+                    layer, neuron, float(e["activation"])), "position": int(e["position"]),
+                    "tokens": self.display_tokens(list(e["token_ids"])) if e.get("token_ids") else
+                    list(e["tokens"]), "text": e.get("text", ""), "marks": marked})
             exemplars[pol] = ex
         return {"layer": layer, "neuron": neuron, "decodes": decodes, "decodes_source": source,
                 "descriptions": {p: k.description(layer, neuron, p) for p in ("pos", "neg")},
@@ -617,14 +623,28 @@ class Monitor:
                 "quantile_marks": self._level_marks(), "normalised_by": self._normalised_by(),
                 "notes": list(k.notes)}
 
-    def _window_acts(self, window: list[int], layer: int, neuron: int) -> list[float]:
-        """Neuron (layer, neuron)'s activation at every token of an exemplar window: a forward in chunks under the
-        lock that stops after `layer` (the layers above it cannot change the neuron)."""
-        run = forward_chunks(self.subject, torch.tensor([list(window)]), lock=self.model_lock,
-                             chunk=self.chunk_tokens, capture=Capture(layers=[layer], neurons=[neuron]),
-                             stop_after=layer)
-        out: list[float] = run.activations()[0, 0, :, 0].float().tolist()
-        return out
+    def _window_acts(self, windows: list[list[int]], layer: int, neuron: int) -> list[list[float]]:
+        """Neuron (layer, neuron)'s activation at every token of each exemplar window: forwards that stop after
+        `layer` (the layers above cannot change it), windows of one length batched so that a lock hold runs about
+        one chunk of tokens (`decoding.forward_chunks`)."""
+        out: list[list[float] | None] = [None] * len(windows)
+        by_len: dict[int, list[int]] = {}
+        for j, w in enumerate(windows):
+            if w:
+                by_len.setdefault(len(w), []).append(j)
+        for n, js in by_len.items():
+            per_call = self.model_lock.chunk_size(self.chunk_tokens, self.idle_chunk_tokens)
+            rows = max(1, min(len(js), per_call // n))
+            for a in range(0, len(js), rows):
+                part = js[a:a + rows]
+                run = forward_chunks(self.subject, torch.tensor([windows[j] for j in part]), lock=self.model_lock,
+                                     chunk=max(1, self.chunk_tokens // len(part)),
+                                     idle_chunk=max(1, self.idle_chunk_tokens // len(part)),
+                                     capture=Capture(layers=[layer], neurons=[neuron]), stop_after=layer)
+                acts = run.activations()[0, :, :, 0].float()
+                for j, row in zip(part, acts):
+                    out[j] = row.tolist()
+        return [x if x is not None else [] for x in out]
 
     def _level_marks(self) -> dict[str, str] | None:
         """{level: mark} for the statistics' levels the corpus does not resolve (stats.levels), else None."""
@@ -696,18 +716,26 @@ class Monitor:
         return self._index_ok
 
     def warm(self) -> None:
-        """Load what the first views would load (descriptions, vocabulary, quantiles, the embedding index and
-        embedder), so the first click is as fast as the next; `neuronscope serve` runs it in the background."""
+        """Do once what the first click of each kind would do (read the descriptions, vocabulary, quantiles and
+        exemplar tables; load the embedding index and embedder, run one semantic search and one clustering; one
+        short forward with hooks), so the first click is as fast as the next; `neuronscope serve` runs it in the
+        background. Nothing is added to the caches of views."""
         self._descriptions()
         k = self.knowledge
-        try:
-            k.top_tokens(0, 0, "pos")
-            k.normalise_one(0, 0, 1.0)
-            if k.atlas_dir and self._has_index():
-                from ..embed import load_embedder
-                load_embedder(None)
-        except NeuronscopeError:
-            pass
+        steps = [lambda: k.top_tokens(0, 0, "pos"), lambda: k.normalise_one(0, 0, 1.0), lambda: k.decodes(0, 0),
+                 lambda: k.quantiles_of(0, 0), lambda: k.exemplars(0, 0, "pos", 1), self._level_marks,
+                 self._normalised_by, lambda: self.display_tokens(self.subject.encode("warm up")[0].tolist()),
+                 lambda: forward_chunks(self.subject, self.subject.encode("warm up")[0], lock=self.model_lock,
+                                        chunk=self.chunk_tokens, capture=Capture(layers=None))]
+        if k.atlas_dir and self._has_index():
+            from ..atlas.search import semantic_search
+            steps.append(lambda: semantic_search(k.atlas_dir, "the", k=5))
+        steps.append(lambda: k.clusters([(0, i, "pos") for i in range(min(8, self.subject.n_neurons))]))
+        for step in steps:
+            try:
+                step()
+            except NeuronscopeError:  # a part the atlas lacks: its views say so when asked
+                pass
 
     def clusters(self, s: Session, start: int | None = None, end: int | None = None, *, max_neurons: int = 300,
                  content_only: bool = False, interpretable: bool = False, sort: str = "activation",
