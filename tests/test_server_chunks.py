@@ -109,8 +109,8 @@ def test_monitor_views_in_chunks_equal_one_forward(subject):
     """A tiny chunk (5 tokens) against one forward (chunk 10,000), with steerings on a prompt range and on the
     generated tokens: the same tokens, top-5, firing neurons, attribution and exemplar marks."""
     knowledge = Knowledge.load(subject, stories_atlas_dir(True))
-    small = Monitor(subject, knowledge, chunk_tokens=5, idle_chunk_tokens=5)
-    whole = Monitor(subject, knowledge, chunk_tokens=10_000, idle_chunk_tokens=10_000)
+    small = Monitor(subject, knowledge, chunk_tokens=5, idle_chunk_tokens=5, grad_chunk_tokens=5)
+    whole = Monitor(subject, knowledge, chunk_tokens=10_000, idle_chunk_tokens=10_000, grad_chunk_tokens=10_000)
     views = []
     for mon in (small, whole):
         s = mon.sessions.create()

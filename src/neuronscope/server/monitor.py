@@ -27,7 +27,8 @@ import torch
 from ..errors import NeuronscopeError
 from ..interventions import Capture, Clamp
 from ..refs import check_neuron, check_polarity
-from .decoding import CHUNK_TOKENS, IDLE_CHUNK_TOKENS, FairLock, attribute_chunked, decode, forward_chunks
+from .decoding import (CHUNK_TOKENS, GRAD_CHUNK_TOKENS, IDLE_CHUNK_TOKENS, FairLock, attribute_chunked, decode,
+                       forward_chunks)
 from .knowledge import Knowledge
 from .limits import Limits
 from .sessions import Message, Session, SessionStore, Steering
@@ -43,14 +44,17 @@ EXPORT_FORMAT = "neuronscope-monitor-session/1"
 class Monitor:
     def __init__(self, subject, knowledge: Knowledge | None = None, limits: Limits | None = None,
                  sessions: SessionStore | None = None, chunk_tokens: int = CHUNK_TOKENS,
-                 idle_chunk_tokens: int = IDLE_CHUNK_TOKENS):
+                 idle_chunk_tokens: int = IDLE_CHUNK_TOKENS, grad_chunk_tokens: int = GRAD_CHUNK_TOKENS):
         """`chunk_tokens`: positions of a view's forward (or a prefill) run per hold of the model lock while an
-        answer streams; `idle_chunk_tokens`: the same while none does (see `decoding`)."""
-        for name, v in (("chunk_tokens", chunk_tokens), ("idle_chunk_tokens", idle_chunk_tokens)):
+        answer streams (`grad_chunk_tokens` for an attribution's forward); `idle_chunk_tokens`: the same while none
+        does (see `decoding`)."""
+        for name, v in (("chunk_tokens", chunk_tokens), ("idle_chunk_tokens", idle_chunk_tokens),
+                        ("grad_chunk_tokens", grad_chunk_tokens)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise NeuronscopeError(f"{name} must be a positive number of tokens, got {v!r}.")
         self.subject = subject
         self.chunk_tokens, self.idle_chunk_tokens = chunk_tokens, idle_chunk_tokens
+        self.grad_chunk_tokens = grad_chunk_tokens
         self.knowledge = knowledge if knowledge is not None else Knowledge.load(subject, None)
         self.limits = limits if limits is not None else Limits()
         self.sessions = sessions if sessions is not None else SessionStore(
@@ -554,7 +558,7 @@ class Monitor:
                 ivs, _ = self._analysis_edits(s)
                 att = attribute_chunked(self.subject, torch.tensor([r["ids"]]), position, token_id,
                                         top=self.limits.attribution_top, lock=self.model_lock,
-                                        chunk=self.chunk_tokens, idle_chunk=self.idle_chunk_tokens,
+                                        chunk=self.grad_chunk_tokens, idle_chunk=self.idle_chunk_tokens,
                                         interventions=ivs)
                 strs = self.display_tokens(r["ids"])
                 rows = []
