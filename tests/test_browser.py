@@ -199,3 +199,71 @@ def test_monitor_page_end_to_end(tmp_path):
     if os.environ.get("NEURONSCOPE_KEEP_SCREENSHOTS"):
         import shutil
         shutil.copytree(tmp_path, os.environ["NEURONSCOPE_KEEP_SCREENSHOTS"], dirs_exist_ok=True)
+
+
+ALICE = "Alice has 4 brothers and 2 sisters. How many sisters does Alice's brother have?"
+
+
+@pytest.mark.slow
+def test_monitor_page_on_smollm2_alice(smollm, tmp_path):
+    """The seed article's question on the real instruct model (no atlas: raw activations): the greedy answer through
+    the chat template, the tooltip against the model's logits, a clicked token's attribution, and a steering that
+    regenerates the answer beside the old one."""
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: run `bash scripts/setup_system.sh` (apt chromium) for the browser test.")
+    from playwright.sync_api import sync_playwright
+    mon = Monitor(smollm)
+    errors: list[str] = []
+    with LiveServer(create_app(mon)) as srv, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1440, "height": 900})
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(srv.url + "/")
+            page.wait_for_selector("#model-info:has-text('layers')")
+            assert "statistics" in page.inner_text("#notes")  # no atlas: said on the page
+            page.fill("#max-tokens", "24")
+            page.fill("#message", ALICE)
+            page.click("#send")
+            page.wait_for_selector(".msg.assistant:not(.pending) .tok", timeout=120000)
+            page.wait_for_function("!document.querySelector('#send').disabled", timeout=120000)
+            answer = answer_text(page)
+            assert answer == smollm.generate(ALICE, chat=True, max_new_tokens=24).strip()
+            page.wait_for_selector("#act-table tbody tr", timeout=60000)
+
+            s = next(iter(mon.sessions._sessions.values()))
+            toks = mon.tokens(s)["tokens"]
+            ids = [t["id"] for t in toks]
+            pos = next(t["position"] for t in toks if t["role"] == "assistant") + 1
+            probs = torch.softmax(smollm.logits(torch.tensor([ids]))[0].float(), -1)
+            top = probs[pos - 1].topk(5)
+            page.hover(f'#conversation .tok[data-pos="{pos}"]')
+            tip = page.locator("#tooltip")
+            tip.wait_for(state="visible")
+            assert f"p={float(probs[pos - 1, ids[pos]]) * 100:.1f}%" in tip.inner_text()
+            rows = tip.locator("tr")
+            assert [rows.nth(k).locator("code").inner_text() for k in range(5)] == \
+                [json.dumps(x) for x in mon._next_strings(ids[pos - 1], top.indices.tolist())]
+
+            page.click(f'#conversation .tok[data-pos="{pos}"]')
+            page.wait_for_selector("#attr-table tbody tr", timeout=60000)
+            assert "top 1000" in page.inner_text("#attr-head")
+            att = mon.attribution(s, pos, page_size=1)
+            assert att["target_token"] == ids[pos]
+
+            # suppress the 20 neurons that most caused that token, on the generated tokens: a new answer beside
+            r = mon.attribution(s, pos, page_size=20)["rows"]
+            mon.add_steering(s, mode="suppress", neurons=[[x["layer"], x["neuron"]] for x in r], label="top20",
+                             ranges=[[0, pos]])
+            page.reload()
+            page.wait_for_selector("#steerbar .chip", timeout=30000)
+            page.click("#regenerate")
+            page.wait_for_function(
+                "() => { const w = document.querySelector('.msg.compare .who'); return w && "
+                "!document.querySelector('#send').disabled && !document.querySelector('.msg.pending') && "
+                "w.textContent.includes('top20'); }", timeout=120000)
+            assert page.inner_text(".msg.compare .previous .text").strip() == answer
+            page.screenshot(path=str(tmp_path / "smollm2-alice.png"))
+        finally:
+            browser.close()
+    assert not errors, errors
