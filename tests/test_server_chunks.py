@@ -14,7 +14,7 @@ import torch
 from neuronscope.attribution import attribute
 from neuronscope.interventions import Capture, Clamp, intervene
 from neuronscope.server import Knowledge, Monitor
-from neuronscope.server.decoding import FairLock, attribute_chunked, decode, forward_chunks
+from neuronscope.server.decoding import FairLock, _attribute_one_graph, attribute_chunked, decode, forward_chunks
 from neuronscope.server.sessions import Message
 from tests.test_server_support import _stories, stories_atlas_dir
 
@@ -79,8 +79,9 @@ def test_attribution_in_chunks_equals_the_library(subject):
     T = ids.shape[1]
     for pos in (T - 1, 9):
         ref = attribute(subject, ids, pos, interventions=tuple(ivs))
-        for chunk in (3, 8):
-            got = attribute_chunked(subject, ids, pos, lock=FairLock(), chunk=chunk, interventions=ivs)
+        for chunk, fn in ((3, attribute_chunked), (8, attribute_chunked), (5, _attribute_one_graph)):
+            got = fn(subject, ids, pos, ref.target_token, 1000, lock=FairLock(), chunk=chunk, idle_chunk=None,
+                     interventions=ivs)
             assert got.target_token == ref.target_token
             assert got.probability == pytest.approx(ref.probability, rel=1e-5)
             assert [(r["layer"], r["position"], r["neuron"]) for r in got.rows()[:100]] == \

@@ -17,10 +17,11 @@ Each chunk binds the interventions anew with `prompt_len` = the whole prompt, an
 (the cache's length is the chunk's start), so a steering on a token range or on the generated tokens applies to the
 same positions as in one forward; results equal one forward within float rounding (tests/test_server_chunks.py).
 The backward of an attribution runs no hook (the intervention core installs forward hooks only, and a backward
-changes no module state), so `attribute_chunked` runs it outside the lock. Its forward keeps, for the backward, each
-chunk's copy of the keys and values of every earlier position, so its memory and time grow with T^2 / chunk (a
-928-token SmolLM2 attribution: 3.1 GB and 12.5 s in one forward, 5.2 GB and 22.6 s in 32-token chunks, 3.9 GB and
-13.0 s in 128-token chunks): its chunks are `GRAD_CHUNK_TOKENS` (128) while an answer streams.
+changes no module state), so `attribute_chunked` runs it outside the lock, chunk by chunk from the last to the first
+(each chunk's past keys and values are leaves, their gradient passed on to the earlier chunks), so its memory stays
+O(T): a 928-token SmolLM2 attribution takes +2.4 GB and 23 s in 32-token chunks (+2.6 GB, 16 s in 128-token chunks)
+against +3.1 GB and 12.5 s in one piece (keeping every chunk's graph for one backward took +5.2 GB and 23 s: each chunk
+holds a copy of the earlier keys and values).
 
 Greedy decoding equals `transformers` `generate(do_sample=False)`; sampling is plain temperature sampling (top_k 0,
 top_p 1, as `Subject.generate_ids`) from a generator seeded with `seed`.
@@ -42,7 +43,7 @@ from ..interventions import BoundCapture, Capture, Intervention, ResidualFunctio
 
 CHUNK_TOKENS = 32         # positions per lock hold while another session's answer streams
 IDLE_CHUNK_TOKENS = 256   # positions per lock hold while no answer streams
-GRAD_CHUNK_TOKENS = 128   # the same for an attribution's forward while an answer streams (see attribute_chunked)
+GRAD_CHUNK_TOKENS = 32    # the same for an attribution's forward while an answer streams (see attribute_chunked)
 
 
 class FairLock:
@@ -185,6 +186,7 @@ class Chunks:
     with last_logits; None with stop_after) and the capture's bound object of each chunk, in order."""
     logits: torch.Tensor | None
     captures: list[BoundCapture]
+    cache: Any = None
 
     def activations(self) -> torch.Tensor:
         """The captured activations of all chunks, [layers, batch, T, width] (the capture's first site)."""
@@ -240,7 +242,7 @@ def forward_chunks(subject, ids: torch.Tensor, *, lock: FairLock | None, chunk: 
         lg = logits[0] if len(logits) == 1 else torch.cat(logits, dim=-2)
         if last_logits:
             lg = lg[..., -1:, :]
-    return Chunks(logits=lg, captures=caps)
+    return Chunks(logits=lg, captures=caps, cache=cache)
 
 
 def attribute_chunked(subject, ids: torch.Tensor, target_position: int, target_token: int | None = None,
@@ -248,7 +250,13 @@ def attribute_chunked(subject, ids: torch.Tensor, target_position: int, target_t
                       idle_chunk: int | None = None, interventions: Sequence[Intervention] = ()) -> Attribution:
     """`neuronscope.attribution.attribute` with its forward in chunks under the lock and its backward outside it
     (the same definition: |a * dp/da| of every neuron of every layer at every position before the target, p the
-    probability of the target token; the total derivative through zero probes). ids [1, T]; 1 <= target <= T."""
+    probability of the target token; the total derivative through zero probes). ids [1, T]; 1 <= target <= T.
+
+    Exact and in memory O(T): a first pass without gradients fills the keys and values of every position; then the
+    chunks run again from the last to the first, each with its past keys/values as leaves: its backward (outside the
+    lock) takes p (last chunk) plus the gradient that later chunks sent to its own keys/values, and passes the
+    gradient of its past keys/values on to the earlier chunks. Models whose cache is not plain full attention
+    (sliding windows) keep every chunk's graph instead (`_attribute_one_graph`)."""
     ids = torch.as_tensor(ids)
     if ids.ndim == 1:
         ids = ids.unsqueeze(0)
@@ -258,9 +266,102 @@ def attribute_chunked(subject, ids: torch.Tensor, target_position: int, target_t
                                f"1 to {T - 1}.")
     if target_token is None and target_position < T:
         target_token = int(ids[0, target_position])
+    from transformers.cache_utils import DynamicLayer
+    probe = _new_cache(subject)
+    if not all(type(layer) is DynamicLayer for layer in getattr(probe, "layers", [None])):
+        return _attribute_one_graph(subject, ids, target_position, target_token, top, lock=lock, chunk=chunk,
+                                    idle_chunk=idle_chunk, interventions=interventions)
+    prefix = ids[:, :target_position].to(subject.device)
+    Tp = int(prefix.shape[1])
+    size = chunk if lock is None else lock.chunk_size(chunk, idle_chunk)
+    starts = list(range(0, Tp, size))
+    kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+    if starts[-1] > 0:  # pass 1: keys and values of every position before the last chunk
+        first = forward_chunks(subject, prefix[:, :starts[-1]], lock=lock, chunk=chunk, idle_chunk=idle_chunk,
+                               interventions=interventions, last_logits=True)
+        kv = [(layer.keys.detach(), layer.values.detach()) for layer in first.cache.layers]
+    cache_kw, keep = _call_args(subject)
+    extra: dict = {"logits_to_keep": 1} if keep else {}
+    gk = [torch.zeros_like(k) for k, _ in kv]
+    gv = [torch.zeros_like(v) for _, v in kv]
+    acts: dict[int, list[torch.Tensor]] = {}
+    grads: dict[int, list[torch.Tensor]] = {}
+    layers: list[int] = []
+    p_value = 0.0
+    for a in reversed(starts):
+        b = min(a + size, Tp)
+        cache = _new_cache(subject)
+        past: list[tuple[torch.Tensor, torch.Tensor]] = []
+        with lock if lock is not None else nullcontext(), torch.enable_grad(), \
+                intervene(subject, *interventions, Capture(grad=True), prompt_len=Tp) as bound:
+            for l, (K, V) in enumerate(kv if a else []):
+                pk = K[..., :a, :].clone().requires_grad_(True)
+                pv = V[..., :a, :].clone().requires_grad_(True)
+                cache.update(pk, pv, l)
+                past.append((pk, pv))
+            out = subject.model(input_ids=prefix[:, a:b], use_cache=True, **{cache_kw: cache}, **extra)
+        cap = bound[-1]
+        assert isinstance(cap, BoundCapture)
+        layers = cap.layers
+        with torch.enable_grad():  # outside the lock: a backward runs no forward hook
+            outputs: list[torch.Tensor] = []
+            grad_out: list[torch.Tensor] = []
+            if b == Tp:
+                logits = out.logits[0, -1]
+                logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+                probs = torch.softmax(logits, dim=-1)
+                if target_token is None:
+                    target_token = int(probs.argmax())
+                p = probs[int(target_token)]
+                p_value = float(p.detach())
+                outputs.append(p)
+                grad_out.append(torch.ones_like(p))
+            else:  # what the later chunks sent to this chunk's own keys and values
+                for l, layer in enumerate(cache.layers):
+                    for full, g in ((layer.keys, gk[l]), (layer.values, gv[l])):
+                        if not full.requires_grad:  # e.g. layer 0 of the first chunk: no probe before it
+                            continue
+                        send = torch.zeros_like(full)
+                        send[..., a:b, :] = g[..., a:b, :]
+                        outputs.append(full)
+                        grad_out.append(send)
+            leaves = cap.leaves()
+            inputs = leaves + [t for pair in past for t in pair]
+            got = torch.autograd.grad(outputs, inputs, grad_out, allow_unused=True)
+        for j, l in enumerate(layers):
+            g = got[j]
+            acts.setdefault(l, []).insert(0, cap.get("neurons", l)[0])
+            grads.setdefault(l, []).insert(0, torch.zeros_like(leaves[j][0]) if g is None else g[0])
+        for l in range(len(past)):
+            for acc, g in ((gk[l], got[len(leaves) + 2 * l]), (gv[l], got[len(leaves) + 2 * l + 1])):
+                if g is not None:
+                    acc[..., :a, :] += g
+        del out, cache, past, outputs, grad_out
+    act_t = torch.stack([torch.cat(acts[l], dim=0) for l in layers])                     # [L, T', N]
+    grad_t = torch.stack([torch.cat(grads[l], dim=0) for l in layers]).to(act_t.dtype)
+    return _top_scores(act_t, grad_t, layers, target_position, int(target_token), p_value, top)
+
+
+def _top_scores(acts: torch.Tensor, grad: torch.Tensor, layers: list[int], target_position: int, target_token: int,
+                probability: float, top: int) -> Attribution:
+    score = (acts * grad).abs()
+    L, Tp, N = score.shape
+    k = min(top, score.numel())
+    vals, idx = torch.topk(score.reshape(-1), k)
+    layer_idx = torch.as_tensor(layers, dtype=torch.long)[idx // (Tp * N)]
+    return Attribution(
+        target_position=target_position, target_token=target_token, probability=probability,
+        layer=layer_idx.cpu(), position=((idx // N) % Tp).cpu(), neuron=(idx % N).cpu(),
+        activation=acts.reshape(-1)[idx].cpu(), gradient=grad.reshape(-1)[idx].cpu(), score=vals.detach().cpu())
+
+
+def _attribute_one_graph(subject, ids: torch.Tensor, target_position: int, target_token: int | None, top: int, *,
+                         lock: FairLock | None, chunk: int, idle_chunk: int | None,
+                         interventions: Sequence[Intervention]) -> Attribution:
+    """The attribution with its forward in chunks that keep their graphs for one backward (memory and time grow with
+    T^2 / chunk: each chunk keeps a copy of the earlier keys/values); for caches with sliding-window layers."""
     run = forward_chunks(subject, ids[:, :target_position], lock=lock, chunk=chunk, idle_chunk=idle_chunk,
-                         interventions=interventions,
-                         capture=Capture(grad=True), last_logits=True, grad=True)
+                         interventions=interventions, capture=Capture(grad=True), last_logits=True, grad=True)
     assert run.logits is not None
     with torch.enable_grad():  # outside the lock: a backward runs no forward hook
         logits = run.logits[-1]
@@ -285,12 +386,4 @@ def attribute_chunked(subject, ids: torch.Tensor, target_position: int, target_t
         per_layer_grads.append(torch.cat(grads_j, dim=0))
     acts = torch.stack(per_layer_acts)                                                  # [L, T', N]
     grad = torch.stack(per_layer_grads).to(acts.dtype)
-    score = (acts * grad).abs()
-    L, Tp, N = score.shape
-    k = min(top, score.numel())
-    vals, idx = torch.topk(score.reshape(-1), k)
-    layer_idx = torch.as_tensor(layers, dtype=torch.long)[idx // (Tp * N)]
-    return Attribution(
-        target_position=target_position, target_token=int(target_token), probability=float(p.detach()),
-        layer=layer_idx.cpu(), position=((idx // N) % Tp).cpu(), neuron=(idx % N).cpu(),
-        activation=acts.reshape(-1)[idx].cpu(), gradient=grad.reshape(-1)[idx].cpu(), score=vals.detach().cpu())
+    return _top_scores(acts, grad, layers, target_position, int(target_token), float(p.detach()), top)
