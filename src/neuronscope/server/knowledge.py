@@ -155,7 +155,7 @@ class Knowledge:
 
     def exemplars(self, layer: int, neuron: int, polarity: str, n: int) -> list[dict[str, Any]]:
         """The stored exemplars, read from the folder (the reader never runs the model; the Monitor fills in each
-        window's activations with `stats.results.with_window_acts`)."""
+        window's activations itself, `Monitor._window_acts`: a forward in chunks under the model lock)."""
         if self.stats is None:
             return []
         out: list[dict[str, Any]] = self.stats.exemplars(layer, neuron, polarity=polarity, n=n)
