@@ -151,11 +151,11 @@ def test_a_long_view_does_not_stall_another_stream(smollm):
     mon = Monitor(smollm)
     b = mon.sessions.create()
     para = ("The village by the river had stone houses, narrow streets and a market that opened every morning. ")
-    b.messages = [Message("user", para * 30), Message("assistant", "It is a quiet place.")]
+    b.messages = [Message("user", para * 20), Message("assistant", "It is a quiet place.")]
     b.changed()
     ids = torch.tensor([mon.render(b)["ids"]])
     T = ids.shape[1]
-    assert T > 500
+    assert T > 350
     full = []
     for _ in range(2):  # B's forward in one piece, measured now, on this machine's current load
         t0 = time.perf_counter()
