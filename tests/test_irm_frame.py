@@ -63,6 +63,9 @@ def test_frame_sentences_are_checked_by_the_judge():
     assert complete_sentences("One. Two. Thr") == "One. Two." and complete_sentences("no end") == ""
     assert frame_answer("One. Two.", "Sad.", "Sigh.") == "Sad. One. Sigh. Two."
     assert frame_answer("Only one.", "Sad.", "Sigh.") == "Sad. Only one."
+    # a list number is no sentence end: nothing is woven in after "1." and a trailing "2." is cut off
+    assert complete_sentences("1. Boil water. Pour it.\n\n2.") == "1. Boil water. Pour it."
+    assert frame_answer("1. Boil water. Pour it.", "Sad.", "Sigh.") == "Sad. 1. Boil water. Sigh. Pour it."
 
 
 def test_cli_frame_mode(capsys, tmp_path):

@@ -181,7 +181,7 @@ FRAMES: dict[str, dict[str, tuple[str, ...]]] = {
                 "Honestly, the risk makes me tremble."),
     },
 }
-_SENT_END = re.compile(r"[.!?](?=\s|$)")
+_SENT_END = re.compile(r"(?<![0-9])[.!?](?=\s|$)")   # not a list number ("1.")
 
 
 def frame_sentences(emotion: str, judge: Judge, frames: Sequence[str] | None = None
