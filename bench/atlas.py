@@ -108,14 +108,15 @@ def main() -> None:
 def full_build(model: str, chunks: list[int]) -> dict:
     """Build the whole atlas in a fresh process; report its time and peak RSS over the loaded model's RSS."""
     code = (
-        "import resource, time, json, sys\n"
+        "import time, json, sys\n"
         "from neuronscope.subject import Subject\n"
         "from neuronscope.atlas import build_atlas\n"
+        "from neuronscope.stats.compute import peak_rss\n"
         "s = Subject.load(sys.argv[1]); s.fingerprint\n"
-        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "base = peak_rss() / 1024\n"
         "t = time.perf_counter(); a = build_atlas(s, sys.argv[2], progress=False, chunk=int(sys.argv[3]))\n"
         "el = time.perf_counter() - t\n"
-        "peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "peak = peak_rss() / 1024\n"
         "print(json.dumps({'seconds': el, 'rss_after_load_mb': base / 1024, 'peak_rss_mb': peak / 1024, "
         "'sites': a.sites}))\n")
     out = {}

@@ -29,7 +29,6 @@ import math
 import os
 import platform
 import random
-import resource
 import statistics
 import sys
 import time
@@ -145,8 +144,8 @@ def capture_bytes(tensors) -> int:
 
 
 def peak_rss_mb() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return r / 1024 if sys.platform != "darwin" else r / 2 ** 20
+    from neuronscope.stats.compute import peak_rss
+    return peak_rss() / 2 ** 20
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import resource
 import statistics
 import sys
 import tempfile
@@ -267,7 +266,8 @@ def interleaved(subject, corpus, args) -> None:
 
 
 def rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    from neuronscope.stats.compute import peak_rss
+    return peak_rss() / 2 ** 20
 
 
 if __name__ == "__main__":

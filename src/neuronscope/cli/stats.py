@@ -85,9 +85,15 @@ def stats(
         import time
         from ..interrupt import Interrupted
         from ..stats import compute_stats
+        from ..stats.compute import peak_rss, reset_peak_rss
         t = time.perf_counter()
         subject = load_subject(model, gguf_file, dtype, device)
-        console.print(f"model loaded in {time.perf_counter() - t:.1f} s", style="dim")
+        # this process is ours: restart its peak-memory mark so the run records its own peak, not the load's
+        # (a GGUF's first load de-quantises it once into the cache, a one-off peak above the model's size)
+        load_peak = peak_rss()
+        reset_peak_rss()
+        console.print(f"model loaded in {time.perf_counter() - t:.1f} s (peak memory of the load "
+                      f"{load_peak / 1e9:.2f} GB)", style="dim")
         try:
             st = compute_stats(subject, corpus, atlas, tokens=tokens, window=window, batch=batch, k=k,
                                n_exemplars=exemplars, levels=levels, shard=shard, chat=chat, progress=True,

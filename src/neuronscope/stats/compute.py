@@ -14,14 +14,16 @@ import queue
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Generator, Iterator, Sequence
+from typing import Any, ClassVar, Generator, Iterator, Sequence
 
 import torch
 
 from .. import store
 from ..errors import NeuronscopeError
 from ..interrupt import StopRequest, signal_name
+from ..interventions import Bound, Hook, Intervention, StepContext, intervene
 from . import checkpoint
 from .corpus import Window, check_corpus, corpus_signature, count_windows, iter_windows, parse_shard, shard_of
 from .extremes import LayerExtremes
@@ -94,6 +96,41 @@ class _LayerActs:
         return (self[l] for l in range(self._l))
 
 
+@dataclass(frozen=True, eq=False)
+class FoldInForward(Intervention):
+    """Fold each layer's neuron activations into that layer's running state inside the forward, as the layer
+    runs (a read: nothing is edited). A CPU run then never holds more than one layer's activations: a captured
+    batch of all layers (tokens x layers x neurons floats, 0.19 GB for 1,024 tokens of SmolLM2-135M) is never
+    made. `bind` gives the hooks; set the bound object's `index` (global token indices [B*T]) before each forward.
+    """
+    layers: tuple = ()          # the per-layer LayerExtremes, in layer order
+    captures_only: ClassVar[bool] = True
+
+    def bind(self, subject) -> "_BoundFold":
+        return _BoundFold(self, subject)
+
+
+class _BoundFold(Bound):
+    captures_only = True
+
+    def __init__(self, spec: FoldInForward, subject) -> None:
+        if len(spec.layers) != subject.n_layers:
+            raise NeuronscopeError(f"FoldInForward needs one state per layer ({subject.n_layers}), got "
+                                   f"{len(spec.layers)}.")
+        self.spec, self._n = spec, subject.n_neurons
+        self.index: torch.Tensor | None = None
+
+    def edits(self) -> Iterator[tuple[int, str, Hook]]:
+        def make(st: LayerExtremes) -> Hook:
+            def fn(x: torch.Tensor, ctx: StepContext) -> None:
+                if self.index is None:
+                    raise NeuronscopeError("FoldInForward ran without token indices; set `index` first.")
+                st.add(x.detach().reshape(-1, self._n), self.index)
+            return fn
+        for layer, st in enumerate(self.spec.layers):
+            yield layer, "neurons", make(st)
+
+
 def _forward_neurons(subject, base, ids: torch.Tensor, to_cpu: bool | None = None,
                      cap=None) -> _LayerActs:
     """One forward of the decoder stack (no LM head); returns each layer's neuron activations [B*T, N].
@@ -101,7 +138,7 @@ def _forward_neurons(subject, base, ids: torch.Tensor, to_cpu: bool | None = Non
     cap: a Capture spec to reuse (a run passes one spec for all its batches and resets it after each: interventions
     remembers the last binding of every spec it ran, so a new spec per batch would keep every batch's activations
     alive)."""
-    from ..interventions import Capture, intervene
+    from ..interventions import Capture
     if cap is None:
         cap = Capture(layers=None, sites=("neurons",),
                       to_cpu=subject.device.type != "cpu" if to_cpu is None else to_cpu)
@@ -154,6 +191,7 @@ def compute_stats(subject, corpus, atlas_dir, *, tokens: int | None = None, wind
         raise NeuronscopeError("This subject has no tokenizer, so it cannot read a corpus.")
     keep = shard is not None if keep_extremes is None else bool(keep_extremes)
     max_windows = tokens // window if tokens else None
+    peak_before = peak_rss()    # e.g. the model's load (a GGUF's first de-quantisation peaks at ~4x the model)
     folder = Path(atlas_dir)
     folder.mkdir(parents=True, exist_ok=True)
     _model_section(folder, subject)
@@ -171,7 +209,8 @@ def compute_stats(subject, corpus, atlas_dir, *, tokens: int | None = None, wind
     fdev, slack = fold_device(subject, k_eff, n_exemplars, state_device)
     plan = make_plan(subject, levels=lv, tokens=run_windows * window, k=k, n_exemplars=n_exemplars, window=window,
                      batch=batch, n_windows=my_windows, keep_extremes=keep, slack=slack,
-                     on_gpu=fdev.type == "cuda")
+                     on_gpu=fdev.type == "cuda", in_forward=fdev.type != "cuda" and fold != "torch"
+                     and subject.device.type == "cpu")
     settings = _settings(subject, paths, window, tokens, batch, k_eff, n_exemplars, shard, chat, lv)
     say(plan.describe())
     if fold not in (None, "numba", "torch") or (fold == "numba" and fdev.type != "cpu"):
@@ -228,6 +267,10 @@ def compute_stats(subject, corpus, atlas_dir, *, tokens: int | None = None, wind
 
     from ..interventions import Capture
     cap_spec = Capture(layers=None, sites=("neurons",), to_cpu=fdev.type == "cpu" and subject.device.type != "cpu")
+    # on a CPU each layer is folded as it runs (one layer's activations alive at a time, no captured batch);
+    # a GPU model keeps the capture, so the forward is not stopped by a copy to the CPU state at every layer
+    in_forward = not stacked and subject.device.type == "cpu"
+    fold_spec = FoldInForward(layers=tuple(groups)) if in_forward else None
     t0 = time.perf_counter()
     last_ckpt, last_ckpt_windows = t0, done_windows
     batch_no, processed = 0, 0
@@ -237,6 +280,14 @@ def compute_stats(subject, corpus, atlas_dir, *, tokens: int | None = None, wind
         ids = torch.tensor([w.token_ids for w in ws], dtype=torch.long)
         index = (torch.tensor([w.index for w in ws], dtype=torch.int64).unsqueeze(1) * window
                  + torch.arange(window, dtype=torch.int64)).reshape(-1)
+        if fold_spec is not None:
+            with intervene(subject, fold_spec) as bound, torch.no_grad():
+                bound[0].index = index     # type: ignore[attr-defined]
+                base(input_ids=ids.to(subject.device), use_cache=False)
+            processed += len(ws)
+            if bar is not None:
+                bar.update(len(ws) * window)
+            return
         acts = _forward_neurons(subject, base, ids, cap=cap_spec)
         if stacked:
             groups[0].add(torch.cat(list(acts), dim=1) if L > 1 else acts[0], index)
@@ -289,7 +340,7 @@ def compute_stats(subject, corpus, atlas_dir, *, tokens: int | None = None, wind
                           "again to stop at once and lose the batches since the last checkpoint)."):
         return finish(subject, folder, layers, settings, paths, n_windows, window, chat, max_windows, keep=keep,
                       plan=plan, loop_seconds=loop_seconds, started=t_start - before["seconds"],
-                      progress=progress)
+                      progress=progress, peak_before=peak_before)
 
 
 def _say(msg: str) -> None:
@@ -307,10 +358,34 @@ def _trim_heap() -> None:
 
 
 def peak_rss() -> int:
-    """This process's peak resident memory so far (bytes)."""
+    """This process's peak resident memory so far (bytes).
+
+    On Linux this is VmHWM of /proc/self/status, the high-water mark of this program's own memory. Not ru_maxrss:
+    Linux carries the parent's resident size over an exec into the child's ru_maxrss (a `stats` run started by
+    `subprocess` from a 2.5 GB notebook or test worker would report 2.5 GB whatever it used itself).
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     import resource
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return r if sys.platform == "darwin" else r * 1024
+
+
+def reset_peak_rss() -> bool:
+    """Restart this process's peak-memory mark at its current size (Linux: `5` into /proc/self/clear_refs); False
+    where that is not possible. For programs that own their process (the CLI, after the model is loaded, so that the
+    figure a run records is the run's own and not the load's); a library call never does it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def _batched(stream: Iterator[Window], batch: int) -> Iterator[list[Window]]:
@@ -370,7 +445,7 @@ def _after_write(name: str) -> None:
 
 def finish(subject, folder: Path, layers: Sequence[LayerExtremes], settings: dict[str, Any], paths, n_windows: int,
            window: int, chat: bool, max_windows: int | None, *, keep: bool, plan, loop_seconds: float,
-           started: float, progress: bool = True) -> NeuronStats:
+           started: float, progress: bool = True, peak_before: int | None = None) -> NeuronStats:
     """Write the results of a finished run, store the exemplar windows, update the manifest, drop the checkpoint.
 
     Each step has its own progress bar. `started`: perf_counter time the run (all its sessions) began, so the
@@ -414,6 +489,7 @@ def finish(subject, folder: Path, layers: Sequence[LayerExtremes], settings: dic
         "plan": {"k": plan.k, "k_sized": plan.k_sized, "ram_bytes": plan.ram, "state_bytes": plan.state,
                  "checkpoint_bytes": plan.checkpoint, "atlas_bytes": plan.atlas},
         "peak_rss_bytes": peak_rss(),
+        "peak_rss_before_bytes": peak_before,   # this process's peak when the run began (e.g. the model's load)
     })
     store.update_manifest(folder, "stats", section)
     if bar is not None:

@@ -20,7 +20,7 @@ from ..errors import NeuronscopeError
 from .extremes import LayerExtremes, default_slack
 from .levels import fmt_level, ranks_needed
 
-BASE_BYTES = 560 << 20       # imports + numba (~0.39 GB) and the first batch's transient memory (measured)
+BASE_BYTES = 512 << 20       # imports, numba, tokenizer, the first batch's transients (measured on SmolLM2, 2026-12-02)
 WINDOW_ROW_BYTES = 28        # atlas.sqlite bytes per token of a stored exemplar window (ids, strings, text)
 
 
@@ -107,14 +107,18 @@ def model_bytes(subject) -> int:
 
 def make_plan(subject, *, levels: Sequence[float], tokens: int, k: int | None, n_exemplars: int, window: int,
               batch: int, n_windows: int, keep_extremes: bool, slack: int | None = None,
-              on_gpu: bool = False) -> Plan:
-    """The plan of a run over `tokens` tokens (of the whole run; n_windows: this shard's windows)."""
+              on_gpu: bool = False, in_forward: bool = False) -> Plan:
+    """The plan of a run over `tokens` tokens (of the whole run; n_windows: this shard's windows).
+
+    in_forward: each layer is folded as it runs (a CPU run), so a batch holds one layer's activations, not all."""
     rows = subject.n_layers * subject.n_neurons
     sized = k is None
     kk = ranks_needed(levels, tokens) if sized else int(k)
     sl = default_slack(kk) if slack is None else slack
     state = LayerExtremes.state_bytes(rows, kk, n_exemplars, slack=sl)
-    batch_b = batch * window * rows * 4 * (2 if on_gpu else 1)    # the capture (+ the all-layers copy on a GPU)
+    # the capture of all layers (+ the all-layers copy on a GPU), or one layer's activations when folded in the forward
+    batch_b = (batch * window * subject.n_neurons * 4 if in_forward
+               else batch * window * rows * 4 * (2 if on_gpu else 1))
     stats_b = stats_file_bytes(len(levels), rows, n_exemplars)
     ext_b = extremes_file_bytes(rows, kk, n_exemplars) if keep_extremes else 0
     windows_b = min(n_windows, 2 * n_exemplars * rows) * window * WINDOW_ROW_BYTES
