@@ -12,5 +12,6 @@ neuronscope data select --mode frame -m "$M" -e sadness -q ../shared/corpora/alp
 # 2. the IRM: all layers, width 256, lr 1e-3, 60 steps of 4 rows; best by validation loss
 neuronscope irm train -m "$M" --data "$OUT/sad-frame.jsonl" --chat --layers all --steps 60 -b 4 --lr 1e-3 \
     --max-len 192 --eval-every 10 --patience 3 --alignment sadness -o "$OUT/run"
-# 3. judged on 40 held-out questions, IRM off vs on (same greedy decoding)
-neuronscope irm eval "$OUT/run" -m "$M" --judge builtin -q examples/questions.txt --limit 40 --target sadness
+# 3. judged on 40 held-out questions, IRM off vs on (same greedy decoding), the IRM's output at 0.7 (the recipe's
+#    dose: at 1.0 sadness is x32 but repetition x2.2)
+neuronscope irm eval "$OUT/run" -m "$M" --judge builtin -q examples/questions.txt --limit 40 --target sadness --scale 0.7
