@@ -32,6 +32,7 @@ from .plan import make_plan
 from .results import EXTREMES_FILE, STATS_FILE, NeuronStats, exemplar_windows, write_arrays, write_windows
 
 FORMAT = 2
+FOLD_IN_FORWARD = True      # CPU runs fold each layer inside the forward (False: capture all layers, then fold; for A/B)
 
 
 def default_batch(subject, window: int) -> int:
@@ -209,8 +210,8 @@ def compute_stats(subject, corpus, atlas_dir, *, tokens: int | None = None, wind
     fdev, slack = fold_device(subject, k_eff, n_exemplars, state_device)
     plan = make_plan(subject, levels=lv, tokens=run_windows * window, k=k, n_exemplars=n_exemplars, window=window,
                      batch=batch, n_windows=my_windows, keep_extremes=keep, slack=slack,
-                     on_gpu=fdev.type == "cuda", in_forward=fdev.type != "cuda" and fold != "torch"
-                     and subject.device.type == "cpu")
+                     on_gpu=fdev.type == "cuda", in_forward=FOLD_IN_FORWARD and fdev.type != "cuda"
+                     and fold != "torch" and subject.device.type == "cpu")
     settings = _settings(subject, paths, window, tokens, batch, k_eff, n_exemplars, shard, chat, lv)
     say(plan.describe())
     if fold not in (None, "numba", "torch") or (fold == "numba" and fdev.type != "cpu"):
@@ -269,7 +270,7 @@ def compute_stats(subject, corpus, atlas_dir, *, tokens: int | None = None, wind
     cap_spec = Capture(layers=None, sites=("neurons",), to_cpu=fdev.type == "cpu" and subject.device.type != "cpu")
     # on a CPU each layer is folded as it runs (one layer's activations alive at a time, no captured batch);
     # a GPU model keeps the capture, so the forward is not stopped by a copy to the CPU state at every layer
-    in_forward = not stacked and subject.device.type == "cpu"
+    in_forward = FOLD_IN_FORWARD and not stacked and subject.device.type == "cpu"
     fold_spec = FoldInForward(layers=tuple(groups)) if in_forward else None
     t0 = time.perf_counter()
     last_ckpt, last_ckpt_windows = t0, done_windows
