@@ -85,3 +85,19 @@ def test_judge_irm_sees_a_real_irm_and_not_a_zero_one(stories, tmp_path):
     rep0 = judge_irm(stories, zero, prompts[:8], target="sadness", max_new_tokens=12, progress=False)
     assert all(a["off"] == a["on"] for a in rep0["answers"])
     assert rep0["metrics"]["sadness"]["diff"] == 0 and not rep0["verdict"]["passed"]
+
+
+def test_the_verdict_applies_the_repetition_ratio_strictly():
+    """0.018 -> 0.040 repetition (x2.2) fails the 1.5x criterion even though both are under 0.05."""
+    from neuronscope.irm.evaluation import verdict
+
+    def metrics(rep_off, rep_on):
+        return {"sadness": {"on": 0.07, "off": 0.002, "diff": 0.068, "p_value": 1e-4},
+                "joy": {"on": 0.004, "off": 0.006, "diff": -0.002, "p_value": 0.5},
+                "repetition": {"on": rep_on, "off": rep_off}}
+    bad = verdict(metrics(0.0183, 0.0402), "sadness", "joy")
+    assert not bad["repetition_ok"] and not bad["passed"] and abs(bad["repetition_ratio"] - 2.197) < 0.01
+    good = verdict(metrics(0.0183, 0.0109), "sadness", "joy")
+    assert good["repetition_ok"] and good["passed"]
+    assert not verdict(metrics(0.0, 0.03), "sadness", "joy")["passed"]
+    assert verdict(metrics(0.0, 0.0), "sadness", "joy")["passed"]
