@@ -32,7 +32,7 @@ from .plan import make_plan
 from .results import EXTREMES_FILE, STATS_FILE, NeuronStats, exemplar_windows, write_arrays, write_windows
 
 FORMAT = 2
-FOLD_IN_FORWARD = True      # CPU runs fold each layer inside the forward (False: capture all layers, then fold; for A/B)
+FOLD_IN_FORWARD = True      # CPU runs fold each layer inside the forward (False: capture, then fold; for A/B)
 
 
 def default_batch(subject, window: int) -> int:
