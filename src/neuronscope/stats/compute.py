@@ -23,7 +23,7 @@ import torch
 from .. import store
 from ..errors import NeuronscopeError
 from ..interrupt import StopRequest, signal_name
-from ..interventions import Bound, Hook, Intervention, StepContext, intervene
+from ..interventions import Bound, Capture, Hook, Intervention, StepContext, intervene
 from . import checkpoint
 from .corpus import Window, check_corpus, corpus_signature, count_windows, iter_windows, parse_shard, shard_of
 from .extremes import LayerExtremes
@@ -139,7 +139,6 @@ def _forward_neurons(subject, base, ids: torch.Tensor, to_cpu: bool | None = Non
     cap: a Capture spec to reuse (a run passes one spec for all its batches and resets it after each: interventions
     remembers the last binding of every spec it ran, so a new spec per batch would keep every batch's activations
     alive)."""
-    from ..interventions import Capture
     if cap is None:
         cap = Capture(layers=None, sites=("neurons",),
                       to_cpu=subject.device.type != "cpu" if to_cpu is None else to_cpu)
@@ -208,10 +207,13 @@ def compute_stats(subject, corpus, atlas_dir, *, tokens: int | None = None, wind
                                "fewer shards or more text.")
     k_eff = k if k is not None else ranks_needed(lv, run_windows * window)
     fdev, slack = fold_device(subject, k_eff, n_exemplars, state_device)
+    stacked = (fold or ("numba" if fdev.type == "cpu" else "torch")) == "torch"
+    # on a CPU each layer is folded as it runs (one layer's activations alive at a time, no captured batch);
+    # a GPU model keeps the capture, so the forward is not stopped by a copy to the CPU state at every layer
+    in_forward = FOLD_IN_FORWARD and not stacked and subject.device.type == "cpu"
     plan = make_plan(subject, levels=lv, tokens=run_windows * window, k=k, n_exemplars=n_exemplars, window=window,
                      batch=batch, n_windows=my_windows, keep_extremes=keep, slack=slack,
-                     on_gpu=fdev.type == "cuda", in_forward=FOLD_IN_FORWARD and fdev.type != "cuda"
-                     and fold != "torch" and subject.device.type == "cpu")
+                     on_gpu=fdev.type == "cuda", in_forward=in_forward)
     settings = _settings(subject, paths, window, tokens, batch, k_eff, n_exemplars, shard, chat, lv)
     say(plan.describe())
     if fold not in (None, "numba", "torch") or (fold == "numba" and fdev.type != "cpu"):
@@ -227,7 +229,6 @@ def compute_stats(subject, corpus, atlas_dir, *, tokens: int | None = None, wind
         plan.check(folder)
 
     L, N = subject.n_layers, subject.n_neurons
-    stacked = (fold or ("numba" if fdev.type == "cpu" else "torch")) == "torch"
     if not stacked:             # the numba fold, one layer at a time
         groups = [LayerExtremes(N, k_eff, n_exemplars) for _ in range(L)]
         layers = groups
@@ -266,11 +267,7 @@ def compute_stats(subject, corpus, atlas_dir, *, tokens: int | None = None, wind
             "loop_seconds": before["loop_seconds"] + loop_s,
             "seconds": before["seconds"] + time.perf_counter() - t_start})
 
-    from ..interventions import Capture
     cap_spec = Capture(layers=None, sites=("neurons",), to_cpu=fdev.type == "cpu" and subject.device.type != "cpu")
-    # on a CPU each layer is folded as it runs (one layer's activations alive at a time, no captured batch);
-    # a GPU model keeps the capture, so the forward is not stopped by a copy to the CPU state at every layer
-    in_forward = FOLD_IN_FORWARD and not stacked and subject.device.type == "cpu"
     fold_spec = FoldInForward(layers=tuple(groups)) if in_forward else None
     t0 = time.perf_counter()
     last_ckpt, last_ckpt_windows = t0, done_windows
@@ -285,18 +282,15 @@ def compute_stats(subject, corpus, atlas_dir, *, tokens: int | None = None, wind
             with intervene(subject, fold_spec) as bound, torch.no_grad():
                 bound[0].index = index     # type: ignore[attr-defined]
                 base(input_ids=ids.to(subject.device), use_cache=False)
-            processed += len(ws)
-            if bar is not None:
-                bar.update(len(ws) * window)
-            return
-        acts = _forward_neurons(subject, base, ids, cap=cap_spec)
-        if stacked:
-            groups[0].add(torch.cat(list(acts), dim=1) if L > 1 else acts[0], index)
         else:
-            for st, a in zip(groups, acts):
-                st.add(a, index)
-        del acts
-        cap_spec.reset()        # interventions keeps the spec's last binding: drop this batch's activations now
+            acts = _forward_neurons(subject, base, ids, cap=cap_spec)
+            if stacked:
+                groups[0].add(torch.cat(list(acts), dim=1) if L > 1 else acts[0], index)
+            else:
+                for st, a in zip(groups, acts):
+                    st.add(a, index)
+            del acts
+            cap_spec.reset()    # interventions keeps the spec's last binding: drop this batch's activations now
         processed += len(ws)
         if bar is not None:
             bar.update(len(ws) * window)
