@@ -100,17 +100,22 @@ def attribute(subject: Subject, input_ids: torch.Tensor, target_position: int, t
         grads = torch.autograd.grad(p, leaves, allow_unused=True)
     acts = probe.activations[:, 0]                                                      # [L, T', N]
     grad = torch.stack([torch.zeros_like(a[0]) if g is None else g[0] for a, g in zip(leaves, grads)])
+    return top_scores(acts, grad, list(probe.layers), target_position, int(target_token), float(p.detach()), top)
+
+
+def top_scores(acts: torch.Tensor, grad: torch.Tensor, layers: list[int], target_position: int, target_token: int,
+               probability: float, top: int) -> Attribution:
+    """The `top` largest |activation x gradient| of acts and grad [L, T', N] (layer l of the stack is `layers[l]`),
+    as an Attribution (also the Monitor's chunked attribution's last step)."""
     score = (acts * grad).abs()
     L, Tp, N = score.shape
     k = min(top, score.numel())
     vals, flat = torch.topk(score.reshape(-1), k)
-    layer_idx = torch.as_tensor(probe.layers, dtype=torch.long)[flat // (Tp * N)]
-    pos = (flat // N) % Tp
-    neuron = flat % N
+    layer_idx = torch.as_tensor(layers, dtype=torch.long)[flat // (Tp * N)]
     return Attribution(
-        target_position=target_position, target_token=int(target_token), probability=float(p.detach()),
-        layer=layer_idx.cpu(), position=pos.cpu(), neuron=neuron.cpu(),
+        target_position=target_position, target_token=target_token, probability=probability,
+        layer=layer_idx.cpu(), position=((flat // N) % Tp).cpu(), neuron=(flat % N).cpu(),
         activation=acts.reshape(-1)[flat].cpu(), gradient=grad.reshape(-1)[flat].cpu(), score=vals.detach().cpu())
 
 
-__all__ = ["attribute", "Attribution"]
+__all__ = ["attribute", "top_scores", "Attribution"]

@@ -37,7 +37,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from ..attribution import Attribution
+from ..attribution import Attribution, top_scores
 from ..errors import NeuronscopeError
 from ..interventions import BoundCapture, Capture, Intervention, ResidualFunction, intervene
 
@@ -339,20 +339,7 @@ def attribute_chunked(subject, ids: torch.Tensor, target_position: int, target_t
         del out, cache, past, outputs, grad_out
     act_t = torch.stack([torch.cat(acts[l], dim=0) for l in layers])                     # [L, T', N]
     grad_t = torch.stack([torch.cat(grads[l], dim=0) for l in layers]).to(act_t.dtype)
-    return _top_scores(act_t, grad_t, layers, target_position, int(target_token), p_value, top)
-
-
-def _top_scores(acts: torch.Tensor, grad: torch.Tensor, layers: list[int], target_position: int, target_token: int,
-                probability: float, top: int) -> Attribution:
-    score = (acts * grad).abs()
-    L, Tp, N = score.shape
-    k = min(top, score.numel())
-    vals, idx = torch.topk(score.reshape(-1), k)
-    layer_idx = torch.as_tensor(layers, dtype=torch.long)[idx // (Tp * N)]
-    return Attribution(
-        target_position=target_position, target_token=target_token, probability=probability,
-        layer=layer_idx.cpu(), position=((idx // N) % Tp).cpu(), neuron=(idx % N).cpu(),
-        activation=acts.reshape(-1)[idx].cpu(), gradient=grad.reshape(-1)[idx].cpu(), score=vals.detach().cpu())
+    return top_scores(act_t, grad_t, layers, target_position, int(target_token), p_value, top)
 
 
 def _attribute_one_graph(subject, ids: torch.Tensor, target_position: int, target_token: int | None, top: int, *,
@@ -386,4 +373,4 @@ def _attribute_one_graph(subject, ids: torch.Tensor, target_position: int, targe
         per_layer_grads.append(torch.cat(grads_j, dim=0))
     acts = torch.stack(per_layer_acts)                                                  # [L, T', N]
     grad = torch.stack(per_layer_grads).to(acts.dtype)
-    return _top_scores(acts, grad, layers, target_position, int(target_token), float(p.detach()), top)
+    return top_scores(acts, grad, layers, target_position, int(target_token), float(p.detach()), top)
