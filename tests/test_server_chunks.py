@@ -144,18 +144,20 @@ def test_monitor_views_in_chunks_equal_one_forward(subject):
 
 
 @pytest.mark.slow
-def test_a_long_view_does_not_stall_another_stream(smollm):
-    """Session A streams (one decoding step per lock hold) while session B asks for the attribution of a long
-    conversation: A's longest gap between tokens while B works is far below B's one unchunked forward (which is how
-    long A waited before: the view held the model lock for its whole forward)."""
+@pytest.mark.parametrize("view", ["activations", "attribution"])
+def test_a_long_view_does_not_stall_another_stream(smollm, view):
+    """Session A streams (one decoding step per model call) while session B asks for a view of a long conversation:
+    B's chunks ride along with A's steps in packed forwards, so A's typical gap between tokens stays under 2.5 of its
+    own steps (one step of its own plus at most about one of B's work; taking turns with B's chunks instead gives
+    ~3.5) and its longest gap is far below B's one unchunked forward (how long A waited before views were chunked)."""
     mon = Monitor(smollm)
     b = mon.sessions.create()
     para = ("The village by the river had stone houses, narrow streets and a market that opened every morning. ")
-    b.messages = [Message("user", para * 20), Message("assistant", "It is a quiet place.")]
+    b.messages = [Message("user", para * 12), Message("assistant", "It is a quiet place.")]
     b.changed()
     ids = torch.tensor([mon.render(b)["ids"]])
     T = ids.shape[1]
-    assert T > 350
+    assert T > 250
     full = []
     for _ in range(2):  # B's forward in one piece, measured now, on this machine's current load
         t0 = time.perf_counter()
@@ -175,17 +177,22 @@ def test_a_long_view_does_not_stall_another_stream(smollm):
 
     ta = threading.Thread(target=stream)
     ta.start()
-    while len(times) < 3:
+    while len(times) < 12:
         time.sleep(0.01)
+    alone = statistics.median([t2 - t1 for t1, t2 in zip(times[2:], times[3:])])
     b_span.append(time.perf_counter())
     try:
-        res = mon.attribution(b, T - 1, page_size=5)
+        if view == "attribution":
+            res = mon.attribution(b, T - 1, page_size=5)
+            assert res["total"] == 1000
+        else:
+            assert mon.activations(b, page_size=5)["rows"]
     finally:
         b_span.append(time.perf_counter())
         done.set()
         ta.join()
-    assert res["total"] == 1000
     gaps = [t2 - t1 for t1, t2 in zip(times, times[1:]) if t2 > b_span[0] and t1 < b_span[1]]
     assert len(gaps) >= 5, (gaps, b_span, t_full)  # A kept streaming during B's work
-    assert b_span[1] - b_span[0] > t_full  # B's work (forward in chunks + backward) outlasts one forward
+    assert mon.model_lock.packed > 0
+    assert statistics.median(gaps) < 2.5 * alone, (statistics.median(gaps), alone, max(gaps))
     assert max(gaps) < 0.5 * t_full, (max(gaps), t_full, T)

@@ -27,6 +27,9 @@ first generated token is predicted from the prefill's last position, so an edit 
 changes the second generated token. A prefill split into chunks over a KV cache (each chunk its own `intervene`, as
 the Monitor does to share the model between sessions) passes `intervene(..., prompt_len=N)`: every call then knows
 that positions 0..N-1 are the prompt, whatever chunk it runs; its absolute start is the cache's length as always.
+Segments: several sequences packed into one forward (the Monitor's sessions sharing one batched step; see
+server/packing.py) each open their own `intervene(..., segment=(a, b, start))`: that context's hooks see and edit
+only columns a..b-1 of the packed input, whose first column is the sequence's absolute position `start`.
 Hooks are always removed when the context ends, also on an exception; no weight is ever changed.
 """
 from __future__ import annotations
@@ -593,7 +596,8 @@ class BoundResidualFunction(Bound):
 # the hook runner
 # ---------------------------------------------------------------------------------------------------------------
 class _Runner:
-    def __init__(self, subject: Subject, interventions: Sequence[Intervention], prompt_len: int | None = None):
+    def __init__(self, subject: Subject, interventions: Sequence[Intervention], prompt_len: int | None = None,
+                 segment: tuple[int, int, int] | None = None):
         self.subject = subject
         self.interventions = list(interventions)
         self.bound: list[Bound] = []
@@ -601,8 +605,10 @@ class _Runner:
         self.fixed_prompt_len = prompt_len
         if prompt_len is not None:
             self.ctx.prompt_len = prompt_len
+        self.segment = segment
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
         self.fns: dict[tuple[int, str], list[Hook]] = {}
+        self._edit_keys: set[tuple[int, str]] = set()
         self._mid_delta: dict[int, torch.Tensor | None] = {}
 
     def _collect(self) -> None:
@@ -615,15 +621,36 @@ class _Runner:
             target = reads if b.captures_only else self.fns
             for layer, site, fn in b.edits():
                 target.setdefault((layer, site), []).append(fn)
+                if not b.captures_only:
+                    self._edit_keys.add((layer, site))
         for key, fns in reads.items():
             self.fns.setdefault(key, []).extend(fns)
 
     def _run(self, key: tuple[int, str], x: torch.Tensor) -> torch.Tensor:
+        if self.segment is not None:
+            return self._run_segment(key, x)
         for fn in self.fns[key]:
             y = fn(x, self.ctx)
             if y is not None:
                 x = y
         return x
+
+    def _run_segment(self, key: tuple[int, str], x: torch.Tensor) -> torch.Tensor:
+        """The hooks on this context's own columns of a packed input (a copy, so a capture keeps only them); the
+        result is written back in place of those columns when an edit ran."""
+        assert self.segment is not None
+        a, b, _ = self.segment
+        part = x[:, a:b].clone()
+        y = part
+        for fn in self.fns[key]:
+            r = fn(y, self.ctx)
+            if r is not None:
+                y = r
+        if y is part and key not in self._edit_keys:
+            return x
+        out = x.clone()  # never in place: the resid.mid hook tells an edit by a result that is not its input
+        out[:, a:b] = y
+        return out
 
     def install(self) -> None:
         self._collect()
@@ -643,6 +670,9 @@ class _Runner:
                 past = int(cache[0][0].shape[-2])
             self.ctx.start = past
             self.ctx.length = int(ids.shape[1]) if ids is not None else 0
+            if self.segment is not None:
+                a, b, self.ctx.start = self.segment
+                self.ctx.length = b - a
             if past == 0 and self.fixed_prompt_len is None:
                 self.ctx.prompt_len = self.ctx.length
             self.ctx.grad = torch.is_grad_enabled()
@@ -697,16 +727,25 @@ class _Runner:
 
 
 @contextmanager
-def intervene(subject: Subject, *interventions: Intervention, prompt_len: int | None = None) -> Iterator[list[Bound]]:
+def intervene(subject: Subject, *interventions: Intervention, prompt_len: int | None = None,
+              segment: tuple[int, int, int] | None = None) -> Iterator[list[Bound]]:
     """Activate interventions on `subject` for the duration of the block; yields their bound objects, in order
     (read a capture's results from its bound object).
 
     `prompt_len`: the length of the sequence's prompt, for a call that continues a KV cache (a chunk of a prefill
     split over several calls, or one decoding step): "prompt" / "generated" positions then follow it instead of the
-    first call's length."""
+    first call's length.
+    `segment` (a, b, start): the block's forward packs several sequences into one row, and these interventions
+    belong to the one in columns a..b-1, whose column a is its absolute position `start` (needs `prompt_len`)."""
     if prompt_len is not None and (isinstance(prompt_len, bool) or not isinstance(prompt_len, int) or prompt_len < 0):
         raise NeuronscopeError(f"prompt_len must be an integer >= 0, got {prompt_len!r}.")
-    runner = _Runner(subject, interventions, prompt_len)
+    if segment is not None:
+        if prompt_len is None or len(segment) != 3 or not all(isinstance(v, int) and v >= 0 for v in segment) \
+                or segment[1] <= segment[0]:
+            raise NeuronscopeError(f"A segment is (first column, end column, absolute start) with end > first and "
+                                   f"a prompt_len, got {segment!r}.")
+        segment = (int(segment[0]), int(segment[1]), int(segment[2]))
+    runner = _Runner(subject, interventions, prompt_len, segment)
     try:
         runner.install()
         yield list(runner.bound)

@@ -17,6 +17,10 @@ def serve(model: Optional[str] = ModelArg, atlas: Optional[str] = typer.Option(
               None, "--allow-host", help="Also answer requests whose Host header names this (repeatable; '*': any). "
                                          "By default only the bound address (and localhost names for a loopback "
                                          "bind) are accepted, against DNS rebinding."),
+          stall_steps: float = typer.Option(
+              1.0, "--stall-steps", help="How many decoding steps one session's work (a view, a prefill) may add to "
+                                         "another session's streaming answer, per token. 1: a stream never waits "
+                                         "more than about one step; more: views run faster while answers stream."),
           gguf_file: Optional[str] = GgufOpt, dtype: str = DtypeOpt, device: Optional[str] = DeviceOpt) -> None:
     """Start the Monitor: chat with the model, watch neurons fire, attribute tokens, steer by concept.
 
@@ -36,7 +40,7 @@ def serve(model: Optional[str] = ModelArg, atlas: Optional[str] = typer.Option(
         raise NeuronscopeError("--session-ttl must be a positive number of seconds.")
     subject = load_subject(model, gguf_file, dtype, device)
     knowledge = Knowledge.load(subject, atlas)
-    mon = Monitor(subject, knowledge)
+    mon = Monitor(subject, knowledge, stall_steps=stall_steps)
     mon.sessions = SessionStore(ttl=session_ttl, max_sessions=mon.limits.max_sessions,
                                 max_per_client=mon.limits.max_sessions_per_client)
     allowed = host_names(host, allow_host or ())

@@ -1,17 +1,17 @@
 """Model calls that share one model fairly between sessions: step-by-step decoding and forwards in chunks.
 
-`FairLock` is a first-come, first-served lock: every model call of the Monitor takes it, and a waiting thread is
-served before the releasing thread can take it again. While an answer streams, no call holds it for longer than a
-decoding step or one chunk of `chunk` positions (32 by default: on SmolLM2-135M on a 2-core CPU a step costs ~64 ms
-and a 32-token chunk ~180 ms, so a stream's gap during another session's view is ~0.25 s instead of that view's
-whole forward, ~3.5 s for 1024 tokens):
-- `decode` generates one token per lock hold (the prompt's prefill in chunks, then one step per token, each under
-  its own `intervene`), so a session streaming an answer never waits for another session's whole answer;
-- `forward_chunks` runs a view's forward (activations, attribution, exemplar marks) in chunks over a KV cache, one
-  lock hold per chunk, so a long conversation's view does not stall another session's stream.
-Splitting costs one extra weight pass per chunk (~a decoding step), so chunks are small only while some answer is
-streaming (`FairLock.streams`, counted by `decode`); otherwise they are `idle_chunk` positions (256 by default: a
-view runs at the speed of one forward, and an answer that starts meanwhile waits for at most one such chunk).
+`FairLock` schedules every model call of the Monitor, first come first served, and runs the calls that wait at the
+same time as one packed forward (`packing.run_packed`: each sequence over its own KV cache, with its own
+interventions), so sessions share the weight pass instead of taking turns with it:
+- `decode` generates one token per call (the prompt's prefill in chunks, then one step per token), so a session
+  streaming an answer never waits for another session's whole answer, and several sessions' steps run as one forward;
+- `forward_chunks` runs a view's forward (activations, exemplar marks, an attribution's first pass) in chunks over a
+  KV cache, one call per chunk; a chunk rides along with the decoding steps waiting with it.
+While an answer streams, a chunk has as many tokens as add at most `stall_steps` decoding steps (1) to the step it
+rides along with (measured: on SmolLM2-135M on this 2-core CPU a step costs ~35 ms with 2 threads and a step plus a
+4-token chunk ~67 ms, so chunks settle at a few tokens); while none streams they are `idle_chunk` positions (256 by
+default: a view runs at the speed of one forward, and an answer that starts meanwhile waits for at most one such
+chunk). Models whose forward cannot pack (a sliding-window cache, a failed self-check) take turns call by call.
 
 Each chunk binds the interventions anew with `prompt_len` = the whole prompt, and its hooks see absolute positions
 (the cache's length is the chunk's start), so a steering on a token range or on the generated tokens applies to the
@@ -29,8 +29,9 @@ top_p 1, as `Subject.generate_ids`) from a generator seeded with `seed`.
 from __future__ import annotations
 
 import collections
-import inspect
+import statistics
 import threading
+import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
@@ -40,20 +41,76 @@ import torch
 from ..attribution import Attribution, top_scores
 from ..errors import NeuronscopeError
 from ..interventions import BoundCapture, Capture, Intervention, ResidualFunction, intervene
+from .packing import Step, call_args, new_cache, packs, plain_cache, run_one, run_packed
 
-CHUNK_TOKENS = 32         # positions per lock hold while another session's answer streams
+CHUNK_TOKENS = 16         # positions per model call while another session's answer streams
+PACK_TOKENS = 24          # tokens of one packed forward beyond its 1-token steps (FairLock.run)
+MAX_PACK = 32             # steps in one packed forward
+STALL_STEPS = 1.0         # decoding steps another session's work may add to a streaming answer's step
+GATHER_S = 0.003          # how long a packed forward waits for the next call of a thread in a run of calls
 IDLE_CHUNK_TOKENS = 256   # positions per lock hold while no answer streams
-GRAD_CHUNK_TOKENS = 32    # the same for an attribution's forward while an answer streams (see attribute_chunked)
+GRAD_CHUNK_TOKENS = 16    # the same for an attribution's forward while an answer streams (see attribute_chunked)
+GRAD_LEAST_TOKENS = 8     # the fewest positions of an attribution's backward chunk
+
+
+class _Ticket:
+    __slots__ = ("step", "done", "error")
+
+    def __init__(self, step: Step | None) -> None:
+        self.step = step
+        self.done = False
+        self.error: BaseException | None = None
 
 
 class FairLock:
-    """A FIFO lock: threads get it in the order they asked for it."""
+    """The one model's scheduler. As a lock (`with lock:`) it is first-come, first-served: a waiting thread is
+    served before the releasing thread can take it again. `run(subject, step)` waits the same way for one model call,
+    and the thread whose turn it is runs, in the same forward, the steps that other threads wait with
+    (`packing.run_packed`): every waiting 1-token step (a decoding step) and longer ones while the pack stays within
+    `pack_tokens` tokens beyond its first step. Before it runs, it waits up to `gather_s` for the threads that are
+    in the middle of a run of calls (`client()`: a decoding loop, a view in chunks) to queue their next call, so
+    that a view's chunk rides along with a stream's step instead of taking turns with it.
 
-    def __init__(self) -> None:
+    It also times its forwards: `step_s`, the median of the last 32 forwards of 1-token steps, and from each pack
+    that carried a longer step along with decoding steps, how many tokens ride along for one more step's time.
+    `chunk_size` uses them so that a chunk that rides along with a decoding step costs at most `stall_steps` more
+    decoding steps (1 by default: a stream then waits for another session's work for at most about one step per
+    token; more makes views faster while an answer streams, at that cost)."""
+
+    def __init__(self, pack_tokens: int = PACK_TOKENS, gather_s: float = GATHER_S,
+                 stall_steps: float = STALL_STEPS) -> None:
+        if isinstance(stall_steps, bool) or not isinstance(stall_steps, (int, float)) or not stall_steps > 0 \
+                or not stall_steps < float("inf"):
+            raise NeuronscopeError(f"stall_steps must be a positive number of decoding steps, got {stall_steps!r}.")
+        self.stall_steps = float(stall_steps)
         self._cond = threading.Condition(threading.Lock())
-        self._queue: collections.deque = collections.deque()
+        self._queue: collections.deque[_Ticket] = collections.deque()
         self._held = False
         self.streams = 0          # answers being decoded now (`streaming`)
+        self.clients = 0          # threads in the middle of a run of calls (`client`)
+        self._client_threads: collections.Counter[int] = collections.Counter()
+        self.pack_tokens = int(pack_tokens)
+        self.gather_s = float(gather_s)
+        self.packed = 0           # forwards that ran more than one step (for tests and figures)
+        self._step_times: collections.deque[float] = collections.deque(maxlen=32)
+        self._ride: float | None = None   # tokens that ride along with a decoding step for one more step's time
+
+    @contextmanager
+    def client(self) -> Iterator[None]:
+        """Count the block as a run of calls whose next call comes soon (see `gather_s`)."""
+        me = threading.get_ident()
+        with self._cond:
+            self.clients += 1
+            self._client_threads[me] += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.clients -= 1
+                self._client_threads[me] -= 1
+                if not self._client_threads[me]:
+                    del self._client_threads[me]
+                self._cond.notify_all()
 
     @contextmanager
     def streaming(self) -> Iterator[None]:
@@ -61,23 +118,42 @@ class FairLock:
         with self._cond:
             self.streams += 1
         try:
-            yield
+            with self.client():
+                yield
         finally:
             with self._cond:
                 self.streams -= 1
 
-    def chunk_size(self, chunk: int, idle_chunk: int | None, own: int = 0) -> int:
-        """`chunk` while an answer other than the caller's `own` streams, else `idle_chunk` (default `chunk`)."""
-        return chunk if idle_chunk is None or self.streams > own else idle_chunk
+    @property
+    def step_s(self) -> float | None:
+        """The median time of the last 32 forwards of 1-token steps (decoding steps)."""
+        return statistics.median(self._step_times) if self._step_times else None
+
+    def chunk_size(self, chunk: int, idle_chunk: int | None, own: int = 0, least: int = 2) -> int:
+        """While an answer other than the caller's `own` streams: `chunk`, or fewer tokens (not under `least`) where
+        the timings say that more would cost over one decoding step on top of the step they ride along with; while
+        none streams: `idle_chunk` (default `chunk`)."""
+        if idle_chunk is not None and self.streams <= own:
+            return idle_chunk
+        if self._ride is None:
+            return chunk
+        return max(min(least, chunk), min(chunk, int(self._ride)))
+
+    def _wait(self, me: _Ticket) -> bool:
+        """Queue `me` and wait for its turn (True: holding the lock now) or for another thread to run its step
+        (False). Called with the condition held."""
+        self._queue.append(me)
+        while not me.done and (self._held or self._queue[0] is not me):
+            self._cond.wait()
+        if me.done:
+            return False
+        self._queue.popleft()
+        self._held = True
+        return True
 
     def acquire(self) -> None:
-        me = object()
         with self._cond:
-            self._queue.append(me)
-            while self._held or self._queue[0] is not me:
-                self._cond.wait()
-            self._queue.popleft()
-            self._held = True
+            self._wait(_Ticket(None))
 
     def release(self) -> None:
         with self._cond:
@@ -91,26 +167,92 @@ class FairLock:
     def __exit__(self, *exc) -> None:
         self.release()
 
+    def _gather(self, subject, me: _Ticket) -> list[_Ticket]:
+        """With the lock held: the steps to run with `me` (taken out of the queue). Called with the condition held."""
+        others = len(self._client_threads) - (threading.get_ident() in self._client_threads)
+        if others > 0 and self.gather_s > 0 and packs(subject):
+            deadline = time.perf_counter() + self.gather_s
+            while sum(t.step is not None for t in self._queue) < others:
+                left = deadline - time.perf_counter()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+        assert me.step is not None
+        batch = [me]
+        budget = max(me.step.tokens, self.pack_tokens) - me.step.tokens
+        grad = me.step.grad
+        for t in list(self._queue):
+            if t.step is None or len(batch) >= MAX_PACK or (grad and t.step.grad):
+                continue  # one graph per pack: each backward frees its own
+            if t.step.tokens == 1 or t.step.tokens <= budget:
+                budget -= 0 if t.step.tokens == 1 else t.step.tokens
+                grad = grad or t.step.grad
+                batch.append(t)
+                self._queue.remove(t)
+        return batch
 
-_CALL_ARGS: dict[type, tuple[str, bool]] = {}
+    def run(self, subject, step: Step) -> Step:
+        """Run one model call in its turn, packed with the steps waiting behind it when the model packs; returns
+        `step` with its results (or raises its own error)."""
+        me = _Ticket(step)
+        with self._cond:
+            if not self._wait(me):
+                if me.error is not None:
+                    raise me.error
+                return step
+            batch = self._gather(subject, me)
+        try:
+            steps = [t.step for t in batch if t.step is not None]
+            t0 = time.perf_counter()
+            together = len(batch) == 1
+            if len(batch) > 1 and packs(subject):
+                try:
+                    run_packed(subject, steps)
+                    self.packed += 1
+                    together = True
+                except Exception:  # one step's bad intervention: run them one by one, each with its own error
+                    self._run_each(subject, batch)
+            else:
+                self._run_each(subject, batch)
+            if together and me.error is None:
+                self._time(steps, time.perf_counter() - t0)
+        finally:
+            with self._cond:
+                for t in batch[1:]:
+                    t.done = True
+                self._held = False
+                self._cond.notify_all()
+        if me.error is not None:
+            raise me.error
+        return step
+
+    def _time(self, steps: list[Step], seconds: float) -> None:
+        """Record one forward's time (not of a forward that keeps a graph: it costs more)."""
+        if any(st.grad for st in steps):
+            return
+        ride = sum(st.tokens for st in steps if st.tokens > 1)
+        if not ride:
+            self._step_times.append(seconds)
+            return
+        step = self.step_s
+        if step is None or ride == sum(st.tokens for st in steps):
+            return  # no decoding step rode along
+        # proportional: the tokens whose extra time would be one step, estimated from this pack; smoothed
+        est = ride * self.stall_steps * step / max(seconds - step, 1e-3)
+        self._ride = est if self._ride is None else 0.5 * self._ride + 0.5 * est
+
+    @staticmethod
+    def _run_each(subject, batch: list[_Ticket]) -> None:
+        for t in batch:
+            assert t.step is not None
+            try:
+                run_one(subject, t.step)
+            except Exception as e:
+                t.error = e
 
 
-def _call_args(subject) -> tuple[str, bool]:
-    """(the forward's name for the KV cache, whether it takes logits_to_keep), read once per model class."""
-    cls = type(subject.model)
-    got = _CALL_ARGS.get(cls)
-    if got is None:
-        params = inspect.signature(subject.model.forward).parameters
-        got = _CALL_ARGS[cls] = ("cache" if "cache" in params else "past_key_values", "logits_to_keep" in params)
-    return got
-
-
-def _new_cache(subject):
-    from transformers import DynamicCache
-    try:
-        return DynamicCache(config=subject.config)
-    except (TypeError, ValueError, AttributeError):
-        return DynamicCache()
+_call_args = call_args
+_new_cache = new_cache
 
 
 def _check_chunk(chunk: int) -> int:
@@ -133,33 +275,29 @@ def decode(subject, prompt: Sequence[int], *, interventions: Sequence[Interventi
 def _decode(subject, prompt, interventions, lock, max_new_tokens, temperature, seed, eos, on_token, cancelled,
             chunk, idle_chunk) -> list[int]:
     cache = _new_cache(subject)
-    cache_kw, keep = _call_args(subject)
-    extra: dict = {"logits_to_keep": 1} if keep else {}
     gen = None
     if temperature > 0:
         gen = torch.Generator(device="cpu")
         gen.manual_seed(int(seed) if seed is not None else int(torch.randint(0, 2 ** 31 - 1, (1,))))
     P = len(prompt)
-    ids = torch.tensor([list(prompt)], device=subject.device)
+    ids = torch.tensor(list(prompt), dtype=torch.long)
+    ivs = list(interventions)
     new: list[int] = []
-    out = None
+    step: Step | None = None
     a = 0
     while a < P:  # the prefill
         if cancelled():
             return new
-        with lock, intervene(subject, *interventions, prompt_len=P), torch.no_grad():
-            c = lock.chunk_size(chunk, idle_chunk, own=1)
-            out = subject.model(input_ids=ids[:, a:a + c], use_cache=True, **{cache_kw: cache}, **extra)
+        c = lock.chunk_size(chunk, idle_chunk, own=1)
+        step = lock.run(subject, Step(cache, ids[a:a + c], ivs, prompt_len=P, logits="last" if a + c >= P else "none"))
         a += c
     for k in range(int(max_new_tokens)):
         if k:
             if cancelled():
                 break
-            with lock, intervene(subject, *interventions, prompt_len=P), torch.no_grad():
-                out = subject.model(input_ids=torch.tensor([[new[-1]]], device=subject.device), use_cache=True,
-                                    **{cache_kw: cache}, **extra)
-        assert out is not None
-        logits = out.logits[0, -1].float()
+            step = lock.run(subject, Step(cache, torch.tensor([new[-1]]), ivs, prompt_len=P))
+        assert step is not None and step.out is not None
+        logits = step.out[-1].float()
         if temperature > 0:
             probs = torch.softmax(logits.cpu() / float(temperature), -1)
             t = int(torch.multinomial(probs, 1, generator=gen))
@@ -221,6 +359,23 @@ def forward_chunks(subject, ids: torch.Tensor, *, lock: FairLock | None, chunk: 
         ivs.append(capture)
     caps: list[BoundCapture] = []
     logits: list[torch.Tensor] = []
+    if lock is not None and B == 1 and not grad and stop_after is None and plain_cache(cache):
+        # one model call per chunk through FairLock.run: a chunk shares its forward with other sessions' steps
+        a = 0
+        with lock.client():
+            while a < T:
+                c = lock.chunk_size(chunk, idle_chunk)
+                end = a + c >= T
+                st = lock.run(subject, Step(cache, ids[0, a:a + c], list(interventions), prompt_len=T,
+                                            capture=capture, logits=("last" if end else "none") if last_logits
+                                            else "all"))
+                if st.captured is not None:
+                    caps.append(st.captured)
+                if st.out is not None:
+                    logits.append(st.out)
+                a += c
+        lg = None if not logits else logits[0] if len(logits) == 1 else torch.cat(logits, dim=0)
+        return Chunks(logits=lg, captures=caps, cache=cache)
     a = 0
     while a < T:
         with lock if lock is not None else nullcontext(), intervene(subject, *ivs, prompt_len=T) as bound, \
@@ -273,15 +428,14 @@ def attribute_chunked(subject, ids: torch.Tensor, target_position: int, target_t
                                     idle_chunk=idle_chunk, interventions=interventions)
     prefix = ids[:, :target_position].to(subject.device)
     Tp = int(prefix.shape[1])
-    size = chunk if lock is None else lock.chunk_size(chunk, idle_chunk)
+    # the backward chunks: not under GRAD_LEAST_TOKENS (each chunk's backward has a cost of its own, O(T))
+    size = chunk if lock is None else lock.chunk_size(chunk, idle_chunk, least=GRAD_LEAST_TOKENS)
     starts = list(range(0, Tp, size))
     kv: list[tuple[torch.Tensor, torch.Tensor]] = []
     if starts[-1] > 0:  # pass 1: keys and values of every position before the last chunk
         first = forward_chunks(subject, prefix[:, :starts[-1]], lock=lock, chunk=chunk, idle_chunk=idle_chunk,
                                interventions=interventions, last_logits=True)
         kv = [(layer.keys.detach(), layer.values.detach()) for layer in first.cache.layers]
-    cache_kw, keep = _call_args(subject)
-    extra: dict = {"logits_to_keep": 1} if keep else {}
     gk = [torch.zeros_like(k) for k, _ in kv]
     gv = [torch.zeros_like(v) for _, v in kv]
     acts: dict[int, list[torch.Tensor]] = {}
@@ -292,22 +446,27 @@ def attribute_chunked(subject, ids: torch.Tensor, target_position: int, target_t
         b = min(a + size, Tp)
         cache = _new_cache(subject)
         past: list[tuple[torch.Tensor, torch.Tensor]] = []
-        with lock if lock is not None else nullcontext(), torch.enable_grad(), \
-                intervene(subject, *interventions, Capture(grad=True), prompt_len=Tp) as bound:
+        with torch.enable_grad():
             for l, (K, V) in enumerate(kv if a else []):
                 pk = K[..., :a, :].clone().requires_grad_(True)
                 pv = V[..., :a, :].clone().requires_grad_(True)
                 cache.update(pk, pv, l)
                 past.append((pk, pv))
-            out = subject.model(input_ids=prefix[:, a:b], use_cache=True, **{cache_kw: cache}, **extra)
-        cap = bound[-1]
+        step = Step(cache, prefix[0, a:b], list(interventions), prompt_len=Tp, capture=Capture(grad=True),
+                    logits="last" if b == Tp else "none", grad=True)
+        if lock is None:
+            run_one(subject, step)
+        else:  # may share its forward with other sessions' steps
+            lock.run(subject, step)
+        cap = step.captured
         assert isinstance(cap, BoundCapture)
         layers = cap.layers
         with torch.enable_grad():  # outside the lock: a backward runs no forward hook
             outputs: list[torch.Tensor] = []
             grad_out: list[torch.Tensor] = []
             if b == Tp:
-                logits = out.logits[0, -1]
+                assert step.out is not None
+                logits = step.out[-1]
                 logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
                 probs = torch.softmax(logits, dim=-1)
                 if target_token is None:
@@ -336,7 +495,7 @@ def attribute_chunked(subject, ids: torch.Tensor, target_position: int, target_t
             for acc, g in ((gk[l], got[len(leaves) + 2 * l]), (gv[l], got[len(leaves) + 2 * l + 1])):
                 if g is not None:
                     acc[..., :a, :] += g
-        del out, cache, past, outputs, grad_out
+        del step, cache, past, outputs, grad_out
     act_t = torch.stack([torch.cat(acts[l], dim=0) for l in layers])                     # [L, T', N]
     grad_t = torch.stack([torch.cat(grads[l], dim=0) for l in layers]).to(act_t.dtype)
     return top_scores(act_t, grad_t, layers, target_position, int(target_token), p_value, top)

@@ -5,15 +5,15 @@
     for event in mon.send(s, "Tell me about dogs", max_new_tokens=40): ...   # {"type": "token", ...}
     mon.activations(s, page_size=20)["rows"]
 
-One model serves every session: every model call runs under `Monitor.model_lock`, a first-come first-served lock,
-held for about one decoding step at a time: answers are decoded one token per lock hold (`decoding.decode`), and a
-view's forward (activations, attribution, exemplar marks) runs in chunks of `chunk_tokens` positions over a KV cache,
-one lock hold per chunk (`decoding.forward_chunks`), so one session's work never stalls another session's stream
-for longer than one chunk. An answer is generated to its end on the server even if the
-client goes away, and kept in the session (a reload mid-answer finds it; `state()["generating"]` shows the partial
-text meanwhile). Views of a conversation state are computed once and cached in the session until the conversation or
-its steerings change. Models without a chat template chat by plain continuation: the conversation is the text of its
-turns, the model continues it, and a separator (`PLAIN_SEPARATOR`, shown on the page) goes before each new user turn.
+One model serves every session: every model call goes through `Monitor.model_lock` (`decoding.FairLock`), first come
+first served: answers are decoded one token per call (`decoding.decode`), a view's forward (activations, attribution)
+runs in chunks over a KV cache (`decoding.forward_chunks`), and the calls waiting at the same time run as one packed
+forward (`packing`): every session's decoding step, and a view's chunk sized so that it adds at most `stall_steps`
+decoding steps (1) to the streams' steps it rides along with. An answer is generated to its end on the server even if
+the client goes away, and kept in the session (a reload mid-answer finds it; `state()["generating"]` shows the partial
+text meanwhile). Views of a conversation state are computed once and cached in the session until the conversation or its
+steerings change. Models without a chat template chat by plain continuation: the conversation is the text of its turns,
+the model continues it, and a separator (`PLAIN_SEPARATOR`, shown on the page) goes before each new user turn.
 """
 from __future__ import annotations
 
@@ -27,9 +27,10 @@ import torch
 from ..errors import NeuronscopeError
 from ..interventions import Capture, Clamp
 from ..refs import check_neuron, check_polarity
-from .decoding import (CHUNK_TOKENS, GRAD_CHUNK_TOKENS, IDLE_CHUNK_TOKENS, FairLock, attribute_chunked, decode,
-                       forward_chunks)
+from .decoding import (CHUNK_TOKENS, GRAD_CHUNK_TOKENS, IDLE_CHUNK_TOKENS, STALL_STEPS, FairLock, attribute_chunked,
+                       decode, forward_chunks)
 from .knowledge import Knowledge
+from .packing import packs
 from .limits import Limits
 from .sessions import Message, Session, SessionStore, Steering
 
@@ -44,10 +45,12 @@ EXPORT_FORMAT = "neuronscope-monitor-session/1"
 class Monitor:
     def __init__(self, subject, knowledge: Knowledge | None = None, limits: Limits | None = None,
                  sessions: SessionStore | None = None, chunk_tokens: int = CHUNK_TOKENS,
-                 idle_chunk_tokens: int = IDLE_CHUNK_TOKENS, grad_chunk_tokens: int = GRAD_CHUNK_TOKENS):
-        """`chunk_tokens`: positions of a view's forward (or a prefill) run per hold of the model lock while an
+                 idle_chunk_tokens: int = IDLE_CHUNK_TOKENS, grad_chunk_tokens: int = GRAD_CHUNK_TOKENS,
+                 stall_steps: float = STALL_STEPS):
+        """`chunk_tokens`: the most positions of a view's forward (or a prefill) run per model call while an
         answer streams (`grad_chunk_tokens` for an attribution's forward); `idle_chunk_tokens`: the same while none
-        does (see `decoding`)."""
+        does; `stall_steps`: how many decoding steps another session's work may add to a streaming answer's step
+        (see `decoding.FairLock`)."""
         for name, v in (("chunk_tokens", chunk_tokens), ("idle_chunk_tokens", idle_chunk_tokens),
                         ("grad_chunk_tokens", grad_chunk_tokens)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -59,7 +62,8 @@ class Monitor:
         self.limits = limits if limits is not None else Limits()
         self.sessions = sessions if sessions is not None else SessionStore(
             max_sessions=self.limits.max_sessions, max_per_client=self.limits.max_sessions_per_client)
-        self.model_lock = FairLock()
+        self.model_lock = FairLock(stall_steps=stall_steps)
+        packs(subject)  # checked once per model, now rather than in the first packed forward (SmolLM2: ~0.7 s)
         self._desc: dict | None = None
         self._desc_lock = threading.Lock()
         self._neuron_cache: dict[tuple, dict] = {}
