@@ -54,6 +54,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1 on a shared machine: 2 OpenMP threads on an oversubscribed CPU spin at "
                          "barriers and make the main thread's forwards erratic, 2-20x slower)")
+    ap.add_argument("--stall-steps", type=float, default=1.0,
+                    help="the Monitor's --stall-steps: decoding steps a view's chunk may add to a streaming step")
+    ap.add_argument("--only", choices=["stalls", "ttft", "actions"], default=None,
+                    help="run only these figures (after the conversation is built)")
     args = ap.parse_args()
     torch.set_num_threads(max(1, args.threads))
 
@@ -72,7 +76,7 @@ def main() -> None:
         compute_stats(subject, corpus[0], stats_dir, tokens=4096, k=1000, n_exemplars=20, progress=False)
         print(f"computed statistics (4096 tokens of {corpus[0].name}) in {time.perf_counter() - t0:.1f} s")
     knowledge = Knowledge.load(subject, stats_dir)
-    mon = Monitor(subject, knowledge)
+    mon = Monitor(subject, knowledge, stall_steps=args.stall_steps)
     print("knowledge:", knowledge.capabilities)
     if args.alice:
         return alice(mon, Path(args.alice))
@@ -104,6 +108,12 @@ def main() -> None:
         s.cache.clear()
         mon.attribution(s, T - 1, page_size=50)
 
+    if args.only == "stalls":
+        return stalls(mon, args.long)
+    if args.only == "ttft":
+        return concurrent_ttft(mon, prompt_len)
+    if args.only == "actions":
+        return actions(mon, s, T, args)
     for f in (forward, activation_view, attribution_view):  # warm up
         f()
     fwd, act, fwd2, att = [], [], [], []
@@ -354,8 +364,9 @@ def stalls(mon, n_tokens: int) -> None:
         mon._neuron_cache.clear()
         mon.neuron(l, n, 8)
     print(f"stall of a streaming answer while another session runs a view of a {T}-token conversation "
-          f"(chunks of {mon.chunk_tokens} tokens while an answer streams; its forward in one piece: "
-          f"{1000 * t_one:.0f} ms):")
+          f"(packed forwards, --stall-steps {mon.model_lock.stall_steps:g}; the view's forward in one piece: "
+          f"{1000 * t_one:.0f} ms); 'added' = a gap minus the stream's own median gap, in those gaps:")
+    alone = None
     for name, view in (("alone (no view)", None), ("activation view", activations), ("attribution view", attribution),
                        (f"neuron {l}:{n} marks (16 windows)", marks)):
         times: list[float] = []
@@ -377,9 +388,14 @@ def stalls(mon, n_tokens: int) -> None:
         done.set()
         th.join()
         gaps = [y - x for x, y in zip(times, times[1:]) if y > t0 and x < t1]
+        p90 = statistics.quantiles(gaps, n=10)[-1] if len(gaps) > 1 else gaps[0]
+        alone = med(gaps) if alone is None else alone
+        added = " ".join(f"{w} {(g - alone) / alone:+.2f}" for w, g in (("median", med(gaps)), ("p90", p90),
+                                                                          ("max", max(gaps))))
         print(f"  {name:34s} view {1000 * (t1 - t0):7.0f} ms; stream gaps median {1000 * med(gaps):5.0f} ms, "
-              f"longest {1000 * max(gaps):5.0f} ms ({max(gaps) / t_one:.2f} x the forward in one piece; "
-              f"{len(gaps)} gaps)")
+              f"p90 {1000 * p90:5.0f}, longest {1000 * max(gaps):5.0f} ms ({max(gaps) / t_one:.2f} x the forward in "
+              f"one piece; {len(gaps)} gaps); added, in steps: {added}")
+    print(f"  packed forwards so far: {mon.model_lock.packed}")
 
 
 if __name__ == "__main__":

@@ -251,10 +251,6 @@ class FairLock:
                 t.error = e
 
 
-_call_args = call_args
-_new_cache = new_cache
-
-
 def _check_chunk(chunk: int) -> int:
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise NeuronscopeError(f"The chunk size must be a positive number of tokens, got {chunk!r}.")
@@ -265,16 +261,17 @@ def decode(subject, prompt: Sequence[int], *, interventions: Sequence[Interventi
            max_new_tokens: int, temperature: float, seed: int | None, eos: set[int],
            on_token: Callable[[int], None], cancelled: Callable[[], bool] = lambda: False,
            chunk: int = CHUNK_TOKENS, idle_chunk: int | None = IDLE_CHUNK_TOKENS) -> list[int]:
-    """Generate after `prompt`, one model call per lock hold (the prefill in chunks of `chunk` positions while
-    another answer streams, else of `idle_chunk`); calls `on_token(id)` for each new token."""
-    with lock.streaming():
+    """Generate after `prompt`, one model call per token (the prefill in chunks of `chunk` positions while
+    another answer streams, else of `idle_chunk`); calls `on_token(id)` for each new token. The answer counts as
+    streaming (`FairLock.streams`) from its prefill's end."""
+    with lock.client():
         return _decode(subject, prompt, interventions, lock, max_new_tokens, temperature, seed, eos, on_token,
                        cancelled, _check_chunk(chunk), None if idle_chunk is None else _check_chunk(idle_chunk))
 
 
 def _decode(subject, prompt, interventions, lock, max_new_tokens, temperature, seed, eos, on_token, cancelled,
             chunk, idle_chunk) -> list[int]:
-    cache = _new_cache(subject)
+    cache = new_cache(subject)
     gen = None
     if temperature > 0:
         gen = torch.Generator(device="cpu")
@@ -288,10 +285,18 @@ def _decode(subject, prompt, interventions, lock, max_new_tokens, temperature, s
     while a < P:  # the prefill
         if cancelled():
             return new
-        c = lock.chunk_size(chunk, idle_chunk, own=1)
+        c = lock.chunk_size(chunk, idle_chunk)
         step = lock.run(subject, Step(cache, ids[a:a + c], ivs, prompt_len=P, logits="last" if a + c >= P else "none"))
         a += c
-    for k in range(int(max_new_tokens)):
+    with lock.streaming():
+        _generate(subject, lock, cache, ivs, P, step, int(max_new_tokens), temperature, gen, eos, on_token, cancelled,
+                  new)
+    return new
+
+
+def _generate(subject, lock, cache, ivs, P, step, max_new_tokens, temperature, gen, eos, on_token, cancelled,
+              new: list[int]) -> None:
+    for k in range(max_new_tokens):
         if k:
             if cancelled():
                 break
@@ -307,7 +312,6 @@ def _decode(subject, prompt, interventions, lock, max_new_tokens, temperature, s
         on_token(t)
         if t in eos:
             break
-    return new
 
 
 class _Stop(Exception):
@@ -349,8 +353,8 @@ def forward_chunks(subject, ids: torch.Tensor, *, lock: FairLock | None, chunk: 
         ids = ids.unsqueeze(0)
     B, T = ids.shape
     ids = ids.to(subject.device)
-    cache = _new_cache(subject)
-    cache_kw, keep = _call_args(subject)
+    cache = new_cache(subject)
+    cache_kw, keep = call_args(subject)
     extra: dict = {"logits_to_keep": 1} if (last_logits and keep) else {}
     ivs = list(interventions)
     if stop_after is not None:
@@ -422,7 +426,7 @@ def attribute_chunked(subject, ids: torch.Tensor, target_position: int, target_t
     if target_token is None and target_position < T:
         target_token = int(ids[0, target_position])
     from transformers.cache_utils import DynamicLayer
-    probe = _new_cache(subject)
+    probe = new_cache(subject)
     if not all(type(layer) is DynamicLayer for layer in getattr(probe, "layers", [None])):
         return _attribute_one_graph(subject, ids, target_position, target_token, top, lock=lock, chunk=chunk,
                                     idle_chunk=idle_chunk, interventions=interventions)
@@ -444,7 +448,7 @@ def attribute_chunked(subject, ids: torch.Tensor, target_position: int, target_t
     p_value = 0.0
     for a in reversed(starts):
         b = min(a + size, Tp)
-        cache = _new_cache(subject)
+        cache = new_cache(subject)
         past: list[tuple[torch.Tensor, torch.Tensor]] = []
         with torch.enable_grad():
             for l, (K, V) in enumerate(kv if a else []):
