@@ -100,8 +100,11 @@ def test_a_step_that_keeps_its_graph_gets_its_own_gradient_in_a_pack(stories):
     torch.testing.assert_close(o2, o1, rtol=1e-4, atol=1e-4)
 
 
-def test_concurrent_answers_share_forwards_and_equal_one_by_one_decoding(stories):
-    lock = FairLock()
+@pytest.mark.parametrize("slots", [1, 3])
+def test_concurrent_answers_share_forwards_and_equal_one_by_one_decoding(stories, slots):
+    """One slot: the threads' steps run in packed forwards; three: each thread runs its own forwards at once, its
+    hooks scoped to its thread (the clamp of answer 1 reaches no other answer)."""
+    lock = FairLock(slots=slots)
     prompts = [stories.encode(t)[0].tolist() for t in ("Once upon a time", "The little dog", "Tom and Sue went")]
     edits = [[], [Clamp(2, [3, 9], positions="generated", value=2.0)], []]
     want = [decode(stories, p, interventions=e, lock=FairLock(), max_new_tokens=30, temperature=0.0, seed=None,
@@ -121,7 +124,8 @@ def test_concurrent_answers_share_forwards_and_equal_one_by_one_decoding(stories
     for t in threads:
         t.join()
     assert got == want
-    assert lock.packed > 0  # the threads' steps ran in shared forwards
+    if slots == 1:
+        assert lock.packed > 0  # the threads' steps ran in shared forwards
     assert lock.step_s is not None
 
 
@@ -133,7 +137,7 @@ def test_a_failing_step_fails_alone(stories):
 
     def boom(layer, x, ctx):
         raise Boom("bad")
-    lock = FairLock()
+    lock = FairLock(slots=1)
     V = stories.config.vocab_size
     ids = torch.randint(0, V, (8,))
     ok = Step(new_cache(stories), ids, prompt_len=8)
@@ -164,3 +168,32 @@ def test_fair_lock_rejects_a_bad_stall_budget():
     for bad in (0, -1, float("nan"), float("inf"), True, "1"):
         with pytest.raises(NeuronscopeError, match="stall_steps"):
             FairLock(stall_steps=bad)
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(NeuronscopeError, match="slots"):
+            FairLock(slots=bad)
+
+
+def test_interventions_act_only_on_their_own_thread(stories):
+    """A context opened in one thread leaves another thread's forward, run at the same time, untouched."""
+    from neuronscope.interventions import intervene
+    ids = stories.encode("Once upon a time there was a girl")
+    with torch.no_grad():
+        ref = stories.model(input_ids=ids).logits
+    inside, outside = threading.Event(), threading.Event()
+    got = {}
+
+    def other():
+        inside.wait()
+        with torch.no_grad():
+            got["logits"] = stories.model(input_ids=ids).logits
+        outside.set()
+    t = threading.Thread(target=other)
+    t.start()
+    with intervene(stories, Clamp(1, list(range(20)), value=5.0), Capture()) as bound, torch.no_grad():
+        inside.set()
+        outside.wait()
+        mine = stories.model(input_ids=ids).logits
+    t.join()
+    torch.testing.assert_close(got["logits"], ref)
+    assert not torch.allclose(mine, ref, atol=1e-3)
+    assert bound[1].activations.shape[2] == ids.shape[1]  # one forward captured: its own

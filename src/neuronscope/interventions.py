@@ -30,7 +30,10 @@ that positions 0..N-1 are the prompt, whatever chunk it runs; its absolute start
 Segments: several sequences packed into one forward (the Monitor's sessions sharing one batched step; see
 server/packing.py) each open their own `intervene(..., segment=(a, b, start))`: that context's hooks see and edit
 only columns a..b-1 of the packed input, whose first column is the sequence's absolute position `start`.
-Hooks are always removed when the context ends, also on an exception; no weight is ever changed.
+Hooks are always removed when the context ends, also on an exception; no weight is ever changed. Threads: a context
+acts only on the forwards that the thread which opened it runs (its hooks pass other threads' forwards through
+untouched), so several threads can run the same model at once, each with its own interventions (the Monitor runs one
+model call per core this way).
 """
 from __future__ import annotations
 
@@ -658,7 +661,11 @@ class _Runner:
         base = spec.get(model, spec.base)
         blocks = spec.decoder_layers(model)  # looked up once: install runs on every intervene()
 
+        me = threading.get_ident()  # hooks are the module's; they act only on this thread's forwards
+
         def track(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            if threading.get_ident() != me:
+                return None
             ids = kwargs.get("input_ids", args[0] if args else None)
             if ids is None:
                 ids = kwargs.get("inputs_embeds")
@@ -685,7 +692,9 @@ class _Runner:
                 mod = spec.get(blocks[layer], spec.down)
 
                 def pre(module: torch.nn.Module, args: tuple[Any, ...],
-                        _k: tuple[int, str] = key) -> tuple[Any, ...]:
+                        _k: tuple[int, str] = key) -> tuple[Any, ...] | None:
+                    if threading.get_ident() != me:
+                        return None
                     return (self._run(_k, args[0]),) + tuple(args[1:])
                 self.handles.append(mod.register_forward_pre_hook(pre))
             elif site == "resid.post":
@@ -693,6 +702,8 @@ class _Runner:
 
                 def post(module: torch.nn.Module, args: tuple[Any, ...], output: Any,
                          _k: tuple[int, str] = key) -> Any:
+                    if threading.get_ident() != me:
+                        return None
                     if isinstance(output, tuple):
                         return (self._run(_k, output[0]),) + tuple(output[1:])
                     return self._run(_k, output)
@@ -703,13 +714,17 @@ class _Runner:
                 out_mod = spec.get(blocks[layer], spec.mlp_out)
 
                 def mid_pre(module: torch.nn.Module, args: tuple[Any, ...], _k: tuple[int, str] = key,
-                            _l: int = layer) -> tuple[Any, ...]:
+                            _l: int = layer) -> tuple[Any, ...] | None:
+                    if threading.get_ident() != me:
+                        return None
                     x = args[0]
                     y = self._run(_k, x)
                     self._mid_delta[_l] = None if y is x else (y - x)
                     return (y,) + tuple(args[1:])
 
                 def mid_out(module: torch.nn.Module, args: tuple[Any, ...], output: Any, _l: int = layer) -> Any:
+                    if threading.get_ident() != me:
+                        return None
                     d = self._mid_delta.pop(_l, None)
                     if d is None:
                         return None

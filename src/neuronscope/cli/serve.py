@@ -17,10 +17,15 @@ def serve(model: Optional[str] = ModelArg, atlas: Optional[str] = typer.Option(
               None, "--allow-host", help="Also answer requests whose Host header names this (repeatable; '*': any). "
                                          "By default only the bound address (and localhost names for a loopback "
                                          "bind) are accepted, against DNS rebinding."),
+          threads: int = typer.Option(
+              1, "--threads", help="torch threads per model call. 1 (the default) runs one call per core at once "
+                                   "(a view beside a streaming answer, each on its own core); 0: torch's default, "
+                                   "with one call at a time."),
           stall_steps: float = typer.Option(
-              1.0, "--stall-steps", help="How many decoding steps one session's work (a view, a prefill) may add to "
-                                         "another session's streaming answer, per token. 1: a stream never waits "
-                                         "more than about one step; more: views run faster while answers stream."),
+              1.0, "--stall-steps", help="When more calls wait than run at once (they then share packed "
+                                         "forwards): how many decoding steps one session's work (a view, a prefill) "
+                                         "may add to another session's streaming answer, per token. More: views run "
+                                         "faster while answers stream."),
           gguf_file: Optional[str] = GgufOpt, dtype: str = DtypeOpt, device: Optional[str] = DeviceOpt) -> None:
     """Start the Monitor: chat with the model, watch neurons fire, attribute tokens, steer by concept.
 
@@ -38,6 +43,11 @@ def serve(model: Optional[str] = ModelArg, atlas: Optional[str] = typer.Option(
         raise NeuronscopeError(f"Port {port} is out of range (0 to 65535).")
     if not session_ttl > 0:
         raise NeuronscopeError("--session-ttl must be a positive number of seconds.")
+    if threads < 0:
+        raise NeuronscopeError(f"--threads must be 0 (torch's default) or a positive number, got {threads}.")
+    import torch
+    if threads:
+        torch.set_num_threads(threads)
     subject = load_subject(model, gguf_file, dtype, device)
     knowledge = Knowledge.load(subject, atlas)
     mon = Monitor(subject, knowledge, stall_steps=stall_steps)
@@ -60,6 +70,8 @@ def serve(model: Optional[str] = ModelArg, atlas: Optional[str] = typer.Option(
     shown = f"[{host}]" if ":" in host else host
     console.print(f"Monitor for {subject.name} at [bold]http://{shown}:{real_port}/[/bold]  (Ctrl+C to stop)",
                   highlight=False, soft_wrap=True)
+    console.print(f"{mon.model_lock.slots} model call(s) at once, {torch.get_num_threads()} torch thread(s) each",
+                  highlight=False)
     if allowed is None:
         console.print("[yellow]note:[/yellow] any Host header is accepted (wildcard bind or --allow-host '*').")
     config = uvicorn.Config(app, log_level="warning")

@@ -29,6 +29,7 @@ top_p 1, as `Subject.generate_ids`) from a generator seeded with `seed`.
 from __future__ import annotations
 
 import collections
+import os
 import statistics
 import threading
 import time
@@ -43,13 +44,13 @@ from ..errors import NeuronscopeError
 from ..interventions import BoundCapture, Capture, Intervention, ResidualFunction, intervene
 from .packing import Step, call_args, new_cache, packs, plain_cache, run_one, run_packed
 
-CHUNK_TOKENS = 16         # positions per model call while another session's answer streams
+CHUNK_TOKENS = 32         # positions per model call while another session's answer streams
 PACK_TOKENS = 24          # tokens of one packed forward beyond its 1-token steps (FairLock.run)
 MAX_PACK = 32             # steps in one packed forward
 STALL_STEPS = 1.0         # decoding steps another session's work may add to a streaming answer's step
 GATHER_S = 0.003          # how long a packed forward waits for the next call of a thread in a run of calls
 IDLE_CHUNK_TOKENS = 256   # positions per lock hold while no answer streams
-GRAD_CHUNK_TOKENS = 16    # the same for an attribution's forward while an answer streams (see attribute_chunked)
+GRAD_CHUNK_TOKENS = 32    # the same for an attribution's forward while an answer streams (see attribute_chunked)
 GRAD_LEAST_TOKENS = 8     # the fewest positions of an attribution's backward chunk
 
 
@@ -63,13 +64,16 @@ class _Ticket:
 
 
 class FairLock:
-    """The one model's scheduler. As a lock (`with lock:`) it is first-come, first-served: a waiting thread is
-    served before the releasing thread can take it again. `run(subject, step)` waits the same way for one model call,
-    and the thread whose turn it is runs, in the same forward, the steps that other threads wait with
+    """The one model's scheduler: `slots` model calls run at once, each in its caller's thread (by default one per
+    core the torch threads leave: 2 on a 2-core CPU with one torch thread; the intervention core scopes every
+    context's hooks to its own thread, so concurrent calls never see each other's interventions). As a lock
+    (`with lock:`, one slot) it is first-come, first-served: a waiting thread is served before the releasing thread
+    can take a slot again. `run(subject, step)` waits the same way for one model call, and the thread whose turn it
+    is runs, in the same forward, the steps that other threads wait with
     (`packing.run_packed`): every waiting 1-token step (a decoding step) and longer ones while the pack stays within
-    `pack_tokens` tokens beyond its first step. Before it runs, it waits up to `gather_s` for the threads that are
-    in the middle of a run of calls (`client()`: a decoding loop, a view in chunks) to queue their next call, so
-    that a view's chunk rides along with a stream's step instead of taking turns with it.
+    `pack_tokens` tokens beyond its first step. When it takes the last free slot, it first waits up to `gather_s`
+    for the threads that are in the middle of a run of calls (`client()`: a decoding loop, a view in chunks) and
+    not running one now to queue their next call, so that their steps ride along instead of taking turns.
 
     It also times its forwards: `step_s`, the median of the last 32 forwards of 1-token steps, and from each pack
     that carried a longer step along with decoding steps, how many tokens ride along for one more step's time.
@@ -78,14 +82,20 @@ class FairLock:
     token; more makes views faster while an answer streams, at that cost)."""
 
     def __init__(self, pack_tokens: int = PACK_TOKENS, gather_s: float = GATHER_S,
-                 stall_steps: float = STALL_STEPS) -> None:
+                 stall_steps: float = STALL_STEPS, slots: int | None = None) -> None:
+        if slots is None:
+            slots = max(1, (os.cpu_count() or 1) // max(1, torch.get_num_threads()))
+        if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
+            raise NeuronscopeError(f"slots must be a positive number of concurrent model calls, got {slots!r}.")
+        self.slots = slots
         if isinstance(stall_steps, bool) or not isinstance(stall_steps, (int, float)) or not stall_steps > 0 \
                 or not stall_steps < float("inf"):
             raise NeuronscopeError(f"stall_steps must be a positive number of decoding steps, got {stall_steps!r}.")
         self.stall_steps = float(stall_steps)
         self._cond = threading.Condition(threading.Lock())
         self._queue: collections.deque[_Ticket] = collections.deque()
-        self._held = False
+        self._active = 0          # slots taken
+        self._running: collections.Counter[int] = collections.Counter()   # threads holding a slot
         self.streams = 0          # answers being decoded now (`streaming`)
         self.clients = 0          # threads in the middle of a run of calls (`client`)
         self._client_threads: collections.Counter[int] = collections.Counter()
@@ -130,12 +140,13 @@ class FairLock:
         return statistics.median(self._step_times) if self._step_times else None
 
     def chunk_size(self, chunk: int, idle_chunk: int | None, own: int = 0, least: int = 2) -> int:
-        """While an answer other than the caller's `own` streams: `chunk`, or fewer tokens (not under `least`) where
-        the timings say that more would cost over one decoding step on top of the step they ride along with; while
-        none streams: `idle_chunk` (default `chunk`)."""
+        """While an answer other than the caller's `own` streams: `chunk` while there is a slot for every stream and
+        one more (a view's chunk then runs beside the streams' steps, on a core of its own); else fewer tokens (not
+        under `least`) where the timings say that more would cost over `stall_steps` decoding steps on top of the step
+        they ride along with in a packed forward; while none streams: `idle_chunk` (default `chunk`)."""
         if idle_chunk is not None and self.streams <= own:
             return idle_chunk
-        if self._ride is None:
+        if self._ride is None or self.streams - own < self.slots:
             return chunk
         return max(min(least, chunk), min(chunk, int(self._ride)))
 
@@ -143,13 +154,25 @@ class FairLock:
         """Queue `me` and wait for its turn (True: holding the lock now) or for another thread to run its step
         (False). Called with the condition held."""
         self._queue.append(me)
-        while not me.done and (self._held or self._queue[0] is not me):
+        while not me.done and (self._active >= self.slots or self._queue[0] is not me):
             self._cond.wait()
         if me.done:
             return False
         self._queue.popleft()
-        self._held = True
+        self._active += 1
+        self._running[threading.get_ident()] += 1
+        if self._queue:
+            self._cond.notify_all()  # a free slot left: the next in line may take it
         return True
+
+    def _free(self) -> None:
+        """Give back the caller's slot. Called with the condition held."""
+        self._active -= 1
+        me = threading.get_ident()
+        self._running[me] -= 1
+        if not self._running[me]:
+            del self._running[me]
+        self._cond.notify_all()
 
     def acquire(self) -> None:
         with self._cond:
@@ -157,8 +180,7 @@ class FairLock:
 
     def release(self) -> None:
         with self._cond:
-            self._held = False
-            self._cond.notify_all()
+            self._free()
 
     def __enter__(self) -> "FairLock":
         self.acquire()
@@ -169,10 +191,11 @@ class FairLock:
 
     def _gather(self, subject, me: _Ticket) -> list[_Ticket]:
         """With the lock held: the steps to run with `me` (taken out of the queue). Called with the condition held."""
-        others = len(self._client_threads) - (threading.get_ident() in self._client_threads)
-        if others > 0 and self.gather_s > 0 and packs(subject):
+        me_id = threading.get_ident()
+        coming = [c for c in self._client_threads if c != me_id and c not in self._running]
+        if coming and self._active >= self.slots and self.gather_s > 0 and packs(subject):
             deadline = time.perf_counter() + self.gather_s
-            while sum(t.step is not None for t in self._queue) < others:
+            while sum(t.step is not None for t in self._queue) < len(coming):
                 left = deadline - time.perf_counter()
                 if left <= 0:
                     break
@@ -220,8 +243,7 @@ class FairLock:
             with self._cond:
                 for t in batch[1:]:
                     t.done = True
-                self._held = False
-                self._cond.notify_all()
+                self._free()
         if me.error is not None:
             raise me.error
         return step
@@ -341,10 +363,10 @@ def forward_chunks(subject, ids: torch.Tensor, *, lock: FairLock | None, chunk: 
                    capture: Capture | None = None, last_logits: bool = False, grad: bool = False,
                    stop_after: int | None = None) -> Chunks:
     """One forward of `ids` [B, T] split into chunks over a KV cache, each chunk its own `intervene` under its own
-    hold of `lock` (None: no lock): chunks of `chunk` positions while an answer streams, else of `idle_chunk`
-    (default: `chunk` always). `capture` (a Capture spec) is bound in every chunk;
-    `grad` keeps the autograd graph (for a backward after, outside the lock); `stop_after` runs only the layers up to
-    that one (no logits; the rest of each chunk's forward is skipped)."""
+    model call through `lock` (None: no lock): chunks of `chunk` positions while an answer streams, else of
+    `idle_chunk` (default: `chunk` always). `capture` (a Capture spec) is bound in every chunk; `grad` keeps the
+    autograd graph (for a backward after, in a slot of its own); `stop_after` runs only the layers up to that one
+    (no logits; the rest of each chunk's forward is skipped)."""
     _check_chunk(chunk)
     if idle_chunk is not None:
         _check_chunk(idle_chunk)
@@ -465,7 +487,9 @@ def attribute_chunked(subject, ids: torch.Tensor, target_position: int, target_t
         cap = step.captured
         assert isinstance(cap, BoundCapture)
         layers = cap.layers
-        with torch.enable_grad():  # outside the lock: a backward runs no forward hook
+        # a slot of its own (it is compute like a forward), apart from the forward's: a backward runs no forward
+        # hook, so the forward's slot is free for other sessions' steps meanwhile
+        with lock if lock is not None else nullcontext(), torch.enable_grad():
             outputs: list[torch.Tensor] = []
             grad_out: list[torch.Tensor] = []
             if b == Tp:
@@ -513,7 +537,7 @@ def _attribute_one_graph(subject, ids: torch.Tensor, target_position: int, targe
     run = forward_chunks(subject, ids[:, :target_position], lock=lock, chunk=chunk, idle_chunk=idle_chunk,
                          interventions=interventions, capture=Capture(grad=True), last_logits=True, grad=True)
     assert run.logits is not None
-    with torch.enable_grad():  # outside the lock: a backward runs no forward hook
+    with lock if lock is not None else nullcontext(), torch.enable_grad():  # a slot apart from the forward's
         logits = run.logits[-1]
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         probs = torch.softmax(logits, dim=-1)

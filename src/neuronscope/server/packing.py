@@ -65,7 +65,7 @@ class Step:
     """One forward call of one sequence: new tokens `ids` [n] after what `cache` holds, with `interventions` (bound
     with `prompt_len`); `capture` is bound too and its bound object lands in `captured`; `logits` "last" keeps the
     last position's logits ([1, vocab] in `out`), "all" every position's ([n, vocab]), "none" none. `grad` keeps the
-    autograd graph (a backward after, outside the lock; the new keys and values in `cache` then keep it too)."""
+    autograd graph (for a backward after; the new keys and values in `cache` then keep it too)."""
     cache: Any
     ids: torch.Tensor
     interventions: Sequence[Intervention] = ()
