@@ -56,6 +56,8 @@ def main() -> None:
                          "barriers and make the main thread's forwards erratic, 2-20x slower)")
     ap.add_argument("--stall-steps", type=float, default=1.0,
                     help="the Monitor's --stall-steps: decoding steps a view's chunk may add to a streaming step")
+    ap.add_argument("--streams", type=int, default=1, help="streaming answers during the stall figures")
+    ap.add_argument("--slots", type=int, default=None, help="model calls at once (default: cores / torch threads)")
     ap.add_argument("--only", choices=["stalls", "ttft", "actions"], default=None,
                     help="run only these figures (after the conversation is built)")
     args = ap.parse_args()
@@ -77,9 +79,15 @@ def main() -> None:
         print(f"computed statistics (4096 tokens of {corpus[0].name}) in {time.perf_counter() - t0:.1f} s")
     knowledge = Knowledge.load(subject, stats_dir)
     mon = Monitor(subject, knowledge, stall_steps=args.stall_steps)
+    if args.slots is not None:
+        from neuronscope.server.decoding import FairLock
+        mon.model_lock = FairLock(stall_steps=args.stall_steps, slots=args.slots)
     print("knowledge:", knowledge.capabilities)
     if args.alice:
         return alice(mon, Path(args.alice))
+    import gc
+    mon.warm()   # as `neuronscope serve` does at start: descriptions, vocabulary, index, embedder
+    gc.freeze()  # as serve does after warm (a full collection of those tables held the GIL ~0.2 s)
 
     # a conversation of exactly --tokens tokens: the question, then the model's answer cut to fit
     s = mon.sessions.create()
@@ -109,7 +117,7 @@ def main() -> None:
         mon.attribution(s, T - 1, page_size=50)
 
     if args.only == "stalls":
-        return stalls(mon, args.long)
+        return stalls(mon, args.long, args.streams)
     if args.only == "ttft":
         return concurrent_ttft(mon, prompt_len)
     if args.only == "actions":
@@ -146,7 +154,7 @@ def main() -> None:
 
     actions(mon, s, T, args)
     concurrent_ttft(mon, prompt_len)
-    stalls(mon, args.long)
+    stalls(mon, args.long, args.streams)
 
     # memory a session holds after chat + tokens + activations + one attribution
     s.cache.clear()
@@ -269,7 +277,6 @@ def actions(mon, s, T: int, args) -> None:
 
     words = iter(["brother", "sister", "family", "number", "count", "girl", "boy", "mother", "father", "child",
                   "two", "four", "many", "answer", "question", "friend"])
-    mon.warm()  # as `neuronscope serve` does at start: descriptions, vocabulary, index, embedder
     cases = [("concept search (a new query each call)", lambda: mon.concepts(next(words), 50)),
              ("concept search (the same query again)", lambda: mon.concepts(args.concept, 50)),
              ("neuron detail (10 exemplars, no marks)", lambda: mon.neuron((l + 1) % mon.subject.n_layers, n, 10,
@@ -328,9 +335,9 @@ def concurrent_ttft(mon, prompt_len: int, n_new: int = 24) -> None:
               f"whole answers median {1000 * med(total):.0f} ms (max {1000 * max(total):.0f} ms)")
 
 
-def stalls(mon, n_tokens: int) -> None:
-    """The longest gap between two tokens of a streaming answer while another session runs a view of an
-    `n_tokens`-token conversation, against the gaps of the stream alone and that view's forward in one piece."""
+def stalls(mon, n_tokens: int, n_streams: int = 1) -> None:
+    """The gaps between two tokens of `n_streams` streaming answers while another session runs a view of an
+    `n_tokens`-token conversation, against the gaps of the streams alone and that view's forward in one piece."""
     import threading
 
     from neuronscope.server.decoding import decode
@@ -364,20 +371,22 @@ def stalls(mon, n_tokens: int) -> None:
         mon._neuron_cache.clear()
         mon.neuron(l, n, 8)
     print(f"stall of a streaming answer while another session runs a view of a {T}-token conversation "
-          f"(packed forwards, --stall-steps {mon.model_lock.stall_steps:g}; the view's forward in one piece: "
+          f"({n_streams} stream(s), {mon.model_lock.slots} model call(s) at once, packed forwards when more wait, "
+          f"--stall-steps {mon.model_lock.stall_steps:g}; the view's forward in one piece: "
           f"{1000 * t_one:.0f} ms); 'added' = a gap minus the stream's own median gap, in those gaps:")
     alone = None
     for name, view in (("alone (no view)", None), ("activation view", activations), ("attribution view", attribution),
                        (f"neuron {l}:{n} marks (16 windows)", marks)):
-        times: list[float] = []
+        streams: list[list[float]] = [[] for _ in range(n_streams)]
         done = threading.Event()
 
-        def stream(times=times, done=done):
+        def stream(times, done=done):
             decode(subject, prompt, interventions=[], lock=mon.model_lock, max_new_tokens=100000, temperature=0.0,
                    seed=None, eos=set(), on_token=lambda t: times.append(time.perf_counter()), cancelled=done.is_set)
-        th = threading.Thread(target=stream)
-        th.start()
-        while len(times) < 4:
+        ths = [threading.Thread(target=stream, args=(times,)) for times in streams]
+        for th in ths:
+            th.start()
+        while min(len(times) for times in streams) < 4:
             time.sleep(0.005)
         t0 = time.perf_counter()
         if view is None:
@@ -386,8 +395,9 @@ def stalls(mon, n_tokens: int) -> None:
             view()
         t1 = time.perf_counter()
         done.set()
-        th.join()
-        gaps = [y - x for x, y in zip(times, times[1:]) if y > t0 and x < t1]
+        for th in ths:
+            th.join()
+        gaps = [y - x for times in streams for x, y in zip(times, times[1:]) if y > t0 and x < t1]
         p90 = statistics.quantiles(gaps, n=10)[-1] if len(gaps) > 1 else gaps[0]
         alone = med(gaps) if alone is None else alone
         added = " ".join(f"{w} {(g - alone) / alone:+.2f}" for w, g in (("median", med(gaps)), ("p90", p90),

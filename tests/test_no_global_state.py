@@ -39,3 +39,17 @@ def test_decode_restores_the_thread_count():
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_the_cpu_statistics_fold_leaves_the_thread_count_alone():
+    """numba's OpenMP layer sets the calling thread's OpenMP thread count when its parallel fold runs, which torch
+    reads as its own: a Monitor built after `compute_stats` in the same process then took one model call at a time."""
+    from neuronscope.stats.extremes import LayerExtremes
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ex = LayerExtremes(64, k=8, n_exemplars=2)
+        ex.add(torch.randn(100, 64), torch.arange(100))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

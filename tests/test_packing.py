@@ -100,25 +100,26 @@ def test_a_step_that_keeps_its_graph_gets_its_own_gradient_in_a_pack(stories):
     torch.testing.assert_close(o2, o1, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("slots", [1, 3])
+@pytest.mark.parametrize("slots", [1, 2, 4])
 def test_concurrent_answers_share_forwards_and_equal_one_by_one_decoding(stories, slots):
-    """One slot: the threads' steps run in packed forwards; three: each thread runs its own forwards at once, its
-    hooks scoped to its thread (the clamp of answer 1 reaches no other answer)."""
+    """One slot: the threads' steps run in packed forwards; four: each thread runs its own forwards at once, its
+    hooks scoped to its thread (the clamp of answer 1 reaches no other answer); two: both at once."""
     lock = FairLock(slots=slots)
-    prompts = [stories.encode(t)[0].tolist() for t in ("Once upon a time", "The little dog", "Tom and Sue went")]
-    edits = [[], [Clamp(2, [3, 9], positions="generated", value=2.0)], []]
+    prompts = [stories.encode(t)[0].tolist() for t in ("Once upon a time", "The little dog", "Tom and Sue went",
+                                                       "One day, a bird")]
+    edits = [[], [Clamp(2, [3, 9], positions="generated", value=2.0)], [], []]
     want = [decode(stories, p, interventions=e, lock=FairLock(), max_new_tokens=30, temperature=0.0, seed=None,
                    eos=set(), on_token=lambda t: None) for p, e in zip(prompts, edits)]
     assert want[1] != decode(stories, prompts[1], interventions=[], lock=FairLock(), max_new_tokens=30,
                              temperature=0.0, seed=None, eos=set(), on_token=lambda t: None)
-    got: list = [None] * 3
-    start = threading.Barrier(3)
+    got: list = [None] * len(prompts)
+    start = threading.Barrier(len(prompts))
 
     def go(i):
         start.wait()
         got[i] = decode(stories, prompts[i], interventions=edits[i], lock=lock, max_new_tokens=30, temperature=0.0,
                         seed=None, eos=set(), on_token=lambda t: None, chunk=2, idle_chunk=2)
-    threads = [threading.Thread(target=go, args=(i,)) for i in range(3)]
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(len(prompts))]
     for t in threads:
         t.start()
     for t in threads:

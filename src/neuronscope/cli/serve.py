@@ -31,6 +31,7 @@ def serve(model: Optional[str] = ModelArg, atlas: Optional[str] = typer.Option(
 
     Example: neuronscope serve ../shared/models/stories260k --atlas atlas/stories260k --port 8000
     """
+    import gc
     import socket
 
     import uvicorn
@@ -56,7 +57,13 @@ def serve(model: Optional[str] = ModelArg, atlas: Optional[str] = typer.Option(
     allowed = host_names(host, allow_host or ())
     app = create_app(mon, allowed_hosts=allowed)
     import threading
-    threading.Thread(target=mon.warm, daemon=True, name="monitor-warm").start()
+    def warm() -> None:
+        mon.warm()
+        # the tables warm() read (descriptions, vocabulary: ~450K objects on SmolLM2) live as long as the server:
+        # out of the collector's sight, a full collection no longer holds the GIL for ~0.2 s in the middle of a
+        # streaming answer
+        gc.freeze()
+    threading.Thread(target=warm, daemon=True, name="monitor-warm").start()
     for note in knowledge.notes:
         console.print(f"[yellow]note:[/yellow] {note}")
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)

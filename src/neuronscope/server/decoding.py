@@ -55,11 +55,14 @@ GRAD_LEAST_TOKENS = 8     # the fewest positions of an attribution's backward ch
 
 
 class _Ticket:
-    __slots__ = ("step", "done", "error")
+    __slots__ = ("step", "done", "taken", "error", "thread", "is_step")
 
     def __init__(self, step: Step | None) -> None:
         self.step = step
+        self.thread = threading.get_ident()
+        self.is_step = step is not None and step.tokens == 1 and not step.grad   # a decoding step
         self.done = False
+        self.taken = False        # out of the queue, in another thread's packed forward (done when it ends)
         self.error: BaseException | None = None
 
 
@@ -95,10 +98,12 @@ class FairLock:
         self._cond = threading.Condition(threading.Lock())
         self._queue: collections.deque[_Ticket] = collections.deque()
         self._active = 0          # slots taken
-        self._running: collections.Counter[int] = collections.Counter()   # threads holding a slot
+        self._work_active = 0     # of them, by work other than decoding steps
+        self._held: dict[int, list[_Ticket]] = {}   # thread -> the tickets of the slots it holds
         self.streams = 0          # answers being decoded now (`streaming`)
         self.clients = 0          # threads in the middle of a run of calls (`client`)
         self._client_threads: collections.Counter[int] = collections.Counter()
+        self._stream_threads: collections.Counter[int] = collections.Counter()
         self.pack_tokens = int(pack_tokens)
         self.gather_s = float(gather_s)
         self.packed = 0           # forwards that ran more than one step (for tests and figures)
@@ -125,14 +130,20 @@ class FairLock:
     @contextmanager
     def streaming(self) -> Iterator[None]:
         """Count an answer as streaming for the duration of the block (other calls then use small chunks)."""
+        me = threading.get_ident()
         with self._cond:
             self.streams += 1
+            self._stream_threads[me] += 1
         try:
             with self.client():
                 yield
         finally:
             with self._cond:
                 self.streams -= 1
+                self._stream_threads[me] -= 1
+                if not self._stream_threads[me]:
+                    del self._stream_threads[me]
+                self._cond.notify_all()
 
     @property
     def step_s(self) -> float | None:
@@ -140,38 +151,53 @@ class FairLock:
         return statistics.median(self._step_times) if self._step_times else None
 
     def chunk_size(self, chunk: int, idle_chunk: int | None, own: int = 0, least: int = 2) -> int:
-        """While an answer other than the caller's `own` streams: `chunk` while there is a slot for every stream and
-        one more (a view's chunk then runs beside the streams' steps, on a core of its own); else fewer tokens (not
-        under `least`) where the timings say that more would cost over `stall_steps` decoding steps on top of the step
-        they ride along with in a packed forward; while none streams: `idle_chunk` (default `chunk`)."""
+        """While an answer other than the caller's `own` streams: `chunk` with two slots or more (a view's chunk then
+        runs beside the decoding steps, in a slot of its own); with one, fewer tokens (not under `least`) where the
+        timings say that more would cost over `stall_steps` decoding steps on top of the steps they ride along with
+        in a packed forward; while none streams: `idle_chunk` (default `chunk`)."""
         if idle_chunk is not None and self.streams <= own:
             return idle_chunk
-        if self._ride is None or self.streams - own < self.slots:
+        if self._ride is None or self.slots > 1:
             return chunk
         return max(min(least, chunk), min(chunk, int(self._ride)))
 
+    def _fits(self, t: _Ticket) -> bool:
+        """Whether `t` may take a slot now: one is free, and while an answer streams on a model with two slots or
+        more, work (a view's chunk, a backward, a `with lock:` block) never takes the last one, which stays for the
+        decoding steps. Called with the condition held."""
+        if self._active >= self.slots:
+            return False
+        if t.is_step or self.slots == 1 or not self.streams:
+            return True
+        return self._work_active < self.slots - 1
+
     def _wait(self, me: _Ticket) -> bool:
-        """Queue `me` and wait for its turn (True: holding the lock now) or for another thread to run its step
-        (False). Called with the condition held."""
+        """Queue `me` and wait for its turn (True: holding a slot now) or for another thread to run its step
+        (False): first come first served among the tickets that may take a slot now (`_fits`). Called with the
+        condition held."""
         self._queue.append(me)
-        while not me.done and (self._active >= self.slots or self._queue[0] is not me):
+        while not me.done:
+            if not me.taken and self._fits(me) and next(t for t in self._queue if self._fits(t)) is me:
+                break
             self._cond.wait()
         if me.done:
             return False
-        self._queue.popleft()
+        self._queue.remove(me)
         self._active += 1
-        self._running[threading.get_ident()] += 1
+        self._work_active += not me.is_step
+        self._held.setdefault(threading.get_ident(), []).append(me)
         if self._queue:
             self._cond.notify_all()  # a free slot left: the next in line may take it
         return True
 
     def _free(self) -> None:
-        """Give back the caller's slot. Called with the condition held."""
-        self._active -= 1
+        """Give back the caller's last slot. Called with the condition held."""
         me = threading.get_ident()
-        self._running[me] -= 1
-        if not self._running[me]:
-            del self._running[me]
+        t = self._held[me].pop()
+        if not self._held[me]:
+            del self._held[me]
+        self._active -= 1
+        self._work_active -= not t.is_step
         self._cond.notify_all()
 
     def acquire(self) -> None:
@@ -190,26 +216,37 @@ class FairLock:
         self.release()
 
     def _gather(self, subject, me: _Ticket) -> list[_Ticket]:
-        """With the lock held: the steps to run with `me` (taken out of the queue). Called with the condition held."""
-        me_id = threading.get_ident()
-        coming = [c for c in self._client_threads if c != me_id and c not in self._running]
-        if coming and self._active >= self.slots and self.gather_s > 0 and packs(subject):
+        """With a slot held: the steps to run with `me` (taken out of the queue). With one slot, every waiting step
+        rides along (1-token steps, and longer ones within `pack_tokens`); with more, decoding steps run with
+        decoding steps and longer steps in slots of their own. Before it takes them, a decoding step (with one slot:
+        any step) waits up to `gather_s` for the streams (clients) that are neither running nor queued to queue
+        their next step. Called with the condition held."""
+        assert me.step is not None
+        one = self.slots == 1
+        if (one or me.is_step) and self.gather_s > 0 and packs(subject):
+            pool = self._client_threads if one else self._stream_threads
+            me_id = threading.get_ident()
             deadline = time.perf_counter() + self.gather_s
-            while sum(t.step is not None for t in self._queue) < len(coming):
+            while True:
+                queued = {t.thread for t in self._queue}
+                if not [c for c in pool if c != me_id and c not in self._held and c not in queued]:
+                    break
                 left = deadline - time.perf_counter()
                 if left <= 0:
                     break
                 self._cond.wait(left)
-        assert me.step is not None
+        if not (one or me.is_step):
+            return [me]
         batch = [me]
         budget = max(me.step.tokens, self.pack_tokens) - me.step.tokens
         grad = me.step.grad
         for t in list(self._queue):
             if t.step is None or len(batch) >= MAX_PACK or (grad and t.step.grad):
                 continue  # one graph per pack: each backward frees its own
-            if t.step.tokens == 1 or t.step.tokens <= budget:
-                budget -= 0 if t.step.tokens == 1 else t.step.tokens
+            if t.is_step or (one and t.step.tokens <= budget):
+                budget -= 0 if t.is_step else t.step.tokens
                 grad = grad or t.step.grad
+                t.taken = True
                 batch.append(t)
                 self._queue.remove(t)
         return batch

@@ -306,10 +306,15 @@ class LayerExtremes:
         s1 = torch.empty(self.n, dtype=torch.float64)
         s2 = torch.empty(self.n, dtype=torch.float64)
         a = acts.numpy()
-        fold(a, a.view("int32"), ((LOW - 1) - index).numpy(), shift.contiguous().numpy(),
-             self._top.buf.numpy(), self._top.fill.numpy(), self._top.thr.numpy(),
-             self._bot.buf.numpy(), self._bot.fill.numpy(), self._bot.thr.numpy(),
-             self._ex_top.numpy(), self._ex_bot.numpy(), s1.numpy(), s2.numpy(), self.k)
+        threads = torch.get_num_threads()
+        try:
+            fold(a, a.view("int32"), ((LOW - 1) - index).numpy(), shift.contiguous().numpy(),
+                 self._top.buf.numpy(), self._top.fill.numpy(), self._top.thr.numpy(),
+                 self._bot.buf.numpy(), self._bot.fill.numpy(), self._bot.thr.numpy(),
+                 self._ex_top.numpy(), self._ex_bot.numpy(), s1.numpy(), s2.numpy(), self.k)
+        finally:
+            if torch.get_num_threads() != threads:  # numba's OpenMP layer set this thread's OpenMP thread count
+                torch.set_num_threads(threads)
         mb = shift + s1 / nb
         m2b = (s2 - s1 * s1 / nb).clamp_min(0.0)
         self._merge_moments(nb, mb, m2b)
