@@ -1,27 +1,28 @@
 """Model calls that share one model fairly between sessions: step-by-step decoding and forwards in chunks.
 
-`FairLock` schedules every model call of the Monitor, first come first served, and runs the calls that wait at the
-same time as one packed forward (`packing.run_packed`: each sequence over its own KV cache, with its own
-interventions), so sessions share the weight pass instead of taking turns with it:
+`FairLock` schedules every model call of the Monitor, first come first served: `slots` calls at once (one per core
+the torch threads leave), each in its caller's thread, with interventions scoped to that thread; the decoding steps
+that wait at the same time run as one packed forward (`packing.run_packed`: each sequence over its own KV cache, with
+its own interventions), and other work never takes the last slot while an answer streams:
 - `decode` generates one token per call (the prompt's prefill in chunks, then one step per token), so a session
-  streaming an answer never waits for another session's whole answer, and several sessions' steps run as one forward;
+  streaming an answer never waits for another session's whole answer, and several sessions' steps share a forward;
 - `forward_chunks` runs a view's forward (activations, exemplar marks, an attribution's first pass) in chunks over a
-  KV cache, one call per chunk; a chunk rides along with the decoding steps waiting with it.
-While an answer streams, a chunk has as many tokens as add at most `stall_steps` decoding steps (1) to the step it
-rides along with (measured: on SmolLM2-135M on this 2-core CPU a step costs ~35 ms with 2 threads and a step plus a
-4-token chunk ~67 ms, so chunks settle at a few tokens); while none streams they are `idle_chunk` positions (256 by
-default: a view runs at the speed of one forward, and an answer that starts meanwhile waits for at most one such
-chunk). Models whose forward cannot pack (a sliding-window cache, a failed self-check) take turns call by call.
+  KV cache, one call per chunk: `chunk` positions (32) while an answer streams, `idle_chunk` (256) otherwise.
+Measured on SmolLM2-135M on this 2-core CPU (bench/RESULTS.md): a view of 932 tokens beside a streaming answer adds at
+most ~0.9 of a decoding step (55 ms) to any of its gaps. With one slot a view's chunk rides along in the streams'
+packed forward instead, with as many tokens as add at most `stall_steps` decoding steps (2-3 tokens here: views then
+run ~4x slower while an answer streams). Models whose forward cannot pack (a sliding-window cache, a failed
+self-check) run the waiting steps one after another.
 
 Each chunk binds the interventions anew with `prompt_len` = the whole prompt, and its hooks see absolute positions
 (the cache's length is the chunk's start), so a steering on a token range or on the generated tokens applies to the
 same positions as in one forward; results equal one forward within float rounding (tests/test_server_chunks.py).
-The backward of an attribution runs no hook (the intervention core installs forward hooks only, and a backward
-changes no module state), so `attribute_chunked` runs it outside the lock, chunk by chunk from the last to the first
-(each chunk's past keys and values are leaves, their gradient passed on to the earlier chunks), so its memory stays
-O(T): a 928-token SmolLM2 attribution takes +2.4 GB and 23 s in 32-token chunks (+2.6 GB, 16 s in 128-token chunks)
-against +3.1 GB and 12.5 s in one piece (keeping every chunk's graph for one backward took +5.2 GB and 23 s: each chunk
-holds a copy of the earlier keys and values).
+The backward of an attribution runs no hook (the intervention core installs forward hooks only, and a backward changes
+no module state), so `attribute_chunked` runs it in a slot apart from its forward's, chunk by chunk from the last to the
+first (each chunk's past keys and values are leaves, their gradient passed on to the earlier chunks), so its memory
+stays O(T): a 928-token SmolLM2 attribution takes +2.4 GB and 23 s in 32-token chunks (+2.6 GB, 16 s in 128-token
+chunks) against +3.1 GB and 12.5 s in one piece (keeping every chunk's graph for one backward took +5.2 GB and 23 s:
+each chunk holds a copy of the earlier keys and values).
 
 Greedy decoding equals `transformers` `generate(do_sample=False)`; sampling is plain temperature sampling (top_k 0,
 top_p 1, as `Subject.generate_ids`) from a generator seeded with `seed`.
@@ -100,8 +101,6 @@ class FairLock:
         self._active = 0          # slots taken
         self._work_active = 0     # of them, by work other than decoding steps
         self._held: dict[int, list[_Ticket]] = {}   # thread -> the tickets of the slots it holds
-        self.streams = 0          # answers being decoded now (`streaming`)
-        self.clients = 0          # threads in the middle of a run of calls (`client`)
         self._client_threads: collections.Counter[int] = collections.Counter()
         self._stream_threads: collections.Counter[int] = collections.Counter()
         self.pack_tokens = int(pack_tokens)
@@ -111,39 +110,41 @@ class FairLock:
         self._ride: float | None = None   # tokens that ride along with a decoding step for one more step's time
 
     @contextmanager
-    def client(self) -> Iterator[None]:
-        """Count the block as a run of calls whose next call comes soon (see `gather_s`)."""
+    def _counted(self, threads: collections.Counter[int]) -> Iterator[None]:
+        """Count the calling thread in `threads` for the duration of the block."""
         me = threading.get_ident()
         with self._cond:
-            self.clients += 1
-            self._client_threads[me] += 1
+            threads[me] += 1
         try:
             yield
         finally:
             with self._cond:
-                self.clients -= 1
-                self._client_threads[me] -= 1
-                if not self._client_threads[me]:
-                    del self._client_threads[me]
+                threads[me] -= 1
+                if not threads[me]:
+                    del threads[me]
                 self._cond.notify_all()
+
+    @property
+    def clients(self) -> int:
+        """Runs of calls going on now (`client`)."""
+        return sum(self._client_threads.values())
+
+    @property
+    def streams(self) -> int:
+        """Answers being decoded now (`streaming`)."""
+        return sum(self._stream_threads.values())
+
+    @contextmanager
+    def client(self) -> Iterator[None]:
+        """Count the block as a run of calls whose next call comes soon (see `gather_s`)."""
+        with self._counted(self._client_threads):
+            yield
 
     @contextmanager
     def streaming(self) -> Iterator[None]:
         """Count an answer as streaming for the duration of the block (other calls then use small chunks)."""
-        me = threading.get_ident()
-        with self._cond:
-            self.streams += 1
-            self._stream_threads[me] += 1
-        try:
-            with self.client():
-                yield
-        finally:
-            with self._cond:
-                self.streams -= 1
-                self._stream_threads[me] -= 1
-                if not self._stream_threads[me]:
-                    del self._stream_threads[me]
-                self._cond.notify_all()
+        with self._counted(self._stream_threads), self.client():
+            yield
 
     @property
     def step_s(self) -> float | None:

@@ -7,13 +7,14 @@
 
 One model serves every session: every model call goes through `Monitor.model_lock` (`decoding.FairLock`), first come
 first served: answers are decoded one token per call (`decoding.decode`), a view's forward (activations, attribution)
-runs in chunks over a KV cache (`decoding.forward_chunks`), and the calls waiting at the same time run as one packed
-forward (`packing`): every session's decoding step, and a view's chunk sized so that it adds at most `stall_steps`
-decoding steps (1) to the streams' steps it rides along with. An answer is generated to its end on the server even if
-the client goes away, and kept in the session (a reload mid-answer finds it; `state()["generating"]` shows the partial
-text meanwhile). Views of a conversation state are computed once and cached in the session until the conversation or its
-steerings change. Models without a chat template chat by plain continuation: the conversation is the text of its turns,
-the model continues it, and a separator (`PLAIN_SEPARATOR`, shown on the page) goes before each new user turn.
+runs in chunks over a KV cache (`decoding.forward_chunks`); one call per core runs at once (each thread's interventions
+its own), and the decoding steps waiting at the same time run as one packed forward (`packing`), so a view never holds
+up another session's stream by more than about one decoding step. An answer is generated to its end on the server even
+if the client goes away, and kept in the session (a reload mid-answer finds it; `state()["generating"]` shows the
+partial text meanwhile). Views of a conversation state are computed once and cached in the session until the
+conversation or its steerings change. Models without a chat template chat by plain continuation: the conversation is the
+text of its turns, the model continues it, and a separator (`PLAIN_SEPARATOR`, shown on the page) goes before each new
+user turn.
 """
 from __future__ import annotations
 
