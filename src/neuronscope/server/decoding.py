@@ -424,7 +424,7 @@ def forward_chunks(subject, ids: torch.Tensor, *, lock: FairLock | None, chunk: 
     caps: list[BoundCapture] = []
     logits: list[torch.Tensor] = []
     if lock is not None and B == 1 and not grad and stop_after is None and plain_cache(cache):
-        # one model call per chunk through FairLock.run: a chunk shares its forward with other sessions' steps
+        # one model call per chunk through FairLock.run: beside other sessions' steps, or (one slot) packed with them
         a = 0
         with lock.client():
             while a < T:
@@ -485,9 +485,7 @@ def attribute_chunked(subject, ids: torch.Tensor, target_position: int, target_t
                                f"1 to {T - 1}.")
     if target_token is None and target_position < T:
         target_token = int(ids[0, target_position])
-    from transformers.cache_utils import DynamicLayer
-    probe = new_cache(subject)
-    if not all(type(layer) is DynamicLayer for layer in getattr(probe, "layers", [None])):
+    if not plain_cache(new_cache(subject)):
         return _attribute_one_graph(subject, ids, target_position, target_token, top, lock=lock, chunk=chunk,
                                     idle_chunk=idle_chunk, interventions=interventions)
     prefix = ids[:, :target_position].to(subject.device)

@@ -1,9 +1,10 @@
 """One forward for several sequences' steps, so that the Monitor's sessions share the model's weight pass.
 
-On a CPU a forward of a few dozen tokens costs about as much as a forward of one: SmolLM2-135M reads its ~0.5 GB of
-weights once per forward (~60 ms on this 2-core machine) and adds ~3 ms a token. `run_packed` runs the steps of
-several sequences (one session's decoding step, another's chunk of a view or of a prefill), each over its own KV cache
-and with its own interventions, as one forward of one row:
+A decoding step reads all the weights for one token: SmolLM2-135M reads its ~0.5 GB once per forward (~55 ms with one
+thread on this 2-core machine), and a forward of a few tokens costs far less than that many steps (2 tokens ~1.2x,
+8 tokens ~2.3x one token's). `run_packed` runs the steps of several sequences (sessions' decoding steps; with one
+model slot also another's chunk of a view or of a prefill), each over its own KV cache and with its own
+interventions, as one forward of one row:
 - their new tokens side by side, at their own absolute positions (position ids);
 - a 4D mask lets each token see only its own sequence's past and, causally, its own step's earlier tokens;
 - the keys and values the attention sees are the pasts of all steps then the new ones (`_PackedCache`, one
@@ -54,10 +55,11 @@ def new_cache(subject: Subject) -> Any:
 
 
 def plain_cache(cache: Any) -> bool:
-    """Whether every layer of `cache` is plain full attention (a DynamicLayer: no sliding window, no quantisation)."""
+    """Whether every layer of `cache` is plain full attention (a DynamicLayer: no sliding window, no quantisation;
+    a cache built without a config has no layers yet and makes DynamicLayers as it goes)."""
     from transformers.cache_utils import DynamicLayer
-    layers = getattr(cache, "layers", None) or []
-    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+    layers = getattr(cache, "layers", None)
+    return layers is not None and all(type(layer) is DynamicLayer for layer in layers)
 
 
 @dataclass(eq=False)
