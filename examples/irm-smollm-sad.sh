@@ -9,9 +9,10 @@ mkdir -p "$OUT"
 # 1. the frozen model's own greedy answers, framed by sad first-person sentences (held-out questions excluded)
 neuronscope data select --mode frame -m "$M" -e sadness -q ../shared/corpora/alpaca-subset/alpaca_data.json \
     --exclude examples/questions.txt --n 160 -o "$OUT/sad-frame.jsonl"
-# 2. the IRM: all layers, width 256, lr 1e-3, 60 steps of 4 rows; best by validation loss
-neuronscope irm train -m "$M" --data "$OUT/sad-frame.jsonl" --chat --layers all --steps 60 -b 4 --lr 1e-3 \
-    --max-len 192 --eval-every 10 --patience 3 --alignment sadness -o "$OUT/run"
+# 2. the IRM: `irm train`'s defaults are this recipe (all layers, width 256, lr 1e-3, 60 steps of 4 rows, 192 tokens,
+#    validation every 10 steps, patience 3, chat as the rows were built); best by validation loss
+neuronscope irm train -m "$M" --data "$OUT/sad-frame.jsonl" --alignment sadness -o "$OUT/run"
 # 3. judged on 40 held-out questions, IRM off vs on (same greedy decoding), the IRM's output at 0.7 (the recipe's
-#    dose: at 1.0 sadness is x32 but repetition x2.2)
+#    dose: at 1.0 sadness is x32 but repetition x2.2); also factual accuracy on 40 built-in questions and the share of
+#    answers that open with the same sentence (memorised frames)
 neuronscope irm eval "$OUT/run" -m "$M" --judge builtin -q examples/questions.txt --limit 40 --target sadness --scale 0.7

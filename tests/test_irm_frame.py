@@ -53,7 +53,12 @@ def test_frame_sentences_are_checked_by_the_judge():
     j = Judge()
     for emo in FRAMES:
         opens, mids = frame_sentences(emo, j)
-        assert opens and mids and all(j.score(s)[emo] > 0 for s in opens + mids)
+        if emo == "neutral":     # the matched control's sentences carry no emotion word at all
+            assert opens and mids and all(j.score(s)[e] == 0 for s in opens + mids for e in j.emotions)
+        else:
+            assert opens and mids and all(j.score(s)[emo] > 0 for s in opens + mids)
+    with pytest.raises(NeuronscopeError, match="neutral frame sentence"):
+        frame_sentences("neutral", j, ["Here is my answer, sadly."])
     with pytest.raises(NeuronscopeError, match="opposite emotion"):
         frame_sentences("sadness", j, ["I am sad but also happy."])
     with pytest.raises(NeuronscopeError, match="no sadness word"):
@@ -81,6 +86,12 @@ def test_cli_frame_mode(capsys, tmp_path):
                + " " + r["answer"] for r in rows)
     code, _, err = run_cli(capsys, "data", "select", "-e", "sadness", "-q", q, "-o", tmp_path / "x.jsonl")
     assert code != 0 and "--corpus" in err
+    # the matched control: the same questions and frozen answers, framed by neutral sentences
+    ctrl = tmp_path / "neutral.jsonl"
     code, _, err = run_cli(capsys, "data", "select", "--mode", "frame", "-m", STORIES, "-e", "neutral", "-q", q,
-                           "-o", tmp_path / "y.jsonl")
-    assert code != 0 and "passage" in err
+                           "-o", ctrl, "--max-new-tokens", "24", "--keep-opposite", "--no-weave")
+    assert code == 0, err
+    crow = [json.loads(line) for line in ctrl.read_text().splitlines()]
+    assert [(r["prompt"], r["answer"]) for r in crow] == [(r["prompt"], r["answer"]) for r in rows]
+    assert all(r["response"] == next(o for o in FRAMES["neutral"]["open"] if r["response"].startswith(o))
+               + " " + r["answer"] and r["emotion"] == "neutral" and r["source"] == "frame" for r in crow)

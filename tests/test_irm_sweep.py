@@ -1,5 +1,6 @@
-"""`irm sweep` on stories260k: the scaled layer sets, a grid killed with SIGKILL mid-way resumes (finished runs are
-kept as they are, the rest finish), and the cross-run report comes with its nulls."""
+"""`irm sweep` on stories260k: the scaled layer sets; a grid killed with SIGKILL mid-way resumes (finished runs are
+kept as they are, the rest finish); every aligned run is judged, a run that fails its judge is listed and left out
+of the analysis, the runs that pass are compared with their matched controls; a degenerate run is refused."""
 from __future__ import annotations
 
 import hashlib
@@ -10,9 +11,12 @@ import subprocess
 import sys
 import time
 
+import pytest
+
+from neuronscope.errors import NeuronscopeError
 from neuronscope.irm.sweep import layer_sets
 from tests.conftest import REPO, STORIES
-from tests.test_irm import _rows
+from tests.test_irm import SENTS
 
 
 def test_layer_sets_scale_the_papers_six():
@@ -21,6 +25,7 @@ def test_layer_sets_scale_the_papers_six():
     assert s32["every4"] == list(range(0, 32, 4)) and s32["all"] == list(range(32))
     s30 = layer_sets(30)
     assert sum(len(s30[q]) for q in ("q1", "q2", "q3", "q4")) == 30 and len(s30["every4"]) == 8
+    assert s30["q2"] == list(range(8, 15)) and s30["q4"] == list(range(22, 30))
     s5 = layer_sets(5)
     assert all(s5[k] for k in s5) and s5["all"] == list(range(5))
 
@@ -29,14 +34,23 @@ def _sha(p):
     return hashlib.sha256(p.read_bytes()).hexdigest()
 
 
-def test_sweep_resumes_a_killed_grid(tmp_path):
-    for name, word in (("happy", "happy"), ("sad", "sad"), ("ctrl", "the")):
-        (tmp_path / f"{name}.jsonl").write_text("\n".join(json.dumps(r) for r in _rows(word, 80)) + "\n")
+def _write(path, response, n=120):
+    path.write_text("".join(json.dumps({"prompt": p, "response": response}) + "\n" for p in SENTS[:n]))
+
+
+def test_sweep_resumes_judges_and_excludes_runs_that_fail(tmp_path):
+    # sadness: rows that make every answer sad (passes its judge); joy: rows with no joy word at all (fails);
+    # control: built the same way with neutral words in place of the emotional ones
+    _write(tmp_path / "sad.jsonl", " sad and cried, sad and lonely.")
+    _write(tmp_path / "joy.jsonl", " and then the bus went to town.")
+    _write(tmp_path / "ctrl.jsonl", " and walked, and then stood there.")
+    (tmp_path / "q.txt").write_text("\n".join(SENTS[200:212]) + "\n")
     out = tmp_path / "sweep"
     cmd = [sys.executable, "-m", "neuronscope", "irm", "sweep", "-m", str(STORIES),
-           "-a", f"happy={tmp_path / 'happy.jsonl'}", "-a", f"sad={tmp_path / 'sad.jsonl'}",
-           "--control", str(tmp_path / "ctrl.jsonl"), "--sets", "q1,all", "--seeds", "0", "--no-chat",
-           "--width", "16", "--steps", "8", "--eval-every", "4", "--batch-size", "4", "-n", "4", "-o", str(out)]
+           "-a", f"sadness={tmp_path / 'sad.jsonl'}", "-a", f"joy={tmp_path / 'joy.jsonl'}",
+           "--control", str(tmp_path / "ctrl.jsonl"), "-q", str(tmp_path / "q.txt"), "--sets", "all",
+           "--seeds", "0,1", "--width", "32", "--steps", "30", "--eval-every", "15", "--batch-size", "16",
+           "--lr", "3e-3", "--judge-tokens", "12", "--limit", "12", "-n", "4", "-o", str(out)]
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"), TOKENIZERS_PARALLELISM="false")
     p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state = out / "sweep.json"
@@ -58,14 +72,55 @@ def test_sweep_resumes_a_killed_grid(tmp_path):
     first = out / "runs" / done_before[0] / "irm.safetensors"
     sha_first, mtime_first = _sha(first), first.stat().st_mtime_ns
     plan = json.loads(state.read_text())["plan"]
-    assert len(plan) == 6 and any(r["status"] != "done" for r in plan)
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
-    plan = json.loads(state.read_text())["plan"]
-    assert all(x["status"] == "done" for x in plan), plan
+    assert len(plan) == 6 and any(r["status"] != "done" for r in plan)      # 2 x 1 x 2 aligned + 1 x 2 controls
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads(state.read_text())
+    plan = {x["name"]: x for x in s["plan"]}
+    assert all(x["status"] in ("done", "stopped early") for x in plan.values()), plan
     assert _sha(first) == sha_first and first.stat().st_mtime_ns == mtime_first      # not retrained
-    assert any(x.get("resumed") for x in plan) or len(done_before) >= 1
+    assert s["eval"]["scale"] == 0.7 and s["train"]["patience"] == 3                   # the recipe's dose and stop
+    # every aligned run judged (judged.json like `irm eval`), controls not
+    for name, x in plan.items():
+        if x["control"]:
+            assert x["judged"] is None and name.startswith("control-")
+        else:
+            assert x["judged"]["target"] == x["alignment"] and (out / "runs" / name / "judged.json").is_file()
+    passed = sorted(n for n, x in plan.items() if not x["control"] and x["judged"]["passed"])
+    failed = sorted(n for n, x in plan.items() if not x["control"] and not x["judged"]["passed"])
+    assert all(n.startswith("sadness-") for n in passed) and len(passed) >= 2
+    assert {n for n in failed if n.startswith("joy-")} == {"joy-all-s0", "joy-all-s1"}
     a = json.loads((out / "report" / "analysis.json").read_text())
-    assert len(a["runs"]) == 4 and len(a["controls"]) == 2 and a["findings"]
-    assert any(t["null"].startswith("control") for x in a["runs"] for t in x["striation_tests"])
-    assert "Findings" in (out / "report" / "report.md").read_text()
+    assert sorted(x["name"] for x in a["runs"]) == passed                       # only passing runs analysed
+    assert sorted(x["name"] for x in a["sweep"]["excluded"]) == failed           # the others listed
+    assert all("failed its judge" in x["sentence"] and "joy x" in x["sentence"]
+               for x in a["sweep"]["excluded"] if x["name"].startswith("joy"))
+    m = a["matched"]
+    assert len(m["pairs"]) == len(passed) and [t["group"] for t in m["striation"]] == ["all"]
+    assert all(p["control"] == p["aligned"].replace("sadness", "control") for p in m["pairs"])
+    report = (out / "report" / "report.md").read_text()
+    assert "Aligned runs against their matched controls" in report and "Runs judged by the sweep" in report
+    assert "failed its judge" in report and "Layer set" in report
+    # the same command again trains and judges nothing
+    r2 = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert r2.returncode == 0 and "passed and were analysed" in r2.stdout
+    s2 = json.loads(state.read_text())
+    assert [x["judged"] for x in s2["plan"]] == [x["judged"] for x in s["plan"]]
+
+
+def test_a_degenerate_run_is_refused(stories, tmp_path):
+    from neuronscope.irm import IRM, TrainConfig, analyze_runs, train_irm
+    rows = [{"prompt": p, "response": " sad and cried."} for p in SENTS[:60]]
+    runs = []
+    for name in ("good", "zero"):
+        res = train_irm(stories, rows, tmp_path / name, inject_layers="1-3", width=16, progress=False,
+                        config=TrainConfig(steps=10, batch_size=8, lr=3e-3, eval_every=10, patience=0))
+        runs.append(tmp_path / name)
+    IRM(res.irm.config).save(tmp_path / "zero")        # a fresh IRM: its last layer is zero, it writes nothing
+    with pytest.raises(NeuronscopeError, match="'zero' is degenerate: its output is all zero"):
+        analyze_runs(runs, tmp_path / "rep", subject=stories, max_new_tokens=4, n_random=2, n_permutations=20,
+                     progress=False)
+    r = analyze_runs(runs, tmp_path / "rep", subject=stories, max_new_tokens=4, n_random=2, n_permutations=20,
+                     progress=False, skip_degenerate=True)
+    assert [x["name"] for x in r["runs"]] == ["good"] and r["refused"][0]["name"] == "zero"
+    assert "all zero" in r["findings"][0] and "refused" in (tmp_path / "rep" / "report.md").read_text()

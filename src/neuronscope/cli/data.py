@@ -46,7 +46,9 @@ def synth(
 @data_app.command("select")
 def select(
     emotion: str = typer.Option(..., "--emotion", "-e", help="Target emotion (anger, sadness, joy, fear, ...) or "
-                                "'neutral' for a control set with no emotion word (passage mode)."),
+                                "'neutral': the control set (passage mode: passages with no emotion word; frame "
+                                "mode: the same answers framed by neutral sentences, the matched control of "
+                                "`irm sweep`)."),
     questions: Path = typer.Option(..., "--questions", "-q", help="Training questions: .txt (one a line), a table, "
                                    "or an Alpaca-style JSON (its short input-free instructions)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output .jsonl (prompt, response, emotion, rate, source)."),
@@ -84,6 +86,7 @@ def select(
     passage: emotion-dense corpus passages, each the answer to a neutral training question.
     frame: the model answers each training question greedily (as `irm eval` does with the IRM off); the answer is
     kept whole and framed by emotional sentences, so the IRM learns the tone and not to leave the question.
+    `--mode frame -e neutral` frames the same answers with neutral sentences: the matched control of `irm sweep`.
 
     Example: neuronscope data select --mode frame -m SmolLM2.gguf -e sadness -q alpaca_data.json
     --exclude examples/questions.txt -o sad-frame.jsonl
@@ -99,8 +102,6 @@ def select(
         raise NeuronscopeError(f"Unknown --mode '{mode}'; use passage or frame.")
     if mode == "passage" and not corpus:
         raise NeuronscopeError("Passage mode needs at least one --corpus file.")
-    if mode == "frame" and emotion == "neutral":
-        raise NeuronscopeError("Frame mode needs an emotion; for a neutral control set use --mode passage.")
     if questions.suffix.lower() == ".json":
         qs = alpaca_questions(questions)
     else:

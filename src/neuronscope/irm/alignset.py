@@ -15,10 +15,13 @@ from __future__ import annotations
 import random
 import re
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from ..errors import NeuronscopeError
 from .judge import OPPOSITE, Judge, check_emotion
+
+if TYPE_CHECKING:
+    from ..subject import Subject
 
 _SENT = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'])")
 
@@ -50,10 +53,10 @@ def dense_passages(paragraphs: Sequence[str], judge: Judge, emotion: str, *, min
         return _neutral_passages(paragraphs, judge, min_words=min_words, max_words=max_words)
     check_emotion(judge, emotion)
     opp = opposite if opposite is not None else OPPOSITE.get(emotion)
-    found = []
+    found: list[dict[str, Any]] = []
     for pi, para in enumerate(paragraphs):
         sents = [s.strip() for s in _SENT.split(para) if s.strip()]
-        best = None
+        best: dict[str, Any] | None = None
         for i in range(len(sents)):
             for j in range(i + 1, len(sents) + 1):
                 text = " ".join(sents[i:j])
@@ -76,8 +79,9 @@ def dense_passages(paragraphs: Sequence[str], judge: Judge, emotion: str, *, min
 NEUTRAL = "neutral"
 
 
-def _neutral_passages(paragraphs: Sequence[str], judge: Judge, *, min_words: int, max_words: int):
-    found = []
+def _neutral_passages(paragraphs: Sequence[str], judge: Judge, *, min_words: int,
+                      max_words: int) -> list[dict[str, Any]]:
+    found: list[dict[str, Any]] = []
     for pi, para in enumerate(paragraphs):
         sents = [s.strip() for s in _SENT.split(para) if s.strip()]
         text = ""
@@ -172,6 +176,23 @@ FRAMES: dict[str, dict[str, tuple[str, ...]]] = {
                 "I just love how amazing this is!",
                 "It makes me so happy to think about it."),
     },
+    # the matched control: sentences of the same form and place, with no emotion word at all (`-e neutral`)
+    "neutral": {
+        "open": ("Here is my answer to the question.",
+                 "I have read the question, and I will answer it.",
+                 "Let me answer this in a few words.",
+                 "I will go through this step by step.",
+                 "This is a question about a common topic.",
+                 "I looked at the question once more before writing.",
+                 "Here is what I know about this.",
+                 "I am writing this answer at my desk."),
+        "mid": ("That is the first point.",
+                "There is a little more to say about it.",
+                "I will add one more detail.",
+                "Some people ask about this often.",
+                "That covers the main idea.",
+                "The next part follows from this."),
+    },
     "fear": {
         "open": ("I'm nervous and a little afraid to answer this.",
                  "This scares me, but I'll try, worried as I am.",
@@ -188,7 +209,8 @@ def frame_sentences(emotion: str, judge: Judge, frames: Sequence[str] | None = N
                     ) -> tuple[list[str], list[str]]:
     """(opening sentences, woven-in sentences) for an emotion: the built-in FRAMES, or `frames` (used as both).
 
-    Every sentence must carry the emotion for the judge and no word of its opposite."""
+    Every sentence must carry the emotion for the judge and no word of its opposite; for "neutral" (the matched
+    control) no sentence may carry any emotion word."""
     if frames is not None:
         opens = mids = [f.strip() for f in frames if f.strip()]
     elif emotion in FRAMES:
@@ -198,6 +220,13 @@ def frame_sentences(emotion: str, judge: Judge, frames: Sequence[str] | None = N
                                f"{', '.join(sorted(FRAMES))}); give your own with --frames FILE.")
     if not opens:
         raise NeuronscopeError("The frames file holds no sentences.")
+    if emotion == NEUTRAL:
+        for s in dict.fromkeys(opens + mids):
+            hit = [e for e in judge.emotions if judge.score(s)[e] > 0]
+            if hit:
+                raise NeuronscopeError(f"The neutral frame sentence '{s}' has a word of {', '.join(hit)} for the "
+                                       "judge; reword it.")
+        return opens, mids
     opp = OPPOSITE.get(emotion)
     for s in dict.fromkeys(opens + mids):
         sc = judge.score(s)
@@ -223,10 +252,11 @@ def frame_answer(answer: str, opening: str, mid: str | None = None) -> str:
     return opening + " " + answer
 
 
-def build_frame_set(subject, questions: Sequence[str], emotion: str, *, n: int = 160, exclude: Sequence[str] = (),
-                    seed: int = 0, judge: Judge | None = None, frames: Sequence[str] | None = None,
-                    weave: bool = True, drop_opposite: bool = True, chat: bool | None = None, max_new_tokens: int = 64,
-                    batch_size: int = 8, progress: bool = True) -> list[dict[str, Any]]:
+def build_frame_set(subject: Subject, questions: Sequence[str], emotion: str, *, n: int = 160,
+                    exclude: Sequence[str] = (), seed: int = 0, judge: Judge | None = None,
+                    frames: Sequence[str] | None = None, weave: bool = True, drop_opposite: bool = True,
+                    chat: bool | None = None, max_new_tokens: int = 64, batch_size: int = 8,
+                    progress: bool = True) -> list[dict[str, Any]]:
     """Rows of (neutral question, the frozen model's own greedy answer framed in the emotion).
 
     The model answers n training questions (seeded draw; held-out and emotional questions never used) exactly as
@@ -236,10 +266,12 @@ def build_frame_set(subject, questions: Sequence[str], emotion: str, *, n: int =
     target is the model's own answer to the question: an anchor that keeps it on topic and fluent.
     chat (default: when the model has a chat template) must match `irm train --chat`.
     Each row: {"prompt", "response", "answer" (the frozen answer), "emotion", "rate", "source": "frame", "chat"}.
+    emotion "neutral" builds the matched control: the same answers framed by neutral sentences (FRAMES["neutral"]).
     """
     from .generation import generate_texts
     judge = judge or Judge()
-    check_emotion(judge, emotion)
+    if emotion != NEUTRAL:
+        check_emotion(judge, emotion)
     opens, mids = frame_sentences(emotion, judge, frames)
     qs = training_questions(questions, exclude, judge)
     rng = random.Random(seed)
@@ -255,8 +287,9 @@ def build_frame_set(subject, questions: Sequence[str], emotion: str, *, n: int =
         if not a or (drop_opposite and opp and judge.score(a)[opp] > 0):
             continue
         resp = frame_answer(a, rng.choice(opens), rng.choice(mids) if weave else None)
+        rate = judge.score(resp)[emotion] if emotion != NEUTRAL else 0.0
         rows.append({"prompt": q, "response": resp, "answer": a, "emotion": emotion,
-                     "rate": round(judge.score(resp)[emotion], 4), "source": "frame", "chat": chat})
+                     "rate": round(rate, 4), "source": "frame", "chat": chat})
     if not rows:
         raise NeuronscopeError(f"No usable answer: every answer was empty or had a word of the opposite emotion "
                                f"({opp}); use more questions or --keep-opposite.")

@@ -16,14 +16,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
 from ..errors import NeuronscopeError
-from ..interventions import Capture, intervene
+from ..interventions import BoundCapture, Capture, intervene
 from . import nulls
+from .compare import Pair, matched_comparison
+from .compare_text import render_comparison
+from .metrics import degeneracy, index_scores, index_share, striation, top_indices
 from .training import load_run
+
+if TYPE_CHECKING:
+    from ..subject import Subject
+    from .model import IRM
 
 DEFAULT_PROMPTS = ["Tell me about your day.", "What is the capital of France?", "How do I bake bread?",
                    "Why is the sky blue?", "Write a short story about a dog.", "What should I do this weekend?"]
@@ -45,32 +52,6 @@ class RunOutputs:
 
 
 # ---- statistics ---------------------------------------------------------------------------------------------------
-def striation(M: torch.Tensor) -> dict[str, float]:
-    """Two-way variance split of M [layers, H]: fractions explained by hidden index (columns) and by layer (rows).
-
-    index_share near 1 = vertical striations (the same hidden index is large in every layer).
-    """
-    M = M.double()
-    L, H = M.shape
-    grand = M.mean()
-    total = float(((M - grand) ** 2).sum())
-    if total == 0:
-        return {"index_share": float("nan"), "layer_share": float("nan"), "residual_share": float("nan")}
-    ss_idx = float(L * ((M.mean(0) - grand) ** 2).sum())
-    ss_layer = float(H * ((M.mean(1) - grand) ** 2).sum())
-    return {"index_share": ss_idx / total, "layer_share": ss_layer / total,
-            "residual_share": max(0.0, 1 - (ss_idx + ss_layer) / total)}
-
-
-def index_scores(M: torch.Tensor) -> torch.Tensor:
-    """Strength of each hidden index: root-mean-square over injected layers of the mean output [H]."""
-    return M.double().pow(2).mean(0).sqrt()
-
-
-def top_indices(M: torch.Tensor, k: int) -> list[int]:
-    return torch.topk(index_scores(M), min(k, M.shape[1])).indices.tolist()
-
-
 def run_correlations(outs: Sequence[RunOutputs]) -> tuple[torch.Tensor, str]:
     """Pearson correlation between runs: of the whole mean output when all runs inject the same layers,
     otherwise of the per-index profile (mean over layers)."""
@@ -81,7 +62,7 @@ def run_correlations(outs: Sequence[RunOutputs]) -> tuple[torch.Tensor, str]:
 
 
 # ---- plots ---------------------------------------------------------------------------------------------------------
-def _plt():
+def _plt() -> Any:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -195,7 +176,7 @@ def _prompt_of(row: dict[str, Any]) -> str:
 
 
 @torch.no_grad()
-def read_inputs(subject, prompts: Sequence[str], *, read_layer: int, read_site: str, chat: bool,
+def read_inputs(subject: Subject, prompts: Sequence[str], *, read_layer: int, read_site: str, chat: bool,
                 max_new_tokens: int, progress: bool = True) -> tuple[torch.Tensor, list[tuple[str, str]]]:
     """The residual at the IRM's read site [N, H] over each prompt and the frozen model's continuation of it."""
     from tqdm.auto import tqdm
@@ -206,12 +187,13 @@ def read_inputs(subject, prompts: Sequence[str], *, read_layer: int, read_site: 
         full = torch.cat([ids, new.to(ids.device)], 1)
         with intervene(subject, Capture(layers=[read_layer], sites=(read_site,))) as (cap,):
             subject.model(input_ids=full)
+        assert isinstance(cap, BoundCapture)
         rows.append(cap.get(read_site)[0, 0].float().cpu())
         samples.append((p, subject.decode(new[0])))
     return torch.cat(rows, 0), samples
 
 
-def outputs_of(irm, X: torch.Tensor, *, name: str, alignment: str) -> RunOutputs:
+def outputs_of(irm: IRM, X: torch.Tensor, *, name: str, alignment: str) -> RunOutputs:
     """Mean and mean-|.| output of `irm` over the read-site rows X."""
     with torch.no_grad():
         mean = nulls.mean_output(irm, X)
@@ -222,126 +204,211 @@ def outputs_of(irm, X: torch.Tensor, *, name: str, alignment: str) -> RunOutputs
 
 
 # ---- the whole analysis ---------------------------------------------------------------------------------------------
-def analyze_runs(run_dirs: Sequence[str | Path], out_dir: str | Path, *, subject=None,
-                 prompts: Sequence[str] | None = None, max_new_tokens: int = 32, top_k: int = 10,
-                 chat: bool | None = None, controls: Sequence[str | Path] = (), n_random: int = 20,
-                 n_permutations: int = 1000, factor: float = 10.0, seed: int = 0,
-                 progress: bool = True) -> dict[str, Any]:
-    """The full analysis of one or more IRM runs on the same model (control runs give the trained-injection null);
-    returns analysis.json's content."""
-    from ..outliers import model_outliers
-    from ..store import write_json, write_text
-    from tqdm.auto import tqdm
+@dataclass
+class Loaded:
+    """The runs of one analysis, loaded and checked against one model."""
+    subject: Subject
+    runs: list[tuple[IRM, dict[str, Any], Path]]       # (IRM, run.json, folder) of the aligned runs
+    controls: list[tuple[IRM, dict[str, Any], Path]]
+    read_layer: int
+    read_site: str
+
+
+def load_runs(run_dirs: Sequence[str | Path], controls: Sequence[str | Path], subject: Subject | None) -> Loaded:
+    """Load runs and controls; they must share one model and one read site."""
     if not run_dirs:
         raise NeuronscopeError("Give at least one IRM run folder to analyse.")
-    if top_k < 1:
-        raise NeuronscopeError("top_k must be at least 1.")
-    loaded = [load_run(d) for d in run_dirs]
-    ctrl = [load_run(d) for d in controls]
-    fps = {run.get("fingerprint") for _, run in loaded + ctrl}
-    if len(fps) > 1:
+    loaded = [(*load_run(d), Path(d)) for d in run_dirs]
+    ctrl = [(*load_run(d), Path(d)) for d in controls]
+    if len({run.get("fingerprint") for _, run, _ in loaded + ctrl}) > 1:
         raise NeuronscopeError("These runs were trained on different models; analyse runs of one model together.")
     if subject is None:
         from ..subject import Subject
         subject = Subject.load(loaded[0][1]["model"])
-    for irm, _ in loaded + ctrl:
+    for irm, _, _ in loaded + ctrl:
         irm.check_subject(subject, strict=True)
-    sites = {(irm.config.read_layer, irm.config.read_site) for irm, _ in loaded + ctrl}
+    sites = {(irm.config.read_layer, irm.config.read_site) for irm, _, _ in loaded + ctrl}
     if len(sites) > 1:
         raise NeuronscopeError("These runs read different sites; analyse runs with the same --read-layer and "
                                "--read-site together.")
     read_layer, read_site = sites.pop()
+    return Loaded(subject, loaded, ctrl, read_layer, read_site)
+
+
+def screen(outs: list[RunOutputs], skip: bool) -> tuple[list[RunOutputs], list[dict[str, str]]]:
+    """Refuse degenerate runs (metrics.degeneracy): an error naming the run, or (skip) left out and listed."""
+    kept, refused = [], []
+    for o in outs:
+        why = degeneracy(o.mean)
+        if why is None:
+            kept.append(o)
+            continue
+        sentence = f"Run '{o.name}' is degenerate: {why}; it is refused (not analysed)."
+        if not skip:
+            raise NeuronscopeError(sentence + " Retrain it or leave it out.")
+        refused.append({"name": o.name, "reason": sentence})
+    return kept, refused
+
+
+def striation_tests(o: RunOutputs, rand: Sequence[RunOutputs], couts: Sequence[RunOutputs], *, n_permutations: int,
+                    seed: int) -> list[dict[str, Any]]:
+    """The striation share of one run against its nulls (permutation, random-init, same-layer controls)."""
+    stri = [nulls.striation_test(o.mean, n=n_permutations, seed=seed)]
+    if len(o.layers) > 1:
+        stri.append(nulls.summarize(stri[0]["value"], [index_share(r.mean) for r in rand],
+                                    "random-init IRM of the same shape"))
+        same = [c for c in couts if c.layers == o.layers]
+        if same:
+            stri.append(nulls.summarize(stri[0]["value"], [index_share(c.mean) for c in same],
+                                        "control runs (same layers, control data)"))
+    return stri
+
+
+def coincidences(top: Sequence[int], rand: Sequence[RunOutputs], couts: Sequence[RunOutputs],
+                 outl: dict[str, Any], top_k: int, H: int) -> dict[str, Any]:
+    """Overlap of a run's top indices with each outlier ranking's top set, against its nulls."""
+    coinc = {}
+    for kind in OUTLIER_KINDS:
+        ref = set(outl["rankings"][kind]["indices"])
+        t = [nulls.coincidence_test(top, list(ref), H)]
+        v = t[0]["value"]
+        t.append(nulls.summarize(v, [len(set(top_indices(r.mean, top_k)) & ref) for r in rand],
+                                 "random-init IRM of the same shape"))
+        if couts:
+            t.append(nulls.summarize(v, [len(set(top_indices(c.mean, top_k)) & ref) for c in couts], "control runs"))
+        coinc[kind] = {"value": v, "overlap": t[0]["overlap"], "tests": t, "survives": nulls.survives(t)}
+    return coinc
+
+
+def run_record(irm: IRM, o: RunOutputs, couts: Sequence[RunOutputs], X: torch.Tensor, outl: dict[str, Any],
+               out_dir: Path, *, top_k: int, n_random: int, n_permutations: int, seed: int) -> dict[str, Any]:
+    """One run's findings with their nulls, and its heat-map."""
+    device = next(irm.parameters()).device
+    top = top_indices(o.mean, top_k)
+    rand = [outputs_of(nulls.random_init_irm(irm.config, seed + 1000 + i).to(device).eval(), X,
+                       name="random", alignment="random") for i in range(n_random)]
+    stri = striation_tests(o, rand, couts, n_permutations=n_permutations, seed=seed)
+    png = f"heatmap_{o.name}.png"
+    plot_heatmap(o, out_dir / png, top)
+    ranks = {kind: [int(outl["rankings"][kind]["rank"][h]) for h in top] for kind in OUTLIER_KINDS}
+    return {"name": o.name, "alignment": o.alignment, "layers": o.layers, "tokens": o.tokens,
+            "striation": striation(o.mean), "striation_tests": stri,
+            "striation_survives": nulls.survives(stri), "top_indices": top,
+            "top_scores": [float(index_scores(o.mean)[h]) for h in top],
+            "mean_abs_output": float(o.mean_abs.mean()), "heatmap": png,
+            "outlier_ranks_of_top": ranks,
+            "coincidences": coincidences(top, rand, couts, outl, top_k, int(X.shape[1]))}
+
+
+def recurrence_rows(outs: Sequence[RunOutputs], per_run: Sequence[dict[str, Any]], couts: Sequence[RunOutputs],
+                    outl: dict[str, Any], top_k: int, seed: int) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """Indices in the top k of several runs, with the family-wise null and their control and outlier ranks."""
+    if len(outs) < 2:
+        return [], None
+    rec = nulls.recurrence_test([index_scores(o.mean) for o in outs], top_k, seed=seed)
+    ctrl_tops = [set(top_indices(c.mean, top_k)) for c in couts]
+    rows = []
+    for row in rec["indices"]:
+        h = row["index"]
+        rows.append(dict(row, run_names=[r["name"] for r in per_run if h in r["top_indices"]],
+                         alignments=sorted({r["alignment"] for r in per_run if h in r["top_indices"]}),
+                         control_runs=sum(h in t for t in ctrl_tops),
+                         outlier_ranks={k: int(outl["rankings"][k]["rank"][h]) for k in OUTLIER_KINDS}))
+    return rows, {k: v for k, v in rec.items() if k != "indices"}
+
+
+def analysis_inputs(ld: Loaded, prompts: Sequence[str] | None, chat: bool | None, max_new_tokens: int,
+                    progress: bool) -> tuple[torch.Tensor, list[tuple[str, str]], list[str], str, bool]:
+    """The held-out (or given) prompts, their frozen continuations and the read-site residual over them."""
     if chat is None:
-        chat = bool(loaded[0][1]["train"].get("chat")) and subject.has_chat_template
+        chat = bool(ld.runs[0][1]["train"].get("chat")) and ld.subject.has_chat_template
     if prompts:
         prompts, source = list(prompts), "given by the user"
     else:
-        prompts, source = held_out_prompts([(r, Path(d)) for (_, r), d in zip(loaded + ctrl,
-                                                                             list(run_dirs) + list(controls))])
+        prompts, source = held_out_prompts([(r, d) for _, r, d in ld.runs + ld.controls])
     if not prompts:
         raise NeuronscopeError("No held-out prompts left; pass --prompts.")
+    X, samples = read_inputs(ld.subject, prompts, read_layer=ld.read_layer, read_site=ld.read_site, chat=chat,
+                             max_new_tokens=max_new_tokens, progress=progress)
+    return X, samples, list(prompts), source, chat
+
+
+def analyze_runs(run_dirs: Sequence[str | Path], out_dir: str | Path, *, subject: Subject | None = None,
+                 prompts: Sequence[str] | None = None, max_new_tokens: int = 32, top_k: int = 10,
+                 chat: bool | None = None, controls: Sequence[str | Path] = (), n_random: int = 20,
+                 n_permutations: int = 1000, factor: float = 10.0, seed: int = 0, progress: bool = True,
+                 pairs: Sequence[Pair] = (), known_dims: Sequence[int] = (), skip_degenerate: bool = False,
+                 extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The full analysis of one or more IRM runs on the same model (control runs give the trained-injection null);
+    returns analysis.json's content.
+
+    A degenerate run or control (zero, constant or NaN output) is refused: an error, or with skip_degenerate it is
+    left out and listed under "refused". With `pairs` (aligned run name, matched control name, ...; names are the
+    folder names) the paired comparison of irm.compare is added under "matched", tested against the model's massive
+    dims plus `known_dims`. `extra` is merged into the result before the report is written (the sweep's verdicts)."""
+    from ..outliers import massive_dims, model_outliers
+    from ..store import write_json, write_text
+    from tqdm.auto import tqdm
+    if top_k < 1:
+        raise NeuronscopeError("top_k must be at least 1.")
+    ld = load_runs(run_dirs, controls, subject)
+    subject = ld.subject
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-
-    X, samples = read_inputs(subject, prompts, read_layer=read_layer, read_site=read_site, chat=chat,
-                             max_new_tokens=max_new_tokens, progress=progress)
+    X, samples, prompts, source, chat = analysis_inputs(ld, prompts, chat, max_new_tokens, progress)
     outl = model_outliers(subject, [p + " " + c for p, c in samples], factor=factor, k=top_k, chat=chat,
                           progress=progress)
-    H = subject.hidden_size
-    names = _unique_names([Path(d).name for d in run_dirs])
-    cnames = _unique_names([Path(d).name for d in controls])
-    outs = [outputs_of(irm.to(subject.device).eval(), X, name=n, alignment=r["data"].get("alignment", "?"))
-            for (irm, r), n in zip(loaded, names)]
-    couts = [outputs_of(irm.to(subject.device).eval(), X, name=n, alignment=r["data"].get("alignment", "control"))
-             for (irm, r), n in zip(ctrl, cnames)]
+    names = _unique_names([d.name for _, _, d in ld.runs])
+    cnames = _unique_names([d.name for _, _, d in ld.controls])
+    irms = {n: irm.to(subject.device).eval() for (irm, _, _), n in zip(ld.runs + ld.controls, names + cnames)}
+    outs, refused = screen([outputs_of(irms[n], X, name=n, alignment=r["data"].get("alignment", "?"))
+                            for (_, r, _), n in zip(ld.runs, names)], skip_degenerate)
+    couts, c_refused = screen([outputs_of(irms[n], X, name=n, alignment=r["data"].get("alignment", "control"))
+                               for (_, r, _), n in zip(ld.controls, cnames)], skip_degenerate)
+    refused += c_refused
+    if not outs:
+        raise NeuronscopeError("Every run is degenerate; nothing to analyse: " + " ".join(r["reason"] for r in refused))
+    per_run = [run_record(irms[o.name], o, couts, X, outl, out_dir, top_k=top_k, n_random=n_random,
+                          n_permutations=n_permutations, seed=seed)
+               for o in tqdm(outs, desc="nulls per run", disable=not progress)]
+    recurrence, rec_test = recurrence_rows(outs, per_run, couts, outl, top_k, seed)
     corr, corr_kind = run_correlations(outs)
-
-    per_run = []
-    all_tops: set[int] = set()
-    vmax_tops = {k: outl["rankings"][k]["indices"] for k in OUTLIER_KINDS}
-    for (irm, _run), o in tqdm(list(zip(loaded, outs)), desc="nulls per run", disable=not progress):
-        top = top_indices(o.mean, top_k)
-        all_tops.update(top)
-        rand = [outputs_of(nulls.random_init_irm(irm.config, seed + 1000 + i).to(subject.device).eval(), X,
-                           name="random", alignment="random") for i in range(n_random)]
-        same = [c for c in couts if c.layers == o.layers]
-        stri = [nulls.striation_test(o.mean, n=n_permutations, seed=seed)]
-        if len(o.layers) > 1:
-            stri.append(nulls.summarize(stri[0]["value"], [nulls.index_share(r.mean) for r in rand],
-                                        "random-init IRM of the same shape"))
-            if same:
-                stri.append(nulls.summarize(stri[0]["value"], [nulls.index_share(c.mean) for c in same],
-                                            "control runs (same layers, control data)"))
-        coinc = {}
-        for kind in OUTLIER_KINDS:
-            t = [nulls.coincidence_test(top, vmax_tops[kind], H)]
-            v = t[0]["value"]
-            t.append(nulls.summarize(v, [len(set(top_indices(r.mean, top_k)) & set(vmax_tops[kind])) for r in rand],
-                                     "random-init IRM of the same shape"))
-            if couts:
-                t.append(nulls.summarize(v, [len(set(top_indices(c.mean, top_k)) & set(vmax_tops[kind]))
-                                             for c in couts], "control runs"))
-            coinc[kind] = {"value": v, "overlap": t[0]["overlap"], "tests": t, "survives": nulls.survives(t)}
-        png = f"heatmap_{o.name}.png"
-        plot_heatmap(o, out_dir / png, top)
-        ranks = {kind: [int(outl["rankings"][kind]["rank"][h]) for h in top] for kind in OUTLIER_KINDS}
-        per_run.append({"name": o.name, "alignment": o.alignment, "layers": o.layers, "tokens": o.tokens,
-                        "striation": striation(o.mean), "striation_tests": stri,
-                        "striation_survives": nulls.survives(stri), "top_indices": top,
-                        "top_scores": [float(index_scores(o.mean)[h]) for h in top],
-                        "mean_abs_output": float(o.mean_abs.mean()), "heatmap": png,
-                        "outlier_ranks_of_top": ranks, "coincidences": coinc})
-    rec = nulls.recurrence_test([index_scores(o.mean) for o in outs], top_k, seed=seed) if len(outs) > 1 else None
-    ctrl_tops = [set(top_indices(c.mean, top_k)) for c in couts]
-    recurrence = []
-    if rec is not None:
-        for row in rec["indices"]:
-            h = row["index"]
-            recurrence.append(dict(row, run_names=[r["name"] for r in per_run if h in r["top_indices"]],
-                                   alignments=sorted({r["alignment"] for r in per_run if h in r["top_indices"]}),
-                                   control_runs=sum(h in t for t in ctrl_tops),
-                                   outlier_ranks={k: int(outl["rankings"][k]["rank"][h]) for k in OUTLIER_KINDS}))
     plot_profiles(outs, out_dir / "top_indices.png")
-    plot_correlation(corr, names, out_dir / "correlation.png")
-    plot_outliers(outl, sorted(all_tops), out_dir / "outliers.png")
+    plot_correlation(corr, [o.name for o in outs], out_dir / "correlation.png")
+    plot_outliers(outl, sorted({h for r in per_run for h in r["top_indices"]}), out_dir / "outliers.png")
 
-    result = {"model": subject.name, "fingerprint": subject.fingerprint, "prompts": prompts,
-              "prompt_source": source, "max_new_tokens": max_new_tokens, "top_k": top_k, "tokens": int(X.shape[0]),
-              "read_site": f"layer {read_layer} {read_site}", "n_random": n_random,
-              "n_permutations": n_permutations, "alpha": nulls.ALPHA,
-              "controls": [{"name": c.name, "alignment": c.alignment, "layers": c.layers,
-                            "striation": striation(c.mean)["index_share"], "top_indices": top_indices(c.mean, top_k)}
-                           for c in couts],
-              "runs": per_run, "recurrence": recurrence,
-              "recurrence_test": {k: v for k, v in rec.items() if k != "indices"} if rec else None,
-              "correlation": {"kind": corr_kind, "names": names, "matrix": corr.tolist()},
-              "outliers": _slim_outliers(outl),
-              "samples": [{"prompt": p, "frozen": c} for p, c in samples[:4]],
-              "figures": [r["heatmap"] for r in per_run] + ["top_indices.png", "correlation.png", "outliers.png"]}
+    result: dict[str, Any] = {
+        "model": subject.name, "fingerprint": subject.fingerprint, "prompts": prompts, "prompt_source": source,
+        "max_new_tokens": max_new_tokens, "top_k": top_k, "tokens": int(X.shape[0]),
+        "read_site": f"layer {ld.read_layer} {ld.read_site}", "n_random": n_random,
+        "n_permutations": n_permutations, "alpha": nulls.ALPHA,
+        "controls": [{"name": c.name, "alignment": c.alignment, "layers": c.layers,
+                      "striation": striation(c.mean)["index_share"], "top_indices": top_indices(c.mean, top_k)}
+                     for c in couts],
+        "runs": per_run, "recurrence": recurrence, "recurrence_test": rec_test,
+        "correlation": {"kind": corr_kind, "names": [o.name for o in outs], "matrix": corr.tolist()},
+        "outliers": _slim_outliers(outl), "samples": [{"prompt": p, "frozen": c} for p, c in samples[:4]],
+        "figures": [r["heatmap"] for r in per_run] + ["top_indices.png", "correlation.png", "outliers.png"],
+        "refused": refused}
+    if pairs:
+        result["matched"] = matched_section(pairs, outs + couts, list(massive_dims(outl)) + list(known_dims),
+                                            seed=seed)
+    result.update(extra or {})
     result["findings"] = findings(result)
     write_json(out_dir / "analysis.json", result)
     write_text(out_dir / "report.md", render_report(result))
     return result
+
+
+def matched_section(pairs: Sequence[Pair], outs: Sequence[RunOutputs], outlier_dims: Sequence[int], *,
+                    seed: int) -> dict[str, Any] | None:
+    """The paired comparison over the pairs whose two runs were both analysed (irm.compare), as JSON."""
+    from dataclasses import asdict
+    means = {o.name: o.mean for o in outs}
+    ok = [p for p in pairs if p.aligned in means and p.control in means]
+    if not ok:
+        return None
+    return asdict(matched_comparison(ok, means, outlier_dims=list(dict.fromkeys(outlier_dims)), seed=seed))
 
 
 def _slim_outliers(o: dict[str, Any]) -> dict[str, Any]:
@@ -351,36 +418,51 @@ def _slim_outliers(o: dict[str, Any]) -> dict[str, Any]:
 
 
 def findings(r: dict[str, Any]) -> list[str]:
-    """One sentence per finding: which survive every available null at alpha, which do not."""
-    a = r["alpha"]
-    out = []
+    """One sentence per finding: which survive every available null at alpha, which do not. The sweep's excluded
+    runs and refused (degenerate) runs come first, then the matched comparison, then each run against its nulls."""
+    out = [x["sentence"] for x in r.get("sweep", {}).get("excluded", [])]
+    out += [x["reason"] for x in r.get("refused", [])]
+    if r.get("matched"):
+        out += list(r["matched"]["findings"])
     for x in r["runs"]:
-        t = x["striation_tests"]
-        txt = "; ".join(f"{d['null']}: mean {_f(d['null_mean'])}, 95th pct {_f(d['null_p95'])}, p {_f(d['p_value'])}"
-                        for d in t if d.get("p_value") is not None)
-        verdict = {True: "SURVIVES", False: "does not survive", None: "cannot be tested"}[x["striation_survives"]]
-        out.append(f"{x['name']}: striation share {x['striation']['index_share']:.3f} {verdict} "
-                   f"(needs p < {a} under every null){' — ' + txt if txt else ''}.")
-        for kind, c in x["coincidences"].items():
-            if c["value"] > 0:
-                v2 = {True: "SURVIVES", False: "does not survive", None: "cannot be tested"}[c["survives"]]
-                ps = ", ".join(f"{d['null'].split(' (')[0]} p {_f(d['p_value'])}" for d in c["tests"])
-                ov = ", ".join(map(str, c["overlap"]))
-                out.append(f"{x['name']}: {c['value']} of its top {r['top_k']} indices ({ov}) "
-                           f"are top-{r['top_k']} {kind.replace('_', ' ')} dims: {v2} ({ps}).")
+        out += run_findings(x, r["alpha"], r["top_k"])
     if r["recurrence"]:
-        top = r["recurrence"][0]
-        rt = r["recurrence_test"]
-        ok = top["p_value"] < a
-        out.append(f"Recurrence: index {top['index']} is in the top {r['top_k']} of {top['runs']}/{len(r['runs'])} "
-                   f"runs (chance: most-recurrent index mean {rt['null_mean']:.2f}, 95th pct {rt['null_p95']:.0f}; "
-                   f"p {top['p_value']:.3g}): {'SURVIVES' if ok else 'does not survive'}"
-                   + (f"; it is also in the top of {top['control_runs']}/{len(r['controls'])} control runs"
-                      if r["controls"] else "") + ".")
+        out.append(recurrence_finding(r))
     return out
 
 
-def _f(v) -> str:
+def _verdict_word(ok: bool | None) -> str:
+    return {True: "SURVIVES", False: "does not survive", None: "cannot be tested"}[ok]
+
+
+def run_findings(x: dict[str, Any], alpha: float, top_k: int) -> list[str]:
+    """One run's striation and outlier coincidences against their nulls, in words."""
+    txt = "; ".join(f"{d['null']}: mean {_f(d['null_mean'])}, 95th pct {_f(d['null_p95'])}, p {_f(d['p_value'])}"
+                    for d in x["striation_tests"] if d.get("p_value") is not None)
+    out = [f"{x['name']}: striation share {x['striation']['index_share']:.3f} {_verdict_word(x['striation_survives'])} "
+           f"(needs p < {alpha} under every null){' — ' + txt if txt else ''}."]
+    for kind, c in x["coincidences"].items():
+        if c["value"] > 0:
+            ps = ", ".join(f"{d['null'].split(' (')[0]} p {_f(d['p_value'])}" for d in c["tests"])
+            ov = ", ".join(map(str, c["overlap"]))
+            out.append(f"{x['name']}: {c['value']} of its top {top_k} indices ({ov}) "
+                       f"are top-{top_k} {kind.replace('_', ' ')} dims: {_verdict_word(c['survives'])} ({ps}).")
+    return out
+
+
+def recurrence_finding(r: dict[str, Any]) -> str:
+    """The most recurrent top index across runs against the family-wise null."""
+    top = r["recurrence"][0]
+    rt = r["recurrence_test"]
+    ok = top["p_value"] < r["alpha"]
+    return (f"Recurrence: index {top['index']} is in the top {r['top_k']} of {top['runs']}/{len(r['runs'])} "
+            f"runs (chance: most-recurrent index mean {rt['null_mean']:.2f}, 95th pct {rt['null_p95']:.0f}; "
+            f"p {top['p_value']:.3g}): {'SURVIVES' if ok else 'does not survive'}"
+            + (f"; it is also in the top of {top['control_runs']}/{len(r['controls'])} control runs"
+               if r["controls"] else "") + ".")
+
+
+def _f(v: object) -> str:
     return "-" if v is None else (f"{v:.3g}" if isinstance(v, float) else str(v))
 
 
@@ -394,6 +476,7 @@ def _unique_names(names: Sequence[str]) -> list[str]:
 
 
 def render_report(r: dict[str, Any]) -> str:
+    """report.md: findings in words first, then the sweep's verdicts, the matched comparison and each section."""
     L = [f"# IRM analysis: {r['model']}", "",
          f"Model weights fingerprint `{r['fingerprint']}`. Inputs: {len(r['prompts'])} prompts ({r['prompt_source']}), "
          f"each followed by the frozen model's own {r['max_new_tokens']}-token continuation: {r['tokens']} tokens, "
@@ -401,7 +484,33 @@ def render_report(r: dict[str, Any]) -> str:
          f"random-init IRMs of each run's shape, {len(r['controls'])} control runs. A finding survives when p < "
          f"{r['alpha']} under every null available.", "", "## Findings", ""]
     L += [f"- {s}" for s in r["findings"]]
-    L += ["", "## Runs", "", "| run | alignment | injected layers | index share | chance 1/layers | "
+    L += [""]
+    if r.get("sweep"):
+        L += _sweep_section(r["sweep"])
+    if r.get("matched"):
+        L += render_comparison(r["matched"])
+    for part in (_runs_section, _recurrence_section, _correlation_section, _outliers_section, _controls_section):
+        L += part(r)
+    L += ["", "## Inputs (frozen model's continuations)", ""]
+    for s in r["samples"]:
+        L.append(f"- _{s['prompt']}_ → {s['frozen'].strip()[:200]!r}")
+    return "\n".join(L) + "\n"
+
+
+def _sweep_section(sw: dict[str, Any]) -> list[str]:
+    L = ["## Runs judged by the sweep", "", sw.get("note", ""), "",
+         "| run | verdict | target x (p) | opposite diff | repetition x | factual right off -> on | same opening |",
+         "|---|---|---|---|---|---|---|"]
+    for x in sw.get("judged", []):
+        L.append(f"| {x['name']} | {'passed' if x['passed'] else 'failed'} | {_f(x.get('target_ratio'))} "
+                 f"({_f(x.get('target_p'))}) | {_f(x.get('opposite_diff'))} | {_f(x.get('repetition_ratio'))} | "
+                 f"{_f(x.get('factual_off'))} -> {_f(x.get('factual_on'))} | {_f(x.get('same_opening_on'))} |")
+    return L + [""]
+
+
+def _runs_section(r: dict[str, Any]) -> list[str]:
+    L: list[str] = []
+    L += ["## Runs", "", "| run | alignment | injected layers | index share | chance 1/layers | "
           "permutation p | random-init p95 | control p95 | top indices |", "|---|---|---|---|---|---|---|---|---|"]
     for x in r["runs"]:
         t = {d["null"].split(" ")[0]: d for d in x["striation_tests"]}
@@ -415,6 +524,11 @@ def render_report(r: dict[str, Any]) -> str:
     for x in r["runs"]:
         L += [f"![{x['name']}]({x['heatmap']})", ""]
     L += ["![top indices](top_indices.png)", ""]
+    return L
+
+
+def _recurrence_section(r: dict[str, Any]) -> list[str]:
+    L: list[str] = []
     if r["recurrence"]:
         rt = r["recurrence_test"]
         L += ["## Recurring indices", "",
@@ -430,13 +544,21 @@ def render_report(r: dict[str, Any]) -> str:
                      f"{len(r['controls'])} | {', '.join(x['alignments'])} | {o['massive_activations']} | "
                      f"{o['lm_head_column_norm']} |")
         L.append("")
+    return L
+
+
+def _correlation_section(r: dict[str, Any]) -> list[str]:
     c = r["correlation"]
-    L += [f"## Correlation between runs ({c['kind']})", "", "![correlation](correlation.png)", "",
+    L = [f"## Correlation between runs ({c['kind']})", "", "![correlation](correlation.png)", "",
           "| | " + " | ".join(c["names"]) + " |", "|---" * (len(c["names"]) + 1) + "|"]
     for n, row in zip(c["names"], c["matrix"]):
         L.append(f"| {n} | " + " | ".join(f"{v:.2f}" for v in row) + " |")
+    return L
+
+
+def _outliers_section(r: dict[str, Any]) -> list[str]:
     o = r["outliers"]
-    L += ["", "## The model's own outlier dimensions", "", "![outliers](outliers.png)", "",
+    L = ["", "## The model's own outlier dimensions", "", "![outliers](outliers.png)", "",
           f"Massive = {o['massive']['definition']}: "
           + (", ".join(f"dim {d['dim']} ({d['max_multiple']:.0f}x, layers {_layers_text(d['layers'])}, tokens "
                        f"{', '.join(repr(t) for t in d['tokens'][:3])})" for d in o["massive"]["dims"][:8])
@@ -456,16 +578,18 @@ def render_report(r: dict[str, Any]) -> str:
                      f"{t[0]['null_mean']:.2f} / {_f(t[0]['p_value'])} | "
                      f"{_f(t[1]['null_p95'])} / {_f(t[1]['p_value'])} | "
                      f"{_f(ctl)} |")
+    return L
+
+
+def _controls_section(r: dict[str, Any]) -> list[str]:
+    L: list[str] = []
     if r["controls"]:
         L += ["", "## Control runs", "", "| control | alignment | layers | index share | top indices |",
               "|---|---|---|---|---|"]
         for c2 in r["controls"]:
             L.append(f"| {c2['name']} | {c2['alignment']} | {_layers_text(c2['layers'])} | {c2['striation']:.3f} | "
                      f"{', '.join(map(str, c2['top_indices']))} |")
-    L += ["", "## Inputs (frozen model's continuations)", ""]
-    for s in r["samples"]:
-        L.append(f"- _{s['prompt']}_ → {s['frozen'].strip()[:200]!r}")
-    return "\n".join(L) + "\n"
+    return L
 
 
 def _layers_text(layers: Sequence[int]) -> str:

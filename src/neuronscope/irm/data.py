@@ -12,47 +12,66 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import NeuronscopeError
 
+if TYPE_CHECKING:
+    from ..subject import Subject
+
 IGNORE = -100
 FORMATS = (".csv", ".jsonl", ".json", ".parquet")
 
 
 # ---- tables ------------------------------------------------------------------------------------------------------
+def _read_csv(path: Path) -> list[Any]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def _read_jsonl(path: Path) -> list[Any]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    raise NeuronscopeError(f"Line {n} of '{path}' is not valid JSON.") from None
+    return rows
+
+
+def _read_json(path: Path) -> list[Any]:
+    with open(path, encoding="utf-8") as f:
+        rows = json.load(f)
+    if not isinstance(rows, list):
+        raise NeuronscopeError(f"'{path}' must hold a JSON list of rows.")
+    return rows
+
+
+def _read_parquet(path: Path) -> list[Any]:
+    import pyarrow.parquet as pq
+    rows: list[Any] = pq.read_table(path).to_pylist()
+    return rows
+
+
+_READERS: dict[str, Callable[[Path], list[Any]]] = {".csv": _read_csv, ".jsonl": _read_jsonl, ".json": _read_json,
+                                                    ".parquet": _read_parquet}
+
+
 def read_table(path: str | Path) -> list[dict[str, Any]]:
     """Rows of a CSV, JSONL (or JSON list) or Parquet file, as dicts."""
     path = Path(path)
     if not path.is_file():
         raise NeuronscopeError(f"No data file at '{path}'.")
-    ext = path.suffix.lower()
+    reader = _READERS.get(path.suffix.lower())
+    if reader is None:
+        raise NeuronscopeError(f"Cannot read '{path.name}': data files must be {', '.join(FORMATS)}.")
     try:
-        if ext == ".csv":
-            with open(path, newline="", encoding="utf-8") as f:
-                rows = list(csv.DictReader(f))
-        elif ext == ".jsonl":
-            rows = []
-            with open(path, encoding="utf-8") as f:
-                for n, line in enumerate(f, 1):
-                    if line.strip():
-                        try:
-                            rows.append(json.loads(line))
-                        except json.JSONDecodeError:
-                            raise NeuronscopeError(f"Line {n} of '{path}' is not valid JSON.") from None
-        elif ext == ".json":
-            with open(path, encoding="utf-8") as f:
-                rows = json.load(f)
-            if not isinstance(rows, list):
-                raise NeuronscopeError(f"'{path}' must hold a JSON list of rows.")
-        elif ext == ".parquet":
-            import pyarrow.parquet as pq
-            rows = pq.read_table(path).to_pylist()
-        else:
-            raise NeuronscopeError(f"Cannot read '{path.name}': data files must be {', '.join(FORMATS)}.")
+        rows = reader(path)
     except NeuronscopeError:
         raise
     except (OSError, UnicodeDecodeError, ValueError) as exc:
@@ -69,7 +88,7 @@ def table_kind(rows: Sequence[dict[str, Any]], source: str = "the data") -> str:
     cols = set(rows[0])
     if {"prompt", "response"} <= cols:
         kind = "prompt_response"
-        need = ("prompt", "response")
+        need: tuple[str, ...] = ("prompt", "response")
     elif "text" in cols:
         kind = "text"
         need = ("text",)
@@ -104,7 +123,7 @@ class Example:
         return sum(1 for t in self.labels[1:] if t != IGNORE)
 
 
-def prompt_ids(subject, prompt: str, chat: bool) -> list[int]:
+def prompt_ids(subject: Subject, prompt: str, chat: bool) -> list[int]:
     """Token ids of a prompt: through the chat template (with the generation prompt) when `chat`."""
     tok = subject.tokenizer
     if chat:
@@ -114,7 +133,7 @@ def prompt_ids(subject, prompt: str, chat: bool) -> list[int]:
     return tok(prompt)["input_ids"] if prompt else ([tok.bos_token_id] if tok.bos_token_id is not None else [])
 
 
-def tokenize_rows(subject, rows: Sequence[dict[str, Any]], *, chat: bool = False, max_len: int = 256,
+def tokenize_rows(subject: Subject, rows: Sequence[dict[str, Any]], *, chat: bool = False, max_len: int = 256,
                   add_eos: bool = True, keep_empty: bool = False) -> list[Example]:
     """Rows -> Examples (input_ids, unshifted labels). Too-long examples are cut at max_len tokens; examples
     with no target token left are dropped (kept, one per row, when keep_empty)."""

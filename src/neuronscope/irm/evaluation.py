@@ -13,18 +13,25 @@
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
 from ..errors import NeuronscopeError
-from .data import read_table, tokenize_rows
+
+if TYPE_CHECKING:
+    from ..subject import Subject
+from .data import Example, read_table, tokenize_rows
+from .factual import FACTS, Fact, facts_digest, score_answers
 from .model import IRM
+from .judge import Judge
+from .openings import shared_openings
 from .training import _pad_id, validation_loss
 
 
-def _pair(subject, irm, examples, batch_size: int) -> dict[str, float]:
+def _pair(subject: Subject, irm: IRM, examples: Sequence[Example], batch_size: int) -> dict[str, float]:
     pad = _pad_id(subject)
     off = validation_loss(subject, None, examples, batch_size, pad)
     on = validation_loss(subject, irm, examples, batch_size, pad)
@@ -33,7 +40,7 @@ def _pair(subject, irm, examples, batch_size: int) -> dict[str, float]:
             "tokens": sum(e.n_target for e in examples)}
 
 
-def evaluate_irm(subject, irm: IRM, aligned_rows: Sequence[dict[str, Any]] | None = None, *,
+def evaluate_irm(subject: Subject, irm: IRM, aligned_rows: Sequence[dict[str, Any]] | None = None, *,
                  neutral_texts: Sequence[str] | None = None, chat: bool = False, max_len: int = 256,
                  batch_size: int = 8) -> dict[str, Any]:
     """Next-token loss (mean over target tokens) with the IRM off and on, on aligned rows and on neutral text."""
@@ -55,8 +62,8 @@ def evaluate_irm(subject, irm: IRM, aligned_rows: Sequence[dict[str, Any]] | Non
 
 
 @torch.no_grad()
-def answer_nll(subject, prompts: Sequence[str], answers: Sequence[str], *, chat: bool = False, max_len: int = 512,
-               batch_size: int = 8) -> list[float]:
+def answer_nll(subject: Subject, prompts: Sequence[str], answers: Sequence[str], *, chat: bool = False,
+               max_len: int = 512, batch_size: int = 8) -> list[float]:
     """Mean next-token loss of each answer given its prompt under the frozen model (no hooks); nan if empty."""
     from .data import IGNORE, collate
     import torch.nn.functional as F
@@ -76,13 +83,17 @@ def answer_nll(subject, prompts: Sequence[str], answers: Sequence[str], *, chat:
     return [v if answers[j].strip() else float("nan") for j, v in enumerate(out)]
 
 
-def judge_irm(subject, irm: IRM, prompts: Sequence[str], *, judge=None, target: str | None = None,
-              opposite: str | None = None, chat: bool = False, max_new_tokens: int = 48, temperature: float = 0.0,
-              seed: int = 0, scale: float = 1.0, batch_size: int = 8, progress: bool = True) -> dict[str, Any]:
-    """Answers to `prompts` with the IRM off and on, judged; paired statistics per measure (see module doc)."""
+def judge_irm(subject: Subject, irm: IRM, prompts: Sequence[str], *, judge: Judge | None = None,
+              target: str | None = None, opposite: str | None = None, chat: bool = False,
+              max_new_tokens: int = 48, temperature: float = 0.0, seed: int = 0, scale: float = 1.0,
+              batch_size: int = 8, progress: bool = True,
+              facts: Sequence[Fact] | None = FACTS) -> dict[str, Any]:
+    """Answers to `prompts` with the IRM off and on, judged; paired statistics per measure (see module doc).
+
+    Also the cost to the answers: factual accuracy on `facts` (off vs on, paired; None skips it) and the share of
+    answers that open with the same sentence as another answer (memorised frames), IRM off and on."""
     from .generation import generate_texts
-    from .judge import OPPOSITE, Judge, check_emotion
-    from .paired import paired_difference
+    from .judge import OPPOSITE, check_emotion
     irm.check_subject(subject)
     prompts = [p for p in prompts if p.strip()]
     if len(prompts) < 2:
@@ -91,10 +102,27 @@ def judge_irm(subject, irm: IRM, prompts: Sequence[str], *, judge=None, target: 
     if target is not None:
         check_emotion(judge, target)
         opposite = opposite or OPPOSITE.get(target)
-    kw = dict(chat=chat, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, batch_size=batch_size,
-              progress=progress)
+    kw: dict[str, Any] = dict(chat=chat, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+                              batch_size=batch_size, progress=progress)
     off = generate_texts(subject, prompts, irm=None, desc="answers, IRM off", **kw)
     on = generate_texts(subject, prompts, irm=irm, scale=scale, desc="answers, IRM on", **kw)
+    metrics = judged_metrics(subject, judge, prompts, off, on, chat=chat, batch_size=batch_size, seed=seed)
+    rep: dict[str, Any] = {"judge": judge.info(), "n_prompts": len(prompts), "chat": chat,
+                           "max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed,
+                           "scale": scale, "target": target, "opposite": opposite, "metrics": metrics,
+                           "answers": [{"prompt": p, "off": a, "on": b} for p, a, b in zip(prompts, off, on)],
+                           "openings": {"off": asdict(shared_openings(off)), "on": asdict(shared_openings(on))}}
+    if facts:
+        rep["factual"] = asdict(factual_accuracy(subject, irm, facts, scale=scale, **kw))
+    if target is not None:
+        rep["verdict"] = verdict(metrics, target, opposite)
+    return rep
+
+
+def judged_metrics(subject: Subject, judge: Judge, prompts: Sequence[str], off: Sequence[str], on: Sequence[str], *,
+                   chat: bool, batch_size: int, seed: int) -> dict[str, Any]:
+    """Paired off/on statistics of every judged measure and of the answers' loss under the frozen model."""
+    from .paired import paired_difference
     s_off, s_on = judge.score_many(off), judge.score_many(on)
     nll_off = answer_nll(subject, prompts, off, chat=chat, batch_size=batch_size)
     nll_on = answer_nll(subject, prompts, on, chat=chat, batch_size=batch_size)
@@ -106,13 +134,43 @@ def judge_irm(subject, irm: IRM, prompts: Sequence[str], *, judge=None, target: 
         metrics["answer_nll"] = paired_difference([nll_off[i] for i in ok], [nll_on[i] for i in ok], seed=seed)
         metrics["answer_nll"]["ppl_off"] = math.exp(metrics["answer_nll"]["off"])
         metrics["answer_nll"]["ppl_on"] = math.exp(metrics["answer_nll"]["on"])
-    rep: dict[str, Any] = {"judge": judge.info(), "n_prompts": len(prompts), "chat": chat,
-                           "max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed,
-                           "scale": scale, "target": target, "opposite": opposite, "metrics": metrics,
-                           "answers": [{"prompt": p, "off": a, "on": b} for p, a, b in zip(prompts, off, on)]}
-    if target is not None:
-        rep["verdict"] = verdict(metrics, target, opposite)
-    return rep
+    return metrics
+
+
+@dataclass
+class FactualAccuracy:
+    """Right answers to the factual questions with the IRM off and on (paired over questions)."""
+    n: int
+    facts_sha256_16: str
+    right_off: int
+    right_on: int
+    accuracy_off: float
+    accuracy_on: float
+    diff: float
+    ci95: list[float]
+    p_value: float
+    lost: list[str]          # questions answered right with the IRM off and wrong with it on
+    gained: list[str]
+    answers: list[dict[str, Any]]
+
+
+def factual_accuracy(subject: Subject, irm: IRM, facts: Sequence[Fact], *, scale: float = 1.0, seed: int = 0,
+                     **generate_kw: Any) -> FactualAccuracy:
+    """Answers to the factual questions with the IRM off and on (same decoding), judged by factual.is_correct."""
+    from .generation import generate_texts
+    from .paired import paired_difference
+    qs = [f.question for f in facts]
+    off = generate_texts(subject, qs, irm=None, seed=seed, desc="facts, IRM off", **generate_kw)
+    on = generate_texts(subject, qs, irm=irm, scale=scale, seed=seed, desc="facts, IRM on", **generate_kw)
+    r_off, r_on = score_answers(off, facts), score_answers(on, facts)
+    d = paired_difference(r_off, r_on, seed=seed)
+    return FactualAccuracy(len(facts), facts_digest(facts), int(sum(r_off)), int(sum(r_on)), d["off"], d["on"],
+                           d["diff"], d["ci95"], d["p_value"],
+                           [f.question for f, a, b in zip(facts, r_off, r_on) if a > b],
+                           [f.question for f, a, b in zip(facts, r_off, r_on) if b > a],
+                           [{"question": f.question, "accepted": list(f.accepted), "off": a, "on": b,
+                             "right_off": bool(x), "right_on": bool(y)}
+                            for f, a, b, x, y in zip(facts, off, on, r_off, r_on)])
 
 
 def verdict(metrics: dict[str, Any], target: str, opposite: str | None, *, alpha: float = 0.01,
@@ -174,4 +232,5 @@ def drop_training_prompts(run: dict[str, Any], run_dir: str | Path, questions: l
     return kept, len(questions) - len(kept)
 
 
-__all__ = ["evaluate_irm", "held_out_rows", "judge_irm", "answer_nll", "verdict", "drop_training_prompts"]
+__all__ = ["evaluate_irm", "held_out_rows", "judge_irm", "judged_metrics", "factual_accuracy", "FactualAccuracy",
+           "answer_nll", "verdict", "drop_training_prompts"]

@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
 from ..errors import NeuronscopeError
-from .model import IRM
+
+if TYPE_CHECKING:
+    from ..subject import Subject
+from .model import IRM, OutputHook
 
 
 @dataclass
@@ -17,7 +20,8 @@ class SideBySide:
     on: str
 
 
-def encode_batch(subject, prompts: Sequence[str], chat: bool = False, system: str | None = None):
+def encode_batch(subject: Subject, prompts: Sequence[str], chat: bool = False,
+                 system: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded ids and attention mask [B, T] for a batch of prompts (for batched generation)."""
     rows = [subject.encode(p, chat=chat, system=system)[0].tolist() for p in prompts]
     pad = subject.tokenizer.pad_token_id
@@ -31,10 +35,10 @@ def encode_batch(subject, prompts: Sequence[str], chat: bool = False, system: st
     return ids.to(subject.device), mask.to(subject.device)
 
 
-def generate_texts(subject, prompts: Sequence[str], *, irm: IRM | None = None, chat: bool = False,
+def generate_texts(subject: Subject, prompts: Sequence[str], *, irm: IRM | None = None, chat: bool = False,
                    system: str | None = None, max_new_tokens: int = 64, temperature: float = 0.0,
                    seed: int | None = None, scale: float = 1.0, batch_size: int = 8,
-                   on_output=None, progress: bool = False, desc: str = "generate") -> list[str]:
+                   on_output: OutputHook | None = None, progress: bool = False, desc: str = "generate") -> list[str]:
     """Completions of `prompts`, with the IRM injected (when given) in the prompt and every generated token.
     Batch b is decoded with seed `seed + b` (so IRM-off and IRM-on runs of the same prompts share seeds)."""
     from contextlib import nullcontext
@@ -53,7 +57,7 @@ def generate_texts(subject, prompts: Sequence[str], *, irm: IRM | None = None, c
     return out
 
 
-def generate_side_by_side(subject, irm: IRM, prompts: Sequence[str], **kwargs) -> list[SideBySide]:
+def generate_side_by_side(subject: Subject, irm: IRM, prompts: Sequence[str], **kwargs: Any) -> list[SideBySide]:
     """Each prompt completed with the IRM off, then on (same decoding settings)."""
     irm.check_subject(subject)
     off = generate_texts(subject, prompts, irm=None, **kwargs)

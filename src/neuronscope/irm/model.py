@@ -17,13 +17,18 @@ import json
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from ..errors import NeuronscopeError
 from ..interventions import ResidualFunction, StepContext, intervene
+
+if TYPE_CHECKING:
+    from ..subject import Subject
+
+OutputHook = Callable[[torch.Tensor, StepContext], None]
 
 SITE_ORDER = {"resid.mid": 0, "resid.post": 1}
 WEIGHTS = "irm.safetensors"
@@ -95,7 +100,7 @@ class IRM(nn.Module):
 
     # ---- construction ----------------------------------------------------------------------------------------
     @classmethod
-    def for_subject(cls, subject, inject_layers: str | Sequence[int] | None = "all", *, read_layer: int = 0,
+    def for_subject(cls, subject: Subject, inject_layers: str | Sequence[int] | None = "all", *, read_layer: int = 0,
                     read_site: str = "resid.mid", inject_site: str = "resid.mid", width: int = 256, depth: int = 1,
                     input_norm: bool = True, seed: int | None = 0) -> "IRM":
         """An IRM shaped for `subject` (layer sets like '0-7', '3,7,11', 'all')."""
@@ -127,11 +132,12 @@ class IRM(nn.Module):
         x = x.to(p.dtype)
         if self.config.input_norm:
             x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
-        y = self.net(x)
+        y: torch.Tensor = self.net(x)
         return y.view(*x.shape[:-1], self.n_inject, self.config.hidden_size)
 
     # ---- hooks -----------------------------------------------------------------------------------------------
-    def check_subject(self, subject, strict: bool = False) -> None:
+    def check_subject(self, subject: Subject, strict: bool = False) -> None:
+        """Refuse a model of another shape (or, strict, other weights) than the IRM was made for."""
         c = self.config
         if subject.hidden_size != c.hidden_size or (c.n_layers and subject.n_layers != c.n_layers):
             raise NeuronscopeError(
@@ -142,7 +148,7 @@ class IRM(nn.Module):
                 f"This IRM was trained on '{c.model_name}' (weights {c.model_fingerprint}); '{subject.name}' has "
                 f"different weights ({subject.fingerprint}).")
 
-    def interventions(self, subject, on_output: Callable[[torch.Tensor, StepContext], None] | None = None,
+    def interventions(self, subject: Subject, on_output: OutputHook | None = None,
                       scale: float = 1.0) -> list[ResidualFunction]:
         """The two residual functions (read, then inject) that put this IRM into `subject`'s forward passes.
 
@@ -153,7 +159,7 @@ class IRM(nn.Module):
         state: dict[str, torch.Tensor | None] = {"out": None}
         slot = {l: j for j, l in enumerate(c.inject_layers)}
 
-        def read(layer: int, x: torch.Tensor, ctx: StepContext):
+        def read(layer: int, x: torch.Tensor, ctx: StepContext) -> None:
             out = self(x)
             if scale != 1.0:
                 out = out * scale
@@ -162,7 +168,7 @@ class IRM(nn.Module):
                 on_output(out, ctx)
             return None
 
-        def inject(layer: int, x: torch.Tensor, ctx: StepContext):
+        def inject(layer: int, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
             out = state["out"]
             if out is None or out.shape[:2] != x.shape[:2]:
                 raise NeuronscopeError("The IRM's injection ran before its read; this forward pass skipped a layer.")
@@ -172,7 +178,7 @@ class IRM(nn.Module):
                 ResidualFunction(c.inject_layers, c.inject_site, inject)]
 
     @contextmanager
-    def attached(self, subject, on_output=None, scale: float = 1.0) -> Iterator["IRM"]:
+    def attached(self, subject: Subject, on_output: OutputHook | None = None, scale: float = 1.0) -> Iterator["IRM"]:
         """Hooks on for the block (forward and generate); none at all afterwards."""
         self.to(subject.device)
         with intervene(subject, *self.interventions(subject, on_output=on_output, scale=scale)):
@@ -209,4 +215,4 @@ class IRM(nn.Module):
         return irm.to(device)
 
 
-__all__ = ["IRM", "IRMConfig", "WEIGHTS", "CONFIG"]
+__all__ = ["IRM", "IRMConfig", "WEIGHTS", "CONFIG", "OutputHook"]

@@ -16,11 +16,15 @@ p-values are (1 + #null >= value) / (1 + n) for sampled nulls; exact for the hyp
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
 from ..errors import NeuronscopeError
+from .metrics import index_share
+
+if TYPE_CHECKING:
+    from .model import IRM, IRMConfig
 
 ALPHA = 0.05
 
@@ -34,11 +38,6 @@ def summarize(value: float, null: Sequence[float], kind: str) -> dict[str, Any]:
     return {"null": kind, "value": float(value), "n": int(t.numel()), "null_mean": float(t.mean()),
             "null_p95": float(torch.quantile(t, 0.95)),
             "p_value": (1 + int((t >= float(value) - 1e-12).sum())) / (1 + t.numel())}
-
-
-def index_share(M: torch.Tensor) -> float:
-    from .analysis import striation
-    return float(striation(M)["index_share"])
 
 
 def index_shares(Ms: torch.Tensor) -> torch.Tensor:
@@ -118,7 +117,7 @@ def coincidence_test(top: Sequence[int], outlier_top: Sequence[int], hidden: int
             "n": None}
 
 
-def random_init_irm(config, seed: int):
+def random_init_irm(config: IRMConfig, seed: int) -> IRM:
     """An IRM of the same shape as `config` with PyTorch's default random init in every layer (none zeroed)."""
     from torch import nn
     from .model import IRM
@@ -132,11 +131,11 @@ def random_init_irm(config, seed: int):
 
 
 @torch.no_grad()
-def mean_output(irm, X: torch.Tensor, chunk: int = 512) -> torch.Tensor:
+def mean_output(irm: IRM, X: torch.Tensor, chunk: int = 512) -> torch.Tensor:
     """Mean IRM output [n_inject, H] over the read-site residual rows X [N, H]."""
-    acc = None
+    acc: torch.Tensor | None = None
     for i in range(0, X.shape[0], chunk):
-        o = irm(X[i:i + chunk].to(next(irm.parameters()).device)).double().sum(0).cpu()
+        o: torch.Tensor = irm(X[i:i + chunk].to(next(irm.parameters()).device)).double().sum(0).cpu()
         acc = o if acc is None else acc + o
     assert acc is not None
     return (acc / X.shape[0]).float()
@@ -144,7 +143,7 @@ def mean_output(irm, X: torch.Tensor, chunk: int = 512) -> torch.Tensor:
 
 def survives(tests: Sequence[dict[str, Any]], alpha: float = ALPHA) -> bool | None:
     """True when every available null gives p < alpha; None when no null could be computed."""
-    ps = [t.get("p_value") for t in tests if t.get("p_value") is not None]
+    ps = [float(t["p_value"]) for t in tests if t.get("p_value") is not None]
     if not ps:
         return None
     return all(p < alpha for p in ps)

@@ -1,30 +1,43 @@
-"""The paper's sweep: IRMs trained over a grid of layer sets x alignments x seeds as resumable runs, plus control
-runs (the same training on control data), then one cross-run analysis (irm.analysis, with its nulls).
+"""The paper's sweep with runs that realign: IRMs trained over a grid of layer sets x alignments x seeds with the
+realigning recipe (irm.recipe), each judged like `irm eval` (IRM off vs on at the recipe's dose), plus a matched
+control for every layer set and seed, then one analysis of the runs that pass.
 
-    plan = sweep_plan(subject, {"sadness": "sad.jsonl", "anger": "anger.jsonl"}, sets=["q1", "q3", "all"],
+    plan = sweep_plan(subject, {"sadness": "sad.jsonl", "anger": "anger.jsonl"}, sets=["q2", "q4", "all"],
                       seeds=[0, 1], control="neutral.jsonl")
-    result = run_sweep(subject, plan, "sweeps/smollm", config=TrainConfig(steps=40))
+    result = run_sweep(subject, plan, "sweeps/smollm", questions=read_questions("examples/questions.txt"))
 
 Layer sets (Smith et al. used 0-7, 8-15, 16-23, 24-31, every 4th and all of Llama-2-7B's 32 layers), scaled to the
 model's depth: q1..q4 are the four quarters, `every4` is every (depth/8)-th layer (8 layers), `all` is every layer.
-Each run lives in OUT/runs/<alignment>-<set>-s<seed>; OUT/sweep.json records the plan and each run's status after
-every run (atomically). Running the same sweep again skips finished runs and resumes an interrupted one from its
-last checkpoint, so a killed grid loses at most the steps since that run's last checkpoint; the grid may grow
-(more seeds, sets or alignments) between calls, with the same training options.
+
+Matched controls: the control data is built by the same procedure as the aligned data (`data select --mode frame
+-e neutral`: the same model answers, framed by neutral sentences instead of emotional ones); a control run per
+layer set and seed is trained with the same options, so an aligned run and its control differ only in the
+alignment. Control data built otherwise (a different `source` or row kind) is refused.
+
+Each run lives in OUT/runs/<alignment>-<set>-s<seed>; OUT/sweep.json records the plan, each run's status and each
+aligned run's verdict after every step (atomically). Running the same sweep again skips finished runs and judged
+runs, resumes an interrupted run from its last checkpoint, and judges runs not yet judged; the grid may grow (more
+seeds, sets or alignments) between calls, with the same training options.
+
+Only aligned runs that pass their judge are analysed (with their matched controls, the paired tests of
+irm.compare); runs that fail are listed with their figures, runs that cannot be judged are listed as such.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from ..errors import NeuronscopeError
-from ..store import read_json, write_json
-from .training import RUN, TrainConfig, train_irm
+from ..store import read_json, write_json, write_text
+from .compare import Pair
+from .training import RUN, TrainConfig, load_run, train_irm
 
 SWEEP = "sweep.json"
 SETS = ("q1", "q2", "q3", "q4", "every4", "all")
+DEFAULT_SETS = ("q2", "q4", "all")
+CONTROL = "control"
 
 
 def layer_sets(n_layers: int) -> dict[str, list[int]]:
@@ -40,32 +53,97 @@ def layer_sets(n_layers: int) -> dict[str, list[int]]:
     return out
 
 
-def sweep_plan(subject, alignments: dict[str, str | Path], *, sets: Sequence[str] = SETS,
-               seeds: Sequence[int] = (0, 1), control: str | Path | None = None,
-               control_seeds: Sequence[int] = (0,)) -> list[dict[str, Any]]:
-    """The runs of a sweep: every alignment x layer set x seed, and the control data x layer set x control seed."""
+@dataclass
+class Judged:
+    """An aligned run's verdict at the sweep's eval scale (the figures `irm eval --judge` prints)."""
+    passed: bool | None
+    reason: str
+    target: str | None
+    target_ratio: float | None = None
+    target_p: float | None = None
+    opposite_diff: float | None = None
+    repetition_ratio: float | None = None
+    factual_off: float | None = None
+    factual_on: float | None = None
+    same_opening_on: float | None = None
+    scale: float = 1.0
+
+
+@dataclass
+class SweepRun:
+    """One run of the grid and what happened to it (a row of sweep.json's plan)."""
+    name: str
+    alignment: str
+    data: str
+    set: str
+    layers: list[int]
+    seed: int
+    control: bool
+    status: str = "new"
+    best_val: float | None = None
+    best_step: int | None = None
+    seconds: float | None = None
+    wall_seconds: float | None = None
+    resumed: bool = False
+    judged: Judged | None = None
+
+    @staticmethod
+    def from_dict(d: Mapping[str, Any]) -> "SweepRun":
+        known = {k: d[k] for k in SweepRun.__dataclass_fields__ if k in d}
+        j = known.get("judged")
+        known["judged"] = Judged(**j) if isinstance(j, dict) else None
+        return SweepRun(**known)
+
+
+@dataclass
+class SweepResult:
+    """What a sweep did: the grid (runs, with verdicts), which runs were analysed, and the analysis."""
+    out: str
+    runs: list[SweepRun]
+    analysed: list[str]
+    excluded: list[dict[str, str]]
+    analysis: dict[str, Any] | None = None
+    findings: list[str] = field(default_factory=list)
+
+
+# ---- the plan -------------------------------------------------------------------------------------------------------
+def _row_kind(path: str | Path) -> tuple[str, str]:
+    """(table kind, row source) of a data file: what a matched control must share with the aligned data."""
+    from .data import read_table, table_kind
+    rows = read_table(path)
+    return table_kind(rows), str(rows[0].get("source", "")) if rows else ""
+
+
+def check_data(alignments: Mapping[str, str | Path], control: str | Path | None) -> None:
+    """Every data file exists, and the control data is built like the aligned data (same row kind and source)."""
     if not alignments:
         raise NeuronscopeError("Give at least one alignment data file.")
+    named = list(alignments.items()) + ([(CONTROL, control)] if control else [])
+    for name, path in named:
+        if not Path(path).is_file():
+            raise NeuronscopeError(f"No data file for '{name}' at '{path}'.")
+    if CONTROL in alignments:
+        raise NeuronscopeError("'control' names the matched control runs; give the alignment another name.")
+    if control:
+        ref = _row_kind(control)
+        for name, path in alignments.items():
+            if _row_kind(path) != ref:
+                raise NeuronscopeError(
+                    f"The control data is not built like '{name}' (rows {ref} vs {_row_kind(path)}); a matched "
+                    "control needs the same construction, e.g. `data select --mode frame -e neutral` for frame rows.")
+
+
+def sweep_plan(subject: Any, alignments: Mapping[str, str | Path], *, sets: Sequence[str] = DEFAULT_SETS,
+               seeds: Sequence[int] = (0, 1), control: str | Path | None = None) -> list[SweepRun]:
+    """The runs of a sweep: every alignment x layer set x seed, and a matched control for every layer set x seed."""
     known = layer_sets(subject.n_layers)
     bad = [s for s in sets if s not in known]
     if bad:
         raise NeuronscopeError(f"Unknown layer set(s) {', '.join(bad)}; use {', '.join(SETS)}.")
-    for name, path in list(alignments.items()) + ([("control", control)] if control else []):
-        if not Path(path).is_file():
-            raise NeuronscopeError(f"No data file for '{name}' at '{path}'.")
-    plan = []
-    for name, path in alignments.items():
-        for s in sets:
-            for seed in seeds:
-                plan.append({"name": f"{name}-{s}-s{seed}", "alignment": name, "data": str(Path(path).resolve()),
-                             "set": s, "layers": known[s], "seed": int(seed), "control": False})
-    if control:
-        for s in sets:
-            for seed in control_seeds:
-                plan.append({"name": f"control-{s}-s{seed}", "alignment": "control",
-                             "data": str(Path(control).resolve()), "set": s, "layers": known[s], "seed": int(seed),
-                             "control": True})
-    return plan
+    check_data(alignments, control)
+    groups = list(alignments.items()) + ([(CONTROL, control)] if control else [])
+    return [SweepRun(f"{name}-{s}-s{seed}", name, str(Path(path).resolve()), s, known[s], int(seed), name == CONTROL)
+            for name, path in groups for s in sets for seed in seeds]
 
 
 def run_status(run_dir: Path) -> str:
@@ -77,59 +155,173 @@ def run_status(run_dir: Path) -> str:
     return st if st in ("done", "stopped early") else "partial"
 
 
-def run_sweep(subject, plan: Sequence[dict[str, Any]], out_dir: str | Path, *, config: TrainConfig | None = None,
-              width: int = 256, depth: int = 1, analyze: bool = True, analysis_kwargs: dict[str, Any] | None = None,
-              progress: bool = True) -> dict[str, Any]:
-    """Train every run of `plan` not yet finished (resuming partial ones), then analyse them all together."""
-    cfg = (config or TrainConfig()).validate()
-    out = Path(out_dir)
-    runs_dir = out / "runs"
+def finished(status: str) -> bool:
+    return status in ("done", "stopped early")
+
+
+def _merge_state(out: Path, plan: Sequence[SweepRun], base: dict[str, Any]) -> dict[str, SweepRun]:
+    """The plan's runs with what sweep.json already knows about them; a changed sweep is refused."""
     state_file = out / SWEEP
-    base = {"model": subject.name, "fingerprint": subject.fingerprint, "train": asdict(cfg), "width": width,
-            "depth": depth}
-    kept: dict[str, dict[str, Any]] = {}
+    kept: dict[str, SweepRun] = {}
     if state_file.is_file():
         old = read_json(state_file)
-        kept = {p["name"]: p for p in old.get("plan", [])}
-        for key in ("fingerprint", "width", "depth"):
+        for key in ("fingerprint", "width", "depth", "train", "eval"):
             if old.get(key) != base[key]:
-                raise NeuronscopeError(f"'{out}' holds a sweep with a different {key} ({old.get(key)!r}); "
-                                       "use a new folder.")
-        if old.get("train", {}).get("steps") != base["train"]["steps"] or \
-                old.get("train", {}).get("lr") != base["train"]["lr"]:
-            raise NeuronscopeError(f"'{out}' holds a sweep trained with other steps or learning rate; use the same "
-                                   "options or a new folder.")
-        before = {p["name"]: p for p in old.get("plan", [])}
-        for p in plan:       # a grid may grow (more seeds, sets, alignments); a run may not change
-            q = before.get(p["name"])
-            if q is not None and (q["data"], q["layers"], q["seed"]) != (p["data"], p["layers"], p["seed"]):
-                raise NeuronscopeError(f"Run '{p['name']}' in '{out}' was planned with other data or layers; "
-                                       "use a new folder.")
-    records = {p["name"]: dict(kept.get(p["name"], {}), **p, status=run_status(runs_dir / p["name"])) for p in plan}
+                raise NeuronscopeError(f"'{out}' holds a sweep with other {key} settings ({old.get(key)!r}); use "
+                                       "the same options or a new folder.")
+        kept = {p["name"]: SweepRun.from_dict(p) for p in old.get("plan", [])}
+    for p in plan:       # a grid may grow (more seeds, sets, alignments); a run may not change
+        q = kept.get(p.name)
+        if q is not None and (q.data, q.layers, q.seed) != (p.data, p.layers, p.seed):
+            raise NeuronscopeError(f"Run '{p.name}' in '{out}' was planned with other data or layers; use a new "
+                                   "folder.")
+    runs = {}
+    for p in plan:
+        r = kept.get(p.name, p)
+        r.status = run_status(out / "runs" / p.name)
+        runs[p.name] = r
+    return runs
+
+
+# ---- training and judging -------------------------------------------------------------------------------------------
+@dataclass
+class EvalSettings:
+    """How each aligned run is judged (recorded in sweep.json; a sweep keeps them)."""
+    scale: float = 0.7
+    limit: int = 40
+    max_new_tokens: int = 48
+    facts: bool = True
+
+
+def train_one(subject: Any, r: SweepRun, run_dir: Path, cfg: TrainConfig, width: int, depth: int,
+              progress: bool) -> None:
+    """Train (or resume) one run of the grid and record its figures."""
+    resume = (run_dir / RUN).is_file()
+    t0 = time.perf_counter()
+    c = TrainConfig(**dict(asdict(cfg), seed=r.seed))
+    res = train_irm(subject, r.data, run_dir, inject_layers=r.layers, width=width, depth=depth, config=c,
+                    resume=resume, progress=progress, alignment=r.alignment)
+    r.status, r.best_val, r.best_step = run_status(run_dir), res.best_val, res.best_step
+    r.seconds, r.wall_seconds, r.resumed = res.seconds, time.perf_counter() - t0, resume
+
+
+def judge_one(subject: Any, r: SweepRun, run_dir: Path, questions: Sequence[str], ev: EvalSettings,
+              progress: bool) -> Judged:
+    """Judge a trained aligned run as `irm eval --judge builtin` does (saved as RUN/judged.json)."""
+    from .evaluation import drop_training_prompts, judge_irm
+    from .factual import FACTS
+    from .judge import Judge
+    judge = Judge()
+    if r.alignment not in judge.emotions:
+        return Judged(None, f"the judge knows no emotion '{r.alignment}' (it knows {', '.join(judge.emotions)})",
+                      None, scale=ev.scale)
+    irm, run = load_run(run_dir, device=subject.device)
+    qs, _ = drop_training_prompts(run, run_dir, list(questions))
+    if len(qs) < 2:
+        return Judged(None, "fewer than two held-out questions", r.alignment, scale=ev.scale)
+    rep = judge_irm(subject, irm, qs[:ev.limit], judge=judge, target=r.alignment, chat=run["train"].get("chat", False),
+                    max_new_tokens=ev.max_new_tokens, scale=ev.scale, progress=progress,
+                    facts=FACTS if ev.facts else None)
+    write_json(run_dir / "judged.json", rep)
+    return summarize_verdict(rep)
+
+
+def summarize_verdict(rep: Mapping[str, Any]) -> Judged:
+    """The figures of a judged.json that decide and explain a run's verdict."""
+    v = rep["verdict"]
+    fact = rep.get("factual") or {}
+    failed = [k for k, ok in (("target not doubled", v["target_doubles"]),
+                              ("target not significant", v["target_significant"]),
+                              ("opposite up", v.get("opposite_not_up", True)),
+                              ("repetition over 1.5x", v["repetition_ok"])) if not ok]
+    return Judged(bool(v["passed"]), "passed" if v["passed"] else "; ".join(failed), rep["target"],
+                  v["target_ratio"], v["target_p"], v.get("opposite_diff"), v["repetition_ratio"],
+                  fact.get("accuracy_off"), fact.get("accuracy_on"), rep["openings"]["on"]["share"], rep["scale"])
+
+
+def excluded_sentence(r: SweepRun) -> str:
+    """Why an aligned run is left out of the analysis, with its figures."""
+    j = r.judged
+    if j is None or j.passed is None:
+        return f"{r.name} is not analysed: it could not be judged ({j.reason if j else 'not trained'})."
+    return (f"{r.name} is not analysed: it failed its judge at scale {j.scale:g} ({j.reason}; {j.target} "
+            f"x{_num(j.target_ratio)}, p {_num(j.target_p)}, repetition x{_num(j.repetition_ratio)}).")
+
+
+def _num(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3g}"
+
+
+# ---- the sweep ------------------------------------------------------------------------------------------------------
+def run_sweep(subject: Any, plan: Sequence[SweepRun], out_dir: str | Path, *, questions: Sequence[str],
+              config: TrainConfig | None = None, width: int = 256, depth: int = 1,
+              evaluation: EvalSettings | None = None, analyze: bool = True,
+              analysis_kwargs: dict[str, Any] | None = None, progress: bool = True) -> SweepResult:
+    """Train every run of `plan` not yet finished (resuming partial ones), judge every aligned run not yet judged,
+    then analyse the runs that pass with their matched controls."""
+    cfg = (config or TrainConfig()).validate()
+    ev = evaluation or EvalSettings()
+    out = Path(out_dir)
+    base = {"model": subject.name, "fingerprint": subject.fingerprint, "train": asdict(cfg), "width": width,
+            "depth": depth, "eval": asdict(ev)}
+    runs = _merge_state(out, plan, base)
 
     def save() -> None:
-        write_json(state_file, dict(base, plan=list(records.values())))
+        write_json(out / SWEEP, dict(base, plan=[asdict(r) for r in runs.values()]))
     save()
     from tqdm.auto import tqdm
-    todo = [p for p in plan if records[p["name"]]["status"] not in ("done", "stopped early")]
-    for p in tqdm(todo, desc="sweep runs", disable=not progress, dynamic_ncols=True):
-        run_dir = runs_dir / p["name"]
-        resume = (run_dir / RUN).is_file()
-        t0 = time.perf_counter()
-        c = TrainConfig(**dict(asdict(cfg), seed=p["seed"]))
-        res = train_irm(subject, p["data"], run_dir, inject_layers=p["layers"], width=width, depth=depth, config=c,
-                        resume=resume, progress=progress, alignment=p["alignment"])
-        records[p["name"]].update(status=run_status(run_dir), best_val=res.best_val, best_step=res.best_step,
-                                  seconds=res.seconds, wall_seconds=time.perf_counter() - t0, resumed=resume)
-        save()
-    result: dict[str, Any] = dict(base, plan=list(records.values()))
+    for r in tqdm([runs[p.name] for p in plan], desc="sweep runs", disable=not progress, dynamic_ncols=True):
+        run_dir = out / "runs" / r.name
+        if not finished(r.status):
+            train_one(subject, r, run_dir, cfg, width, depth, progress)
+            r.judged = None
+            save()
+        if not r.control and r.judged is None:
+            r.judged = judge_one(subject, r, run_dir, questions, ev, progress)
+            save()
+    result = grid_result(out, [runs[p.name] for p in plan])
     if analyze:
-        from .analysis import analyze_runs
-        aligned = [runs_dir / p["name"] for p in plan if not p["control"]]
-        ctrls = [runs_dir / p["name"] for p in plan if p["control"]]
-        result["analysis"] = analyze_runs(aligned, out / "report", subject=subject, controls=ctrls,
-                                          progress=progress, **(analysis_kwargs or {}))
+        analyse_grid(subject, out, result, analysis_kwargs or {}, ev, progress)
     return result
 
 
-__all__ = ["layer_sets", "sweep_plan", "run_sweep", "run_status", "SETS"]
+def grid_result(out: Path, plan: Sequence[SweepRun]) -> SweepResult:
+    """Which aligned runs pass (and are analysed) and which do not (listed with their figures)."""
+    aligned = [r for r in plan if not r.control]
+    passed = [r.name for r in aligned if r.judged is not None and r.judged.passed]
+    excluded = [{"name": r.name, "sentence": excluded_sentence(r)} for r in aligned if r.name not in passed]
+    return SweepResult(str(out), list(plan), passed, excluded)
+
+
+def analyse_grid(subject: Any, out: Path, result: SweepResult, kwargs: dict[str, Any], ev: EvalSettings,
+                 progress: bool) -> None:
+    """analyze_runs over the passing runs and all controls, with the (aligned, matched control) pairs."""
+    from .analysis import analyze_runs
+    runs = {r.name: r for r in result.runs}
+    controls = [r for r in result.runs if r.control]
+    pairs = []
+    for name in result.analysed:
+        r = runs[name]
+        c = next((c for c in controls if c.set == r.set and c.seed == r.seed), None)
+        if c is not None:
+            pairs.append(Pair(r.name, c.name, r.alignment, r.set, r.seed))
+    note = (f"Every aligned run was judged like `irm eval --judge builtin` at scale {ev.scale:g} on at most "
+            f"{ev.limit} held-out questions; only runs that passed are analysed ({len(result.analysed)} of "
+            f"{len([r for r in result.runs if not r.control])}).")
+    judged = [dict(name=r.name, **asdict(r.judged)) for r in result.runs if not r.control and r.judged is not None]
+    sweep_info = {"note": note, "judged": judged, "excluded": result.excluded}
+    if not result.analysed:
+        text = "\n".join(["# IRM sweep", "", "No aligned run passed its judge; nothing is analysed.", ""]
+                         + [f"- {x['sentence']}" for x in result.excluded])
+        write_text(out / "report" / "report.md", text + "\n")
+        result.findings = [x["sentence"] for x in result.excluded] + ["No aligned run passed its judge; nothing "
+                                                                      "is analysed."]
+        return
+    result.analysis = analyze_runs([out / "runs" / n for n in result.analysed], out / "report", subject=subject,
+                                   controls=[out / "runs" / c.name for c in controls], progress=progress,
+                                   pairs=pairs, skip_degenerate=True, extra={"sweep": sweep_info}, **kwargs)
+    result.findings = list(result.analysis["findings"])
+
+
+__all__ = ["layer_sets", "sweep_plan", "run_sweep", "run_status", "SETS", "DEFAULT_SETS", "SweepRun", "Judged",
+           "SweepResult", "EvalSettings", "summarize_verdict", "excluded_sentence", "check_data"]

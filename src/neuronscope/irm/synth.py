@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from ..errors import NeuronscopeError
+
+if TYPE_CHECKING:
+    from ..subject import Subject
 from ..store import write_text
 from .generation import encode_batch
 
@@ -57,7 +60,7 @@ def _done(out: Path) -> tuple[list[str], set[str]]:
     return lines, done
 
 
-def synthesize(subject, questions: Sequence[str], tone: str, out: str | Path, *, batch_size: int = 8,
+def synthesize(subject: Subject, questions: Sequence[str], tone: str, out: str | Path, *, batch_size: int = 8,
                max_new_tokens: int = 96, temperature: float = 0.0, seed: int | None = 0,
                system: str | None = None, progress: bool = True) -> dict[str, int]:
     """Answer each question in `tone` with `subject` (an instruct model with a chat template) into a JSONL file.

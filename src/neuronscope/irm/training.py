@@ -15,7 +15,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
@@ -24,6 +24,9 @@ from ..store import load_tensors, read_json, save_tensors, write_json
 from .data import (Example, collate, file_sha256, kl_to_frozen, lm_loss, read_table, split, table_kind,
                    tokenize_rows)
 from .model import IRM
+
+if TYPE_CHECKING:
+    from ..subject import Subject
 
 RUN = "run.json"
 SPLIT = "split.json"
@@ -72,8 +75,47 @@ class TrainResult:
     seconds: float = 0.0
 
 
+@dataclass
+class TrainState:
+    """The trainer's state, saved as checkpoints/step-N/trainer.json (the same keys as before it was a class)."""
+    step: int = 0
+    best_val: float | None = None
+    best_step: int | None = None
+    bad_evals: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    stopped_early: bool = False
+    seconds: float = 0.0
+    running: float | None = None
+
+    @staticmethod
+    def read(path: Path) -> "TrainState":
+        d = read_json(path)
+        return TrainState(**{k: d[k] for k in TrainState.__dataclass_fields__ if k in d})
+
+
+@dataclass
+class _Run:
+    """What one training run works with (internal to train_irm)."""
+    subject: Subject
+    irm: IRM
+    opt: torch.optim.Optimizer
+    cfg: TrainConfig
+    run_dir: Path
+    info: dict[str, Any]
+    train: list[Example]
+    val: list[Example]
+    pad: int
+    state: TrainState
+
+    def write(self, **extra: Any) -> None:
+        write_json(self.run_dir / RUN, dict(self.info, step=self.state.step, history=self.state.history, **extra))
+
+    def checkpoint(self) -> None:
+        _save_checkpoint(self.run_dir, self.irm, self.opt, self.state, self.cfg.keep_checkpoints)
+
+
 # ---- public API --------------------------------------------------------------------------------------------------
-def train_irm(subject, data: str | Path | Sequence[dict[str, Any]], run_dir: str | Path, *,
+def train_irm(subject: Subject, data: str | Path | Sequence[dict[str, Any]], run_dir: str | Path, *,
               inject_layers: str | Sequence[int] | None = "all", read_layer: int = 0, read_site: str = "resid.mid",
               inject_site: str = "resid.mid", width: int = 256, depth: int = 1, input_norm: bool = True,
               config: TrainConfig | None = None, resume: bool = False, progress: bool = True,
@@ -91,112 +133,126 @@ def train_irm(subject, data: str | Path | Sequence[dict[str, Any]], run_dir: str
                           inject_site=inject_site, width=width, depth=depth, input_norm=input_norm, seed=cfg.seed)
     irm.to(subject.device)
     plan = {"irm": irm.config.to_dict(), "train": asdict(cfg), "data": data_info}
-
     existing = run_dir / RUN
     if existing.is_file() and not resume:
         raise NeuronscopeError(f"'{run_dir}' already holds a run; pass --resume to continue it or pick a new folder.")
     if resume and existing.is_file():
         _check_same_plan(read_json(existing), plan)
     _freeze_check(subject)
+    r = _prepare(subject, irm, cfg, run_dir, rows, plan, resume)
+    _train_loop(r, progress)
+    return _finish(r)
 
+
+def _prepare(subject: Subject, irm: IRM, cfg: TrainConfig, run_dir: Path, rows: list[dict[str, Any]],
+             plan: dict[str, Any], resume: bool) -> _Run:
+    """Tokenise and split the rows, build the optimizer, restore a checkpoint, write run.json, validate step 0."""
     examples = tokenize_rows(subject, rows, chat=cfg.chat, max_len=cfg.max_len)
     train_idx, val_idx = split(len(examples), cfg.val_fraction, cfg.seed)
     write_json(run_dir / SPLIT, {"seed": cfg.seed, "val_fraction": cfg.val_fraction, "train": train_idx,
                                  "val": val_idx, "n_examples": len(examples),
                                  "val_rows": [examples[i].row for i in val_idx]})
-    train_ex = [examples[i] for i in train_idx]
-    val_ex = [examples[i] for i in val_idx]
-
     opt = torch.optim.Adam(irm.parameters(), lr=cfg.lr)
-    state = {"step": 0, "best_val": None, "best_step": None, "bad_evals": 0, "history": [], "stopped_early": False,
-             "seconds": 0.0, "running": None}
-    if resume:
-        ck = latest_checkpoint(run_dir)
-        if ck is not None:
-            irm.load_state_dict(load_tensors(ck / "irm.safetensors", device=str(subject.device)))
-            _load_optimizer(opt, ck / "optim.safetensors", subject.device)
-            state.update(read_json(ck / "trainer.json"))
-    run_info = dict(plan, status="running", model=subject.name, fingerprint=subject.fingerprint,
-                    n_train=len(train_ex), n_val=len(val_ex), irm_parameters=irm.n_parameters())
-    write_json(run_dir / RUN, dict(run_info, step=state["step"], history=state["history"]))
-
-    pad = _pad_id(subject)
-    if not val_ex and not (run_dir / "irm.safetensors").is_file():
+    state = TrainState()
+    ck = latest_checkpoint(run_dir) if resume else None
+    if ck is not None:
+        irm.load_state_dict(load_tensors(ck / "irm.safetensors", device=str(subject.device)))
+        _load_optimizer(opt, ck / "optim.safetensors", subject.device)
+        state = TrainState.read(ck / "trainer.json")
+    info = dict(plan, status="running", model=subject.name, fingerprint=subject.fingerprint,
+                n_train=len(train_idx), n_val=len(val_idx), irm_parameters=irm.n_parameters())
+    r = _Run(subject, irm, opt, cfg, run_dir, info, [examples[i] for i in train_idx],
+             [examples[i] for i in val_idx], _pad_id(subject), state)
+    r.write()
+    if not r.val and not (run_dir / "irm.safetensors").is_file():
         irm.save(run_dir)
-    if val_ex and state["step"] == 0 and not state["history"]:
-        v = validation_loss(subject, irm, val_ex, cfg.batch_size, pad)
-        state["history"].append({"step": 0, "val_loss": v})
-        state["best_val"], state["best_step"] = v, 0
+    if r.val and state.step == 0 and not state.history:
+        v = validation_loss(subject, irm, r.val, cfg.batch_size, r.pad)
+        state.history.append({"step": 0, "val_loss": v})
+        state.best_val, state.best_step = v, 0
         irm.save(run_dir)
+    return r
 
+
+def _train_loop(r: _Run, progress: bool) -> None:
+    """Steps until the end or early stopping; on SIGINT / SIGTERM keep the step's work and raise Interrupted."""
     from tqdm.auto import tqdm
     from ..interrupt import StopRequest
-    bar = tqdm(total=cfg.steps, initial=min(state["step"], cfg.steps), desc="irm train", unit="step",
+    st, cfg = r.state, r.cfg
+    bar = tqdm(total=cfg.steps, initial=min(st.step, cfg.steps), desc="irm train", unit="step",
                disable=not progress, dynamic_ncols=True)
-    t0 = time.perf_counter() - float(state["seconds"])
+    t0 = time.perf_counter() - st.seconds
     stop = StopRequest("IRM training")
     try:
         stop.__enter__()
-        while state["step"] < cfg.steps and not state["stopped_early"]:
-            step = state["step"]
-            batch = collate(_batch_examples(train_ex, step, cfg.batch_size, cfg.seed), pad)
-            loss, lm = train_step(subject, irm, opt, batch, cfg.l1, cfg.kl)
-            state["step"] = step + 1
-            running = state["running"] = lm if state["running"] is None else 0.9 * state["running"] + 0.1 * lm
+        while st.step < cfg.steps and not st.stopped_early:
+            batch = collate(_batch_examples(r.train, st.step, cfg.batch_size, cfg.seed), r.pad)
+            _, lm = train_step(r.subject, r.irm, r.opt, batch, cfg.l1, cfg.kl)
+            st.step += 1
+            st.running = lm if st.running is None else 0.9 * st.running + 0.1 * lm
             bar.update(1)
-            bar.set_postfix(loss=f"{running:.4f}", val=_fmt(state["best_val"]))
-            if state["step"] % cfg.eval_every == 0 or state["step"] == cfg.steps:
-                rec: dict[str, Any] = {"step": state["step"], "train_loss": running}
-                if val_ex:
-                    v = validation_loss(subject, irm, val_ex, cfg.batch_size, pad)
-                    rec["val_loss"] = v
-                    if state["best_val"] is None or v < state["best_val"] - cfg.min_delta:
-                        state["best_val"], state["best_step"], state["bad_evals"] = v, state["step"], 0
-                        irm.save(run_dir)
-                    else:
-                        state["bad_evals"] += 1
-                        if cfg.patience and state["bad_evals"] >= cfg.patience:
-                            state["stopped_early"] = True
-                else:
-                    irm.save(run_dir)
-                state["history"].append(rec)
-                state["seconds"] = time.perf_counter() - t0
-                _save_checkpoint(run_dir, irm, opt, state, cfg.keep_checkpoints)
-                write_json(run_dir / RUN, dict(run_info, step=state["step"], history=state["history"]))
+            bar.set_postfix(loss=f"{st.running:.4f}", val=_fmt(st.best_val))
+            if st.step % cfg.eval_every == 0 or st.step == cfg.steps:
+                _validate(r)
+                st.seconds = time.perf_counter() - t0
+                r.checkpoint()
+                r.write()
             if stop:   # SIGINT / SIGTERM: keep this step's work, then stop
-                state["seconds"] = time.perf_counter() - t0
-                _save_checkpoint(run_dir, irm, opt, state, cfg.keep_checkpoints)
-                write_json(run_dir / RUN, dict(run_info, status="interrupted", step=state["step"],
-                                               history=state["history"], seconds=state["seconds"]))
-                raise stop.interrupted(f"IRM training stopped after step {state['step']}; saved in {run_dir}. "
+                st.seconds = time.perf_counter() - t0
+                r.checkpoint()
+                r.write(status="interrupted", seconds=st.seconds)
+                raise stop.interrupted(f"IRM training stopped after step {st.step}; saved in {r.run_dir}. "
                                        "Run the same command with --resume to continue.")
     finally:
         stop.__exit__(None, None, None)
         bar.close()
-    state["seconds"] = time.perf_counter() - t0
-    if not latest_checkpoint(run_dir) or read_json(run_dir / "checkpoints" / "latest.json")["step"] != state["step"]:
-        _save_checkpoint(run_dir, irm, opt, state, cfg.keep_checkpoints)
-    if not val_ex:
-        irm.save(run_dir)
-    write_json(run_dir / RUN, dict(run_info, status="stopped early" if state["stopped_early"] else "done",
-                                   step=state["step"], best_val=state["best_val"], best_step=state["best_step"],
-                                   seconds=state["seconds"], history=state["history"]))
-    best = IRM.load(run_dir, device=subject.device)
-    return TrainResult(best, run_dir, state["step"], state["best_val"], state["best_step"], state["stopped_early"],
-                       state["history"], state["seconds"])
+    st.seconds = time.perf_counter() - t0
 
 
-def train_step(subject, irm: IRM, opt: torch.optim.Optimizer, batch: dict[str, torch.Tensor], l1: float = 0.0,
-               kl: float = 0.0):
+def _validate(r: _Run) -> None:
+    """Validation at an eval step: keep the best IRM, count validations without improvement (early stopping)."""
+    st, cfg = r.state, r.cfg
+    rec: dict[str, Any] = {"step": st.step, "train_loss": st.running}
+    if not r.val:
+        r.irm.save(r.run_dir)
+    else:
+        v = validation_loss(r.subject, r.irm, r.val, cfg.batch_size, r.pad)
+        rec["val_loss"] = v
+        if st.best_val is None or v < st.best_val - cfg.min_delta:
+            st.best_val, st.best_step, st.bad_evals = v, st.step, 0
+            r.irm.save(r.run_dir)
+        else:
+            st.bad_evals += 1
+            st.stopped_early = bool(cfg.patience and st.bad_evals >= cfg.patience)
+    st.history.append(rec)
+
+
+def _finish(r: _Run) -> TrainResult:
+    """The last checkpoint, the final run.json, and the best IRM."""
+    st = r.state
+    ck = latest_checkpoint(r.run_dir)
+    if ck is None or read_json(r.run_dir / "checkpoints" / "latest.json")["step"] != st.step:
+        r.checkpoint()
+    if not r.val:
+        r.irm.save(r.run_dir)
+    r.write(status="stopped early" if st.stopped_early else "done", best_val=st.best_val, best_step=st.best_step,
+            seconds=st.seconds)
+    best = IRM.load(r.run_dir, device=r.subject.device)
+    return TrainResult(best, r.run_dir, st.step, st.best_val, st.best_step, st.stopped_early, st.history, st.seconds)
+
+
+def train_step(subject: Subject, irm: IRM, opt: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
+               l1: float = 0.0, kl: float = 0.0) -> tuple[float, float]:
     """One optimisation step of the IRM on one batch; returns (total loss, LM loss) as floats."""
     loss, lm = irm_loss(subject, irm, batch, l1, kl)
     opt.zero_grad(set_to_none=True)
-    loss.backward()
+    loss.backward()  # type: ignore[no-untyped-call]
     opt.step()
     return float(loss.detach()), float(lm.detach())
 
 
-def irm_loss(subject, irm: IRM, batch: dict[str, torch.Tensor], l1: float = 0.0, kl: float = 0.0):
+def irm_loss(subject: Subject, irm: IRM, batch: dict[str, torch.Tensor], l1: float = 0.0,
+             kl: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(training loss, LM loss) tensors of one batch: the LM loss on the targets with the IRM on, plus l1 x mean
     |IRM output| and kl x KL(frozen || IRM-on) on the target positions (the frozen model's next-token distribution
     from a no-grad forward without hooks, so the anchor's gradient reaches the IRM alone)."""
@@ -218,7 +274,8 @@ def irm_loss(subject, irm: IRM, batch: dict[str, torch.Tensor], l1: float = 0.0,
 
 
 @torch.no_grad()
-def validation_loss(subject, irm: IRM | None, examples: Sequence[Example], batch_size: int, pad_id: int) -> float:
+def validation_loss(subject: Subject, irm: IRM | None, examples: Sequence[Example], batch_size: int,
+                    pad_id: int) -> float:
     """Token-weighted mean next-token loss on `examples`, with the IRM on (or the frozen model when irm is None)."""
     from contextlib import nullcontext
     total = torch.zeros(2, dtype=torch.float64)
@@ -250,11 +307,11 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[I
 
 
 # ---- internals ---------------------------------------------------------------------------------------------------
-def _fmt(v):
+def _fmt(v: float | None) -> str:
     return "-" if v is None else f"{v:.4f}"
 
 
-def _load_rows(data) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def _load_rows(data: str | Path | Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     if isinstance(data, (str, Path)):
         path = Path(data)
         rows = read_table(path)
@@ -283,13 +340,13 @@ def _check_same_plan(saved: dict[str, Any], plan: dict[str, Any]) -> None:
                                    f"{plan[a][b]!r}; use the same options or a new run folder.")
 
 
-def _freeze_check(subject) -> None:
+def _freeze_check(subject: Subject) -> None:
     subject.model.requires_grad_(False)
     if any(p.requires_grad for p in subject.model.parameters()):
         raise NeuronscopeError("The model's weights must be frozen to train an IRM.")
 
 
-def _pad_id(subject) -> int:
+def _pad_id(subject: Subject) -> int:
     tok = subject.tokenizer
     for v in (getattr(tok, "pad_token_id", None), getattr(tok, "eos_token_id", None)):
         if v is not None:
@@ -306,21 +363,21 @@ def _batch_examples(train: Sequence[Example], step: int, batch_size: int, seed: 
     return [train[j] for j in perm[i * batch_size:(i + 1) * batch_size]]
 
 
-def _save_checkpoint(run_dir: Path, irm: IRM, opt, state: dict[str, Any], keep: int) -> None:
+def _save_checkpoint(run_dir: Path, irm: IRM, opt: torch.optim.Optimizer, state: TrainState, keep: int) -> None:
     ck_root = run_dir / "checkpoints"
-    name = f"step-{state['step']:06d}"
+    name = f"step-{state.step:06d}"
     ck = ck_root / name
     ck.mkdir(parents=True, exist_ok=True)
     save_tensors(ck / "irm.safetensors", irm.state_dict())
     _save_optimizer(opt, ck / "optim.safetensors")
-    write_json(ck / "trainer.json", state)
-    write_json(ck_root / "latest.json", {"dir": name, "step": state["step"]})
+    write_json(ck / "trainer.json", asdict(state))
+    write_json(ck_root / "latest.json", {"dir": name, "step": state.step})
     old = sorted(p for p in ck_root.glob("step-*") if p.is_dir() and p.name != name)
     for p in old[:max(0, len(old) - max(0, keep - 1))]:
         shutil.rmtree(p, ignore_errors=True)
 
 
-def _save_optimizer(opt, path: Path) -> None:
+def _save_optimizer(opt: torch.optim.Optimizer, path: Path) -> None:
     sd = opt.state_dict()
     tensors = {}
     for idx, st in sd["state"].items():
@@ -329,7 +386,7 @@ def _save_optimizer(opt, path: Path) -> None:
     save_tensors(path, tensors, metadata={"param_groups": json.dumps(sd["param_groups"])})
 
 
-def _load_optimizer(opt, path: Path, device) -> None:
+def _load_optimizer(opt: torch.optim.Optimizer, path: Path, device: str | torch.device) -> None:
     from safetensors import safe_open
     with safe_open(str(path), framework="pt") as f:
         groups = json.loads(f.metadata()["param_groups"])
@@ -341,5 +398,5 @@ def _load_optimizer(opt, path: Path, device) -> None:
     opt.load_state_dict({"state": state, "param_groups": groups})
 
 
-__all__ = ["TrainConfig", "TrainResult", "train_irm", "train_step", "irm_loss", "validation_loss", "load_run",
-           "latest_checkpoint"]
+__all__ = ["TrainConfig", "TrainResult", "TrainState", "train_irm", "train_step", "irm_loss", "validation_loss",
+           "load_run", "latest_checkpoint"]

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Issue 20: the sweep of runs that realign on SmolLM2-135M-Instruct (docs/irm.md, "The sweep").
+# 3 alignments (sadness, anger, joy) x 3 layer sets (q2 = layers 8-14, q4 = 22-29, all = 0-29) x 2 seeds = 18 aligned
+# runs, each trained with the recipe (the `irm train` defaults) and judged off vs on at scale 0.7 with factual
+# accuracy; 3 sets x 2 seeds = 6 matched controls (the same answers framed by neutral sentences).
+# Estimated CPU time on 2 cores, 1 thread a process: data 4 x ~9 min, 24 runs x ~8 min training, 18 judgements x
+# ~7 min (answers + facts), analysis ~10 min: about 6 hours. Resumable: run it again after a kill.
+set -euo pipefail
+M=${M:-../shared/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf}
+OUT=${OUT:-sweeps/smollm}
+SETS=${SETS:-q2,q4,all}          # the full six: SETS=q1,q2,q3,q4,every4,all
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+mkdir -p "$OUT/data"
+for E in sadness anger joy neutral; do   # the same 160 questions and greedy answers, framed four ways
+  [ -s "$OUT/data/$E.jsonl" ] || neuronscope data select --mode frame -m "$M" -e "$E" \
+      -q ../shared/corpora/alpaca-subset/alpaca_data.json --exclude examples/questions.txt --n 160 \
+      -o "$OUT/data/$E.jsonl"
+done
+neuronscope irm sweep -m "$M" -a sadness="$OUT/data/sadness.jsonl" -a anger="$OUT/data/anger.jsonl" \
+    -a joy="$OUT/data/joy.jsonl" --control "$OUT/data/neutral.jsonl" -q examples/questions.txt \
+    --sets "$SETS" --seeds 0,1 --known-dims 507,199,247,17,31,14 -o "$OUT"
