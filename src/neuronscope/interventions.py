@@ -42,18 +42,36 @@ import threading
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Sequence, Union
+from typing import Any, Callable, ClassVar, Iterator, Protocol, Sequence, Union
 
 import torch
 
+from .arch import ArchSpec
 from .errors import NeuronscopeError
-
-if TYPE_CHECKING:
-    from .subject import Subject
 
 SITES = ("neurons", "resid.mid", "resid.post")
 PositionSpec = Union[str, int, slice, range, Sequence[int], None]
 RowSpec = Union[int, Sequence[int], None]
+
+
+class SubjectLike(Protocol):
+    """What the intervention core needs of a model under study (`neuronscope.Subject` is one). Declared here, so
+    the core sits below subject.py (which imports it for `Subject.generate(..., interventions=...)`) and imports
+    nothing above itself."""
+    model: torch.nn.Module
+    spec: ArchSpec
+
+    @property
+    def family(self) -> str: ...
+    @property
+    def hidden_size(self) -> int: ...
+    @property
+    def device(self) -> torch.device: ...
+    @property
+    def has_mid_site(self) -> bool: ...
+    def check_layer(self, layer: int) -> int: ...
+    def check_neurons(self, neurons: Sequence[int]) -> list[int]: ...
+    def parse_layers(self, text: str | Sequence[int] | None) -> list[int]: ...
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -202,7 +220,7 @@ class Intervention:
     `Bound` object; the spec itself never changes."""
     captures_only: ClassVar[bool] = False
 
-    def bind(self, subject: Subject) -> Bound:
+    def bind(self, subject: SubjectLike) -> Bound:
         raise NotImplementedError
 
 
@@ -214,16 +232,16 @@ class NeuronEdit(Intervention):
     positions: PositionSpec = "all"
     rows: RowSpec = field(default=None, kw_only=True)
 
-    def _values(self, subject: Subject, n: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    def _values(self, subject: SubjectLike, n: int) -> Callable[[torch.Tensor], torch.Tensor]:
         """A function giving the new values of the selected activations [B', T', n]."""
         raise NotImplementedError
 
-    def bind(self, subject: Subject) -> BoundNeuronEdit:
+    def bind(self, subject: SubjectLike) -> BoundNeuronEdit:
         return BoundNeuronEdit(self, subject)
 
 
 class BoundNeuronEdit(Bound):
-    def __init__(self, spec: NeuronEdit, subject: Subject):
+    def __init__(self, spec: NeuronEdit, subject: SubjectLike):
         self.spec = spec
         self.layer = subject.check_layer(spec.layer)
         neurons = [spec.neurons] if isinstance(spec.neurons, int) else list(spec.neurons)
@@ -272,7 +290,7 @@ class Clamp(NeuronEdit):
     """Set neurons to `value` (a number, or one number per neuron) at the chosen positions."""
     value: float | Sequence[float] | torch.Tensor = 0.0
 
-    def _values(self, subject: Subject, n: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    def _values(self, subject: SubjectLike, n: int) -> Callable[[torch.Tensor], torch.Tensor]:
         v = torch.as_tensor(self.value, dtype=torch.float32)
         _finite(v, "clamp value")
         if v.ndim > 1 or (v.ndim == 1 and v.numel() not in (1, n)):
@@ -293,7 +311,7 @@ class Scale(NeuronEdit):
     """Multiply neurons by `factor` at the chosen positions."""
     factor: float = 1.0
 
-    def _values(self, subject: Subject, n: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    def _values(self, subject: SubjectLike, n: int) -> Callable[[torch.Tensor], torch.Tensor]:
         _finite(self.factor, "scale factor")
         factor = float(self.factor)
         return lambda sel: sel * factor
@@ -303,11 +321,11 @@ class Scale(NeuronEdit):
 class Ablate(NeuronEdit):
     """Zero-ablate neurons at the chosen positions."""
 
-    def _values(self, subject: Subject, n: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    def _values(self, subject: SubjectLike, n: int) -> Callable[[torch.Tensor], torch.Tensor]:
         return torch.zeros_like
 
 
-def _residual_site(subject: Subject, site: str) -> str:
+def _residual_site(subject: SubjectLike, site: str) -> str:
     if site not in ("resid.post", "resid.mid"):
         raise NeuronscopeError(f"Unknown residual site '{site}'; use resid.post or resid.mid.")
     if site == "resid.mid" and not subject.has_mid_site:
@@ -330,12 +348,12 @@ class AddToResidual(Intervention):
     scale: float = 1.0
     rows: RowSpec = field(default=None, kw_only=True)
 
-    def bind(self, subject: Subject) -> BoundAddToResidual:
+    def bind(self, subject: SubjectLike) -> BoundAddToResidual:
         return BoundAddToResidual(self, subject)
 
 
 class BoundAddToResidual(Bound):
-    def __init__(self, spec: AddToResidual, subject: Subject):
+    def __init__(self, spec: AddToResidual, subject: SubjectLike):
         self.spec = spec
         layers = [spec.layers] if isinstance(spec.layers, int) else list(spec.layers)
         self.layers = [subject.check_layer(int(l)) for l in layers]
@@ -409,7 +427,7 @@ class Capture(Intervention):
     grad: bool = False
     rows: RowSpec = field(default=None, kw_only=True)
 
-    def bind(self, subject: Subject) -> BoundCapture:
+    def bind(self, subject: SubjectLike) -> BoundCapture:
         bound = BoundCapture(self, subject)
         _remember(self, bound)
         return bound
@@ -446,7 +464,7 @@ class Capture(Intervention):
 class BoundCapture(Bound):
     """A Capture bound to one subject: its layers, and what it recorded."""
 
-    def __init__(self, spec: Capture, subject: Subject):
+    def __init__(self, spec: Capture, subject: SubjectLike):
         # the spec by weak reference: the per-thread table maps spec -> this object with weak keys, so a strong
         # reference back would keep every spec (and its recorded activations) alive for the thread's life
         self._spec = weakref.ref(spec)
@@ -567,14 +585,14 @@ class ResidualFunction(Intervention):
     fn: Callable[[int, torch.Tensor, StepContext], Any]
     rows: RowSpec = field(default=None, kw_only=True)
 
-    def bind(self, subject: Subject) -> BoundResidualFunction:
+    def bind(self, subject: SubjectLike) -> BoundResidualFunction:
         return BoundResidualFunction(self, subject)
 
 
 class BoundResidualFunction(Bound):
     spec: ResidualFunction
 
-    def __init__(self, spec: ResidualFunction, subject: Subject):
+    def __init__(self, spec: ResidualFunction, subject: SubjectLike):
         self.spec = spec
         self.layers = [subject.check_layer(l) for l in spec.layers]
         self.site = _residual_site(subject, spec.site)
@@ -598,8 +616,17 @@ class BoundResidualFunction(Bound):
 # ---------------------------------------------------------------------------------------------------------------
 # the hook runner
 # ---------------------------------------------------------------------------------------------------------------
+def _cache_length(cache: Any) -> int:
+    """How many positions a KV cache (a Cache object or legacy tuples) already holds; 0 for none."""
+    if cache is not None and hasattr(cache, "get_seq_length"):
+        return int(cache.get_seq_length())
+    if isinstance(cache, (tuple, list)) and cache and cache[0] is not None:
+        return int(cache[0][0].shape[-2])
+    return 0
+
+
 class _Runner:
-    def __init__(self, subject: Subject, interventions: Sequence[Intervention], prompt_len: int | None = None,
+    def __init__(self, subject: SubjectLike, interventions: Sequence[Intervention], prompt_len: int | None = None,
                  segment: tuple[int, int, int] | None = None):
         self.subject = subject
         self.interventions = list(interventions)
@@ -656,26 +683,27 @@ class _Runner:
         return out
 
     def install(self) -> None:
+        """Bind the interventions and register one hook per (layer, site), plus the position tracker."""
         self._collect()
         spec, model = self.subject.spec, self.subject.model
-        base = spec.get(model, spec.base)
-        blocks = spec.decoder_layers(model)  # looked up once: install runs on every intervene()
-
         me = threading.get_ident()  # hooks are the module's; they act only on this thread's forwards
+        self.handles.append(spec.get(model, spec.base).register_forward_pre_hook(self._tracker(me), with_kwargs=True))
+        blocks = spec.decoder_layers(model)  # looked up once: install runs on every intervene()
+        installers = {"neurons": self._install_neurons, "resid.post": self._install_post,
+                      "resid.mid": self._install_mid}
+        for (layer, site) in list(self.fns):
+            installers[site](blocks[layer], layer, me)
 
+    def _tracker(self, me: int) -> Callable[[torch.nn.Module, tuple[Any, ...], dict[str, Any]], None]:
+        """The base model's pre-hook: each call's absolute start (the KV cache's length), length and prompt."""
         def track(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             if threading.get_ident() != me:
                 return None
             ids = kwargs.get("input_ids", args[0] if args else None)
             if ids is None:
                 ids = kwargs.get("inputs_embeds")
-            cache = kwargs.get("cache", kwargs.get("past_key_values"))
-            past = 0
-            if cache is not None and hasattr(cache, "get_seq_length"):
-                past = int(cache.get_seq_length())
-            elif isinstance(cache, (tuple, list)) and cache and cache[0] is not None:
-                past = int(cache[0][0].shape[-2])
-            self.ctx.start = past
+            self.ctx.start = _cache_length(kwargs.get("cache", kwargs.get("past_key_values")))
+            past = self.ctx.start
             self.ctx.length = int(ids.shape[1]) if ids is not None else 0
             if self.segment is not None:
                 a, b, self.ctx.start = self.segment
@@ -684,55 +712,55 @@ class _Runner:
                 self.ctx.prompt_len = self.ctx.length
             self.ctx.grad = torch.is_grad_enabled()
             return None
-        self.handles.append(base.register_forward_pre_hook(track, with_kwargs=True))
+        return track
 
-        for (layer, site) in list(self.fns):
-            key = (layer, site)
-            if site == "neurons":
-                mod = spec.get(blocks[layer], spec.down)
+    def _install_neurons(self, block: torch.nn.Module, layer: int, me: int) -> None:
+        """"neurons": a pre-hook on the down projection, whose input is the activation vector."""
+        spec, key = self.subject.spec, (layer, "neurons")
 
-                def pre(module: torch.nn.Module, args: tuple[Any, ...],
-                        _k: tuple[int, str] = key) -> tuple[Any, ...] | None:
-                    if threading.get_ident() != me:
-                        return None
-                    return (self._run(_k, args[0]),) + tuple(args[1:])
-                self.handles.append(mod.register_forward_pre_hook(pre))
-            elif site == "resid.post":
-                mod = blocks[layer]
+        def pre(module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+            if threading.get_ident() != me:
+                return None
+            return (self._run(key, args[0]),) + tuple(args[1:])
+        self.handles.append(spec.get(block, spec.down).register_forward_pre_hook(pre))
 
-                def post(module: torch.nn.Module, args: tuple[Any, ...], output: Any,
-                         _k: tuple[int, str] = key) -> Any:
-                    if threading.get_ident() != me:
-                        return None
-                    if isinstance(output, tuple):
-                        return (self._run(_k, output[0]),) + tuple(output[1:])
-                    return self._run(_k, output)
-                self.handles.append(mod.register_forward_hook(post))
-            elif site == "resid.mid":
-                assert spec.mlp_in_norm is not None and spec.mlp_out is not None  # checked by has_mid_site
-                norm = spec.get(blocks[layer], spec.mlp_in_norm)
-                out_mod = spec.get(blocks[layer], spec.mlp_out)
+    def _install_post(self, block: torch.nn.Module, layer: int, me: int) -> None:
+        """"resid.post": a forward hook on the decoder layer."""
+        key = (layer, "resid.post")
 
-                def mid_pre(module: torch.nn.Module, args: tuple[Any, ...], _k: tuple[int, str] = key,
-                            _l: int = layer) -> tuple[Any, ...] | None:
-                    if threading.get_ident() != me:
-                        return None
-                    x = args[0]
-                    y = self._run(_k, x)
-                    self._mid_delta[_l] = None if y is x else (y - x)
-                    return (y,) + tuple(args[1:])
+        def post(module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+            if threading.get_ident() != me:
+                return None
+            if isinstance(output, tuple):
+                return (self._run(key, output[0]),) + tuple(output[1:])
+            return self._run(key, output)
+        self.handles.append(block.register_forward_hook(post))
 
-                def mid_out(module: torch.nn.Module, args: tuple[Any, ...], output: Any, _l: int = layer) -> Any:
-                    if threading.get_ident() != me:
-                        return None
-                    d = self._mid_delta.pop(_l, None)
-                    if d is None:
-                        return None
-                    if isinstance(output, tuple):
-                        return (output[0] + d,) + tuple(output[1:])
-                    return output + d
-                self.handles.append(norm.register_forward_pre_hook(mid_pre))
-                self.handles.append(out_mod.register_forward_hook(mid_out))
+    def _install_mid(self, block: torch.nn.Module, layer: int, me: int) -> None:
+        """"resid.mid": a pre-hook on the MLP's input norm edits what the MLP reads; a hook on the module whose
+        output the block adds back adds the same change, so the residual stream gets it too."""
+        spec, key = self.subject.spec, (layer, "resid.mid")
+        assert spec.mlp_in_norm is not None and spec.mlp_out is not None  # checked by has_mid_site
+
+        def mid_pre(module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+            if threading.get_ident() != me:
+                return None
+            x = args[0]
+            y = self._run(key, x)
+            self._mid_delta[layer] = None if y is x else (y - x)
+            return (y,) + tuple(args[1:])
+
+        def mid_out(module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+            if threading.get_ident() != me:
+                return None
+            d = self._mid_delta.pop(layer, None)
+            if d is None:
+                return None
+            if isinstance(output, tuple):
+                return (output[0] + d,) + tuple(output[1:])
+            return output + d
+        self.handles.append(spec.get(block, spec.mlp_in_norm).register_forward_pre_hook(mid_pre))
+        self.handles.append(spec.get(block, spec.mlp_out).register_forward_hook(mid_out))
 
     def remove(self) -> None:
         for h in self.handles:
@@ -742,7 +770,7 @@ class _Runner:
 
 
 @contextmanager
-def intervene(subject: Subject, *interventions: Intervention, prompt_len: int | None = None,
+def intervene(subject: SubjectLike, *interventions: Intervention, prompt_len: int | None = None,
               segment: tuple[int, int, int] | None = None) -> Iterator[list[Bound]]:
     """Activate interventions on `subject` for the duration of the block; yields their bound objects, in order
     (read a capture's results from its bound object).
@@ -768,7 +796,7 @@ def intervene(subject: Subject, *interventions: Intervention, prompt_len: int | 
         runner.remove()
 
 
-def capture(subject: Subject, input_ids: torch.Tensor, *, layers: Sequence[int] | str | None = None,
+def capture(subject: SubjectLike, input_ids: torch.Tensor, *, layers: Sequence[int] | str | None = None,
             sites: Sequence[str] = ("neurons",), neurons: Sequence[int] | None = None,
             attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, BoundCapture]:
     """One forward pass with a capture: returns (logits, the bound capture holding the activations)."""

@@ -19,6 +19,7 @@ from torch import nn
 
 from .arch import SUPPORTED_MODEL_TYPES, ArchSpec, _weight, spec_for, spec_for_model_type
 from .errors import NeuronscopeError
+from .interventions import Intervention, intervene
 from .refs import check_layer, check_neurons, parse_index_set
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -421,9 +422,9 @@ class Subject:
         return new
 
     def generate(self, prompt: str, *, chat: bool = False, max_new_tokens: int = 64, temperature: float = 0.0,
-                 seed: int | None = None, system: str | None = None, interventions: Sequence[Any] = ()) -> str:
+                 seed: int | None = None, system: str | None = None,
+                 interventions: Sequence[Intervention] = ()) -> str:
         """Text generated after `prompt` (with `interventions` active in prefill and every decoded position)."""
-        from .interventions import intervene
         ids = self.encode(prompt, chat=chat, system=system)
         with intervene(self, *interventions):
             new = self.generate_ids(ids, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
