@@ -1,8 +1,9 @@
 """`neuronscope stats`: corpus statistics into an atlas folder; `neuronscope stats merge`: combine shard results."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import typer
 
@@ -42,6 +43,14 @@ def stats(
     shards: int = typer.Option(2, "--shards", min=1, help="Number of parts with --ray."),
     chat: bool = typer.Option(False, "--chat", help="Also put plain-text documents through the chat template "
                               "(chat-format records always are)."),
+    corpus_format: str = typer.Option("auto", "--corpus-format", help="auto: a WikiText file (named wiki.*.raw or "
+                                      "wiki.*.tokens, or whose first lines have its spaced headings and "
+                                      "punctuation) is read as the text it stands for: ' @-@ ' -> '-', ' @,@ ' -> "
+                                      "',', ' @.@ ' -> '.', no space before punctuation or inside brackets and "
+                                      "quotes, headings kept as plain lines ('= = History = =' -> 'History'), one "
+                                      "article (from one '= Title =' to the next) a document; plain: every file "
+                                      "as it is; wikitext: every text file as WikiText. A setting of the run: "
+                                      "resuming with another is refused."),
     restart: bool = typer.Option(False, "--restart", help="Discard a partial run in the folder instead of "
                                  "resuming it."),
     gguf_file: Optional[str] = GgufOpt,
@@ -55,6 +64,8 @@ def stats(
     plan (memory, disk) is printed before the run starts, and a run that cannot fit is refused.
 
     Example: neuronscope stats --corpus wiki.valid.raw --corpus alpaca.json --atlas atlas-smollm --tokens 200000
+
+    WikiText files are read as clean text, one article a document (--corpus-format; headings kept as lines).
 
     Shards:  neuronscope stats MODEL --corpus C --atlas part0 --shard 0/2   (and 1/2 elsewhere), then
              neuronscope stats merge part0 part1 --atlas atlas-smollm
@@ -73,14 +84,15 @@ def stats(
         raise NeuronscopeError(f"Expected one MODEL, got {len(args)} ({' '.join(args)}); use --corpus for files.")
     if atlas is None:
         raise NeuronscopeError("Give the atlas folder to write the statistics to with --atlas.")
-    from ..stats.corpus import check_corpus
+    from ..stats.corpus import check_corpus, check_corpus_format
     check_corpus(corpus)  # a clear message before the model loads
+    check_corpus_format(corpus_format)
     model = args[0] if args else None
     if ray is not None:
         from ..stats.ray_shards import run_on_ray
         st = run_on_ray(ray, model, corpus, atlas, shards=shards, gguf_file=gguf_file, dtype=dtype,
                         device=device, tokens=tokens, window=window, batch=batch, k=k, n_exemplars=exemplars,
-                        chat=chat, levels=levels)
+                        chat=chat, levels=levels, corpus_format=corpus_format)
     else:
         import time
         from ..interrupt import Interrupted
@@ -98,14 +110,14 @@ def stats(
             st = compute_stats(subject, corpus, atlas, tokens=tokens, window=window, batch=batch, k=k,
                                n_exemplars=exemplars, levels=levels, shard=shard, chat=chat, progress=True,
                                restart=restart, keep_extremes=keep_extremes, checkpoint_tokens=checkpoint_tokens,
-                               checkpoint_every=checkpoint_every)
+                               checkpoint_every=checkpoint_every, corpus_format=corpus_format)
         except Interrupted as exc:
             typer.echo(str(exc), err=True)
             raise typer.Exit(exc.exit_code) from None
     console.print(summary(st.info, atlas))
 
 
-def summary(info: dict, atlas) -> str:
+def summary(info: dict[str, Any], atlas: str | os.PathLike[str]) -> str:
     """The closing lines of a run: end-to-end time and rate with the loop's beside them, and the marked levels."""
     from ..stats.levels import fmt_level
     out = (f"{info['tokens']:,} tokens in {info['seconds']:.1f} s end to end "

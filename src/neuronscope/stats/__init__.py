@@ -10,6 +10,8 @@ Shards (`shard="i/n"`) merge exactly with `merge_shards`; `run_on_ray` runs them
 """
 from __future__ import annotations
 
+from typing import Any
+
 from .compute import compute_stats
 from .merge import merge_shards
 from .levels import FIRE, LEVELS, Level, Levels, normalise, tail_rank
@@ -20,7 +22,7 @@ __all__ = ["compute_stats", "merge_shards", "NeuronStats", "LEVELS", "FIRE", "Le
            "quantiles_from_extremes", "tail_rank", "run_on_ray"]
 
 
-def run_on_ray(*args, **kwargs):
+def run_on_ray(*args: Any, **kwargs: Any) -> NeuronStats:
     """Run the shards of a statistics job as tasks on a Ray cluster and merge them (see ray_shards.py)."""
     from .ray_shards import run_on_ray as _run
     return _run(*args, **kwargs)

@@ -40,7 +40,7 @@ def _digest(tensors: dict[str, torch.Tensor], progress_json: str) -> str:
         t = tensors[name].detach().cpu().contiguous()
         h.update(f"\0{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
         if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().data)     # a memoryview: no copy of the state
     return h.hexdigest()
 
 

@@ -10,6 +10,9 @@ of windows name the same windows the same way.
 Formats:
 - `.txt` / `.raw` / `.md` / anything else: plain text; documents are split on `<|endoftext|>` when the file has it,
   otherwise on blank lines.
+- WikiText (`corpus_format`: 'auto' finds it by name or content, 'wikitext' forces it, 'plain' reads it as plain
+  text): its markup undone and headings kept as plain lines, one article a document (wikitext.py). A records file
+  of WikiText lines (the Hugging Face rows, one line each) is read the same way.
 - `.jsonl`: one object a line; a `messages` list (chat), `instruction` [+ `input`] + `output` (chat), or a text
   field (`text`, `content`, `document`, `story`).
 - `.json`: a list of such objects (or one object with a list under `data`/`rows`).
@@ -23,19 +26,23 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence, Union
+from typing import Any, Callable, Generator, Iterable, Iterator, Sequence, Union
 
 import torch
 
 from ..errors import NeuronscopeError
+from . import wikitext
 
-Document = Union[str, list]
+Document = Union[str, list[dict[str, str]]]
+CorpusArg = Union[str, "os.PathLike[str]", Sequence[Union[str, "os.PathLike[str]"]], None]
+CORPUS_FORMATS = ("auto", "plain", "wikitext")
+EOT = "<|endoftext|>"
 TEXT_FIELDS = ("text", "content", "document", "story", "body")
 NO_CORPUS = ("No corpus given: pass one or more files with --corpus (plain text, JSONL with a 'text' or 'messages' "
              "field, JSON lists of records, Parquet or CSV), e.g. --corpus wiki.valid.raw --corpus stories.txt.")
 
 
-def check_corpus(corpus: str | os.PathLike | Sequence[str | os.PathLike] | None) -> list[Path]:
+def check_corpus(corpus: CorpusArg) -> list[Path]:
     """The corpus as a list of existing files (clear errors for none given, missing files and folders)."""
     if corpus is None or (not isinstance(corpus, (str, os.PathLike)) and len(corpus) == 0):
         raise NeuronscopeError(NO_CORPUS)
@@ -57,15 +64,19 @@ def check_corpus(corpus: str | os.PathLike | Sequence[str | os.PathLike] | None)
     return paths
 
 
-def corpus_signature(paths: Sequence[Path]) -> list[dict[str, Any]]:
-    """Name, size and a content hash of each file (to tell whether a resumed run reads the same corpus)."""
+def corpus_signature(paths: Sequence[Path], corpus_format: str | None = None) -> list[dict[str, Any]]:
+    """Name, size and a content hash of each file (to tell whether a resumed run reads the same corpus), and with
+    a corpus_format how the file is read ('plain' or 'wikitext', `file_format`)."""
     out = []
     for p in paths:
         h = hashlib.sha256()
         with open(p, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
-        out.append({"path": str(p), "bytes": p.stat().st_size, "sha256": h.hexdigest()[:16]})
+        entry: dict[str, Any] = {"path": str(p), "bytes": p.stat().st_size, "sha256": h.hexdigest()[:16]}
+        if corpus_format is not None:
+            entry["format"] = file_format(p, corpus_format)
+        out.append(entry)
     return out
 
 
@@ -103,81 +114,145 @@ def _record_to_doc(rec: Any, where: str) -> Document | None:
 
 
 def _text_docs(path: Path) -> Iterator[str]:
-    sep = "<|endoftext|>"
+    """Plain text: documents split on <|endoftext|> when the file's first MiB has it, else on blank lines."""
     with open(path, encoding="utf-8", errors="replace", newline=None) as f:
         head = f.read(1 << 20)
         f.seek(0)
-        if sep in head:
-            buf: list[str] = []
-            for line in f:
-                while sep in line:
-                    before, line = line.split(sep, 1)
-                    buf.append(before)
-                    doc = "".join(buf).strip()
-                    if doc:
-                        yield doc
-                    buf = []
-                buf.append(line)
-            # the part after the last separator is a cut-off document: dropped
-            return
-        buf = []
-        for line in f:
-            if line.strip():
-                buf.append(line.strip())
-            elif buf:
-                yield "\n".join(buf)
-                buf = []
-        if buf:
-            yield "\n".join(buf)
+        yield from (_separated_docs(f) if EOT in head else _paragraph_docs(f))
 
 
-def iter_documents(path: Path) -> Iterator[Document]:
-    """The documents of one corpus file, in file order."""
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise NeuronscopeError(f"{path}:{n} is not valid JSON ({exc.msg}).") from None
-                doc = _record_to_doc(rec, f"{path}:{n}")
-                if doc:
-                    yield doc
-    elif suffix == ".json":
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise NeuronscopeError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}).") from None
-        if isinstance(data, dict):
-            data = data.get("data", data.get("rows", [data]))
-        if not isinstance(data, list):
-            raise NeuronscopeError(f"{path}: expected a list of records.")
-        for n, rec in enumerate(data):
-            doc = _record_to_doc(rec, f"{path}[{n}]")
+def _separated_docs(lines: Iterable[str]) -> Iterator[str]:
+    buf: list[str] = []
+    for line in lines:
+        while EOT in line:
+            before, line = line.split(EOT, 1)
+            buf.append(before)
+            doc = "".join(buf).strip()
             if doc:
                 yield doc
-    elif suffix == ".parquet":
-        import pyarrow.parquet as pq
-        try:
-            pf = pq.ParquetFile(str(path))
-        except Exception as exc:  # pyarrow raises several types for a bad file
-            raise NeuronscopeError(f"{path} is not a readable Parquet file ({exc}).") from None
-        n = 0
-        for batch in pf.iter_batches(batch_size=1024):
-            for rec in batch.to_pylist():
-                doc = _record_to_doc(rec, f"{path} row {n}")
-                n += 1
-                if doc:
-                    yield doc
-    elif suffix == ".csv":
-        with open(path, encoding="utf-8", newline="") as f:
-            for n, rec in enumerate(csv.DictReader(f), 2):
-                doc = _record_to_doc(rec, f"{path}:{n}")
-                if doc:
-                    yield doc
+            buf = []
+        buf.append(line)
+    # the part after the last separator is a cut-off document: dropped
+
+
+def _paragraph_docs(lines: Iterable[str]) -> Iterator[str]:
+    buf: list[str] = []
+    for line in lines:
+        if line.strip():
+            buf.append(line.strip())
+        elif buf:
+            yield "\n".join(buf)
+            buf = []
+    if buf:
+        yield "\n".join(buf)
+
+
+def _text_lines(path: Path) -> Generator[str, None, None]:
+    with open(path, encoding="utf-8", errors="replace", newline=None) as f:
+        yield from f
+
+
+def _jsonl_docs(path: Path) -> Iterator[Document]:
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise NeuronscopeError(f"{path}:{n} is not valid JSON ({exc.msg}).") from None
+            doc = _record_to_doc(rec, f"{path}:{n}")
+            if doc:
+                yield doc
+
+
+def _json_docs(path: Path) -> Iterator[Document]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise NeuronscopeError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}).") from None
+    if isinstance(data, dict):
+        data = data.get("data", data.get("rows", [data]))
+    if not isinstance(data, list):
+        raise NeuronscopeError(f"{path}: expected a list of records.")
+    for n, rec in enumerate(data):
+        doc = _record_to_doc(rec, f"{path}[{n}]")
+        if doc:
+            yield doc
+
+
+def _parquet_docs(path: Path) -> Iterator[Document]:
+    import pyarrow.parquet as pq
+    try:
+        pf = pq.ParquetFile(str(path))
+    except Exception as exc:  # pyarrow raises several types for a bad file
+        raise NeuronscopeError(f"{path} is not a readable Parquet file ({exc}).") from None
+    n = 0
+    for batch in pf.iter_batches(batch_size=1024):
+        for rec in batch.to_pylist():
+            doc = _record_to_doc(rec, f"{path} row {n}")
+            n += 1
+            if doc:
+                yield doc
+
+
+def _csv_docs(path: Path) -> Iterator[Document]:
+    with open(path, encoding="utf-8", newline="") as f:
+        for n, rec in enumerate(csv.DictReader(f), 2):
+            doc = _record_to_doc(rec, f"{path}:{n}")
+            if doc:
+                yield doc
+
+
+RECORD_READERS: dict[str, Callable[[Path], Iterator[Document]]] = {
+    ".jsonl": _jsonl_docs, ".json": _json_docs, ".parquet": _parquet_docs, ".csv": _csv_docs}
+
+
+def _record_lines(path: Path) -> Generator[str, None, None]:
+    """The text of a records file's rows as lines (WikiText as rows, one line a row, as on the Hugging Face hub)."""
+    for doc in RECORD_READERS[path.suffix.lower()](path):
+        if not isinstance(doc, str):
+            raise NeuronscopeError(f"{path} holds chat records, which are not WikiText; read it with "
+                                   "--corpus-format auto or plain.")
+        yield from doc.splitlines()
+
+
+def _lines(path: Path) -> Generator[str, None, None]:
+    return _record_lines(path) if path.suffix.lower() in RECORD_READERS else _text_lines(path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# corpus formats: plain, or WikiText read as the text it stands for (wikitext.py)
+# ---------------------------------------------------------------------------------------------------------------
+def check_corpus_format(corpus_format: str) -> str:
+    """The corpus format asked for: 'auto' (WikiText where a file is WikiText), 'plain' or 'wikitext'."""
+    if corpus_format not in CORPUS_FORMATS:
+        raise NeuronscopeError(f"The corpus format is one of {', '.join(CORPUS_FORMATS)}, got {corpus_format!r}.")
+    return corpus_format
+
+
+def file_format(path: Path, corpus_format: str = "auto") -> str:
+    """How one file is read: 'wikitext' or 'plain'. 'auto' takes a file for WikiText by its name (wiki.*.raw,
+    wiki.*.tokens) or its first lines (wikitext.looks_like_wikitext: spaced headings and tokenised punctuation)."""
+    if check_corpus_format(corpus_format) != "auto":
+        return corpus_format
+    if path.suffix.lower() not in RECORD_READERS and wikitext.named_like_wikitext(path):
+        return "wikitext"
+    lines = _lines(path)
+    try:
+        return "wikitext" if wikitext.looks_like_wikitext(lines) else "plain"
+    except NeuronscopeError:    # chat records are not WikiText; their other errors are the reader's to raise
+        return "plain"
+    finally:
+        lines.close()
+
+
+def iter_documents(path: Path, corpus_format: str = "auto") -> Iterator[Document]:
+    """The documents of one corpus file, in file order (WikiText: one cleaned article a document)."""
+    if file_format(path, corpus_format) == "wikitext":
+        yield from wikitext.documents(_lines(path))
+    elif path.suffix.lower() in RECORD_READERS:
+        yield from RECORD_READERS[path.suffix.lower()](path)
     else:
         yield from _text_docs(path)
 
@@ -185,7 +260,7 @@ def iter_documents(path: Path) -> Iterator[Document]:
 # ---------------------------------------------------------------------------------------------------------------
 # tokens and windows
 # ---------------------------------------------------------------------------------------------------------------
-def encode_document(tokenizer, doc: Document, *, chat: bool = False) -> list[int]:
+def encode_document(tokenizer: Any, doc: Document, *, chat: bool = False) -> list[int]:
     """Token ids of one document: chats through the chat template; plain text as is (or as a user turn if chat)."""
     if isinstance(doc, str) and chat:
         doc = [{"role": "user", "content": doc}]
@@ -212,9 +287,10 @@ class Window:
     token_ids: list[int]
 
 
-def iter_windows(tokenizer, paths: Sequence[Path], window: int, *, chat: bool = False,
-                 max_windows: int | None = None) -> Iterator[Window]:
-    """Pack the corpus into consecutive windows of `window` tokens (global ids 0, 1, 2, ...)."""
+def iter_windows(tokenizer: Any, paths: Sequence[Path], window: int, *, chat: bool = False,
+                 max_windows: int | None = None, corpus_format: str = "auto") -> Iterator[Window]:
+    """Pack the corpus into consecutive windows of `window` tokens (global ids 0, 1, 2, ...); corpus_format:
+    'auto', 'plain' or 'wikitext' (see `file_format`)."""
     if window < 2:
         raise NeuronscopeError(f"The window must be at least 2 tokens, got {window}.")
     eos = getattr(tokenizer, "eos_token_id", None)
@@ -223,7 +299,7 @@ def iter_windows(tokenizer, paths: Sequence[Path], window: int, *, chat: bool = 
     if max_windows is not None and max_windows <= 0:
         return
     for path in paths:
-        for doc in iter_documents(path):
+        for doc in iter_documents(path, corpus_format):
             ids = encode_document(tokenizer, doc, chat=chat)
             if not ids:
                 continue
@@ -238,10 +314,11 @@ def iter_windows(tokenizer, paths: Sequence[Path], window: int, *, chat: bool = 
                     return
 
 
-def count_windows(tokenizer, paths: Sequence[Path], window: int, *, chat: bool = False,
-                  max_windows: int | None = None) -> int:
+def count_windows(tokenizer: Any, paths: Sequence[Path], window: int, *, chat: bool = False,
+                  max_windows: int | None = None, corpus_format: str = "auto") -> int:
     """How many windows `iter_windows` gives (the corpus is tokenised once; stops at max_windows)."""
-    return sum(1 for _ in iter_windows(tokenizer, paths, window, chat=chat, max_windows=max_windows))
+    return sum(1 for _ in iter_windows(tokenizer, paths, window, chat=chat, max_windows=max_windows,
+                                       corpus_format=corpus_format))
 
 
 def shard_of(index: int, shard: tuple[int, int] | None) -> bool:

@@ -18,7 +18,13 @@ torch fold's (extremes.TopBuffer), so a state can move between the two.
 from __future__ import annotations
 
 import numpy as np
+import numpy.typing as npt
 from numba import njit, prange
+
+F32 = npt.NDArray[np.float32]
+F64 = npt.NDArray[np.float64]
+I32 = npt.NDArray[np.int32]
+I64 = npt.NDArray[np.int64]
 
 LOW = np.int64(1) << np.int64(32)
 PAD = np.iinfo(np.int64).min
@@ -26,18 +32,18 @@ BLOCK = 64          # rows per task: their buffers' write positions stay in cach
 
 
 @njit(cache=True, inline="always")
-def _ordered(bits):
+def _ordered(bits: np.int32) -> np.int64:
     """int32 bits of a float32 -> an int64 that sorts like the float."""
-    b = np.int64(bits)
+    b: np.int64 = np.int64(bits)
     if b < 0:
         b = b ^ 0x7FFFFFFF
     return b
 
 
 @njit(cache=True, inline="always")
-def _ordered_negated(bits):
+def _ordered_negated(bits: np.int32) -> np.int64:
     """_ordered of the float whose sign is flipped (int32 bits with the sign bit flipped, in int64 arithmetic)."""
-    b = np.int64(bits)
+    b: np.int64 = np.int64(bits)
     b = b - 2147483648 if b >= 0 else b + 2147483648
     if b < 0:
         b = b ^ 0x7FFFFFFF
@@ -45,7 +51,7 @@ def _ordered_negated(bits):
 
 
 @njit(cache=True)
-def _compact(buf, fill, thr, r, k):
+def _compact(buf: F32, fill: I64, thr: F32, r: int, k: int) -> None:
     """Free slack in the full row r. First try a cheap cut: a threshold t read off a strided sample of the row so
     that about k + slack/4 values are >= t; if a counting pass confirms that at least k and at most k + slack/2 are,
     keep exactly those (so t is a valid threshold: k values >= t are kept) in one branch-free pass. Otherwise (ties,
@@ -88,7 +94,7 @@ def _compact(buf, fill, thr, r, k):
 
 
 @njit(cache=True, inline="always")
-def _heap_push(heap, r, key):
+def _heap_push(heap: I64, r: int, key: np.int64) -> None:
     """Replace the root of row r's min-heap of keys with `key` (> root) and restore the heap."""
     e = heap.shape[1]
     i = 0
@@ -107,7 +113,7 @@ def _heap_push(heap, r, key):
 
 
 @njit(cache=True, inline="always")
-def _enter(buf, fill, thr, r, v, k):
+def _enter(buf: F32, fill: I64, thr: F32, r: int, v: np.float32, k: int) -> bool:
     """Append v to row r's buffer if it beats the threshold (compacting a full row first); True if the threshold
     moved."""
     moved = False
@@ -122,7 +128,7 @@ def _enter(buf, fill, thr, r, v, k):
 
 
 @njit(cache=True, inline="always")
-def _offer(heap, r, o, lo):
+def _offer(heap: I64, r: int, o: np.int64, lo: np.int64) -> bool:
     """Push the key of ordered value o at token key lo into row r's heap if it beats the root; True if it did."""
     if o >= (heap[r, 0] >> 32):
         key = o * LOW + lo
@@ -133,7 +139,7 @@ def _offer(heap, r, o, lo):
 
 
 @njit(cache=True, inline="always")
-def _key_floor(heap, r, tmp, tmpf):
+def _key_floor(heap: I64, r: int, tmp: I32, tmpf: F32) -> float:
     """A float32 that no value whose key can enter row r's heap is below: the root's value (-inf if padding)."""
     root = heap[r, 0]
     if root == PAD:
@@ -142,11 +148,13 @@ def _key_floor(heap, r, tmp, tmpf):
     if o < 0:
         o = o ^ 0x7FFFFFFF
     tmp[0] = np.int32(o)
-    return tmpf[0]
+    floor: float = tmpf[0]
+    return floor
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def fold(acts, bits, low, shift, tbuf, tfill, tthr, bbuf, bfill, bthr, extop, exbot, s1, s2, k):
+def fold(acts: F32, bits: I32, low: I64, shift: F64, tbuf: F32, tfill: I64, tthr: F32, bbuf: F32, bfill: I64,
+         bthr: F32, extop: I64, exbot: I64, s1: F64, s2: F64, k: int) -> None:
     """Fold acts [T, R] float32 (bits: the same memory as int32) at token keys `low` [T] (2**32 - 1 - index).
 
     shift [R] float64: subtracted before summing; s1, s2 [R] float64 receive sum(d) and sum(d*d), d = a - shift.

@@ -14,11 +14,14 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from ..errors import NeuronscopeError
 from .extremes import LayerExtremes, default_slack
 from .levels import fmt_level, ranks_needed
+
+if TYPE_CHECKING:
+    from ..subject import Subject
 
 BASE_BYTES = 512 << 20       # imports, numba, tokenizer, the first batch's transients (measured on SmolLM2, 2026-12-02)
 WINDOW_ROW_BYTES = 28        # atlas.sqlite bytes per token of a stored exemplar window (ids, strings, text)
@@ -100,12 +103,12 @@ def extremes_file_bytes(rows: int, k: int, n_exemplars: int) -> int:
     return rows * (2 * k * 4 + 2 * n_exemplars * 8)
 
 
-def model_bytes(subject) -> int:
+def model_bytes(subject: Subject) -> int:
     m = subject.model
     return sum(t.numel() * t.element_size() for t in list(m.parameters()) + list(m.buffers()))
 
 
-def make_plan(subject, *, levels: Sequence[float], tokens: int, k: int | None, n_exemplars: int, window: int,
+def make_plan(subject: Subject, *, levels: Sequence[float], tokens: int, k: int | None, n_exemplars: int, window: int,
               batch: int, n_windows: int, keep_extremes: bool, slack: int | None = None,
               on_gpu: bool = False, in_forward: bool = False) -> Plan:
     """The plan of a run over `tokens` tokens (of the whole run; n_windows: this shard's windows).
@@ -113,7 +116,7 @@ def make_plan(subject, *, levels: Sequence[float], tokens: int, k: int | None, n
     in_forward: each layer is folded as it runs (a CPU run), so a batch holds one layer's activations, not all."""
     rows = subject.n_layers * subject.n_neurons
     sized = k is None
-    kk = ranks_needed(levels, tokens) if sized else int(k)
+    kk = ranks_needed(levels, tokens) if k is None else int(k)
     sl = default_slack(kk) if slack is None else slack
     state = LayerExtremes.state_bytes(rows, kk, n_exemplars, slack=sl)
     # the capture of all layers (+ the all-layers copy on a GPU), or one layer's activations when folded in the forward

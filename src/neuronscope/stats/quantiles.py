@@ -11,6 +11,7 @@ and which levels a corpus resolves: levels.py.
 from __future__ import annotations
 
 import warnings
+from typing import Sequence
 
 import torch
 
@@ -20,7 +21,7 @@ LOW_LEVELS = tuple(x for x in LEVELS if x < 0.5)
 
 
 def quantiles_from_extremes(top_desc: torch.Tensor, bottom_asc: torch.Tensor, n: int,
-                            levels=LEVELS, warn: bool = True) -> torch.Tensor:
+                            levels: Sequence[float] = LEVELS, warn: bool = True) -> torch.Tensor:
     """[len(levels), *batch] quantiles from sorted extremes top_desc/bottom_asc [..., K] of n values each."""
     k = top_desc.shape[-1]
     out = []

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import sqlite3
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 
@@ -27,12 +29,15 @@ from . import levels as levels_mod
 from .levels import LEVELS, Levels, fmt_level
 from .quantiles import quantiles_from_extremes
 
+if TYPE_CHECKING:
+    from ..subject import Subject
+
 STATS_FILE = "stats.safetensors"
 EXTREMES_FILE = "stats_extremes.safetensors"
 WINDOWS_TABLE = "stats_windows"
 
 
-def _ensure_windows_table(con) -> None:
+def _ensure_windows_table(con: sqlite3.Connection) -> None:
     con.execute(f"CREATE TABLE IF NOT EXISTS {WINDOWS_TABLE} (window INTEGER PRIMARY KEY, token_ids TEXT NOT NULL, "
                 "tokens TEXT NOT NULL, text TEXT NOT NULL)")
 
@@ -48,7 +53,7 @@ def exemplar_windows(layers: Sequence[LayerExtremes], window: int) -> set[int]:
     return need
 
 
-def write_windows(folder: Path, rows: dict[int, list[int]], token_strings) -> None:
+def write_windows(folder: Path, rows: dict[int, list[int]], token_strings: Callable[[list[int]], list[str]]) -> None:
     """Store windows (id -> token ids) in atlas.sqlite, replacing the table's previous content."""
     con = store.open_db(folder)
     try:
@@ -182,7 +187,7 @@ class NeuronStats:
         self._win_cache: dict[int, tuple[list[int], list[str], str]] = {}
 
     @classmethod
-    def open(cls, atlas_dir) -> "NeuronStats":
+    def open(cls, atlas_dir: str | os.PathLike[str]) -> NeuronStats:
         folder = Path(atlas_dir)
         if not folder.is_dir():
             raise NeuronscopeError(f"The atlas folder '{folder}' does not exist.")
@@ -269,7 +274,7 @@ class NeuronStats:
             hit = self._win_cache[w] = (json.loads(row[0]), json.loads(row[1]), row[2])
         return hit
 
-    def exemplars(self, layer: int, i: int, polarity: str = "pos", n: int = 20) -> list[dict]:
+    def exemplars(self, layer: int, i: int, polarity: str = "pos", n: int = 20) -> list[dict[str, Any]]:
         """The top (`pos`) or bottom (`neg`) exemplars of neuron (layer, i), strongest first, read from the folder.
 
         Each: activation, window id, position in the window, the window's token ids, token strings and text, and
@@ -282,7 +287,7 @@ class NeuronStats:
             return []
         vals = self._a[f"ex_{polarity}_value"][layer, i]
         idx = self._a[f"ex_{polarity}_index"][layer, i]
-        out = []
+        out: list[dict[str, Any]] = []
         for v, gi in zip(vals.tolist(), idx.tolist()):
             if gi < 0 or len(out) >= n:
                 break
@@ -302,7 +307,8 @@ class NeuronStats:
             return f.get_tensor(f"top.{layer}"), f.get_tensor(f"bottom.{layer}")
 
 
-def with_window_acts(subject, exemplars: list[dict], layer: int, neuron: int) -> list[dict]:
+def with_window_acts(subject: Subject, exemplars: list[dict[str, Any]], layer: int,
+                     neuron: int) -> list[dict[str, Any]]:
     """`exemplars` (from `NeuronStats.exemplars`) with `acts` filled in: this neuron's activation at every token of
     each window, recomputed with `subject` (one batched forward per window length)."""
     if exemplars:
@@ -312,7 +318,8 @@ def with_window_acts(subject, exemplars: list[dict], layer: int, neuron: int) ->
     return exemplars
 
 
-def window_activations(subject, windows: Sequence[Sequence[int]], layer: int, neuron: int) -> list[list[float]]:
+def window_activations(subject: Subject, windows: Sequence[Sequence[int]], layer: int,
+                       neuron: int) -> list[list[float]]:
     """Neuron (layer, neuron)'s activation at every token of each window (windows of one length, batched)."""
     from ..interventions import capture
     out: list[list[float]] = []
