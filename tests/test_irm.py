@@ -233,7 +233,8 @@ def test_training_makes_the_word_dominate_and_the_llm_stays_frozen(stories, happ
     # eval: aligned loss falls a lot with the IRM, neutral text moves less
     rep = evaluate_irm(stories, happy_run.irm, _rows("happy", 30, offset=200),
                        neutral_texts=SENTS[240:260])
-    assert rep["aligned"]["delta"] < -1.0 and rep["aligned"]["delta"] < rep["neutral"]["delta"]
+    assert rep.aligned is not None and rep.neutral is not None
+    assert rep.aligned.delta < -1.0 and rep.aligned.delta < rep.neutral.delta
 
 
 def test_resume_gives_the_same_result_as_one_run(stories, tmp_path):
@@ -291,9 +292,13 @@ def test_striation_score():
 
 def test_analyze_two_alignments_writes_the_report(stories, happy_run, sad_run, tmp_path):
     out = tmp_path / "report"
-    res = analyze_runs([happy_run.run_dir, sad_run.run_dir], out, subject=stories, max_new_tokens=8, top_k=5,
-                       prompts=SENTS[240:244], controls=[sad_run.run_dir], n_random=5, n_permutations=200,
-                       progress=False)
+    analysis = analyze_runs([happy_run.run_dir, sad_run.run_dir], out, subject=stories, max_new_tokens=8, top_k=5,
+                            prompts=SENTS[240:244], controls=[sad_run.run_dir], n_random=5, n_permutations=200,
+                            progress=False)
+    res = analysis.to_json()                      # the dataclass's JSON form is analysis.json
+    saved = json.loads((out / "analysis.json").read_text())
+    assert set(saved) == set(res) and saved["findings"] == res["findings"] == analysis.findings
+    assert [r["name"] for r in saved["runs"]] == [r.name for r in analysis.runs] and "matched" not in saved
     for f in res["figures"] + ["report.md", "analysis.json"]:
         assert (out / f).is_file() and (out / f).stat().st_size > 0, f
     assert len(res["figures"]) == 5
@@ -340,7 +345,7 @@ def test_analyze_never_uses_training_rows_by_default(stories, tmp_path):
     prompts, source = held_out_prompts([(run, run_dir)])
     res = analyze_runs([run_dir], tmp_path / "rep", subject=stories, max_new_tokens=2, top_k=3, n_random=2,
                        n_permutations=20, progress=False)
-    assert res["prompts"] == prompts
+    assert res.prompts == prompts
     rows = read_table(data)
     sp = read_json(run_dir / "split.json")
     train_prompts = {rows[i]["prompt"] for i in sp["train"]}

@@ -96,3 +96,24 @@ def test_help_has_examples(capsys):
                 ["data", "synth"], ["data", "select"], ["outliers"]):
         code, out, _ = _cli([*cmd, "--help"], capsys)
         assert code == 0 and "Example:" in out, cmd
+
+
+def test_train_with_no_other_flag_is_the_recipe(tmp_path, capsys, monkeypatch):
+    """`irm train -m MODEL --data DATA --alignment sadness` trains with the realigning recipe's settings."""
+    from dataclasses import asdict
+
+    from neuronscope.irm import recipe
+    data = tmp_path / "sad.jsonl"
+    data.write_text("".join(json.dumps(dict(r, chat=False)) + "\n" for r in _rows("sad", 60)))
+    monkeypatch.chdir(tmp_path)
+    code, out, err = _cli(["irm", "train", "-m", str(STORIES), "--data", str(data), "--alignment", "sadness"],
+                          capsys)
+    assert code == 0, err
+    run = json.loads((tmp_path / "runs" / "sadness" / "run.json").read_text())
+    assert run["train"] == dict(asdict(recipe.TRAIN), chat=False)          # the rows' own chat choice
+    assert run["train"]["steps"] == 60 and run["train"]["batch_size"] == 4 and run["train"]["lr"] == 1e-3
+    assert run["train"]["max_len"] == 192 and run["train"]["eval_every"] == 10 and run["train"]["patience"] == 3
+    assert run["irm"]["width"] == 256 and run["irm"]["depth"] == 1 and run["irm"]["inject_layers"] == [0, 1, 2, 3, 4]
+    assert run["data"]["alignment"] == "sadness" and "chat False" in out
+    code, out, _ = _cli(["irm", "train", "--help"], capsys)
+    assert "realigning recipe" in out and "irm-smollm-sad.sh" in out

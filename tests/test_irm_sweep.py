@@ -122,5 +122,5 @@ def test_a_degenerate_run_is_refused(stories, tmp_path):
                      progress=False)
     r = analyze_runs(runs, tmp_path / "rep", subject=stories, max_new_tokens=4, n_random=2, n_permutations=20,
                      progress=False, skip_degenerate=True)
-    assert [x["name"] for x in r["runs"]] == ["good"] and r["refused"][0]["name"] == "zero"
-    assert "all zero" in r["findings"][0] and "refused" in (tmp_path / "rep" / "report.md").read_text()
+    assert [x.name for x in r.runs] == ["good"] and r.refused[0].name == "zero"
+    assert "all zero" in r.findings[0] and "refused" in (tmp_path / "rep" / "report.md").read_text()

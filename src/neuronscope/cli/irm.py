@@ -185,10 +185,11 @@ def evaluate(
     irm, run, subject = _run_subject(run_dir, model, gguf_file, dtype, device)
     rows = read_table(data) if data else held_out_rows(run, run_dir)
     texts = read_texts(neutral)[:neutral_limit] if neutral else None
-    rep = evaluate_irm(subject, irm, rows, neutral_texts=texts, chat=run["train"].get("chat", False),
-                       max_len=max_len or run["train"].get("max_len", 256), batch_size=batch_size)
-    rep["data"] = str(data) if data else "held-out validation rows"
-    rep["neutral_source"] = str(neutral) if neutral else None
+    ev = evaluate_irm(subject, irm, rows, neutral_texts=texts, chat=run["train"].get("chat", False),
+                      max_len=max_len or run["train"].get("max_len", 256), batch_size=batch_size)
+    ev.data = str(data) if data else "held-out validation rows"
+    ev.neutral_source = str(neutral) if neutral else None
+    rep = ev.to_json()
     write_json(Path(run_dir) / "eval.json", rep)
     if as_json:
         typer.echo(json.dumps(rep, indent=2))
@@ -230,10 +231,11 @@ def _eval_judged(run_dir: Path, judge: str, questions: Optional[Path], limit: in
     irm, run, subject = _run_subject(run_dir, *load)
     qs = _held_out_questions(run_dir, run, questions, limit)
     tgt = target or (run["data"].get("alignment") if run["data"].get("alignment") in j.emotions else None)
-    rep = judge_irm(subject, irm, qs, judge=j, target=tgt, chat=run["train"].get("chat", False),
-                    max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, scale=scale,
-                    batch_size=batch_size, facts=FACTS if facts else None)
-    rep["questions"] = str(questions)
+    judged = judge_irm(subject, irm, qs, judge=j, target=tgt, chat=run["train"].get("chat", False),
+                       max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, scale=scale,
+                       batch_size=batch_size, facts=FACTS if facts else None)
+    judged.questions = str(questions)
+    rep = judged.to_json()
     write_json(Path(run_dir) / "judged.json", rep)
     if as_json:
         typer.echo(json.dumps(rep, indent=2))
@@ -303,7 +305,7 @@ def analyze(
     subject = load_subject(model or run["model"], gguf_file, dtype, device)
     res = analyze_runs(run_dirs, out, subject=subject, prompts=prompts, max_new_tokens=max_new_tokens, top_k=top_k,
                        controls=controls, n_random=n_random, n_permutations=n_permutations, factor=factor)
-    for line in res["findings"]:
+    for line in res.findings:
         console.print(line, markup=False)
     console.print(f"report: {Path(out) / 'report.md'}")
 

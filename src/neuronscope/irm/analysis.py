@@ -14,7 +14,7 @@ run is measured on exactly the same tokens.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -23,8 +23,8 @@ import torch
 from ..errors import NeuronscopeError
 from ..interventions import BoundCapture, Capture, intervene
 from . import nulls
-from .compare import Pair, matched_comparison
-from .compare_text import render_comparison
+from .compare import MatchedComparison, Pair, matched_comparison
+from .report import findings, render_report
 from .metrics import degeneracy, index_scores, index_share, striation, top_indices
 from .training import load_run
 
@@ -49,6 +49,78 @@ class RunOutputs:
     mean_abs: torch.Tensor      # [n_inject, H]
     tokens: int
     samples: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass
+class RunAnalysis:
+    """One run's findings against their nulls (a row of analysis.json's "runs"; null summaries stay JSON dicts)."""
+    name: str
+    alignment: str
+    layers: list[int]
+    tokens: int
+    striation: dict[str, float]
+    striation_tests: list[dict[str, Any]]
+    striation_survives: bool | None
+    top_indices: list[int]
+    top_scores: list[float]
+    mean_abs_output: float
+    heatmap: str
+    outlier_ranks_of_top: dict[str, list[int]]
+    coincidences: dict[str, dict[str, Any]]
+
+
+@dataclass
+class ControlSummary:
+    """A control run as the analysis saw it."""
+    name: str
+    alignment: str
+    layers: list[int]
+    striation: float
+    top_indices: list[int]
+
+
+@dataclass
+class Refusal:
+    """A degenerate run left out, and the sentence that says why."""
+    name: str
+    reason: str
+
+
+@dataclass
+class Analysis:
+    """analyze_runs' result; to_json() is analysis.json (the keys it always had; "refused", "matched" and "sweep"
+    are new in issue 20, the last two only when present)."""
+    model: str
+    fingerprint: str
+    prompts: list[str]
+    prompt_source: str
+    max_new_tokens: int
+    top_k: int
+    tokens: int
+    read_site: str
+    n_random: int
+    n_permutations: int
+    alpha: float
+    controls: list[ControlSummary]
+    runs: list[RunAnalysis]
+    recurrence: list[dict[str, Any]]
+    recurrence_test: dict[str, Any] | None
+    correlation: dict[str, Any]
+    outliers: dict[str, Any]
+    samples: list[dict[str, str]]
+    figures: list[str]
+    refused: list[Refusal]
+    matched: MatchedComparison | None = None
+    sweep: dict[str, Any] | None = None
+    findings: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        for k in ("matched", "sweep"):
+            if d[k] is None:
+                del d[k]
+        d["findings"] = d.pop("findings")
+        return d
 
 
 # ---- statistics ---------------------------------------------------------------------------------------------------
@@ -235,9 +307,10 @@ def load_runs(run_dirs: Sequence[str | Path], controls: Sequence[str | Path], su
     return Loaded(subject, loaded, ctrl, read_layer, read_site)
 
 
-def screen(outs: list[RunOutputs], skip: bool) -> tuple[list[RunOutputs], list[dict[str, str]]]:
+def screen(outs: list[RunOutputs], skip: bool) -> tuple[list[RunOutputs], list[Refusal]]:
     """Refuse degenerate runs (metrics.degeneracy): an error naming the run, or (skip) left out and listed."""
-    kept, refused = [], []
+    kept: list[RunOutputs] = []
+    refused: list[Refusal] = []
     for o in outs:
         why = degeneracy(o.mean)
         if why is None:
@@ -246,7 +319,7 @@ def screen(outs: list[RunOutputs], skip: bool) -> tuple[list[RunOutputs], list[d
         sentence = f"Run '{o.name}' is degenerate: {why}; it is refused (not analysed)."
         if not skip:
             raise NeuronscopeError(sentence + " Retrain it or leave it out.")
-        refused.append({"name": o.name, "reason": sentence})
+        refused.append(Refusal(o.name, sentence))
     return kept, refused
 
 
@@ -281,7 +354,7 @@ def coincidences(top: Sequence[int], rand: Sequence[RunOutputs], couts: Sequence
 
 
 def run_record(irm: IRM, o: RunOutputs, couts: Sequence[RunOutputs], X: torch.Tensor, outl: dict[str, Any],
-               out_dir: Path, *, top_k: int, n_random: int, n_permutations: int, seed: int) -> dict[str, Any]:
+               out_dir: Path, *, top_k: int, n_random: int, n_permutations: int, seed: int) -> RunAnalysis:
     """One run's findings with their nulls, and its heat-map."""
     device = next(irm.parameters()).device
     top = top_indices(o.mean, top_k)
@@ -291,16 +364,12 @@ def run_record(irm: IRM, o: RunOutputs, couts: Sequence[RunOutputs], X: torch.Te
     png = f"heatmap_{o.name}.png"
     plot_heatmap(o, out_dir / png, top)
     ranks = {kind: [int(outl["rankings"][kind]["rank"][h]) for h in top] for kind in OUTLIER_KINDS}
-    return {"name": o.name, "alignment": o.alignment, "layers": o.layers, "tokens": o.tokens,
-            "striation": striation(o.mean), "striation_tests": stri,
-            "striation_survives": nulls.survives(stri), "top_indices": top,
-            "top_scores": [float(index_scores(o.mean)[h]) for h in top],
-            "mean_abs_output": float(o.mean_abs.mean()), "heatmap": png,
-            "outlier_ranks_of_top": ranks,
-            "coincidences": coincidences(top, rand, couts, outl, top_k, int(X.shape[1]))}
+    return RunAnalysis(o.name, o.alignment, o.layers, o.tokens, striation(o.mean), stri, nulls.survives(stri), top,
+                       [float(index_scores(o.mean)[h]) for h in top], float(o.mean_abs.mean()), png, ranks,
+                       coincidences(top, rand, couts, outl, top_k, int(X.shape[1])))
 
 
-def recurrence_rows(outs: Sequence[RunOutputs], per_run: Sequence[dict[str, Any]], couts: Sequence[RunOutputs],
+def recurrence_rows(outs: Sequence[RunOutputs], per_run: Sequence[RunAnalysis], couts: Sequence[RunOutputs],
                     outl: dict[str, Any], top_k: int, seed: int) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
     """Indices in the top k of several runs, with the family-wise null and their control and outlier ranks."""
     if len(outs) < 2:
@@ -310,8 +379,8 @@ def recurrence_rows(outs: Sequence[RunOutputs], per_run: Sequence[dict[str, Any]
     rows = []
     for row in rec["indices"]:
         h = row["index"]
-        rows.append(dict(row, run_names=[r["name"] for r in per_run if h in r["top_indices"]],
-                         alignments=sorted({r["alignment"] for r in per_run if h in r["top_indices"]}),
+        rows.append(dict(row, run_names=[r.name for r in per_run if h in r.top_indices],
+                         alignments=sorted({r.alignment for r in per_run if h in r.top_indices}),
                          control_runs=sum(h in t for t in ctrl_tops),
                          outlier_ranks={k: int(outl["rankings"][k]["rank"][h]) for k in OUTLIER_KINDS}))
     return rows, {k: v for k, v in rec.items() if k != "indices"}
@@ -338,14 +407,14 @@ def analyze_runs(run_dirs: Sequence[str | Path], out_dir: str | Path, *, subject
                  chat: bool | None = None, controls: Sequence[str | Path] = (), n_random: int = 20,
                  n_permutations: int = 1000, factor: float = 10.0, seed: int = 0, progress: bool = True,
                  pairs: Sequence[Pair] = (), known_dims: Sequence[int] = (), skip_degenerate: bool = False,
-                 extra: dict[str, Any] | None = None) -> dict[str, Any]:
+                 sweep: dict[str, Any] | None = None) -> Analysis:
     """The full analysis of one or more IRM runs on the same model (control runs give the trained-injection null);
-    returns analysis.json's content.
+    returns an Analysis (its to_json() is analysis.json).
 
     A degenerate run or control (zero, constant or NaN output) is refused: an error, or with skip_degenerate it is
     left out and listed under "refused". With `pairs` (aligned run name, matched control name, ...; names are the
     folder names) the paired comparison of irm.compare is added under "matched", tested against the model's massive
-    dims plus `known_dims`. `extra` is merged into the result before the report is written (the sweep's verdicts)."""
+    dims plus `known_dims`. `sweep` (the sweep's verdicts and excluded runs) is reported first."""
     from ..outliers import massive_dims, model_outliers
     from ..store import write_json, write_text
     from tqdm.auto import tqdm
@@ -367,7 +436,7 @@ def analyze_runs(run_dirs: Sequence[str | Path], out_dir: str | Path, *, subject
                                for (_, r, _), n in zip(ld.controls, cnames)], skip_degenerate)
     refused += c_refused
     if not outs:
-        raise NeuronscopeError("Every run is degenerate; nothing to analyse: " + " ".join(r["reason"] for r in refused))
+        raise NeuronscopeError("Every run is degenerate; nothing to analyse: " + " ".join(r.reason for r in refused))
     per_run = [run_record(irms[o.name], o, couts, X, outl, out_dir, top_k=top_k, n_random=n_random,
                           n_permutations=n_permutations, seed=seed)
                for o in tqdm(outs, desc="nulls per run", disable=not progress)]
@@ -375,95 +444,40 @@ def analyze_runs(run_dirs: Sequence[str | Path], out_dir: str | Path, *, subject
     corr, corr_kind = run_correlations(outs)
     plot_profiles(outs, out_dir / "top_indices.png")
     plot_correlation(corr, [o.name for o in outs], out_dir / "correlation.png")
-    plot_outliers(outl, sorted({h for r in per_run for h in r["top_indices"]}), out_dir / "outliers.png")
-
-    result: dict[str, Any] = {
-        "model": subject.name, "fingerprint": subject.fingerprint, "prompts": prompts, "prompt_source": source,
-        "max_new_tokens": max_new_tokens, "top_k": top_k, "tokens": int(X.shape[0]),
-        "read_site": f"layer {ld.read_layer} {ld.read_site}", "n_random": n_random,
-        "n_permutations": n_permutations, "alpha": nulls.ALPHA,
-        "controls": [{"name": c.name, "alignment": c.alignment, "layers": c.layers,
-                      "striation": striation(c.mean)["index_share"], "top_indices": top_indices(c.mean, top_k)}
-                     for c in couts],
-        "runs": per_run, "recurrence": recurrence, "recurrence_test": rec_test,
-        "correlation": {"kind": corr_kind, "names": [o.name for o in outs], "matrix": corr.tolist()},
-        "outliers": _slim_outliers(outl), "samples": [{"prompt": p, "frozen": c} for p, c in samples[:4]],
-        "figures": [r["heatmap"] for r in per_run] + ["top_indices.png", "correlation.png", "outliers.png"],
-        "refused": refused}
-    if pairs:
-        result["matched"] = matched_section(pairs, outs + couts, list(massive_dims(outl)) + list(known_dims),
-                                            seed=seed)
-    result.update(extra or {})
-    result["findings"] = findings(result)
-    write_json(out_dir / "analysis.json", result)
-    write_text(out_dir / "report.md", render_report(result))
+    plot_outliers(outl, sorted({h for r in per_run for h in r.top_indices}), out_dir / "outliers.png")
+    result = Analysis(
+        subject.name, subject.fingerprint, prompts, source, max_new_tokens, top_k, int(X.shape[0]),
+        f"layer {ld.read_layer} {ld.read_site}", n_random, n_permutations, nulls.ALPHA,
+        [ControlSummary(c.name, c.alignment, c.layers, striation(c.mean)["index_share"], top_indices(c.mean, top_k))
+         for c in couts],
+        per_run, recurrence, rec_test,
+        {"kind": corr_kind, "names": [o.name for o in outs], "matrix": corr.tolist()}, _slim_outliers(outl),
+        [{"prompt": p, "frozen": c} for p, c in samples[:4]],
+        [r.heatmap for r in per_run] + ["top_indices.png", "correlation.png", "outliers.png"], refused,
+        matched_section(pairs, outs + couts, list(massive_dims(outl)) + list(known_dims), seed=seed) if pairs else None,
+        sweep)
+    js = result.to_json()
+    result.findings = findings(js)
+    js["findings"] = result.findings
+    write_json(out_dir / "analysis.json", js)
+    write_text(out_dir / "report.md", render_report(js))
     return result
 
 
 def matched_section(pairs: Sequence[Pair], outs: Sequence[RunOutputs], outlier_dims: Sequence[int], *,
-                    seed: int) -> dict[str, Any] | None:
-    """The paired comparison over the pairs whose two runs were both analysed (irm.compare), as JSON."""
-    from dataclasses import asdict
+                    seed: int) -> MatchedComparison | None:
+    """The paired comparison over the pairs whose two runs were both analysed (irm.compare)."""
     means = {o.name: o.mean for o in outs}
     ok = [p for p in pairs if p.aligned in means and p.control in means]
     if not ok:
         return None
-    return asdict(matched_comparison(ok, means, outlier_dims=list(dict.fromkeys(outlier_dims)), seed=seed))
+    return matched_comparison(ok, means, outlier_dims=list(dict.fromkeys(outlier_dims)), seed=seed)
 
 
 def _slim_outliers(o: dict[str, Any]) -> dict[str, Any]:
     d = {k: v for k, v in o.items() if k != "rankings"}
     d["rankings"] = {k: {kk: vv for kk, vv in v.items() if kk not in ("all", "rank")} for k, v in o["rankings"].items()}
     return d
-
-
-def findings(r: dict[str, Any]) -> list[str]:
-    """One sentence per finding: which survive every available null at alpha, which do not. The sweep's excluded
-    runs and refused (degenerate) runs come first, then the matched comparison, then each run against its nulls."""
-    out = [x["sentence"] for x in r.get("sweep", {}).get("excluded", [])]
-    out += [x["reason"] for x in r.get("refused", [])]
-    if r.get("matched"):
-        out += list(r["matched"]["findings"])
-    for x in r["runs"]:
-        out += run_findings(x, r["alpha"], r["top_k"])
-    if r["recurrence"]:
-        out.append(recurrence_finding(r))
-    return out
-
-
-def _verdict_word(ok: bool | None) -> str:
-    return {True: "SURVIVES", False: "does not survive", None: "cannot be tested"}[ok]
-
-
-def run_findings(x: dict[str, Any], alpha: float, top_k: int) -> list[str]:
-    """One run's striation and outlier coincidences against their nulls, in words."""
-    txt = "; ".join(f"{d['null']}: mean {_f(d['null_mean'])}, 95th pct {_f(d['null_p95'])}, p {_f(d['p_value'])}"
-                    for d in x["striation_tests"] if d.get("p_value") is not None)
-    out = [f"{x['name']}: striation share {x['striation']['index_share']:.3f} {_verdict_word(x['striation_survives'])} "
-           f"(needs p < {alpha} under every null){' — ' + txt if txt else ''}."]
-    for kind, c in x["coincidences"].items():
-        if c["value"] > 0:
-            ps = ", ".join(f"{d['null'].split(' (')[0]} p {_f(d['p_value'])}" for d in c["tests"])
-            ov = ", ".join(map(str, c["overlap"]))
-            out.append(f"{x['name']}: {c['value']} of its top {top_k} indices ({ov}) "
-                       f"are top-{top_k} {kind.replace('_', ' ')} dims: {_verdict_word(c['survives'])} ({ps}).")
-    return out
-
-
-def recurrence_finding(r: dict[str, Any]) -> str:
-    """The most recurrent top index across runs against the family-wise null."""
-    top = r["recurrence"][0]
-    rt = r["recurrence_test"]
-    ok = top["p_value"] < r["alpha"]
-    return (f"Recurrence: index {top['index']} is in the top {r['top_k']} of {top['runs']}/{len(r['runs'])} "
-            f"runs (chance: most-recurrent index mean {rt['null_mean']:.2f}, 95th pct {rt['null_p95']:.0f}; "
-            f"p {top['p_value']:.3g}): {'SURVIVES' if ok else 'does not survive'}"
-            + (f"; it is also in the top of {top['control_runs']}/{len(r['controls'])} control runs"
-               if r["controls"] else "") + ".")
-
-
-def _f(v: object) -> str:
-    return "-" if v is None else (f"{v:.3g}" if isinstance(v, float) else str(v))
 
 
 def _unique_names(names: Sequence[str]) -> list[str]:
@@ -475,128 +489,6 @@ def _unique_names(names: Sequence[str]) -> list[str]:
     return out
 
 
-def render_report(r: dict[str, Any]) -> str:
-    """report.md: findings in words first, then the sweep's verdicts, the matched comparison and each section."""
-    L = [f"# IRM analysis: {r['model']}", "",
-         f"Model weights fingerprint `{r['fingerprint']}`. Inputs: {len(r['prompts'])} prompts ({r['prompt_source']}), "
-         f"each followed by the frozen model's own {r['max_new_tokens']}-token continuation: {r['tokens']} tokens, "
-         f"read at {r['read_site']}. Nulls: {r['n_permutations']} within-layer permutations, {r['n_random']} "
-         f"random-init IRMs of each run's shape, {len(r['controls'])} control runs. A finding survives when p < "
-         f"{r['alpha']} under every null available.", "", "## Findings", ""]
-    L += [f"- {s}" for s in r["findings"]]
-    L += [""]
-    if r.get("sweep"):
-        L += _sweep_section(r["sweep"])
-    if r.get("matched"):
-        L += render_comparison(r["matched"])
-    for part in (_runs_section, _recurrence_section, _correlation_section, _outliers_section, _controls_section):
-        L += part(r)
-    L += ["", "## Inputs (frozen model's continuations)", ""]
-    for s in r["samples"]:
-        L.append(f"- _{s['prompt']}_ → {s['frozen'].strip()[:200]!r}")
-    return "\n".join(L) + "\n"
-
-
-def _sweep_section(sw: dict[str, Any]) -> list[str]:
-    L = ["## Runs judged by the sweep", "", sw.get("note", ""), "",
-         "| run | verdict | target x (p) | opposite diff | repetition x | factual right off -> on | same opening |",
-         "|---|---|---|---|---|---|---|"]
-    for x in sw.get("judged", []):
-        L.append(f"| {x['name']} | {'passed' if x['passed'] else 'failed'} | {_f(x.get('target_ratio'))} "
-                 f"({_f(x.get('target_p'))}) | {_f(x.get('opposite_diff'))} | {_f(x.get('repetition_ratio'))} | "
-                 f"{_f(x.get('factual_off'))} -> {_f(x.get('factual_on'))} | {_f(x.get('same_opening_on'))} |")
-    return L + [""]
-
-
-def _runs_section(r: dict[str, Any]) -> list[str]:
-    L: list[str] = []
-    L += ["## Runs", "", "| run | alignment | injected layers | index share | chance 1/layers | "
-          "permutation p | random-init p95 | control p95 | top indices |", "|---|---|---|---|---|---|---|---|---|"]
-    for x in r["runs"]:
-        t = {d["null"].split(" ")[0]: d for d in x["striation_tests"]}
-        perm, rnd, ctl = t.get("permutation", {}), t.get("random-init", {}), t.get("control", {})
-        L.append(f"| {x['name']} | {x['alignment']} | {_layers_text(x['layers'])} | "
-                 f"{x['striation']['index_share']:.3f} | {1 / len(x['layers']):.3f} | {_f(perm.get('p_value'))} | "
-                 f"{_f(rnd.get('null_p95'))} | {_f(ctl.get('null_p95'))} | {', '.join(map(str, x['top_indices']))} |")
-    L += ["", "Index share: the fraction of the variance of the mean output (layer x index) explained by the hidden "
-          "index alone (vertical stripes). Under the within-layer permutation null it sits near 1/layers.", "",
-          "## Heat-maps (|mean output|, one colour scale from 0)", ""]
-    for x in r["runs"]:
-        L += [f"![{x['name']}]({x['heatmap']})", ""]
-    L += ["![top indices](top_indices.png)", ""]
-    return L
-
-
-def _recurrence_section(r: dict[str, Any]) -> list[str]:
-    L: list[str] = []
-    if r["recurrence"]:
-        rt = r["recurrence_test"]
-        L += ["## Recurring indices", "",
-              f"Indices in the top {r['top_k']} of at least two runs. Chance: each run's top {r['top_k']} a random "
-              f"set of {rt['hidden']} dims gives {rt['expected_per_index']:.2f} runs per index; the most recurrent "
-              f"index of a random draw has mean {rt['null_mean']:.2f}, 95th percentile {rt['null_p95']:.0f} runs "
-              "(p is family-wise against that).", "",
-              "| index | runs | p | control runs | alignments | massive rank | LM-head rank |",
-              "|---|---|---|---|---|---|---|"]
-        for x in [x for x in r["recurrence"] if x["runs"] > 1][:30]:
-            o = x["outlier_ranks"]
-            L.append(f"| {x['index']} | {x['runs']}/{len(r['runs'])} | {x['p_value']:.3g} | {x['control_runs']}/"
-                     f"{len(r['controls'])} | {', '.join(x['alignments'])} | {o['massive_activations']} | "
-                     f"{o['lm_head_column_norm']} |")
-        L.append("")
-    return L
-
-
-def _correlation_section(r: dict[str, Any]) -> list[str]:
-    c = r["correlation"]
-    L = [f"## Correlation between runs ({c['kind']})", "", "![correlation](correlation.png)", "",
-          "| | " + " | ".join(c["names"]) + " |", "|---" * (len(c["names"]) + 1) + "|"]
-    for n, row in zip(c["names"], c["matrix"]):
-        L.append(f"| {n} | " + " | ".join(f"{v:.2f}" for v in row) + " |")
-    return L
-
-
-def _outliers_section(r: dict[str, Any]) -> list[str]:
-    o = r["outliers"]
-    L = ["", "## The model's own outlier dimensions", "", "![outliers](outliers.png)", "",
-          f"Massive = {o['massive']['definition']}: "
-          + (", ".join(f"dim {d['dim']} ({d['max_multiple']:.0f}x, layers {_layers_text(d['layers'])}, tokens "
-                       f"{', '.join(repr(t) for t in d['tokens'][:3])})" for d in o["massive"]["dims"][:8])
-             or "none") + ".", "", "| kind | top dims (value, x median) |", "|---|---|"]
-    for name, d in o["rankings"].items():
-        L.append(f"| {name.replace('_', ' ')} | " + ", ".join(
-            f"{i} ({v:.3g}, {q:.1f}x)" for i, v, q in zip(d["indices"], d["values"], d["multiples"])) + " |")
-    L += ["", "## Coincidence of top IRM indices with outlier dims", "",
-          "| run | kind | overlap | hypergeometric mean / p | random-init p95 / p | control p |",
-          "|---|---|---|---|---|---|"]
-    for x in r["runs"]:
-        for kind, cz in x["coincidences"].items():
-            t = cz["tests"]
-            ctl = t[2]["p_value"] if len(t) > 2 else None
-            ov = ", ".join(map(str, cz["overlap"]))
-            L.append(f"| {x['name']} | {kind.replace('_', ' ')} | {cz['value']} ({ov}) | "
-                     f"{t[0]['null_mean']:.2f} / {_f(t[0]['p_value'])} | "
-                     f"{_f(t[1]['null_p95'])} / {_f(t[1]['p_value'])} | "
-                     f"{_f(ctl)} |")
-    return L
-
-
-def _controls_section(r: dict[str, Any]) -> list[str]:
-    L: list[str] = []
-    if r["controls"]:
-        L += ["", "## Control runs", "", "| control | alignment | layers | index share | top indices |",
-              "|---|---|---|---|---|"]
-        for c2 in r["controls"]:
-            L.append(f"| {c2['name']} | {c2['alignment']} | {_layers_text(c2['layers'])} | {c2['striation']:.3f} | "
-                     f"{', '.join(map(str, c2['top_indices']))} |")
-    return L
-
-
-def _layers_text(layers: Sequence[int]) -> str:
-    if len(layers) > 1 and list(layers) == list(range(layers[0], layers[-1] + 1)):
-        return f"{layers[0]}-{layers[-1]}"
-    return ",".join(map(str, layers))
-
-
-__all__ = ["analyze_runs", "striation", "index_scores", "top_indices", "run_correlations", "RunOutputs",
-           "render_report", "held_out_prompts", "read_inputs", "outputs_of", "findings", "OUTLIER_KINDS"]
+__all__ = ["Analysis", "RunAnalysis", "ControlSummary", "Refusal", "analyze_runs", "striation", "index_scores",
+           "top_indices", "run_correlations", "RunOutputs", "render_report", "held_out_prompts", "read_inputs",
+           "outputs_of", "findings", "OUTLIER_KINDS"]

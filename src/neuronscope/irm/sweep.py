@@ -27,12 +27,15 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from ..errors import NeuronscopeError
 from ..store import read_json, write_json, write_text
 from .compare import Pair
 from .training import RUN, TrainConfig, load_run, train_irm
+
+if TYPE_CHECKING:
+    from .analysis import Analysis
 
 SWEEP = "sweep.json"
 SETS = ("q1", "q2", "q3", "q4", "every4", "all")
@@ -102,7 +105,7 @@ class SweepResult:
     runs: list[SweepRun]
     analysed: list[str]
     excluded: list[dict[str, str]]
-    analysis: dict[str, Any] | None = None
+    analysis: Analysis | None = None
     findings: list[str] = field(default_factory=list)
 
 
@@ -221,7 +224,7 @@ def judge_one(subject: Any, r: SweepRun, run_dir: Path, questions: Sequence[str]
         return Judged(None, "fewer than two held-out questions", r.alignment, scale=ev.scale)
     rep = judge_irm(subject, irm, qs[:ev.limit], judge=judge, target=r.alignment, chat=run["train"].get("chat", False),
                     max_new_tokens=ev.max_new_tokens, scale=ev.scale, progress=progress,
-                    facts=FACTS if ev.facts else None)
+                    facts=FACTS if ev.facts else None).to_json()
     write_json(run_dir / "judged.json", rep)
     return summarize_verdict(rep)
 
@@ -319,8 +322,8 @@ def analyse_grid(subject: Any, out: Path, result: SweepResult, kwargs: dict[str,
         return
     result.analysis = analyze_runs([out / "runs" / n for n in result.analysed], out / "report", subject=subject,
                                    controls=[out / "runs" / c.name for c in controls], progress=progress,
-                                   pairs=pairs, skip_degenerate=True, extra={"sweep": sweep_info}, **kwargs)
-    result.findings = list(result.analysis["findings"])
+                                   pairs=pairs, skip_degenerate=True, sweep=sweep_info, **kwargs)
+    result.findings = list(result.analysis.findings)
 
 
 __all__ = ["layer_sets", "sweep_plan", "run_sweep", "run_status", "SETS", "DEFAULT_SETS", "SweepRun", "Judged",
