@@ -43,6 +43,7 @@ import torch
 from ..attribution import Attribution, top_scores
 from ..errors import NeuronscopeError
 from ..interventions import BoundCapture, Capture, Intervention, ResidualFunction, intervene
+from ..subject import Subject
 from .packing import Step, call_args, new_cache, packs, plain_cache, run_one, run_packed
 
 CHUNK_TOKENS = 32         # positions per model call while another session's answer streams
@@ -213,10 +214,10 @@ class FairLock:
         self.acquire()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.release()
 
-    def _gather(self, subject, me: _Ticket) -> list[_Ticket]:
+    def _gather(self, subject: Subject, me: _Ticket) -> list[_Ticket]:
         """With a slot held: the steps to run with `me` (taken out of the queue). With one slot, every waiting step
         rides along (1-token steps, and longer ones within `pack_tokens`); with more, decoding steps run with
         decoding steps and longer steps in slots of their own. Before it takes them, a decoding step (with one slot:
@@ -252,7 +253,7 @@ class FairLock:
                 self._queue.remove(t)
         return batch
 
-    def run(self, subject, step: Step) -> Step:
+    def run(self, subject: Subject, step: Step) -> Step:
         """Run one model call in its turn, packed with the steps waiting behind it when the model packs; returns
         `step` with its results (or raises its own error)."""
         me = _Ticket(step)
@@ -302,7 +303,7 @@ class FairLock:
         self._ride = est if self._ride is None else 0.5 * self._ride + 0.5 * est
 
     @staticmethod
-    def _run_each(subject, batch: list[_Ticket]) -> None:
+    def _run_each(subject: Subject, batch: list[_Ticket]) -> None:
         for t in batch:
             assert t.step is not None
             try:
@@ -317,7 +318,7 @@ def _check_chunk(chunk: int) -> int:
     return chunk
 
 
-def decode(subject, prompt: Sequence[int], *, interventions: Sequence[Intervention], lock: FairLock,
+def decode(subject: Subject, prompt: Sequence[int], *, interventions: Sequence[Intervention], lock: FairLock,
            max_new_tokens: int, temperature: float, seed: int | None, eos: set[int],
            on_token: Callable[[int], None], cancelled: Callable[[], bool] = lambda: False,
            chunk: int = CHUNK_TOKENS, idle_chunk: int | None = IDLE_CHUNK_TOKENS) -> list[int]:
@@ -329,8 +330,9 @@ def decode(subject, prompt: Sequence[int], *, interventions: Sequence[Interventi
                        cancelled, _check_chunk(chunk), None if idle_chunk is None else _check_chunk(idle_chunk))
 
 
-def _decode(subject, prompt, interventions, lock, max_new_tokens, temperature, seed, eos, on_token, cancelled,
-            chunk, idle_chunk) -> list[int]:
+def _decode(subject: Subject, prompt: Sequence[int], interventions: Sequence[Intervention], lock: FairLock,
+            max_new_tokens: int, temperature: float, seed: int | None, eos: set[int], on_token: Callable[[int], None],
+            cancelled: Callable[[], bool], chunk: int, idle_chunk: int | None) -> list[int]:
     cache = new_cache(subject)
     gen = None
     if temperature > 0:
@@ -354,8 +356,9 @@ def _decode(subject, prompt, interventions, lock, max_new_tokens, temperature, s
     return new
 
 
-def _generate(subject, lock, cache, ivs, P, step, max_new_tokens, temperature, gen, eos, on_token, cancelled,
-              new: list[int]) -> None:
+def _generate(subject: Subject, lock: FairLock, cache: Any, ivs: list[Intervention], P: int, step: Step | None,
+              max_new_tokens: int, temperature: float, gen: torch.Generator | None, eos: set[int],
+              on_token: Callable[[int], None], cancelled: Callable[[], bool], new: list[int]) -> None:
     for k in range(max_new_tokens):
         if k:
             if cancelled():
@@ -396,7 +399,7 @@ class Chunks:
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
 
 
-def forward_chunks(subject, ids: torch.Tensor, *, lock: FairLock | None, chunk: int = CHUNK_TOKENS,
+def forward_chunks(subject: Subject, ids: torch.Tensor, *, lock: FairLock | None, chunk: int = CHUNK_TOKENS,
                    idle_chunk: int | None = None, interventions: Sequence[Intervention] = (),
                    capture: Capture | None = None, last_logits: bool = False, grad: bool = False,
                    stop_after: int | None = None) -> Chunks:
@@ -415,7 +418,7 @@ def forward_chunks(subject, ids: torch.Tensor, *, lock: FairLock | None, chunk: 
     ids = ids.to(subject.device)
     cache = new_cache(subject)
     cache_kw, keep = call_args(subject)
-    extra: dict = {"logits_to_keep": 1} if (last_logits and keep) else {}
+    extra: dict[str, Any] = {"logits_to_keep": 1} if (last_logits and keep) else {}
     ivs = list(interventions)
     if stop_after is not None:
         ivs.append(ResidualFunction(layers=[subject.check_layer(stop_after)], site="resid.post", fn=_stop))
@@ -464,7 +467,7 @@ def forward_chunks(subject, ids: torch.Tensor, *, lock: FairLock | None, chunk: 
     return Chunks(logits=lg, captures=caps, cache=cache)
 
 
-def attribute_chunked(subject, ids: torch.Tensor, target_position: int, target_token: int | None = None,
+def attribute_chunked(subject: Subject, ids: torch.Tensor, target_position: int, target_token: int | None = None,
                       top: int = 1000, *, lock: FairLock | None, chunk: int = CHUNK_TOKENS,
                       idle_chunk: int | None = None, interventions: Sequence[Intervention] = ()) -> Attribution:
     """`neuronscope.attribution.attribute` with its forward in chunks under the lock and its backward outside it
@@ -498,75 +501,107 @@ def attribute_chunked(subject, ids: torch.Tensor, target_position: int, target_t
         first = forward_chunks(subject, prefix[:, :starts[-1]], lock=lock, chunk=chunk, idle_chunk=idle_chunk,
                                interventions=interventions, last_logits=True)
         kv = [(layer.keys.detach(), layer.values.detach()) for layer in first.cache.layers]
-    gk = [torch.zeros_like(k) for k, _ in kv]
-    gv = [torch.zeros_like(v) for _, v in kv]
-    acts: dict[int, list[torch.Tensor]] = {}
-    grads: dict[int, list[torch.Tensor]] = {}
-    layers: list[int] = []
-    p_value = 0.0
+    back = _Backward(subject, prefix, kv, lock, interventions, target_token)
     for a in reversed(starts):
-        b = min(a + size, Tp)
-        cache = new_cache(subject)
+        back.chunk(a, min(a + size, Tp))
+    return back.result(target_position, top)
+
+
+def _target_probability(logits: torch.Tensor, target_token: int | None) -> tuple[torch.Tensor, int]:
+    """p(target) from one position's logits (in at least fp32), and the target (the argmax when None)."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    probs = torch.softmax(logits, dim=-1)
+    if target_token is None:
+        target_token = int(probs.argmax())
+    return probs[int(target_token)], int(target_token)
+
+
+class _Backward:
+    """The second pass of `attribute_chunked`: chunks run again from the last to the first, each with its past
+    keys/values as leaves; each chunk's backward takes p (last chunk) or the gradient the later chunks sent to its
+    own keys/values, and adds the gradient of its past keys/values to what the earlier chunks will send."""
+
+    def __init__(self, subject: Subject, prefix: torch.Tensor, kv: list[tuple[torch.Tensor, torch.Tensor]],
+                 lock: FairLock | None, interventions: Sequence[Intervention], target_token: int | None) -> None:
+        self.subject, self.prefix, self.kv, self.lock = subject, prefix, kv, lock
+        self.interventions, self.target_token = list(interventions), target_token
+        self.Tp = int(prefix.shape[1])
+        self.gk = [torch.zeros_like(k) for k, _ in kv]
+        self.gv = [torch.zeros_like(v) for _, v in kv]
+        self.acts: dict[int, list[torch.Tensor]] = {}
+        self.grads: dict[int, list[torch.Tensor]] = {}
+        self.layers: list[int] = []
+        self.p_value = 0.0
+
+    def _past(self, a: int) -> tuple[Any, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """A cache holding positions 0..a-1 as leaves that require grad (and the leaves, per layer)."""
+        cache = new_cache(self.subject)
         past: list[tuple[torch.Tensor, torch.Tensor]] = []
         with torch.enable_grad():
-            for l, (K, V) in enumerate(kv if a else []):
+            for l, (K, V) in enumerate(self.kv if a else []):
                 pk = K[..., :a, :].clone().requires_grad_(True)
                 pv = V[..., :a, :].clone().requires_grad_(True)
                 cache.update(pk, pv, l)
                 past.append((pk, pv))
-        step = Step(cache, prefix[0, a:b], list(interventions), prompt_len=Tp, capture=Capture(grad=True),
-                    logits="last" if b == Tp else "none", grad=True)
-        if lock is None:
-            run_one(subject, step)
+        return cache, past
+
+    def _outputs(self, step: Step, cache: Any, a: int, b: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """What this chunk's backward starts from: p for the last chunk, else the gradients sent to its own
+        keys/values by the later chunks."""
+        if b == self.Tp:
+            assert step.out is not None
+            p, self.target_token = _target_probability(step.out[-1], self.target_token)
+            self.p_value = float(p.detach())
+            return [p], [torch.ones_like(p)]
+        outputs: list[torch.Tensor] = []
+        grad_out: list[torch.Tensor] = []
+        for l, layer in enumerate(cache.layers):
+            for full, g in ((layer.keys, self.gk[l]), (layer.values, self.gv[l])):
+                if not full.requires_grad:  # e.g. layer 0 of the first chunk: no probe before it
+                    continue
+                send = torch.zeros_like(full)
+                send[..., a:b, :] = g[..., a:b, :]
+                outputs.append(full)
+                grad_out.append(send)
+        return outputs, grad_out
+
+    def chunk(self, a: int, b: int) -> None:
+        """Positions a..b-1: forward (through the lock, maybe packed with other sessions' steps), then backward."""
+        cache, past = self._past(a)
+        step = Step(cache, self.prefix[0, a:b], list(self.interventions), prompt_len=self.Tp,
+                    capture=Capture(grad=True), logits="last" if b == self.Tp else "none", grad=True)
+        if self.lock is None:
+            run_one(self.subject, step)
         else:  # may share its forward with other sessions' steps
-            lock.run(subject, step)
+            self.lock.run(self.subject, step)
         cap = step.captured
         assert isinstance(cap, BoundCapture)
-        layers = cap.layers
+        self.layers = cap.layers
         # a slot of its own (it is compute like a forward), apart from the forward's: a backward runs no forward
         # hook, so the forward's slot is free for other sessions' steps meanwhile
-        with lock if lock is not None else nullcontext(), torch.enable_grad():
-            outputs: list[torch.Tensor] = []
-            grad_out: list[torch.Tensor] = []
-            if b == Tp:
-                assert step.out is not None
-                logits = step.out[-1]
-                logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-                probs = torch.softmax(logits, dim=-1)
-                if target_token is None:
-                    target_token = int(probs.argmax())
-                p = probs[int(target_token)]
-                p_value = float(p.detach())
-                outputs.append(p)
-                grad_out.append(torch.ones_like(p))
-            else:  # what the later chunks sent to this chunk's own keys and values
-                for l, layer in enumerate(cache.layers):
-                    for full, g in ((layer.keys, gk[l]), (layer.values, gv[l])):
-                        if not full.requires_grad:  # e.g. layer 0 of the first chunk: no probe before it
-                            continue
-                        send = torch.zeros_like(full)
-                        send[..., a:b, :] = g[..., a:b, :]
-                        outputs.append(full)
-                        grad_out.append(send)
+        with self.lock if self.lock is not None else nullcontext(), torch.enable_grad():
+            outputs, grad_out = self._outputs(step, cache, a, b)
             leaves = cap.leaves()
             inputs = leaves + [t for pair in past for t in pair]
             got = torch.autograd.grad(outputs, inputs, grad_out, allow_unused=True)
-        for j, l in enumerate(layers):
+        for j, l in enumerate(self.layers):
             g = got[j]
-            acts.setdefault(l, []).insert(0, cap.get("neurons", l)[0])
-            grads.setdefault(l, []).insert(0, torch.zeros_like(leaves[j][0]) if g is None else g[0])
+            self.acts.setdefault(l, []).insert(0, cap.get("neurons", l)[0])
+            self.grads.setdefault(l, []).insert(0, torch.zeros_like(leaves[j][0]) if g is None else g[0])
         for l in range(len(past)):
-            for acc, g in ((gk[l], got[len(leaves) + 2 * l]), (gv[l], got[len(leaves) + 2 * l + 1])):
+            for acc, g in ((self.gk[l], got[len(leaves) + 2 * l]), (self.gv[l], got[len(leaves) + 2 * l + 1])):
                 if g is not None:
                     acc[..., :a, :] += g
-        del step, cache, past, outputs, grad_out
-    act_t = torch.stack([torch.cat(acts[l], dim=0) for l in layers])                     # [L, T', N]
-    grad_t = torch.stack([torch.cat(grads[l], dim=0) for l in layers]).to(act_t.dtype)
-    return top_scores(act_t, grad_t, layers, target_position, int(target_token), p_value, top)
+
+    def result(self, target_position: int, top: int) -> Attribution:
+        act_t = torch.stack([torch.cat(self.acts[l], dim=0) for l in self.layers])               # [L, T', N]
+        grad_t = torch.stack([torch.cat(self.grads[l], dim=0) for l in self.layers]).to(act_t.dtype)
+        assert self.target_token is not None  # set by the last chunk
+        return top_scores(act_t, grad_t, self.layers, target_position, int(self.target_token), self.p_value, top)
 
 
-def _attribute_one_graph(subject, ids: torch.Tensor, target_position: int, target_token: int | None, top: int, *,
-                         lock: FairLock | None, chunk: int, idle_chunk: int | None,
+def _attribute_one_graph(subject: Subject, ids: torch.Tensor, target_position: int, target_token: int | None,
+                         top: int, *, lock: FairLock | None, chunk: int, idle_chunk: int | None,
                          interventions: Sequence[Intervention]) -> Attribution:
     """The attribution with its forward in chunks that keep their graphs for one backward (memory and time grow with
     T^2 / chunk: each chunk keeps a copy of the earlier keys/values); for caches with sliding-window layers."""
@@ -574,12 +609,7 @@ def _attribute_one_graph(subject, ids: torch.Tensor, target_position: int, targe
                          interventions=interventions, capture=Capture(grad=True), last_logits=True, grad=True)
     assert run.logits is not None
     with lock if lock is not None else nullcontext(), torch.enable_grad():  # a slot apart from the forward's
-        logits = run.logits[-1]
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        probs = torch.softmax(logits, dim=-1)
-        if target_token is None:
-            target_token = int(probs.argmax())
-        p = probs[int(target_token)]
+        p, target_token = _target_probability(run.logits[-1], target_token)
         leaves = [c.leaves() for c in run.captures]          # [chunk][layer]
         flat = [leaf for per in leaves for leaf in per]
         grads = torch.autograd.grad(p, flat, allow_unused=True)

@@ -13,7 +13,7 @@ from .limits import DEFAULT as L
 
 class ErrorOut(BaseModel):
     error: str = Field(description="One sentence saying what was wrong.")
-    detail: Optional[list] = None
+    detail: Optional[list[dict[str, Any]]] = None
 
 
 class GenerateIn(BaseModel):
@@ -237,7 +237,7 @@ class ConceptsOut(BaseModel):
 
 class ClusterOut(BaseModel):
     name: str
-    members: list[list]
+    members: list[list[Any]]
     tokens: list[str]
     size: int
     activation: float = Field(description="Sum of the members' |normalised activation| at their firing tokens.")

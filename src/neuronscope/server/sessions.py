@@ -13,7 +13,7 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -26,8 +26,8 @@ class Message:
     content: str
     ids: list[int] | None = None  # the exact generated ids (used to render models without a chat template)
     steerings: list[str] = field(default_factory=list)  # steering ids active when this answer was generated
-    steered_by: list[dict] = field(default_factory=list)  # those steerings as they were (public form)
-    previous: list[dict] = field(default_factory=list)  # earlier answers to the same message: content, steered_by
+    steered_by: list[dict[str, Any]] = field(default_factory=list)  # those steerings as they were (public form)
+    previous: list[dict[str, Any]] = field(default_factory=list)  # earlier answers to it: content, steered_by
 
 
 @dataclass
@@ -57,9 +57,9 @@ class Session:
     messages: list[Message] = field(default_factory=list)
     steerings: dict[str, Steering] = field(default_factory=dict)
     version: int = 0
-    cache: dict[str, Any] = field(default_factory=dict)
+    cache: dict[Any, Any] = field(default_factory=dict)  # views by key (a name, or a tuple with arguments)
     owner: str | None = None      # the client token that made it (None: made in-process, e.g. a notebook)
-    generating: dict | None = None  # the answer being generated now: {"text", "n_tokens"} (survives a reload)
+    generating: dict[str, Any] | None = None  # the answer being generated now: {"text", "n_tokens"} (survives a reload)
     n_steerings_made: int = 0
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
 
@@ -72,7 +72,7 @@ class Session:
         """Approximate memory held by this session: cached tensors plus conversation text."""
         total = sum(len(m.content) + 8 * len(m.ids or []) for m in self.messages)
 
-        def size(obj) -> int:
+        def size(obj: Any) -> int:
             if torch.is_tensor(obj):
                 return obj.element_size() * obj.numel()
             if isinstance(obj, dict):
@@ -92,7 +92,8 @@ class StoreFull(NeuronscopeError):
 class SessionStore:
     """Thread-safe map of live sessions with idle expiry, owned per client."""
 
-    def __init__(self, ttl: float = 1800.0, max_sessions: int = 64, clock=time.monotonic, max_per_client: int = 8):
+    def __init__(self, ttl: float = 1800.0, max_sessions: int = 64, clock: Callable[[], float] = time.monotonic,
+                 max_per_client: int = 8) -> None:
         self.ttl, self.max_sessions, self.clock = float(ttl), int(max_sessions), clock
         self.max_per_client = int(max_per_client)
         self._sessions: dict[str, Session] = {}

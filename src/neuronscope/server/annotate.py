@@ -1,0 +1,103 @@
+"""What the Monitor says about a neuron in a view's row: its description, whether it is interpretable, its top
+decoded tokens, and how the statistics normalise activations (read from the atlas once, shared by every view)."""
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from typing import Any, Hashable
+
+from .knowledge import Knowledge
+
+INTERPRETABLE_SCORE = 0.3  # a description's simulator score from which a neuron counts as interpretable
+
+DescriptionIndex = dict[tuple[int, int, str], dict[str, Any]]  # (layer, neuron, polarity) -> text, score, flag
+
+
+class ViewCache:
+    """A thread-safe cache of results that do not depend on a session (neuron details, concept searches), holding
+    the `size` most recently stored."""
+
+    def __init__(self, size: int = 512) -> None:
+        self.size = size
+        self._items: OrderedDict[Hashable, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Hashable) -> Any:
+        """The value stored under `key`, or None."""
+        with self._lock:
+            return self._items.get(key)
+
+    def put(self, key: Hashable, value: Any) -> None:
+        """Store `value` (dropping the oldest entry when full)."""
+        with self._lock:
+            if key not in self._items and len(self._items) >= self.size:
+                self._items.popitem(last=False)
+            self._items[key] = value
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+class Annotator:
+    """Descriptions, interpretable flags and top tokens for rows of neurons, and the normalisation's wording."""
+
+    def __init__(self, knowledge: Knowledge) -> None:
+        self.knowledge = knowledge
+        self._desc: DescriptionIndex | None = None
+        self._lock = threading.Lock()
+
+    def descriptions(self) -> DescriptionIndex | None:
+        """Every description, read once: {(layer, neuron, polarity): {"text", "score", "interpretable"}}."""
+        d = self.knowledge.descriptions
+        if d is None:
+            return None
+        with self._lock:
+            if self._desc is None:
+                index = {}
+                for row in d.all():
+                    score = row.get("score")
+                    flag = row.get("interpretable")
+                    if flag is None:
+                        flag = score is not None and float(score) >= INTERPRETABLE_SCORE
+                    index[(int(row["layer"]), int(row["neuron"]), str(row["polarity"]))] = {
+                        "text": row.get("text"), "score": score, "interpretable": bool(flag)}
+                self._desc = index
+            return self._desc
+
+    def meta(self, row: dict[str, Any]) -> dict[str, Any]:
+        """Add description, interpretable flag and top decoded tokens to a row (at once: views run concurrently)."""
+        if "top_tokens" not in row:
+            index = self.descriptions()
+            d = index.get((row["layer"], row["neuron"], row["polarity"])) if index is not None else None
+            tops = self.knowledge.top_tokens(row["layer"], row["neuron"], row["polarity"])
+            row.update(description=d["text"] if d else None, interpretable=bool(d and d["interpretable"]),
+                       top_tokens=tops)
+        return row
+
+    def level_marks(self) -> dict[str, str] | None:
+        """{level: mark} for the statistics' levels the corpus does not resolve (stats.levels), else None."""
+        st = self.knowledge.stats
+        info = getattr(st, "level_info", None) if st is not None else None
+        if st is None or info is None:
+            return None
+        out = {}
+        for lv in st.levels:
+            mark = info.get(lv).mark
+            if mark:
+                out[str(lv)] = mark
+        return out
+
+    def normalised_by(self) -> str | None:
+        """How activations are normalised, e.g. "positive / q(1-1e-05), negative / |q(1e-05)|" (+ its mark)."""
+        st = self.knowledge.stats
+        if st is None or not hasattr(st, "norm_levels"):
+            return None
+        from ..stats.levels import fmt_level
+        hi, lo = st.norm_levels()
+        text = f"positive / q({fmt_level(hi)}), negative / |q({fmt_level(lo)})|"
+        marks = {m for m in (st.level_info.get(hi).mark, st.level_info.get(lo).mark) if m}
+        return text + (f" ({'; '.join(sorted(marks))})" if marks else "")

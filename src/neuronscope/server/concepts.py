@@ -1,0 +1,62 @@
+"""Concept search: the neurons of a concept, best first, by meaning when the atlas has the describe index
+(`atlas.search.semantic_search`), else by the decode + description text search of `Knowledge.search`. Results are
+cached (a steering by concept and the concept list ask the same question)."""
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import NeuronscopeError
+from .annotate import ViewCache
+from .knowledge import Knowledge
+from .limits import Limits
+
+
+class Concepts:
+    """Finds a concept's neurons in one atlas."""
+
+    def __init__(self, knowledge: Knowledge, limits: Limits, cache: ViewCache) -> None:
+        self.knowledge, self.limits, self.cache = knowledge, limits, cache
+        self._index_ok: bool | None = None
+
+    def concepts(self, query: str, k: int = 50) -> dict[str, Any]:
+        """Neurons for a concept, best first, with the notes on what the atlas lacks."""
+        if not 1 <= k <= self.limits.max_steer_neurons:
+            raise NeuronscopeError(f"k must be between 1 and {self.limits.max_steer_neurons}.")
+        if len(query) > self.limits.max_concept_chars:
+            raise NeuronscopeError(f"The concept has {len(query)} characters; the limit is "
+                                   f"{self.limits.max_concept_chars}.")
+        return {"query": query, "results": self.search(query, k), "notes": list(self.knowledge.notes)}
+
+    def search(self, query: str, k: int) -> list[dict[str, Any]]:
+        """The rows of `concepts` (copies: a caller may change them)."""
+        key = ("search", query.strip().lower(), int(k))
+        hit: list[dict[str, Any]] | None = self.cache.get(key)
+        if hit is not None:
+            return [dict(r) for r in hit]
+        rows = self._search_uncached(query, k)
+        self.cache.put(key, [dict(r) for r in rows])
+        return rows
+
+    def _search_uncached(self, query: str, k: int) -> list[dict[str, Any]]:
+        folder = self.knowledge.atlas_dir
+        if folder and self.has_index():
+            from ..atlas.search import semantic_search
+            try:
+                hits = semantic_search(folder, query, k=k)
+            except NeuronscopeError:
+                hits = None
+            if hits is not None:
+                return [{"layer": int(h["layer"]), "neuron": int(h["neuron"]), "polarity": str(h["polarity"]),
+                         "score": float(h["score"]), "tokens": list(h.get("tokens") or []), "source": "semantic",
+                         "description": h.get("description")} for h in hits]
+        return self.knowledge.search(query, k=k)
+
+    def has_index(self) -> bool:
+        """Whether the atlas has the describe step's embedding index (looked up once)."""
+        if self._index_ok is None:
+            try:
+                from ..describe.index import load_index
+                self._index_ok = load_index(self.knowledge.atlas_dir) is not None
+            except (ImportError, NeuronscopeError, OSError):
+                self._index_ok = False
+        return self._index_ok

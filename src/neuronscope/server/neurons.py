@@ -1,0 +1,97 @@
+"""One neuron's page: its decodes, descriptions, quantiles and top exemplars, each exemplar token marked with the
+neuron's activation there (a forward of the exemplar windows that stops after the neuron's layer)."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..errors import NeuronscopeError
+from ..interventions import Capture
+from ..refs import check_neuron
+from .annotate import Annotator, ViewCache
+from .decoding import forward_chunks
+from .knowledge import Knowledge
+from .limits import Limits
+from .render import Renderer
+from .runtime import Runtime
+
+POLARITIES = ("pos", "neg")
+
+
+class NeuronPages:
+    """Neuron details, cached per (neuron, n_exemplars, marks) in a cache shared with concept search."""
+
+    def __init__(self, runtime: Runtime, renderer: Renderer, knowledge: Knowledge, limits: Limits,
+                 annotator: Annotator, cache: ViewCache) -> None:
+        self.runtime, self.renderer, self.knowledge = runtime, renderer, knowledge
+        self.limits, self.annotator, self.cache = limits, annotator, cache
+
+    def neuron(self, layer: int, neuron: int, n_exemplars: int = 10, marks: bool = True) -> dict[str, Any]:
+        """A neuron's decodes, description and top exemplars (with each token's normalised activation).
+
+        The marks (the neuron's activation at every token of each exemplar window) need a forward of the windows;
+        `marks=False` answers without it (no model call), so a page can show the detail at once and the marks
+        after. Results are cached per (neuron, n_exemplars, marks).
+        """
+        subject = self.runtime.subject
+        check_neuron(layer, neuron, subject.n_layers, subject.n_neurons)
+        if not 0 <= n_exemplars <= self.limits.max_exemplars:
+            raise NeuronscopeError(f"n_exemplars must be between 0 and {self.limits.max_exemplars}.")
+        key = (layer, neuron, n_exemplars, bool(marks))
+        hit: dict[str, Any] | None = self.cache.get(key)
+        if hit is not None:
+            return hit
+        out = self._neuron(layer, neuron, n_exemplars, marks)
+        self.cache.put(key, out)
+        return out
+
+    def _exemplar(self, layer: int, neuron: int, e: dict[str, Any]) -> dict[str, Any]:
+        """One exemplar as the page shows it: its tokens, its activation and each token's mark (normalised)."""
+        k = self.knowledge
+        acts = e.get("acts")
+        marked = [k.normalise_one(layer, neuron, x) for x in acts] if acts else None
+        return {"activation": float(e["activation"]),
+                "normalised": k.normalise_one(layer, neuron, float(e["activation"])), "position": int(e["position"]),
+                "tokens": self.renderer.display_tokens(list(e["token_ids"])) if e.get("token_ids") else
+                list(e["tokens"]), "text": e.get("text", ""), "marks": marked}
+
+    def _neuron(self, layer: int, neuron: int, n_exemplars: int, marks: bool) -> dict[str, Any]:
+        k = self.knowledge
+        decodes, source = k.decodes(layer, neuron)
+        found = {pol: k.exemplars(layer, neuron, pol, n_exemplars) if n_exemplars and k.stats is not None else []
+                 for pol in POLARITIES}
+        if marks:
+            every = [e for pol in POLARITIES for e in found[pol]]
+            for e, acts in zip(every, self.window_acts([list(e["token_ids"]) for e in every], layer, neuron)):
+                e["acts"] = acts
+        exemplars = {pol: [self._exemplar(layer, neuron, e) for e in found[pol]] for pol in POLARITIES}
+        return {"layer": layer, "neuron": neuron, "decodes": decodes, "decodes_source": source,
+                "descriptions": {p: k.description(layer, neuron, p) for p in POLARITIES},
+                "exemplars": exemplars, "quantiles": k.quantiles_of(layer, neuron),
+                "quantile_marks": self.annotator.level_marks(), "normalised_by": self.annotator.normalised_by(),
+                "notes": list(k.notes)}
+
+    def window_acts(self, windows: list[list[int]], layer: int, neuron: int) -> list[list[float]]:
+        """Neuron (layer, neuron)'s activation at every token of each exemplar window: forwards that stop after
+        `layer` (the layers above cannot change it), windows of one length batched so that a lock hold runs about
+        one chunk of tokens (`decoding.forward_chunks`)."""
+        rt = self.runtime
+        out: list[list[float] | None] = [None] * len(windows)
+        by_len: dict[int, list[int]] = {}
+        for j, w in enumerate(windows):
+            if w:
+                by_len.setdefault(len(w), []).append(j)
+        for n, js in by_len.items():
+            per_call = rt.lock.chunk_size(rt.chunk_tokens, rt.idle_chunk_tokens)
+            rows = max(1, min(len(js), per_call // n))
+            for a in range(0, len(js), rows):
+                part = js[a:a + rows]
+                run = forward_chunks(rt.subject, torch.tensor([windows[j] for j in part]), lock=rt.lock,
+                                     chunk=max(1, rt.chunk_tokens // len(part)),
+                                     idle_chunk=max(1, rt.idle_chunk_tokens // len(part)),
+                                     capture=Capture(layers=[layer], neurons=[neuron]), stop_after=layer)
+                acts = run.activations()[0, :, :, 0].float()
+                for j, row in zip(part, acts):
+                    out[j] = row.tolist()
+        return [x if x is not None else [] for x in out]
