@@ -14,7 +14,7 @@ Score of neuron (l, i) at position t = |a * dp/da| (DESIGN.md section 2); the to
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -42,7 +42,7 @@ class Attribution:
     def __len__(self) -> int:
         return int(self.score.numel())
 
-    def rows(self) -> list[dict]:
+    def rows(self) -> list[dict[str, Any]]:
         """One dict per (layer, position, neuron): activation, gradient and score as floats."""
         cols = [self.layer.tolist(), self.position.tolist(), self.neuron.tolist(), self.activation.tolist(),
                 self.gradient.tolist(), self.score.tolist()]
@@ -50,12 +50,13 @@ class Attribution:
                 for l, t, i, a, g, s in zip(*cols)]
 
 
-def _last_logits(model, ids: torch.Tensor) -> torch.Tensor:
+def _last_logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     """Logits of the last position only (the LM head on one position, not on all of them)."""
     try:
-        return model(input_ids=ids, use_cache=False, logits_to_keep=1).logits[0, -1]
+        out: torch.Tensor = model(input_ids=ids, use_cache=False, logits_to_keep=1).logits[0, -1]
     except TypeError:  # a model class without logits_to_keep
-        return model(input_ids=ids, use_cache=False).logits[0, -1]
+        out = model(input_ids=ids, use_cache=False).logits[0, -1]
+    return out
 
 
 def attribute(subject: Subject, input_ids: torch.Tensor, target_position: int, target_token: int | None = None,

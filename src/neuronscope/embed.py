@@ -45,7 +45,7 @@ def default_embedder_path() -> Path:
 class Embedder:
     """A sentence-transformers-style embedding model run with transformers: `embedder(texts) -> [n, d]` unit rows."""
 
-    def __init__(self, source: str | os.PathLike, device: str = "cpu", batch_size: int = 64):
+    def __init__(self, source: str | os.PathLike[str], device: str = "cpu", batch_size: int = 64):
         from transformers import AutoModel, AutoTokenizer
         self.source = str(source)
         folder = Path(source).expanduser()
@@ -130,11 +130,11 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str = "mean") -> torch.
 _CACHE: dict[str, Embedder] = {}
 
 
-def load_embedder(spec: str | os.PathLike | Embedder | None = None) -> Embedder | None:
+def load_embedder(spec: str | os.PathLike[str] | Embedder | None = None) -> Embedder | None:
     """An embedder from a CLI/library value: None or "default" = the pulled default; "none" = no embedder (None);
     a folder; a hub id (needs network); an Embedder (returned as is). Loaded models are cached per process."""
     if isinstance(spec, Embedder) or callable(spec):
-        return spec  # type: ignore[return-value]
+        return spec
     if isinstance(spec, str) and spec.strip().lower() == "none":
         return None
     source = default_embedder_path() if spec is None or spec == "default" else Path(str(spec)).expanduser()

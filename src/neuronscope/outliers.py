@@ -19,11 +19,14 @@ Llama-2-7B for comparison: massive dims 1415 and 2533 (Sun et al.), super weight
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
 from .errors import NeuronscopeError
+
+if TYPE_CHECKING:
+    from .subject import Subject
 
 DEFAULT_TEXTS = ["The capital of France is Paris, and the capital of Japan is Tokyo.",
                  "Once upon a time, there was a little girl who loved to play in the park.",
@@ -44,7 +47,7 @@ def ranking(v: torch.Tensor, k: int) -> dict[str, Any]:
             "multiples": [x / med for x in top.values.tolist()], "rank": ranks.tolist(), "all": v.tolist()}
 
 
-def _block_norm_gains(subject) -> torch.Tensor:
+def _block_norm_gains(subject: Subject) -> torch.Tensor:
     """Per dimension, the largest |gain| over the blocks' own norms (weights of shape [hidden] in each layer)."""
     H = subject.hidden_size
     best = torch.zeros(H, dtype=torch.float64)
@@ -57,11 +60,11 @@ def _block_norm_gains(subject) -> torch.Tensor:
 
 
 @torch.no_grad()
-def model_outliers(subject, texts: Sequence[str] | None = None, *, factor: float = 10.0, k: int = 10,
+def model_outliers(subject: Subject, texts: Sequence[str] | None = None, *, factor: float = 10.0, k: int = 10,
                    early_layers: int | None = None, chat: bool = False, progress: bool = True) -> dict[str, Any]:
     """Outlier dimensions of `subject` measured on `texts` (a few varied sentences by default); see module doc."""
     from tqdm.auto import tqdm
-    from .interventions import Capture, intervene
+    from .interventions import BoundCapture, Capture, intervene
     if not factor > 1:
         raise NeuronscopeError(f"The massive-activation factor must be > 1 (a multiple of the median), got {factor}.")
     if k < 1:
@@ -77,6 +80,7 @@ def model_outliers(subject, texts: Sequence[str] | None = None, *, factor: float
         ids = subject.encode(text, chat=chat)
         with intervene(subject, Capture(sites=("resid.post",))) as (cap,):
             subject.model(input_ids=ids)
+        assert isinstance(cap, BoundCapture)
         r = cap.get("resid.post").abs().double().cpu()[:, 0]       # [L, T, H]
         med = r.flatten(1).median(1).values                        # [L]
         medians += med / len(texts)
@@ -107,10 +111,10 @@ def model_outliers(subject, texts: Sequence[str] | None = None, *, factor: float
         for l in range(min(n_early, L)):
             W = subject.spec.write_vectors(subject.model, l).detach().double().cpu()   # [neurons, H]: W[j, h]
             col = W[:, h].abs()
-            med = float(W.abs().median()) or 1e-12
+            w_med = float(W.abs().median()) or 1e-12
             j = int(col.argmax())
             supers.append({"layer": l, "dim": h, "neuron": j, "weight": float(W[j, h]),
-                           "multiple_of_median": float(col[j] / med), "name": f"layers[{l}].mlp.down_proj[{h}, {j}]"})
+                           "multiple_of_median": float(col[j] / w_med), "name": f"layers[{l}].mlp.down_proj[{h}, {j}]"})
     supers.sort(key=lambda s: -s["multiple_of_median"])
 
     rankings = {"massive_activations": ranking(massive_score, k),

@@ -53,7 +53,7 @@ def _number(text: str, what: str) -> float:
     return v
 
 
-def parse_neuron_edit(text: str, kind: str = "clamp"):
+def parse_neuron_edit(text: str, kind: str = "clamp") -> Clamp | Scale | Ablate:
     """'L:N[,N]=V[@WHERE]' -> Clamp / Scale; 'L:N[,N][@WHERE]' -> Ablate."""
     m = _EDIT.match(text)
     if not m:
@@ -87,8 +87,9 @@ def load_vector(source: str, subject: Subject) -> torch.Tensor:
         ids = subject.tokenizer(" " + word if not word.startswith(" ") else word, add_special_tokens=False)["input_ids"]
         if not ids:
             raise NeuronscopeError(f"The word '{word}' gives no tokens.")
-        w = subject.spec.unembedding(subject.model)[ids[0]].detach().float().cpu()
-        return w / w.norm().clamp_min(1e-12)
+        w: torch.Tensor = subject.spec.unembedding(subject.model)[ids[0]].detach().float().cpu()
+        unit: torch.Tensor = w / w.norm().clamp_min(1e-12)
+        return unit
     path, _, key = source.partition("#")
     p = Path(path).expanduser()
     if not p.is_file():

@@ -62,12 +62,13 @@ def generate(
     Example: neuronscope generate --chat -p "What is your favourite animal?" --clamp 20:1234=8@generated
     """
     from ..errors import NeuronscopeError
+    from ..interventions import Intervention
     from ..specs import parse_add_vector, parse_neuron_edit
 
     if not prompt.strip():
         raise NeuronscopeError("The prompt is empty; give some text with --prompt.")
-    edits = [parse_neuron_edit(c, "clamp") for c in clamp] + [parse_neuron_edit(s, "scale") for s in scale] + \
-        [parse_neuron_edit(a, "ablate") for a in ablate]
+    edits: list[Intervention] = [parse_neuron_edit(c, "clamp") for c in clamp]
+    edits += [parse_neuron_edit(s, "scale") for s in scale] + [parse_neuron_edit(a, "ablate") for a in ablate]
     if steer is not None:
         _steer(model, gguf_file, dtype, device, device_map, prompt, steer, strengths, atlas_dir, steer_k, embedder,
                chat, system, max_new_tokens)
@@ -83,8 +84,9 @@ def generate(
     typer.echo(subject.generate(prompt, interventions=edits, **kw))
 
 
-def _steer(model, gguf_file, dtype, device, device_map, prompt, steer, strengths, atlas_dir, k, embedder, chat,
-           system, max_new_tokens) -> None:
+def _steer(model: Optional[str], gguf_file: Optional[str], dtype: str, device: Optional[str],
+           device_map: Optional[str], prompt: str, steer: str, strengths: str, atlas_dir: Optional[str], k: int,
+           embedder: str, chat: bool, system: Optional[str], max_new_tokens: int) -> None:
     """`generate --steer`: the dose sweep, printed side by side (thin over describe.steer.steer_generate)."""
     from ..describe.steer import parse_strengths, steer_generate
     from ..errors import NeuronscopeError
