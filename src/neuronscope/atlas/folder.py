@@ -7,6 +7,8 @@ One folder per model (DESIGN.md section 3). Everything neuronscope keeps there i
     .atlas-parts/layer_NNN.safetensors   per-layer parts of an unfinished atlas build (removed when it completes)
     stats.safetensors, stats_extremes.safetensors, .stats-checkpoint.safetensors   corpus statistics
     neuron_emb.safetensors        embeddings of the neuron descriptions
+    window_emb.safetensors        sentence embeddings of the stored corpus windows, topic terms and token keys
+    output_effects.safetensors    each described neuron's causal effect on the next token (output descriptions)
     compare.json, agreement.png   the summary and plot of `atlas compare -o` (in the folder given, not replaced
                                   when an earlier comparison did not write them)
     atlas.sqlite                  tables vocab, stats_windows, descriptions (and what each capability adds)
@@ -54,6 +56,8 @@ STATS_FILE = "stats.safetensors"
 EXTREMES_FILE = "stats_extremes.safetensors"
 STATS_CHECKPOINT = ".stats-checkpoint.safetensors"
 EMBEDDINGS_FILE = "neuron_emb.safetensors"
+WINDOW_EMB_FILE = "window_emb.safetensors"
+EFFECTS_FILE = "output_effects.safetensors"
 COMPARE_FILE = "compare.json"
 COMPARE_PLOT = "agreement.png"
 VOCAB_TABLE = "vocab"
@@ -76,7 +80,7 @@ def own_files(folder: str | os.PathLike[str]) -> list[Path]:
     """Every file neuronscope may write in `folder` that exists now (what a writer may replace or delete)."""
     f = Path(folder)
     names = [MANIFEST, DB, DB + "-wal", DB + "-shm", LOCK, STATS_FILE, EXTREMES_FILE, STATS_CHECKPOINT,
-             EMBEDDINGS_FILE, COMPARE_FILE, COMPARE_PLOT]
+             EMBEDDINGS_FILE, WINDOW_EMB_FILE, EFFECTS_FILE, COMPARE_FILE, COMPARE_PLOT]
     out = [f / n for n in names if (f / n).exists()]
     out += sorted(f.glob("atlas_*.safetensors")) + sorted((f / PARTS_DIR).glob("layer_*.safetensors"))
     return out
@@ -376,7 +380,8 @@ def _try(fn: Any, notes: list[str], note: str, folder: Path) -> Any:
 
 
 __all__ = ["AtlasFolder", "Parts", "FORMAT_VERSION", "FORMAT_NAME", "MANIFEST", "DB", "PARTS_DIR", "STATS_FILE",
-           "EXTREMES_FILE", "STATS_CHECKPOINT", "EMBEDDINGS_FILE", "COMPARE_FILE", "COMPARE_PLOT", "VOCAB_TABLE",
+           "EXTREMES_FILE", "STATS_CHECKPOINT", "EMBEDDINGS_FILE", "WINDOW_EMB_FILE",
+           "EFFECTS_FILE", "COMPARE_FILE", "COMPARE_PLOT", "VOCAB_TABLE",
            "WINDOWS_TABLE",
            "DESCRIPTIONS_TABLE", "site_file", "part_file", "own_files", "model_section", "check_safetensors",
            "check_sqlite", "read_manifest", "is_ours"]

@@ -11,8 +11,9 @@ from __future__ import annotations
 from .cluster import cluster_neurons, steer_form
 from .describe import Descriptions, describe_atlas
 from .explainer import LocalExplainer, OpenAIExplainer, explain_prompt, highlight, make_explainer
+from .forms import parse_label_items
 from .index import build_index, load_index
-from .label import LabelVocab, make_label, parse_label_items, token_key
+from .label import LabelVocab, make_label, token_key
 from .score import EvalSplit, score_token_labels
 from .simulate import LLMSimulator, pearson, token_match_predict
 from .steer import concept_neurons, steer_generate, steer_interventions, steer_sweep

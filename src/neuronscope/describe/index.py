@@ -24,6 +24,7 @@ from .. import store
 from ..atlas.folder import DESCRIPTIONS_TABLE, EMBEDDINGS_FILE, check_safetensors
 from ..errors import NeuronscopeError
 from ..refs import POLARITIES
+from .forms import split_parts
 
 INDEX_FILE = EMBEDDINGS_FILE
 W_FIRE = (1.0, 0.8, 0.6, 0.5)
@@ -36,8 +37,7 @@ POLS = POLARITIES                 # index 0 = pos, 1 = neg in `keys`
 def description_items(text: str) -> list[tuple[str, float]]:
     """(string, weight) of what a description names: quoted items before ' | promotes' (fires; an item's 'after'
     context is left out) and after it (promotes), weighted by rank (W_FIRE, W_PROMOTE)."""
-    parts = re.split(r"\|\s*promotes\b", text, maxsplit=1)
-    head, tail = parts[0], parts[1] if len(parts) > 1 else ""
+    head, tail = split_parts(text)
     out: list[tuple[str, float]] = []
     head = re.sub(r"\s+after\s+(?:'[^']+'|\"[^\"]+\")", "", head)
     for part, ws in ((head, W_FIRE), (tail, W_PROMOTE)):

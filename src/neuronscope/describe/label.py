@@ -17,7 +17,7 @@ promotes (write-vector decode).
 - "promotes": the write vector's top decoded tokens, filtered the same way and limited to tokens that occur in the
   corpus (the decode's tail of rare word pieces like 'uncture' or 'pathlib' says little to a reader).
 Text form: `fires on 'ma' after 'grand', 'pa' | promotes 'mother', 'father'` (items in '...', or "..." when they
-hold a quote). `parse_label_items` reads the items back; the token simulator (simulate.py) uses them.
+hold a quote). `forms.parse_label_items` reads the items back; the token simulator (simulate.py) uses them.
 """
 from __future__ import annotations
 
@@ -29,8 +29,6 @@ from typing import Iterable, Sequence
 
 _MARKERS = re.compile(r"[\u2581\u0120\u010a\s]+")
 NOTHING = "nothing specific"
-_ITEM = re.compile(r"'([^']+)'|\"([^\"]+)\"")
-_FIRE_ITEM = re.compile(r"(?:'([^']+)'|\"([^\"]+)\")(?:\s+after\s+(?:'([^']+)'|\"([^\"]+)\"))?")
 
 
 def token_key(text: str) -> str:
@@ -175,18 +173,3 @@ def make_label(vocab: LabelVocab, fire_ids: Sequence[int], prev_ids: Sequence[in
     text = head + (" | promotes " + ", ".join(quote(vocab.shown[c]) for c in promotes) if promotes else "")
     return {"text": text, "fires": [(vocab.keys[c], None if p is None else vocab.keys[p]) for c, p in fires],
             "promotes": [vocab.keys[c] for c in promotes]}
-
-
-def parse_label_items(text: str) -> list[tuple[str, str | None]] | None:
-    """The (key, context key or None) items of a description's firing part: the quoted items before
-    ' | promotes', with their 'after' contexts. [] for 'nothing specific'; None when the text quotes nothing
-    (free text: the simulator falls back to its content words)."""
-    head = re.split(r"\|\s*promotes\b", text, maxsplit=1)[0]
-    if head.strip().startswith(NOTHING):
-        return []
-    items = []
-    for m in _FIRE_ITEM.finditer(head):
-        tok = m.group(1) if m.group(1) is not None else m.group(2)
-        ctx = m.group(3) if m.group(3) is not None else m.group(4)
-        items.append((token_key(tok), None if ctx is None else token_key(ctx)))
-    return items or None

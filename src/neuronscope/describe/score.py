@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import json
 import random
-from typing import Callable
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 
@@ -32,7 +33,7 @@ Key = tuple[int, int, str]
 class EvalSplit:
     """The held-out split of a NeuronStats' windows and each neuron's training and scoring windows."""
 
-    def __init__(self, stats, *, every: int = 5, n_random: int = 40, held_out: int = 10, seed: int = 0):
+    def __init__(self, stats: Any, *, every: int = 5, n_random: int = 40, held_out: int = 10, seed: int = 0):
         if every < 2:
             raise NeuronscopeError(f"The held-out split needs every >= 2, got {every}.")
         self.stats, self.every, self.held_out = stats, int(every), int(held_out)
@@ -58,6 +59,12 @@ class EvalSplit:
         for w, ids in self.ids.items():
             table[w, :len(ids)] = torch.tensor(ids[:self.T])
         self.table = table                 # [windows + 1, T]; row wmax is all -1 (missing windows point there)
+
+    def thresholds(self) -> dict[str, torch.Tensor]:
+        """`detection_thresholds` of these statistics (computed once)."""
+        if not hasattr(self, "_thr"):
+            self._thr = detection_thresholds(self)
+        return self._thr
 
     def is_held(self, w: int) -> bool:
         return w % self.every == 0
@@ -94,10 +101,16 @@ class EvalSplit:
                     break
         return top + [w for w in self.random if w not in top]
 
-    def score(self, subject, l: int, n: int, p: str, text: str, predict: Callable, acts: dict | None = None
-              ) -> float:
+    def score(self, subject: Any, l: int, n: int, p: str, text: str, predict: Callable,
+              acts: dict | None = None) -> float:
         """Pearson correlation of `predict(text, tokens)` with the real (sign-flipped for neg) activations over
         the neuron's scoring windows. `acts` caches {window: activations} of this neuron between candidates."""
+        return self.scores(subject, l, n, p, text, predict, acts).pearson
+
+    def scores(self, subject: Any, l: int, n: int, p: str, text: str, predict: Callable,
+               acts: dict | None = None) -> "Scores":
+        """Pearson r and detection balanced accuracy of one description with any simulator (`predict(text,
+        tokens) -> per-token predictions`; a window is predicted to fire where a prediction reaches 0.5)."""
         from ..stats.results import window_activations
         ws = self.eval_windows(l, n, p)
         if acts is None:
@@ -107,51 +120,191 @@ class EvalSplit:
             for w, a in zip(need, window_activations(subject, [self.ids[w] for w in need], l, n)):
                 acts[w] = a
         sign = -1.0 if p == "neg" else 1.0
+        thr = float(self.thresholds()[p][l, n])
         pred: list[float] = []
         real: list[float] = []
+        det = [0, 0, 0, 0]
         for w in ws:
             pr = predict(text, self.tokens[w])
             if len(pr) != len(acts[w]):
                 raise NeuronscopeError("The simulator returned a prediction of the wrong length.")
             pred.extend(pr)
-            real.extend(sign * a for a in acts[w])
-        return pearson(pred, real)
+            ys = [sign * a for a in acts[w]]
+            real.extend(ys)
+            fires, hit = max(ys) >= thr, max(pr) >= 0.5
+            det[0 if fires else 2] += int(hit == fires)
+            det[1 if fires else 3] += 1
+        tpr = det[0] / det[1] if det[1] else 0.5
+        tnr = det[2] / det[3] if det[3] else 0.5
+        return Scores(pearson(pred, real), (tpr + tnr) / 2)
 
 
-def score_token_labels(subject, split: EvalSplit, vocab: LabelVocab, items: dict[Key, list[tuple[str, str | None]]],
-                       *, batch: int = 16, progress: bool = False) -> dict[Key, float]:
-    """Token-simulator scores of many labels at once (items as `label.parse_label_items` gives them), over each
-    neuron's `split.eval_windows`. Returns {(layer, neuron, polarity): Pearson r}."""
+def detection_thresholds(split: EvalSplit) -> dict[str, torch.Tensor]:
+    """The fixed activation threshold of the detection score, per polarity [L, N]: half the neuron's strongest
+    activation over the corpus or its weakest stored exemplar (its n_exemplars-th strongest token), whichever is
+    lower (sign-flipped for neg; at least a tiny positive number). A window *fires* when its strongest (signed)
+    activation reaches it: a neuron that fires on many tokens alike counts all of them, one with a few outliers
+    counts its top tokens."""
+    out = {}
+    for p in POLARITIES:
+        v = split.stats._a[f"ex_{p}_value"].float()
+        idx = split.stats._a[f"ex_{p}_index"]
+        valid = idx >= 0
+        last = torch.where(valid, torch.arange(v.shape[-1]).expand_as(v), torch.full_like(idx, -1)).amax(-1)
+        weakest = v.gather(-1, last.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+        strongest = v[..., 0]
+        if p == "neg":
+            weakest, strongest = -weakest, -strongest
+        val = torch.minimum(weakest, 0.5 * strongest)
+        out[p] = torch.where(last >= 0, val, torch.full_like(val, float("inf"))).clamp_min(1e-6)
+    return out
+
+
+@dataclass(frozen=True)
+class Sim:
+    """What the batched simulator predicts for one description: token items (key, context key or None), a topic
+    gate (column of `Tables.gate`, -1 none), a token field (column of `Tables.field`, -1 none), and whether it
+    fires on every token (of its topic's windows)."""
+    items: tuple[tuple[str, str | None], ...] = ()
+    topic: int = -1
+    field: int = -1
+    whole: bool = False
+
+
+@dataclass
+class Tables:
+    """Per-window topic gates and per-key field predictions for the simulator, in [0, 1].
+
+    gate: [max window id + 2, K] (row = window id; the last row, used for missing windows, is 1);
+    field: [key codes + 1, F] (the last row, for tokens without a key, is 0)."""
+    gate: torch.Tensor | None = None
+    field: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Scores:
+    """A description's scores on its held-out windows: Pearson r of simulated vs real per-token activations, and the
+    detection balanced accuracy (windows that fire vs windows that do not, at `detection_thresholds`; 0.5 when a
+    side has no windows)."""
+    pearson: float
+    detection: float
+
+
+def gate_of(z: torch.Tensor) -> torch.Tensor:
+    """Topic gate from a window's standardised relevance: 0 at or below the average window, 1 from two standard
+    deviations above it (so a window counts as "about" the topic, >= 0.5, from one sd up)."""
+    return (z / 2.0).clamp(0.0, 1.0)
+
+
+def field_of(z: torch.Tensor) -> torch.Tensor:
+    """Field prediction of a token from its key's standardised relevance: 0 up to two sd above the average corpus
+    token, 1 from four sd (>= 0.5 from three sd)."""
+    return ((z - 2.0) / 2.0).clamp(0.0, 1.0)
+
+
+def score_token_labels(subject: Any, split: EvalSplit, vocab: LabelVocab,
+                       items: dict[Key, list[tuple[str, str | None]]], *, batch: int = 16,
+                       progress: bool = False) -> dict[Key, float]:
+    """Token-simulator Pearson scores of many labels at once (items as `forms.parse_label_items` gives them), over
+    each neuron's `split.eval_windows`. Returns {(layer, neuron, polarity): Pearson r}."""
+    sims = {k: Sim(items=tuple(v)) for k, v in items.items()}
+    got = score_sims(subject, split, vocab, {"label": sims}, batch=batch, progress=progress)["label"]
+    return {k: v.pearson for k, v in got.items()}
+
+
+class _Group:
+    """The simulator arrays of one (kind, layer, polarity): which neurons predict what."""
+
+    def __init__(self, N: int):
+        self.lists: dict[str, list[int]] = {k: [] for k in ("pj", "pc", "cj", "cc", "cx")}
+        self.topic = torch.full((N,), -1, dtype=torch.long)
+        self.field = torch.full((N,), -1, dtype=torch.long)
+        self.whole = torch.zeros(N, dtype=torch.bool)
+        self.wanted = torch.zeros(N, dtype=torch.bool)
+        self.sums = torch.zeros(6, N, dtype=torch.float64)
+        self.det = torch.zeros(4, N, dtype=torch.float64)        # true pos, pos, true neg, neg
+
+    def freeze(self) -> None:
+        self.a = {k: torch.tensor(v, dtype=torch.long) for k, v in self.lists.items()}
+        self.tn = self.topic.ge(0).nonzero().squeeze(1)
+        self.fn = self.field.ge(0).nonzero().squeeze(1)
+        self.wn = self.whole.nonzero().squeeze(1)
+
+
+def _predict(g: _Group, tabs: Tables, codes: torch.Tensor, prev: torch.Tensor, uniq: torch.Tensor,
+             inv: torch.Tensor, ws: list[int], B: int, T: int, N: int) -> torch.Tensor:
+    """[B*T, N] simulated activations of one group's descriptions on a batch of windows."""
+    a = g.a
+    M = torch.zeros(len(uniq), N)
+    sel = torch.isin(a["pc"], uniq)
+    if sel.any():
+        M[torch.searchsorted(uniq, a["pc"][sel]), a["pj"][sel]] = 1.0
+    P = M[inv]
+    sel = torch.isin(a["cc"], uniq)
+    if sel.any():
+        C = torch.full((len(uniq), N), -2, dtype=torch.long)
+        C[torch.searchsorted(uniq, a["cc"][sel]), a["cj"][sel]] = a["cx"][sel]
+        Cp = C[inv]
+        hit = Cp > -2
+        P = torch.where(hit, torch.where(Cp == prev[:, None], 1.0, 0.5), P)
+    if len(g.wn):
+        P[:, g.wn] = 1.0
+    if len(g.fn) and tabs.field is not None:
+        F = tabs.field[codes.clamp_max(tabs.field.shape[0] - 1)]          # code -1 -> the last row (0)
+        P[:, g.fn] = torch.maximum(P[:, g.fn], F[:, g.field[g.fn]])
+    if len(g.tn) and tabs.gate is not None:
+        rows = torch.tensor([min(w, tabs.gate.shape[0] - 1) for w in ws], dtype=torch.long)
+        G = tabs.gate[rows][:, g.topic[g.tn]]                           # [B, n_topic]
+        P[:, g.tn] = P[:, g.tn] * G.repeat_interleave(T, dim=0)
+    return P
+
+
+def score_sims(subject: Any, split: EvalSplit, vocab: LabelVocab, kinds: dict[str, dict[Key, Sim]], *,
+               tables: Tables | None = None, batch: int = 16, progress: bool = False
+               ) -> dict[str, dict[Key, Scores]]:
+    """Scores (Pearson and detection) of many descriptions of several kinds at once, each over its neuron's
+    `split.eval_windows`, in one pass of the model over the needed windows (all layers captured together).
+    Returns {kind: {(layer, neuron, polarity): Scores}}."""
     from ..interventions import Capture, intervene
+    tabs = tables or Tables()
     code_of = {k: c for c, k in enumerate(vocab.keys)}
     code_of_id = torch.tensor(vocab.key_of + [-1], dtype=torch.long)     # index -1 (missing) -> -1
     N = split.stats.n_neurons
-    per: dict[tuple[int, str], dict[str, list]] = {}
+    thr = split.thresholds()
+    groups: dict[tuple[str, int, str], _Group] = {}
+    wins: dict[tuple[int, str], dict[int, list[int]]] = {}               # (l, p) -> window -> neurons
+    seen: set[Key] = set()
     windows: set[int] = set(split.random)
-    for (l, n, p), its in items.items():
-        d = per.setdefault((l, p), {"pj": [], "pc": [], "cj": [], "cc": [], "cx": [], "wj": [], "ww": []})
-        for k, ctx in its:
-            c = code_of.get(k)
-            if c is None:
-                continue
-            if ctx is None:
-                d["pj"].append(n)
-                d["pc"].append(c)
-            elif ctx in code_of:
-                d["cj"].append(n)
-                d["cc"].append(c)
-                d["cx"].append(code_of[ctx])
-        for w in split.eval_windows(l, n, p)[:split.held_out]:
-            if w not in split.random:
-                d["wj"].append(n)
-                d["ww"].append(w)
-                windows.add(w)
-    arrays = {key: {k: torch.tensor(v, dtype=torch.long) for k, v in d.items()} for key, d in per.items()}
-    wanted = {key: torch.zeros(N, dtype=torch.bool) for key in per}
-    for (l, n, p) in items:
-        wanted[(l, p)][n] = True
-    sums = {key: torch.zeros(6, N, dtype=torch.float64) for key in per}
-    layers = sorted({l for l, _ in per})
+    for kind, sims in kinds.items():
+        for (l, n, p), sim in sims.items():
+            g = groups.get((kind, l, p))
+            if g is None:
+                g = groups[(kind, l, p)] = _Group(N)
+            g.wanted[n] = True
+            g.topic[n], g.field[n], g.whole[n] = sim.topic, sim.field, sim.whole
+            for k, ctx in sim.items:
+                c = code_of.get(k)
+                if c is None:
+                    continue
+                if ctx is None:
+                    g.lists["pj"].append(n)
+                    g.lists["pc"].append(c)
+                elif ctx in code_of:
+                    g.lists["cj"].append(n)
+                    g.lists["cc"].append(c)
+                    g.lists["cx"].append(code_of[ctx])
+            per = wins.setdefault((l, p), {})
+            if (l, n, p) not in seen:
+                seen.add((l, n, p))
+                for w in split.eval_windows(l, n, p)[:split.held_out]:
+                    if w not in split.random:
+                        per.setdefault(w, []).append(n)
+                        windows.add(w)
+    for g in groups.values():
+        g.freeze()
+    own = {key: {w: torch.tensor(sorted(set(ns)), dtype=torch.long) for w, ns in per.items()}
+           for key, per in wins.items()}
+    layers = sorted({l for _, l, _ in groups})
     order = sorted(windows)
     rand = set(split.random)
     spec = Capture(layers=layers)        # one spec for the whole run: bound captures are kept per spec
@@ -164,63 +317,61 @@ def score_token_labels(subject, split: EvalSplit, vocab: LabelVocab, items: dict
             ws = order[s:s + batch]
             ids = torch.tensor([split.ids[w] for w in ws], dtype=torch.long)
             B, T = ids.shape
-            codes = code_of_id[ids.clamp_min(0)].reshape(-1)
-            prev = torch.cat([torch.full((B, 1), -1, dtype=torch.long), code_of_id[ids.clamp_min(0)][:, :-1]], 1
-                             ).reshape(-1)
+            c2 = code_of_id[ids.clamp_min(0)]
+            codes = c2.reshape(-1)
+            prev = torch.cat([torch.full((B, 1), -1, dtype=torch.long), c2[:, :-1]], 1).reshape(-1)
             uniq, inv = torch.unique(codes, return_inverse=True)
-            wpos = {w: i for i, w in enumerate(ws)}
-            wt = torch.tensor(ws, dtype=torch.long)
             with intervene(subject, spec) as (cap,):
                 subject.model(input_ids=ids.to(subject.device))
             for l in layers:
                 A = cap.get("neurons", l).reshape(B * T, -1).float().cpu()
                 for p in POLARITIES:
-                    if (l, p) not in arrays:
+                    gs = [(kind, groups[(kind, l, p)]) for kind in kinds if (kind, l, p) in groups]
+                    if not gs:
                         continue
-                    a = arrays[(l, p)]
                     y = -A if p == "neg" else A
-                    M = torch.zeros(len(uniq), N)
-                    sel = torch.isin(a["pc"], uniq)
-                    if sel.any():
-                        M[torch.searchsorted(uniq, a["pc"][sel]), a["pj"][sel]] = 1.0
-                    P = M[inv]
-                    sel = torch.isin(a["cc"], uniq)
-                    if sel.any():
-                        C = torch.full((len(uniq), N), -2, dtype=torch.long)
-                        C[torch.searchsorted(uniq, a["cc"][sel]), a["cj"][sel]] = a["cx"][sel]
-                        Cp = C[inv]
-                        hit = Cp > -2
-                        P = torch.where(hit, torch.where(Cp == prev[:, None], 1.0, 0.5), P)
                     Wm = torch.zeros(B, N)
                     for i, w in enumerate(ws):
                         if w in rand:
                             Wm[i] = 1.0
-                    sel = torch.isin(a["ww"], wt)
-                    if sel.any():
-                        rows = torch.tensor([wpos[int(w)] for w in a["ww"][sel].tolist()], dtype=torch.long)
-                        Wm[rows, a["wj"][sel]] = 1.0
+                        ns = own.get((l, p), {}).get(w)
+                        if ns is not None:
+                            Wm[i, ns] = 1.0
                     W = Wm.repeat_interleave(T, dim=0)
-                    PW, yW = P * W, y * W
-                    acc = sums[(l, p)]
-                    acc[0] += W.sum(0).double()
-                    acc[1] += PW.sum(0).double()
-                    acc[2] += yW.sum(0).double()
-                    acc[3] += (PW * P).sum(0).double()
-                    acc[4] += (yW * y).double().sum(0)
-                    acc[5] += (PW * y).double().sum(0)
+                    yW = y * W
+                    fires = y.reshape(B, T, N).amax(1) >= thr[p][l]                # [B, N]
+                    Wb = Wm > 0
+                    pos_w, neg_w = (fires & Wb).double(), (~fires & Wb).double()
+                    for _, g in gs:
+                        P = _predict(g, tabs, codes, prev, uniq, inv, ws, B, T, N)
+                        PW = P * W
+                        acc = g.sums
+                        acc[0] += W.sum(0).double()
+                        acc[1] += PW.sum(0).double()
+                        acc[2] += yW.sum(0).double()
+                        acc[3] += (PW * P).sum(0).double()
+                        acc[4] += (yW * y).double().sum(0)
+                        acc[5] += (PW * y).double().sum(0)
+                        hit = (P.reshape(B, T, N).amax(1) >= 0.5).double()
+                        g.det[0] += (pos_w * hit).sum(0)
+                        g.det[1] += pos_w.sum(0)
+                        g.det[2] += (neg_w * (1 - hit)).sum(0)
+                        g.det[3] += neg_w.sum(0)
             if bar is not None:
                 bar.update(len(ws))
     if bar is not None:
         bar.close()
-    out: dict[Key, float] = {}
-    for (l, p), acc in sums.items():
-        n_, sx, sy, sxx, syy, sxy = acc
+    out: dict[str, dict[Key, Scores]] = {kind: {} for kind in kinds}
+    for (kind, l, p), g in groups.items():
+        n_, sx, sy, sxx, syy, sxy = g.sums
         vx = sxx - sx * sx / n_.clamp_min(1)
         vy = syy - sy * sy / n_.clamp_min(1)
         cov = sxy - sx * sy / n_.clamp_min(1)
         ok = (vx > 1e-12 * n_.clamp_min(1)) & (vy > 0) & (n_ >= 2)
         r = torch.where(ok, cov / (vx.clamp_min(1e-30) * vy.clamp_min(1e-30)).sqrt(), torch.zeros_like(cov))
-        for n in wanted[(l, p)].nonzero().squeeze(1).tolist():
-            out[(l, n, p)] = float(r[n])
+        tpr = torch.where(g.det[1] > 0, g.det[0] / g.det[1].clamp_min(1), torch.full_like(cov, 0.5))
+        tnr = torch.where(g.det[3] > 0, g.det[2] / g.det[3].clamp_min(1), torch.full_like(cov, 0.5))
+        ba = (tpr + tnr) / 2
+        for n in g.wanted.nonzero().squeeze(1).tolist():
+            out[kind][(l, n, p)] = Scores(float(r[n]), float(ba[n]))
     return out
-

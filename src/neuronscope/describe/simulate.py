@@ -17,7 +17,8 @@ import math
 import re
 from typing import Callable, Sequence
 
-from .label import parse_label_items, token_key
+from .forms import parse_label_items
+from .label import token_key
 
 _MARKERS = re.compile(r"[\u2581\u0120\u010a\s]+")
 _WORD = re.compile(r"[\w']+", re.UNICODE)
