@@ -13,6 +13,7 @@ from typing import Any, Iterator
 
 from ..errors import NeuronscopeError
 from ..interventions import Intervention
+from . import schemas as S
 from .decoding import decode
 from .limits import Limits
 from .render import Renderer
@@ -80,11 +81,11 @@ class Chat:
         with s.lock:
             check_idle(s)
             msgs = list(s.messages)
-            previous: list[dict[str, Any]] = []
+            previous: list[S.PreviousOut] = []
             if msgs and msgs[-1].role == "assistant":
                 last = msgs.pop()
-                previous = ([{"content": last.content, "steered_by": last.steered_by}] +
-                            last.previous)[:self.limits.max_previous_answers]
+                before: S.PreviousOut = {"content": last.content, "steered_by": last.steered_by}
+                previous = ([before] + last.previous)[:self.limits.max_previous_answers]
             if not msgs or msgs[-1].role != "user":
                 raise NeuronscopeError("There is no message to answer yet; send one first.")
             old = s.messages
@@ -112,7 +113,7 @@ class Chat:
             s.changed()
 
     def _stream(self, s: Session, prompt: list[int], max_new_tokens: int, temperature: float,
-                seed: int | None, previous: list[dict[str, Any]] | None = None) -> Iterator[Event]:
+                seed: int | None, previous: list[S.PreviousOut] | None = None) -> Iterator[Event]:
         """Start generating in a thread that finishes (and stores the answer) even if nobody reads the events."""
         q: queue.Queue[tuple[str, Any]] = queue.Queue()
         ivs: list[Intervention] = list(generation_edits(s, len(prompt)))

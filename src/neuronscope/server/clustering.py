@@ -5,12 +5,13 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from ..errors import NeuronscopeError
+from . import schemas as S
 from .knowledge import Knowledge
 from .limits import Limits
 from .sessions import Session
 from .views import Views
 
-CLUSTER_SORTS: dict[str, Callable[[dict[str, Any]], Any]] = {
+CLUSTER_SORTS: dict[str, Callable[[S.ClusterOut], Any]] = {
     "activation": lambda c: -c["activation"], "size": lambda c: (-c["size"], -c["activation"]),
     "attribution": lambda c: -(c["attribution"] or 0.0)}
 
@@ -21,7 +22,7 @@ class Clusters:
     def __init__(self, views: Views, knowledge: Knowledge, limits: Limits) -> None:
         self.views, self.knowledge, self.limits = views, knowledge, limits
 
-    def _grouped(self, view: dict[str, Any]) -> dict[str, Any]:
+    def _grouped(self, view: S.ActivationsOut) -> dict[str, Any]:
         """The clusters of an activations view's rows, with each cluster's summed activation in the view's range."""
         lo, hi = view["start"], view["end"]
         neurons = [(r["layer"], r["neuron"], r["polarity"]) for r in view["rows"]]
@@ -30,18 +31,19 @@ class Clusters:
         except NeuronscopeError as exc:  # e.g. no embedding index and no embedder: say so, show no clusters
             found, method = [], "unavailable"
             view["notes"].insert(0, f"No clusters: {exc}")
-        act = {(r["layer"], r["neuron"], r["polarity"]): sum(abs(f["value"]) for f in r["fires"]
-                                                             if lo <= f["position"] < hi)
-               for r in view["rows"]}
-        out = []
+        act: dict[tuple[int, int, str], float] = {
+            (r["layer"], r["neuron"], r["polarity"]):
+                sum(abs(f["value"]) for f in r["fires"] if lo <= f["position"] < hi) for r in view["rows"]}
+        out: list[S.ClusterOut] = []
         for c in found:
-            members = [[int(m[0]), int(m[1]), str(m[2]) if len(m) > 2 else "pos"] for m in c["members"]]
+            members: list[list[Any]] = [[int(m[0]), int(m[1]), str(m[2]) if len(m) > 2 else "pos"]
+                                        for m in c["members"]]
             total = sum(act.get((m[0], m[1], m[2]), 0.0) for m in members)
             out.append({"name": c["name"], "members": members, "tokens": list(c.get("tokens") or []),
-                        "size": len(members), "activation": float(total)})
+                        "size": len(members), "activation": float(total), "attribution": None})
         return {"method": method, "n_neurons": len(neurons), "clusters": out}
 
-    def _attribution(self, s: Session, position: int, clusters: list[dict[str, Any]]) -> None:
+    def _attribution(self, s: Session, position: int, clusters: list[S.ClusterOut]) -> None:
         """Set each cluster's attribution to the token at `position`: its members' summed |a * dp/da| scores."""
         rows = self.views.attribution_result(s, position, None)["rows"]
         score: dict[tuple[int, int], float] = {}
@@ -52,7 +54,7 @@ class Clusters:
 
     def clusters(self, s: Session, start: int | None = None, end: int | None = None, *, max_neurons: int = 300,
                  content_only: bool = False, interpretable: bool = False, sort: str = "activation",
-                 position: int | None = None) -> dict[str, Any]:
+                 position: int | None = None) -> S.ClustersOut:
         """The active concepts: neurons firing in [start, end) grouped into named clusters of related neurons.
 
         Each cluster has its size, its summed activation (sum over members of |normalised activation| at their
@@ -72,7 +74,7 @@ class Clusters:
             base = self._grouped(view)
             with s.lock:
                 s.cache[key] = base
-        clusters = [dict(c, attribution=None) for c in base["clusters"]]
+        clusters: list[S.ClusterOut] = [c.copy() for c in base["clusters"]]
         if position is not None:
             self._attribution(s, position, clusters)
         clusters.sort(key=CLUSTER_SORTS[sort])

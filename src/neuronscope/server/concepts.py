@@ -6,9 +6,16 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import NeuronscopeError
+from . import schemas as S
 from .annotate import ViewCache
 from .knowledge import Knowledge
 from .limits import Limits
+
+
+def concept_row(r: dict[str, Any]) -> S.ConceptRowOut:
+    """A row of `Knowledge.search` as the view's row type (the same keys)."""
+    return {"layer": r["layer"], "neuron": r["neuron"], "polarity": r["polarity"], "score": r["score"],
+            "tokens": r["tokens"], "source": r["source"], "description": r["description"]}
 
 
 class Concepts:
@@ -18,7 +25,7 @@ class Concepts:
         self.knowledge, self.limits, self.cache = knowledge, limits, cache
         self._index_ok: bool | None = None
 
-    def concepts(self, query: str, k: int = 50) -> dict[str, Any]:
+    def concepts(self, query: str, k: int = 50) -> S.ConceptsOut:
         """Neurons for a concept, best first, with the notes on what the atlas lacks."""
         if not 1 <= k <= self.limits.max_steer_neurons:
             raise NeuronscopeError(f"k must be between 1 and {self.limits.max_steer_neurons}.")
@@ -27,17 +34,17 @@ class Concepts:
                                    f"{self.limits.max_concept_chars}.")
         return {"query": query, "results": self.search(query, k), "notes": list(self.knowledge.notes)}
 
-    def search(self, query: str, k: int) -> list[dict[str, Any]]:
+    def search(self, query: str, k: int) -> list[S.ConceptRowOut]:
         """The rows of `concepts` (copies: a caller may change them)."""
         key = ("search", query.strip().lower(), int(k))
-        hit: list[dict[str, Any]] | None = self.cache.get(key)
+        hit: list[S.ConceptRowOut] | None = self.cache.get(key)
         if hit is not None:
-            return [dict(r) for r in hit]
+            return [r.copy() for r in hit]
         rows = self._search_uncached(query, k)
-        self.cache.put(key, [dict(r) for r in rows])
+        self.cache.put(key, [r.copy() for r in rows])
         return rows
 
-    def _search_uncached(self, query: str, k: int) -> list[dict[str, Any]]:
+    def _search_uncached(self, query: str, k: int) -> list[S.ConceptRowOut]:
         folder = self.knowledge.atlas_dir
         if folder and self.has_index():
             from ..atlas.search import semantic_search
@@ -49,7 +56,7 @@ class Concepts:
                 return [{"layer": int(h["layer"]), "neuron": int(h["neuron"]), "polarity": str(h["polarity"]),
                          "score": float(h["score"]), "tokens": list(h.get("tokens") or []), "source": "semantic",
                          "description": h.get("description")} for h in hits]
-        return self.knowledge.search(query, k=k)
+        return [concept_row(r) for r in self.knowledge.search(query, k=k)]
 
     def has_index(self) -> bool:
         """Whether the atlas has the describe step's embedding index (looked up once)."""

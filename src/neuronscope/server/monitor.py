@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterator
 from ..errors import NeuronscopeError
 from ..interventions import Capture
 from ..subject import Subject
+from . import schemas as S
 from .annotate import INTERPRETABLE_SCORE, Annotator, ViewCache
 from .chat import Chat, Event
 from .clustering import Clusters
@@ -92,7 +93,7 @@ class Monitor:
         return self.runtime.eos
 
     # ---- model and sessions -------------------------------------------------------------------------------
-    def info(self) -> dict[str, Any]:
+    def info(self) -> S.InfoOut:
         """The model, what the atlas provides, notes on what is missing, and the limits."""
         s = self.subject
         return {"model": {"name": s.name, "family": s.family, "n_layers": s.n_layers, "n_neurons": s.n_neurons,
@@ -101,7 +102,7 @@ class Monitor:
                 "capabilities": self.knowledge.capabilities, "notes": list(self.knowledge.notes),
                 "limits": self.limits.public()}
 
-    def state(self, s: Session) -> dict[str, Any]:
+    def state(self, s: Session) -> S.StateOut:
         """The conversation, steerings and the answer being generated (if any): what a reloaded page restores."""
         with s.lock:
             r = self.render(s)
@@ -111,7 +112,7 @@ class Monitor:
                                   "previous": m.previous}
                                  for k, m in enumerate(s.messages)],
                     "steerings": [st.public() for st in s.steerings.values()],
-                    "generating": dict(s.generating) if s.generating is not None else None,
+                    "generating": s.generating.copy() if s.generating is not None else None,
                     "fingerprint": self.subject.fingerprint}
 
     def warm(self) -> None:
@@ -173,35 +174,35 @@ class Monitor:
         """One forward of the conversation with its steerings: tokens, top-5, firing neurons (cached)."""
         return self.views.analysis(s)
 
-    def tokens(self, s: Session) -> dict[str, Any]:
+    def tokens(self, s: Session) -> S.TokensOut:
         """Every token of the conversation with its probability and top-5."""
         return self.views.tokens(s)
 
     def activations(self, s: Session, *, start: int | None = None, end: int | None = None, sort: str = "activation",
                     order: str = "desc", page: int = 0, page_size: int = 50, filter: str = "",
                     polarity: str | None = None, content_only: bool = False,
-                    interpretable: bool = False) -> dict[str, Any]:
+                    interpretable: bool = False) -> S.ActivationsOut:
         """Neurons firing in the token range [start, end), one row per (layer, neuron, polarity), paged."""
         return self.views.activations(s, start=start, end=end, sort=sort, order=order, page=page,
                                       page_size=page_size, filter=filter, polarity=polarity,
                                       content_only=content_only, interpretable=interpretable)
 
     def attribution(self, s: Session, position: int, token_id: int | None = None, *, page: int = 0,
-                    page_size: int = 50) -> dict[str, Any]:
+                    page_size: int = 50) -> S.AttributionOut:
         """The neurons that caused the token at `position` (top 1000 by |a * dp/da|), once per state, cached."""
         return self.views.attribution(s, position, token_id, page=page, page_size=page_size)
 
-    def neuron(self, layer: int, neuron: int, n_exemplars: int = 10, marks: bool = True) -> dict[str, Any]:
+    def neuron(self, layer: int, neuron: int, n_exemplars: int = 10, marks: bool = True) -> S.NeuronOut:
         """A neuron's decodes, description and top exemplars (with each token's normalised activation)."""
         return self.neuron_pages.neuron(layer, neuron, n_exemplars, marks)
 
-    def concepts(self, query: str, k: int = 50) -> dict[str, Any]:
+    def concepts(self, query: str, k: int = 50) -> S.ConceptsOut:
         """Neurons for a concept, best first (by meaning when the atlas has the describe index, else by text)."""
         return self.concept_search.concepts(query, k)
 
     def clusters(self, s: Session, start: int | None = None, end: int | None = None, *, max_neurons: int = 300,
                  content_only: bool = False, interpretable: bool = False, sort: str = "activation",
-                 position: int | None = None) -> dict[str, Any]:
+                 position: int | None = None) -> S.ClustersOut:
         """The active concepts: neurons firing in [start, end) grouped into named clusters of related neurons."""
         return self.cluster_view.clusters(s, start, end, max_neurons=max_neurons, content_only=content_only,
                                           interpretable=interpretable, sort=sort, position=position)
@@ -210,7 +211,7 @@ class Monitor:
     def add_steering(self, s: Session, *, mode: str, concept: str | None = None,
                      neurons: list[list[Any]] | None = None, strength: float = 0.75, value: float | None = None,
                      n_neurons: int | None = None, ranges: list[list[int]] | None = None,
-                     generated: bool = True, label: str | None = None, enabled: bool = True) -> dict[str, Any]:
+                     generated: bool = True, label: str | None = None, enabled: bool = True) -> S.SteeringOut:
         """Steer a concept (its neurons found by search) or explicit neurons; `label` names it (e.g. a cluster)."""
         return self.steerer.add(s, mode=mode, concept=concept, neurons=neurons, strength=strength, value=value,
                                 n_neurons=n_neurons, ranges=ranges, generated=generated, label=label,
@@ -220,16 +221,16 @@ class Monitor:
         """Remove a steering; False if there is no such steering."""
         return self.steerer.remove(s, steering_id)
 
-    def set_steering(self, s: Session, steering_id: str, enabled: bool) -> dict[str, Any] | None:
+    def set_steering(self, s: Session, steering_id: str, enabled: bool) -> S.SteeringOut | None:
         """Switch a steering off (kept, not applied) or on again; None if there is no such steering."""
         return self.steerer.switch(s, steering_id, enabled)
 
     # ---- export / import (transfer.py) --------------------------------------------------------------------
-    def export(self, s: Session) -> dict[str, Any]:
+    def export(self, s: Session) -> S.ExportOut:
         """The session as JSON: conversation (with the exact answer ids), steerings, model fingerprint."""
         return export_session(s, self.subject)
 
-    def import_session(self, s: Session, data: dict[str, Any]) -> dict[str, Any]:
+    def import_session(self, s: Session, data: dict[str, Any]) -> S.StateOut:
         """Replace an idle session's conversation and steerings by an export of this same model (validated)."""
         self.importer.load(s, data)
         return self.state(s)

@@ -9,6 +9,7 @@ import torch
 from ..errors import NeuronscopeError
 from ..interventions import Capture
 from ..refs import check_neuron
+from . import schemas as S
 from .annotate import Annotator, ViewCache
 from .decoding import forward_chunks
 from .knowledge import Knowledge
@@ -27,7 +28,7 @@ class NeuronPages:
         self.runtime, self.renderer, self.knowledge = runtime, renderer, knowledge
         self.limits, self.annotator, self.cache = limits, annotator, cache
 
-    def neuron(self, layer: int, neuron: int, n_exemplars: int = 10, marks: bool = True) -> dict[str, Any]:
+    def neuron(self, layer: int, neuron: int, n_exemplars: int = 10, marks: bool = True) -> S.NeuronOut:
         """A neuron's decodes, description and top exemplars (with each token's normalised activation).
 
         The marks (the neuron's activation at every token of each exemplar window) need a forward of the windows;
@@ -39,14 +40,14 @@ class NeuronPages:
         if not 0 <= n_exemplars <= self.limits.max_exemplars:
             raise NeuronscopeError(f"n_exemplars must be between 0 and {self.limits.max_exemplars}.")
         key = (layer, neuron, n_exemplars, bool(marks))
-        hit: dict[str, Any] | None = self.cache.get(key)
+        hit: S.NeuronOut | None = self.cache.get(key)
         if hit is not None:
             return hit
         out = self._neuron(layer, neuron, n_exemplars, marks)
         self.cache.put(key, out)
         return out
 
-    def _exemplar(self, layer: int, neuron: int, e: dict[str, Any]) -> dict[str, Any]:
+    def _exemplar(self, layer: int, neuron: int, e: dict[str, Any]) -> S.ExemplarOut:
         """One exemplar as the page shows it: its tokens, its activation and each token's mark (normalised)."""
         k = self.knowledge
         acts = e.get("acts")
@@ -56,7 +57,7 @@ class NeuronPages:
                 "tokens": self.renderer.display_tokens(list(e["token_ids"])) if e.get("token_ids") else
                 list(e["tokens"]), "text": e.get("text", ""), "marks": marked}
 
-    def _neuron(self, layer: int, neuron: int, n_exemplars: int, marks: bool) -> dict[str, Any]:
+    def _neuron(self, layer: int, neuron: int, n_exemplars: int, marks: bool) -> S.NeuronOut:
         k = self.knowledge
         decodes, source = k.decodes(layer, neuron)
         found = {pol: k.exemplars(layer, neuron, pol, n_exemplars) if n_exemplars and k.stats is not None else []

@@ -7,6 +7,7 @@ from typing import Any, Iterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import TypeAdapter
 
 from ..errors import NeuronscopeError
 from . import schemas as S
@@ -19,7 +20,7 @@ SSE: dict[int | str, dict[str, Any]] = {
     200: {"description": "Server-sent events (stream=true) or one JSON reply (stream=false)",
           "content": {"text/event-stream": {"schema": {  # one server-sent event: data is a JSON event
               "type": "object", "properties": {"data": {"type": "string"}, "event": {"type": "string"}}}},
-                      "application/json": {"schema": S.ChatOut.model_json_schema()}}}}
+                      "application/json": {"schema": TypeAdapter(S.ChatOut).json_schema()}}}}
 DONE_FIELDS = ("text", "n_tokens", "finish_reason", "version", "steered")
 
 
@@ -41,7 +42,7 @@ def reply(events: Iterator[Event], stream: bool) -> Response:
 
 
 @router.post("/api/sessions/{sid}/reset", response_model=S.StateOut, responses=ERRORS, tags=["chat"])
-def new_chat(sid: str, request: Request) -> dict[str, Any]:
+def new_chat(sid: str, request: Request) -> S.StateOut:
     """New chat: clear the conversation (steerings of generated tokens stay)."""
     mon, s = monitor_of(request), session_of(request, sid)
     mon.new_chat(s)

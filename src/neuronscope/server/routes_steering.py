@@ -2,8 +2,6 @@
 remove one. A change takes effect on the next (re)generation and on the views."""
 from __future__ import annotations
 
-from typing import Any
-
 from fastapi import APIRouter, Request
 
 from . import schemas as S
@@ -15,14 +13,13 @@ router = APIRouter()
 
 @router.get("/api/sessions/{sid}/steerings", response_model=list[S.SteeringOut], responses=ERRORS,
             tags=["steering"])
-def list_steerings(sid: str, request: Request) -> list[dict[str, Any]]:
-    steerings: list[dict[str, Any]] = monitor_of(request).state(session_of(request, sid))["steerings"]
-    return steerings
+def list_steerings(sid: str, request: Request) -> list[S.SteeringOut]:
+    return monitor_of(request).state(session_of(request, sid))["steerings"]
 
 
 @router.post("/api/sessions/{sid}/steerings", response_model=S.SteeringOut, status_code=201, responses=ERRORS,
              tags=["steering"])
-def add_steering(sid: str, body: S.SteeringIn, request: Request) -> dict[str, Any]:
+def add_steering(sid: str, body: S.SteeringIn, request: Request) -> S.SteeringOut:
     """Steer by a concept (or explicit neurons, e.g. a cluster's): strengthen, suppress or clamp, on prompt
     ranges and/or generated tokens. Takes effect on the next (re)generation."""
     return monitor_of(request).add_steering(session_of(request, sid), mode=body.mode, concept=body.concept,
@@ -33,7 +30,7 @@ def add_steering(sid: str, body: S.SteeringIn, request: Request) -> dict[str, An
 
 @router.patch("/api/sessions/{sid}/steerings/{steering_id}", response_model=S.SteeringOut, responses=ERRORS,
               tags=["steering"])
-def patch_steering(sid: str, steering_id: str, body: S.SteeringPatchIn, request: Request) -> dict[str, Any]:
+def patch_steering(sid: str, steering_id: str, body: S.SteeringPatchIn, request: Request) -> S.SteeringOut:
     """Switch a steering off or on again without retyping it."""
     st = monitor_of(request).set_steering(session_of(request, sid), steering_id, body.enabled)
     if st is None:
@@ -43,7 +40,7 @@ def patch_steering(sid: str, steering_id: str, body: S.SteeringPatchIn, request:
 
 @router.delete("/api/sessions/{sid}/steerings/{steering_id}", response_model=S.OkOut, responses=ERRORS,
                tags=["steering"])
-def remove_steering(sid: str, steering_id: str, request: Request) -> dict[str, Any]:
+def remove_steering(sid: str, steering_id: str, request: Request) -> S.OkOut:
     if not monitor_of(request).remove_steering(session_of(request, sid), steering_id):
         raise NotFound(f"No steering '{steering_id[:40]}' in this session.")
     return {"ok": True}

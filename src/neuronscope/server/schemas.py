@@ -1,19 +1,23 @@
 """Request and response bodies of the Monitor's JSON API (they make up its OpenAPI schema).
 
-Every bound comes from `limits.DEFAULT`, the one home of the Monitor's limits.
+Requests (`...In`) are pydantic models: they validate what a client sends. Responses (`...Out`) are TypedDicts: the
+one definition of what the Monitor's views return, both the return types of `Monitor`'s methods (checked by mypy
+where the dicts are built) and the response models of the routes (FastAPI validates and documents them). Every bound
+comes from `limits.DEFAULT`, the one home of the Monitor's limits.
 """
 from __future__ import annotations
 
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 from pydantic import BaseModel, Field
+from typing_extensions import NotRequired, TypedDict
 
 from .limits import DEFAULT as L
 
 
-class ErrorOut(BaseModel):
-    error: str = Field(description="One sentence saying what was wrong.")
-    detail: Optional[list[dict[str, Any]]] = None
+class ErrorOut(TypedDict):
+    error: Annotated[str, Field(description="One sentence saying what was wrong.")]
+    detail: NotRequired[list[dict[str, Any]]]
 
 
 class GenerateIn(BaseModel):
@@ -28,7 +32,7 @@ class ChatIn(GenerateIn):
                          description=f"The user's message (at most {L.max_message_chars} characters; longer is a 400).")
 
 
-class ChatOut(BaseModel):
+class ChatOut(TypedDict):
     text: str
     n_tokens: int
     finish_reason: str
@@ -36,7 +40,7 @@ class ChatOut(BaseModel):
     steered: bool
 
 
-class ModelOut(BaseModel):
+class ModelOut(TypedDict):
     name: str
     family: str
     n_layers: int
@@ -46,7 +50,7 @@ class ModelOut(BaseModel):
     fingerprint: str
 
 
-class InfoOut(BaseModel):
+class InfoOut(TypedDict):
     model: ModelOut
     chat_template: bool
     chat_mode: str
@@ -55,14 +59,14 @@ class InfoOut(BaseModel):
     limits: dict[str, float]
 
 
-class SteerNeuronOut(BaseModel):
+class SteerNeuronOut(TypedDict):
     layer: int
     neuron: int
     polarity: str
     value: float
 
 
-class SteeringOut(BaseModel):
+class SteeringOut(TypedDict):
     id: str
     mode: str
     concept: Optional[str]
@@ -70,86 +74,87 @@ class SteeringOut(BaseModel):
     n_neurons: int
     ranges: list[list[int]]
     generated: bool
-    enabled: bool = True
-    label: Optional[str] = None
+    enabled: bool
+    label: Optional[str]
     neurons: list[SteerNeuronOut]
 
 
-class PreviousOut(BaseModel):
+class PreviousOut(TypedDict):
     content: str
     steered_by: list[SteeringOut]
 
 
-class MessageOut(BaseModel):
+class MessageOut(TypedDict):
     role: str
     content: str
     steered: bool
     start: int
     end: int
-    steered_by: list[SteeringOut] = Field(default_factory=list, description="Steerings this answer was made with.")
-    previous: list[PreviousOut] = Field(default_factory=list, description="Earlier answers to the same message.")
+    steered_by: Annotated[list[SteeringOut], Field(description="Steerings this answer was made with.")]
+    previous: Annotated[list[PreviousOut], Field(description="Earlier answers to the same message.")]
 
 
-class GeneratingOut(BaseModel):
+class GeneratingOut(TypedDict):
     text: str
     n_tokens: int
 
 
-class StateOut(BaseModel):
+class StateOut(TypedDict):
     session_id: str
     version: int
     n_tokens: int
     messages: list[MessageOut]
     steerings: list[SteeringOut]
-    generating: Optional[GeneratingOut] = Field(None, description="The answer being generated now, so far.")
+    generating: Annotated[Optional[GeneratingOut], Field(description="The answer being generated now, so far.")]
     fingerprint: str
 
 
-class AltOut(BaseModel):
+class AltOut(TypedDict):
     token: str
     id: int
     prob: float
 
 
-class TokenOut(BaseModel):
+class TokenOut(TypedDict):
     position: int
     id: int
     text: str
     role: str
     message: int
     steered: bool
-    prob: Optional[float] = Field(None, description="Probability this token had when it was predicted.")
-    top5: list[AltOut] = Field(description="Top-5 tokens the model predicted at this position (this token's rivals; "
-                                           "empty for the first token).")
+    prob: Annotated[Optional[float], Field(description="Probability this token had when it was predicted.")]
+    top5: Annotated[list[AltOut], Field(description="Top-5 tokens the model predicted at this position (this "
+                                                    "token's rivals; empty for the first token).")]
 
 
-class TokensOut(BaseModel):
+class TokensOut(TypedDict):
     version: int
     chat_mode: str
     tokens: list[TokenOut]
 
 
-class FireOut(BaseModel):
+class FireOut(TypedDict):
     position: int
     value: float
 
 
-class ActivationRowOut(BaseModel):
+class ActivationRowOut(TypedDict):
     layer: int
     neuron: int
     polarity: str
-    activation: float = Field(description="Normalised activation (raw when there are no statistics), at `position`.")
+    activation: Annotated[float, Field(description="Normalised activation (raw when there are no statistics), at "
+                                                   "`position`.")]
     position: int
     count: int
     description: Optional[str]
-    interpretable: bool = False
+    interpretable: bool
     top_tokens: list[str]
     fires: list[FireOut]
 
 
-class ActivationsOut(BaseModel):
+class ActivationsOut(TypedDict):
     version: int
-    mode: str = Field(description="normalised | raw (no corpus statistics) | empty")
+    mode: Annotated[str, Field(description="normalised | raw (no corpus statistics) | empty")]
     start: int
     end: int
     total: int
@@ -158,11 +163,11 @@ class ActivationsOut(BaseModel):
     rows: list[ActivationRowOut]
     token_sums: list[float]
     notes: list[str]
-    normalised_by: Optional[str] = Field(None, description="The quantile levels that normalise, and their marks "
-                                                           "when the corpus does not resolve them.")
+    normalised_by: Annotated[Optional[str], Field(description="The quantile levels that normalise, and their marks "
+                                                              "when the corpus does not resolve them.")]
 
 
-class AttributionRowOut(BaseModel):
+class AttributionRowOut(TypedDict):
     layer: int
     position: int
     neuron: int
@@ -173,10 +178,11 @@ class AttributionRowOut(BaseModel):
     score: float
     polarity: str
     description: Optional[str]
+    interpretable: bool
     top_tokens: list[str]
 
 
-class AttributionOut(BaseModel):
+class AttributionOut(TypedDict):
     version: int
     target_position: int
     target_token: int
@@ -190,14 +196,14 @@ class AttributionOut(BaseModel):
     notes: list[str]
 
 
-class DecodeOut(BaseModel):
+class DecodeOut(TypedDict):
     token: str
     id: int
-    logit: Optional[float] = None
-    prob: Optional[float] = None
+    logit: float
+    prob: float
 
 
-class ExemplarOut(BaseModel):
+class ExemplarOut(TypedDict):
     activation: float
     normalised: Optional[float]
     position: int
@@ -206,7 +212,7 @@ class ExemplarOut(BaseModel):
     marks: Optional[list[Optional[float]]]
 
 
-class NeuronOut(BaseModel):
+class NeuronOut(TypedDict):
     layer: int
     neuron: int
     decodes: dict[str, list[DecodeOut]]
@@ -214,12 +220,12 @@ class NeuronOut(BaseModel):
     descriptions: dict[str, Optional[str]]
     exemplars: dict[str, list[ExemplarOut]]
     quantiles: Optional[dict[str, float]]
-    quantile_marks: Optional[dict[str, str]] = Field(None, description="Levels the corpus does not resolve: why.")
-    normalised_by: Optional[str] = None
+    quantile_marks: Annotated[Optional[dict[str, str]], Field(description="Levels the corpus does not resolve: why.")]
+    normalised_by: Optional[str]
     notes: list[str]
 
 
-class ConceptRowOut(BaseModel):
+class ConceptRowOut(TypedDict):
     layer: int
     neuron: int
     polarity: str
@@ -229,22 +235,24 @@ class ConceptRowOut(BaseModel):
     description: Optional[str]
 
 
-class ConceptsOut(BaseModel):
+class ConceptsOut(TypedDict):
     query: str
     results: list[ConceptRowOut]
     notes: list[str]
 
 
-class ClusterOut(BaseModel):
+class ClusterOut(TypedDict):
     name: str
     members: list[list[Any]]
     tokens: list[str]
     size: int
-    activation: float = Field(description="Sum of the members' |normalised activation| at their firing tokens.")
-    attribution: Optional[float] = Field(None, description="Sum of the members' attribution scores to `position`.")
+    activation: Annotated[float, Field(description="Sum of the members' |normalised activation| at their firing "
+                                                   "tokens.")]
+    attribution: Annotated[Optional[float], Field(description="Sum of the members' attribution scores to "
+                                                              "`position`.")]
 
 
-class ClustersOut(BaseModel):
+class ClustersOut(TypedDict):
     version: int
     method: str
     n_neurons: int
@@ -275,12 +283,12 @@ class SteeringPatchIn(BaseModel):
     enabled: bool = Field(description="Switch the steering on or off (it is kept either way).")
 
 
-class ExportOut(BaseModel):
+class ExportOut(TypedDict):
     format: str
     model: dict[str, str]
     messages: list[dict[str, Any]]
-    steerings: list[dict[str, Any]]
-    n_steerings_made: int = 0
+    steerings: list[SteeringOut]
+    n_steerings_made: int
 
 
 class ImportIn(BaseModel):
@@ -291,5 +299,5 @@ class ImportIn(BaseModel):
     n_steerings_made: int = Field(0, ge=0, le=10 ** 6)
 
 
-class OkOut(BaseModel):
+class OkOut(TypedDict):
     ok: bool

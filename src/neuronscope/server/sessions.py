@@ -18,6 +18,7 @@ from typing import Any, Callable
 import torch
 
 from ..errors import NeuronscopeError
+from .schemas import GeneratingOut, PreviousOut, SteeringOut
 
 
 @dataclass
@@ -26,8 +27,8 @@ class Message:
     content: str
     ids: list[int] | None = None  # the exact generated ids (used to render models without a chat template)
     steerings: list[str] = field(default_factory=list)  # steering ids active when this answer was generated
-    steered_by: list[dict[str, Any]] = field(default_factory=list)  # those steerings as they were (public form)
-    previous: list[dict[str, Any]] = field(default_factory=list)  # earlier answers to it: content, steered_by
+    steered_by: list[SteeringOut] = field(default_factory=list)  # those steerings as they were (public form)
+    previous: list[PreviousOut] = field(default_factory=list)  # earlier answers to it: content, steered_by
 
 
 @dataclass
@@ -42,7 +43,7 @@ class Steering:
     enabled: bool = True                        # off: kept, but not applied
     label: str | None = None                    # a name given by the user or the page (e.g. a cluster's name)
 
-    def public(self) -> dict[str, Any]:
+    def public(self) -> SteeringOut:
         return {"id": self.id, "mode": self.mode, "concept": self.concept, "strength": self.strength,
                 "n_neurons": len(self.neurons), "ranges": [list(r) for r in self.ranges], "generated": self.generated,
                 "enabled": self.enabled, "label": self.label,
@@ -59,7 +60,7 @@ class Session:
     version: int = 0
     cache: dict[Any, Any] = field(default_factory=dict)  # views by key (a name, or a tuple with arguments)
     owner: str | None = None      # the client token that made it (None: made in-process, e.g. a notebook)
-    generating: dict[str, Any] | None = None  # the answer being generated now: {"text", "n_tokens"} (survives a reload)
+    generating: GeneratingOut | None = None  # the answer being generated now: {"text", "n_tokens"} (survives a reload)
     n_steerings_made: int = 0
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
 

@@ -13,6 +13,7 @@ from ..errors import NeuronscopeError
 from ..interventions import Clamp
 from ..refs import check_neuron, check_polarity
 from ..subject import Subject
+from . import schemas as S
 from .knowledge import Knowledge
 from .limits import Limits
 from .render import Renderer
@@ -22,7 +23,7 @@ MODES = ("strengthen", "suppress", "clamp")
 DEFAULT_NEURONS = {"strengthen": 50, "suppress": 500, "clamp": 500}
 
 Picked = list[tuple[int, int, str]]                          # (layer, neuron, polarity)
-Search = Callable[[str, int], list[dict[str, Any]]]          # concept, k -> rows with layer, neuron, polarity
+Search = Callable[[str, int], list[S.ConceptRowOut]]          # concept, k -> best neurons first
 Positions = Sequence[int] | str
 
 
@@ -161,7 +162,7 @@ class Steerer:
     def add(self, s: Session, *, mode: str, concept: str | None = None, neurons: list[list[Any]] | None = None,
             strength: float = 0.75, value: float | None = None, n_neurons: int | None = None,
             ranges: list[list[int]] | None = None, generated: bool = True, label: str | None = None,
-            enabled: bool = True) -> dict[str, Any]:
+            enabled: bool = True) -> S.SteeringOut:
         """Steer a concept (its neurons found by search) or explicit neurons; `label` names it (e.g. a cluster)."""
         n = check_request(self.limits, s, mode=mode, concept=concept, neurons=neurons, strength=strength,
                           value=value, n_neurons=n_neurons, ranges=ranges, label=label)
@@ -194,7 +195,7 @@ class Steerer:
             return True
 
     @staticmethod
-    def switch(s: Session, steering_id: str, enabled: bool) -> dict[str, Any] | None:
+    def switch(s: Session, steering_id: str, enabled: bool) -> S.SteeringOut | None:
         """Switch a steering off (kept, not applied) or on again; None if there is no such steering."""
         with s.lock:
             st = s.steerings.get(steering_id)

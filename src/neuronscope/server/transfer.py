@@ -8,6 +8,7 @@ from typing import Any, Callable
 from ..errors import NeuronscopeError
 from ..refs import check_neuron, check_polarity
 from ..subject import Subject
+from . import schemas as S
 from .chat import check_idle
 from .limits import Limits
 from .sessions import Message, Session, Steering
@@ -16,7 +17,7 @@ from .steering import MODES
 EXPORT_FORMAT = "neuronscope-monitor-session/1"
 
 
-def export_session(s: Session, subject: Subject) -> dict[str, Any]:
+def export_session(s: Session, subject: Subject) -> S.ExportOut:
     """The session as JSON: conversation (with the exact answer ids), steerings, model fingerprint."""
     with s.lock:
         return {"format": EXPORT_FORMAT,

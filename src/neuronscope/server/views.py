@@ -12,6 +12,7 @@ import torch
 from ..errors import NeuronscopeError
 from ..interventions import Capture
 from ..refs import check_polarity
+from . import schemas as S
 from .annotate import Annotator
 from .decoding import attribute_chunked
 from .knowledge import Knowledge
@@ -63,6 +64,14 @@ def firing_groups(idx: torch.Tensor, vals: torch.Tensor, raw: torch.Tensor) -> l
     return list(groups.values())
 
 
+def attribution_row(row: Row) -> S.AttributionRowOut:
+    """An attribution row (`Attribution.rows()` with polarity, token, normalised and the annotator's meta)."""
+    return {"layer": row["layer"], "position": row["position"], "neuron": row["neuron"], "token": row["token"],
+            "activation": row["activation"], "normalised": row["normalised"], "gradient": row["gradient"],
+            "score": row["score"], "polarity": row["polarity"], "description": row["description"],
+            "interpretable": row["interpretable"], "top_tokens": row["top_tokens"]}
+
+
 class Views:
     """Tokens, activations and attribution of sessions' conversations."""
 
@@ -93,17 +102,19 @@ class Views:
             s.cache["analysis"] = a
             return a
 
-    def _tokens(self, r: Rendering, logits: torch.Tensor, steered: set[int]) -> list[Row]:
+    def _tokens(self, r: Rendering, logits: torch.Tensor, steered: set[int]) -> list[S.TokenOut]:
         """Each token with its probability and the top-5 the model predicted at its position."""
         ids = r["ids"]
         T = len(ids)
         probs = torch.softmax(logits, -1)
         tp, ti = probs.topk(5, dim=-1)
-        own = [None] + probs[torch.arange(T - 1), torch.tensor(ids[1:], dtype=torch.long)].tolist() if T > 1 else [None]
+        own: list[float | None] = [None]
+        if T > 1:
+            own += probs[torch.arange(T - 1), torch.tensor(ids[1:], dtype=torch.long)].tolist()
         strs = r["strings"]
-        tokens = []
+        tokens: list[S.TokenOut] = []
         for t in range(T):
-            top5 = []
+            top5: list[S.AltOut] = []
             if t:  # what the model predicted AT this position (from the tokens before it): this token's rivals
                 alts = ti[t - 1].tolist()
                 top5 = [{"token": x, "id": i, "prob": p}
@@ -132,7 +143,7 @@ class Views:
         raw = acts[idx[:, 0], idx[:, 1], idx[:, 2]]
         return {"rows": firing_groups(idx, vals, raw), "mode": mode}
 
-    def tokens(self, s: Session) -> dict[str, Any]:
+    def tokens(self, s: Session) -> S.TokensOut:
         """Every token of the conversation with its probability and top-5."""
         a = self.analysis(s)
         return {"version": s.version, "tokens": a["tokens"], "chat_mode": chat_mode(self.renderer.chat_template)}
@@ -185,8 +196,8 @@ class Views:
                             "strongest raw activations of each token (values are raw activations).")
         return notes
 
-    def _page(self, view: list[Picked], page: int, page_size: int) -> list[Row]:
-        rows = []
+    def _page(self, view: list[Picked], page: int, page_size: int) -> list[S.ActivationRowOut]:
+        rows: list[S.ActivationRowOut] = []
         for row, (t, v), count in view[page * page_size:(page + 1) * page_size]:
             self.annotator.meta(row)
             rows.append({"layer": row["layer"], "neuron": row["neuron"], "polarity": row["polarity"],
@@ -198,7 +209,7 @@ class Views:
     def activations(self, s: Session, *, start: int | None = None, end: int | None = None, sort: str = "activation",
                     order: str = "desc", page: int = 0, page_size: int = 50, filter: str = "",
                     polarity: str | None = None, content_only: bool = False,
-                    interpretable: bool = False) -> dict[str, Any]:
+                    interpretable: bool = False) -> S.ActivationsOut:
         """Neurons firing in the token range [start, end): one row per (layer, neuron, polarity), paged.
 
         `content_only` keeps firings on the messages' own tokens (not the chat template, system prompt or turn
@@ -229,15 +240,16 @@ class Views:
 
     # ---- attribution --------------------------------------------------------------------------------------
     def attribution(self, s: Session, position: int, token_id: int | None = None, *, page: int = 0,
-                    page_size: int = 50) -> dict[str, Any]:
+                    page_size: int = 50) -> S.AttributionOut:
         """The neurons that caused the token at `position` (top 1000 by |a * dp/da|), once per state, cached."""
         check_page(self.limits, page, page_size)
         res = self.attribution_result(s, position, token_id)
-        out = {k: v for k, v in res.items() if k != "rows"}
-        page_rows = [self.annotator.meta(row) for row in res["rows"][page * page_size:(page + 1) * page_size]]
-        out.update(version=s.version, total=len(res["rows"]), page=page, page_size=page_size, rows=page_rows,
-                   notes=list(self.knowledge.notes))
-        return out
+        page_rows = [attribution_row(self.annotator.meta(row))
+                     for row in res["rows"][page * page_size:(page + 1) * page_size]]
+        return {"version": s.version, "target_position": res["target_position"], "target_token": res["target_token"],
+                "target_text": res["target_text"], "probability": res["probability"], "total": len(res["rows"]),
+                "page": page, "page_size": page_size, "rows": page_rows, "position_scores": res["position_scores"],
+                "notes": list(self.knowledge.notes)}
 
     def _check_target(self, position: int, token_id: int | None, T: int) -> None:
         if not 1 <= position < T:
