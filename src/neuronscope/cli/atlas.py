@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 from rich.markup import escape
@@ -84,17 +84,51 @@ def show(
     atlas = Atlas.open(atlas_dir)
     layer, i = _parse_neuron(neuron)
     dec = atlas.neuron(layer, i)
+    descs, note = _descriptions(atlas_dir, layer, i)
     if as_json:
-        typer.echo(json.dumps({"layer": layer, "neuron": i, "decodes": {s: v[:k] for s, v in dec.items()}}, indent=2))
+        typer.echo(json.dumps({"layer": layer, "neuron": i, "decodes": {s: v[:k] for s, v in dec.items()},
+                               "descriptions": descs, "descriptions_note": note}, indent=2))
         return
     console.print(f"[bold]neuron {layer}:{i}[/bold] of {escape(atlas.model_name)}"
                   f" (final norm gain {'applied' if atlas.apply_norm else 'not applied'})")
+    _print_descriptions(descs, note)
     table = Table(*(f"{s}" for s in dec), title="top tokens (probability)", title_justify="left")
     for r in range(min(k, atlas.top_k)):
         table.add_row(*(f"{escape(repr(dec[s][r]['token']))} {fmt_prob(dec[s][r]['prob'])}" for s in dec))
     console.print(table)
     if exemplars:
         _show_exemplars(atlas_dir, layer, i, exemplars)
+
+
+def _descriptions(atlas_dir: Path, layer: int, i: int) -> tuple[dict[str, Any], str | None]:
+    """{polarity: stored description with every candidate} of one neuron, or ({}, why there are none)."""
+    from ..describe import Descriptions
+    from ..errors import NeuronscopeError
+    try:
+        D = Descriptions.open(atlas_dir)
+    except NeuronscopeError as exc:
+        return {}, str(exc)
+    out = {p: D.get(layer, i, p, candidates=True) for p in ("pos", "neg")}
+    return {p: d for p, d in out.items() if d is not None}, None
+
+
+def _fmt(x: Any, spec: str = ".2f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def _print_descriptions(descs: dict[str, Any], note: str | None) -> None:
+    if note:
+        console.print(f"[dim]no descriptions: {escape(note)}[/dim]")
+        return
+    for pol, d in descs.items():
+        mark = "interpretable" if d["interpretable"] else "not interpretable"
+        console.print(f"[bold]{pol}[/bold] ({escape(d['source'])}, r {_fmt(d['score'])}, detection "
+                      f"{_fmt(d['detection'])}, {mark}): {escape(d['text'])}")
+        table = Table("kind", "description", "r", "detection", "output", "effect (nats)", title_justify="left")
+        for c in d.get("candidates", []):
+            table.add_row(escape(c["source"]), escape(c["text"]), _fmt(c.get("score")), _fmt(c.get("detection")),
+                          _fmt(c.get("output_score")), _fmt(c.get("effect"), "+.2f"))
+        console.print(table)
 
 
 def _show_exemplars(atlas_dir, layer: int, i: int, n: int) -> None:

@@ -36,26 +36,44 @@ def describe(
     candidates: int = typer.Option(3, "--candidates", min=1, help="Explainer candidates per neuron."),
     simulator: str = typer.Option("tokens", "--simulator", help="Simulator of explainer candidates: tokens or llm "
                                   "(the explainer predicts the firing tokens)."),
-    threshold: float = typer.Option(0.5, "--threshold", help="Score from which a description is interpretable "
-                                    "(recorded in the manifest)."),
+    threshold: float = typer.Option(0.5, "--threshold", help="Pearson r from which a description can be "
+                                    "interpretable (recorded in the manifest)."),
+    detection_threshold: float = typer.Option(0.75, "--detection-threshold", help="Detection balanced accuracy from "
+                                              "which a description can be interpretable (chance 0.5; recorded)."),
+    outputs: str = typer.Option("auto", "--outputs", help="Which neurons get a measured output description (their "
+                                "causal effect on the next token): auto (all when the estimate fits 30 min, else "
+                                "every 8th neuron of each layer), all, or none. Any neuron on demand: --neurons "
+                                "L:N --outputs all."),
     embedder: str = EmbedderOpt,
     show: Optional[str] = typer.Option(None, "--show", help="Only print stored descriptions of these neurons."),
     search: Optional[str] = typer.Option(None, "--search", "-s", help="Only search the stored descriptions' words "
                                          "(semantic search: `neuronscope atlas search`)."),
     interpretable: bool = typer.Option(False, "--interpretable", help="With --show/--search/--list: only "
                                        "interpretable descriptions."),
-    list_: bool = typer.Option(False, "--list", help="Only print the stored descriptions (with -k)."),
+    list_: bool = typer.Option(False, "--list", help="Only print the stored descriptions (with -k, --layers, "
+                               "--source, --min-score, --min-detection), best scores first."),
+    layers: Optional[str] = typer.Option(None, "--layers", help="With --list: only these layers (0-3,8)."),
+    source: Optional[str] = typer.Option(None, "--source", help="With --list: only descriptions kept from this kind: "
+                                         "label, context, explainer, or output (those with a measured output "
+                                         "description)."),
+    min_score: Optional[float] = typer.Option(None, "--min-score", help="With --list: Pearson r from this value."),
+    min_detection: Optional[float] = typer.Option(None, "--min-detection", help="With --list: detection from this "
+                                                  "value."),
     k: int = typer.Option(20, "-k", min=1, help="Rows printed with --search / --list."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Describe again neurons already described."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """Describe every neuron and polarity with a scored label (what fires it, what it promotes; score = Pearson
-    correlation of simulated vs real activations on held-out windows); with --explainer, also LLM-written
-    candidates scored the same way (the best is kept).
+    """Describe every neuron and polarity: a token label (what fires it), a context description (what the text
+    around its activations is about, from sentence embeddings; needs the embedder), and an output description (what
+    its causal effect makes the model say); with --explainer, also LLM-written candidates. Every input-side kind is
+    scored on the same held-out windows by Pearson r (simulated vs real activations) and detection (balanced
+    accuracy of windows that fire vs not; a generic description scores 0.5); interpretable = both reach their
+    thresholds; the best is kept with its source and every kind is stored (`atlas show` prints them all).
 
     Example: neuronscope describe atlas-smollm
+             neuronscope describe atlas-smollm --neurons 20:1234 --outputs all
              neuronscope describe atlas-smollm --neurons 20:1234 --explainer http://localhost:8080/v1
-             neuronscope describe atlas-smollm --list --interpretable -k 50
+             neuronscope describe atlas-smollm --list --interpretable --layers 10-20 --source context -k 50
     """
     from ..describe import Descriptions, describe_atlas
     if search is not None:
@@ -65,8 +83,14 @@ def describe(
     elif show is not None or list_:
         D = Descriptions.open(atlas_dir)
         if list_:
-            rows = D.all(interpretable=interpretable)
-            rows.sort(key=lambda r: -(r["score"] or 0.0))
+            from ..refs import parse_index_set
+            if source is not None and source not in ("label", "context", "explainer", "output"):
+                from ..errors import NeuronscopeError
+                raise NeuronscopeError(f"--source is label, context, explainer or output, got {source!r}.")
+            rows = D.all(interpretable=interpretable, source=source, min_score=min_score,
+                         min_detection=min_detection,
+                         layers=None if layers is None else parse_index_set(layers, _n_layers(atlas_dir), what="layer"))
+            rows.sort(key=lambda r: -((r["score"] or 0.0) + (r["detection"] or 0.5) - 0.5))
             rows = rows[:k]
         else:
             rows = _rows(D, _items(show))
@@ -82,26 +106,36 @@ def describe(
             explainer_obj = explainer
         D = describe_atlas(atlas_dir, explainer=explainer_obj, subject=subject, neurons=items,
                            n_candidates=candidates, simulator=simulator, threshold=threshold, embedder=embedder,
-                           overwrite=overwrite, progress=True)
+                           detection_threshold=detection_threshold, outputs=outputs, overwrite=overwrite,
+                           progress=True)
         if items is None:
             from ..atlas.folder import AtlasFolder
             sec = AtlasFolder.open(atlas_dir).section("descriptions")
             s = sec.get("scores_all", {})
+            o = sec.get("scores_output", {})
             console.print(f"described {sec['described']} neuron polarities in {escape(str(atlas_dir))}: median "
-                          f"score {s.get('median')}, {100 * s.get('share_interpretable', 0):.1f}% interpretable "
-                          f"(score >= {sec['threshold']}), {sec['seconds_last_run']['total']:.0f} s")
+                          f"r {s.get('median')}, median detection {s.get('detection_median')}, "
+                          f"{100 * s.get('share_interpretable', 0):.1f}% interpretable (r >= {sec['threshold']} and "
+                          f"detection >= {sec.get('detection_threshold')}); output descriptions measured for "
+                          f"{o.get('n', 0)}, {100 * o.get('share_interpretable', 0):.1f}% of them held on held-out "
+                          f"prompts; {sec['seconds_last_run']['total']:.0f} s")
             return
         rows = _rows(D, items)
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
-    table = Table("neuron", "pol", "score", "source", "description")
+    table = Table("neuron", "pol", "r", "detection", "source", "description")
     for r in rows:
         table.add_row(f"{r['layer']}:{r['neuron']}", r["polarity"],
                       "" if r["score"] is None else f"{r['score']:.3f}" + ("" if r["interpretable"] else " ·"),
-                      r["source"], escape(r["text"]))
+                      "" if r.get("detection") is None else f"{r['detection']:.2f}", r["source"], escape(r["text"]))
     console.print(table)
     console.print("[dim]· below the interpretable threshold[/dim]")
+
+
+def _n_layers(atlas_dir: Path) -> int:
+    from ..atlas.folder import AtlasFolder
+    return int(AtlasFolder.open(atlas_dir).section("model").get("n_layers") or 10**6)
 
 
 def _rows(D, items) -> list[dict]:
