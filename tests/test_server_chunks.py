@@ -14,7 +14,9 @@ import torch
 from neuronscope.attribution import attribute
 from neuronscope.interventions import Capture, Clamp, intervene
 from neuronscope.server import Knowledge, Monitor
-from neuronscope.server.decoding import FairLock, _attribute_one_graph, attribute_chunked, decode, forward_chunks
+from neuronscope.server.chunked import _attribute_one_graph, attribute_chunked, forward_chunks
+from neuronscope.server.decoding import decode
+from neuronscope.server.scheduler import FairLock
 from neuronscope.server.sessions import Message
 from tests.test_server_support import _stories, stories_atlas_dir
 

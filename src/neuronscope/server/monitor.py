@@ -10,9 +10,9 @@ The parts: `runtime` (the shared model, its scheduler and chunk sizes), `render`
 (concept search), `clustering` (active concepts), `steering` (steerings as Clamp edits), `transfer` (session
 export and import), `annotate` (descriptions and normalisation wording for rows).
 
-One model serves every session: every model call goes through `Monitor.model_lock` (`decoding.FairLock`), first come
+One model serves every session: every model call goes through `Monitor.model_lock` (`scheduler.FairLock`), first come
 first served: answers are decoded one token per call (`decoding.decode`), a view's forward (activations, attribution)
-runs in chunks over a KV cache (`decoding.forward_chunks`); one call per core runs at once (each thread's interventions
+runs in chunks over a KV cache (`chunked.forward_chunks`); one call per core runs at once (each thread's interventions
 its own), and the decoding steps waiting at the same time run as one packed forward (`packing`), so a view never holds
 up another session's stream by more than about one decoding step. Views of a conversation state are computed once and
 cached in the session until the conversation or its steerings change.
@@ -29,13 +29,14 @@ from .annotate import INTERPRETABLE_SCORE, Annotator, ViewCache
 from .chat import Chat, Event
 from .clustering import Clusters
 from .concepts import Concepts
-from .decoding import CHUNK_TOKENS, GRAD_CHUNK_TOKENS, IDLE_CHUNK_TOKENS, STALL_STEPS, FairLock, forward_chunks
+from .chunked import CHUNK_TOKENS, GRAD_CHUNK_TOKENS, IDLE_CHUNK_TOKENS, forward_chunks
 from .knowledge import Knowledge
 from .limits import Limits
 from .neurons import NeuronPages
 from .packing import packs
 from .render import PLAIN_SEPARATOR, Renderer, Rendering
 from .runtime import Runtime
+from .scheduler import STALL_STEPS, FairLock
 from .sessions import Session, SessionStore
 from .steering import MODES, Steerer
 from .transfer import EXPORT_FORMAT, Importer, export_session
@@ -52,7 +53,7 @@ class Monitor:
         """`chunk_tokens`: the most positions of a view's forward (or a prefill) run per model call while an
         answer streams (`grad_chunk_tokens` for an attribution's forward); `idle_chunk_tokens`: the same while none
         does; `stall_steps`: how many decoding steps another session's work may add to a streaming answer's step
-        (see `decoding.FairLock`)."""
+        (see `scheduler.FairLock`)."""
         self.runtime = Runtime(subject, chunk_tokens, idle_chunk_tokens, grad_chunk_tokens, stall_steps)
         self.subject = subject
         self.knowledge = knowledge if knowledge is not None else Knowledge.load(subject, None)
@@ -77,7 +78,7 @@ class Monitor:
 
     @property
     def model_lock(self) -> FairLock:
-        """The scheduler of every model call (`decoding.FairLock`); replaceable, e.g. by a benchmark."""
+        """The scheduler of every model call (`scheduler.FairLock`); replaceable, e.g. by a benchmark."""
         return self.runtime.lock
 
     @model_lock.setter

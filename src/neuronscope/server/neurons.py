@@ -11,7 +11,7 @@ from ..interventions import Capture
 from ..refs import check_neuron
 from . import schemas as S
 from .annotate import Annotator, ViewCache
-from .decoding import forward_chunks
+from .chunked import forward_chunks
 from .knowledge import Knowledge
 from .limits import Limits
 from .render import Renderer
@@ -76,7 +76,7 @@ class NeuronPages:
     def window_acts(self, windows: list[list[int]], layer: int, neuron: int) -> list[list[float]]:
         """Neuron (layer, neuron)'s activation at every token of each exemplar window: forwards that stop after
         `layer` (the layers above cannot change it), windows of one length batched so that a lock hold runs about
-        one chunk of tokens (`decoding.forward_chunks`)."""
+        one chunk of tokens (`chunked.forward_chunks`)."""
         rt = self.runtime
         out: list[list[float] | None] = [None] * len(windows)
         by_len: dict[int, list[int]] = {}

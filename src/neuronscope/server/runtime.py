@@ -1,4 +1,4 @@
-"""The one model every part of the Monitor shares: the subject, its scheduler (`decoding.FairLock`) and the chunk
+"""The one model every part of the Monitor shares: the subject, its scheduler (`scheduler.FairLock`) and the chunk
 sizes of a view's forward, with the two calls the views make through them."""
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import torch
 from ..errors import NeuronscopeError
 from ..interventions import Capture, Intervention
 from ..subject import Subject
-from .decoding import CHUNK_TOKENS, GRAD_CHUNK_TOKENS, IDLE_CHUNK_TOKENS, STALL_STEPS, Chunks, FairLock, forward_chunks
+from .chunked import CHUNK_TOKENS, GRAD_CHUNK_TOKENS, IDLE_CHUNK_TOKENS, Chunks, forward_chunks
+from .scheduler import STALL_STEPS, FairLock
 
 
 def end_tokens(subject: Subject) -> set[int]:
@@ -44,6 +45,6 @@ class Runtime:
 
     def forward(self, ids: torch.Tensor, *, interventions: Sequence[Intervention] = (),
                 capture: Capture | None = None) -> Chunks:
-        """One forward of `ids` in chunks through the lock (`decoding.forward_chunks`) with a view's chunk sizes."""
+        """One forward of `ids` in chunks through the lock (`chunked.forward_chunks`) with a view's chunk sizes."""
         return forward_chunks(self.subject, ids, lock=self.lock, chunk=self.chunk_tokens,
                               idle_chunk=self.idle_chunk_tokens, interventions=interventions, capture=capture)

@@ -14,7 +14,7 @@ from ..interventions import Capture
 from ..refs import check_polarity
 from . import schemas as S
 from .annotate import Annotator
-from .decoding import attribute_chunked
+from .chunked import attribute_chunked
 from .knowledge import Knowledge
 from .limits import Limits
 from .render import Renderer, Rendering
