@@ -1,18 +1,19 @@
-"""Benchmark and figures of scored descriptions, semantic search and clusters on SmolLM2-135M-Instruct (issue 11).
+"""Figures of neuron descriptions on SmolLM2-135M-Instruct (issue 18): every kind, scored honestly, per layer.
 
-    .venv/bin/python bench/describe.py --atlas ATLAS [--explain 20] [--json out.json]
+    .venv/bin/python bench/describe.py --atlas ATLAS [--skip-describe] [--explain 20] [--json out.json]
 
-ATLAS must hold the atlas decodes and corpus statistics of SmolLM2 (neuronscope atlas build + neuronscope stats).
-It measures and prints, in one run:
-  - the time of `describe` for all 92,160 neuron-polarities (labels, scoring, index; target <= 10 min on this CPU)
-    and the score distribution of the labels (median, share >= 0.5, share interpretable);
-  - SmolLM2 itself as explainer on a random sample (--explain N neurons, 2 candidates, token simulator): what it
-    writes, its scores against the labels' on the same neurons (paired);
-  - 20 random neurons' descriptions as stored;
-  - semantic search: median time of one search over --reps queries (target <= 100 ms), and the top rows for
-    "animals" and "gender roles";
-  - clusters of the neurons active (|normalised activation| >= 1 on some token) on the Alice question;
-  - a dose sweep: `generate --steer "dogs" --strengths 0.25,0.5,1` on a question.
+ATLAS must hold SmolLM2's atlas decodes and corpus statistics (neuronscope atlas build + neuronscope stats; the
+figures in RESULTS.md use >= 200K tokens of clean WikiText-2). It measures and prints, in one run:
+  - the time of `describe` for all 92,160 neuron-polarities, per stage (labels, window/topic embeddings and context
+    descriptions, scoring of every kind on the held-out windows, output effects, write, index), with the load;
+  - per layer and for each kind (label = the token label alone, i.e. what describe gave before issue 18; context;
+    best-of = the kept description): median Pearson r, median detection, share interpretable under the two-score rule
+    (r >= threshold and detection >= detection threshold) and under Pearson alone;
+  - output descriptions: how many were measured, their median output score and effect, the share that held on the
+    held-out prompts, and the same score for the write vector's direct decode on the same prompts (paired);
+  - the same 20 random neuron-polarities (seed 0) as the token label alone and as kept now;
+  - the share of descriptions whose firing part names '@' or '=' (WikiText markup; 0 on clean text);
+  - optionally SmolLM2 itself as explainer on --explain random neurons, scored the same way.
 The machine's load (os.getloadavg) is recorded with every timing.
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ import argparse
 import json
 import os
 import random
+import sqlite3
 import statistics
 import sys
 import time
@@ -32,131 +34,142 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 GGUF = SHARED / "models" / "smollm2-135m-instruct" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 MINILM = SHARED / "models" / "all-minilm-l6-v2"
-ALICE = "Alice has 4 brothers and 2 sisters. How many sisters does Alice's brother have?"
-QUERIES = ["animals", "gender roles", "numbers", "family", "water", "colors", "money", "music", "food", "sports",
-           "time", "emotions", "countries", "weather", "law", "computers", "body parts", "plants", "war", "school"]
+BANDS = [(0, 4), (5, 9), (10, 14), (15, 20), (21, 25), (26, 29)]
 
 
 def load() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
+def _med(xs: list[float]) -> float | None:
+    return round(statistics.median(xs), 4) if xs else None
+
+
+def _share(xs: list[bool]) -> float | None:
+    return round(sum(xs) / len(xs), 4) if xs else None
+
+
+def kind_rows(folder: Path) -> list[dict]:
+    """Every stored row with its candidates (one query; Descriptions.get per row would take minutes)."""
+    con = sqlite3.connect(folder / "atlas.sqlite")
+    try:
+        rows = con.execute("SELECT layer, neuron, polarity, text, score, source, detection, output_score, effect, "
+                           "candidates FROM descriptions").fetchall()
+    finally:
+        con.close()
+    keys = ("layer", "neuron", "polarity", "text", "score", "source", "detection", "output_score", "effect")
+    return [dict(zip(keys, r[:-1]), candidates=json.loads(r[-1] or "[]")) for r in rows]
+
+
+def per_layer(rows: list[dict], thr: float, dthr: float) -> dict:
+    """Per band of layers and kind: median r, median detection, share interpretable (both scores / r alone)."""
+    out: dict = {}
+    for a, b in BANDS + [(0, 10**6)]:
+        name = f"{a}-{b}" if b < 10**6 else "all"
+        sel = [r for r in rows if a <= r["layer"] <= b]
+        band: dict = {"n": len(sel)}
+        for kind in ("label", "context", "best"):
+            pairs = []
+            for r in sel:
+                if kind == "best":
+                    pairs.append((r["score"], r["detection"]))
+                    continue
+                c = next((c for c in r["candidates"] if c["source"] == kind), None)
+                if c is not None:
+                    pairs.append((c["score"], c["detection"]))
+            band[kind] = {"n": len(pairs), "median_r": _med([p[0] for p in pairs]),
+                          "median_detection": _med([p[1] for p in pairs if p[1] is not None]),
+                          "share_interpretable": _share([p[0] >= thr and (p[1] or 0) >= dthr for p in pairs]),
+                          "share_r_ge_threshold": _share([p[0] >= thr for p in pairs])}
+        out[name] = band
+    return out
+
+
+def outputs(rows: list[dict]) -> dict:
+    """Measured output descriptions: scores, effects, held share, and the decode's score on the same prompts."""
+    from neuronscope.describe.describe import output_passes
+    ms = [c for r in rows for c in r["candidates"] if c["source"] == "output"]
+    paired = [(c["output_score"], c["decode_output_score"]) for c in ms if c.get("decode_output_score") is not None]
+    diffs = [a - b for a, b in paired]
+    res = {"measured": len(ms), "median_output_score": _med([c["output_score"] for c in ms]),
+           "median_effect_nats": _med([c["effect"] for c in ms]),
+           "share_held": _share([output_passes(c["output_score"], c["effect"]) for c in ms]),
+           "decode_median_output_score": _med([b for _, b in paired]),
+           "causal_minus_decode_median": _med(diffs),
+           "causal_better_share": _share([d > 0 for d in diffs]), "decode_better_share": _share([d < 0 for d in diffs])}
+    if diffs:
+        from scipy.stats import wilcoxon
+        nz = [d for d in diffs if d != 0]
+        res["wilcoxon_p"] = float(wilcoxon(nz).pvalue) if len(nz) > 10 else None
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--atlas", required=True)
-    ap.add_argument("--explain", type=int, default=20, help="neurons described by SmolLM2 as explainer")
-    ap.add_argument("--reps", type=int, default=20)
-    ap.add_argument("--skip-describe", action="store_true", help="reuse the stored labels")
+    ap.add_argument("--explain", type=int, default=0, help="neurons described by SmolLM2 as explainer (slow)")
+    ap.add_argument("--outputs", default="auto", help="describe --outputs: auto, all or none")
+    ap.add_argument("--skip-describe", action="store_true", help="report on the stored descriptions")
     ap.add_argument("--json", default=None)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: on an oversubscribed CPU two threads "
-                    "spin on OpenMP barriers and run several times slower)")
+    ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    from neuronscope.atlas.search import semantic_search
-    from neuronscope.describe import Descriptions, LocalExplainer, cluster_neurons, describe_atlas
-    from neuronscope.describe.describe import summarise
+    from neuronscope.describe import Descriptions, LocalExplainer, describe_atlas
     from neuronscope.embed import Embedder
     from neuronscope.stats import NeuronStats
     from neuronscope.subject import Subject
     folder = Path(args.atlas)
-    out: dict = {"model": str(GGUF.name), "atlas": str(folder), "torch_threads": torch.get_num_threads()}
+    out: dict = {"model": GGUF.name, "atlas": str(folder), "torch_threads": torch.get_num_threads()}
     subject = Subject.load(GGUF)
-    emb = Embedder(MINILM)
     stats = NeuronStats.open(folder)
     out["stats_tokens"] = stats.tokens
-    # ---- describe everything -----------------------------------------------------------------------------
+    out["corpus"] = [c.get("path") for c in stats.info.get("corpus", [])]
     if not args.skip_describe:
         l0 = load()
         t0 = time.perf_counter()
-        describe_atlas(folder, subject=subject, embedder=emb, progress=True, overwrite=True)
+        describe_atlas(folder, subject=subject, embedder=Embedder(MINILM), progress=True, overwrite=True,
+                       outputs=args.outputs)
         out["describe_all"] = {"seconds": round(time.perf_counter() - t0, 1), "load_before": l0, "load_after": load()}
     man = json.loads((folder / "manifest.json").read_text())["descriptions"]
-    out["describe_manifest"] = {k: man[k] for k in ("seconds_last_run", "split", "scores_all", "index", "threshold")
+    out["describe_manifest"] = {k: man[k] for k in ("seconds_last_run", "split", "scores_all", "kinds",
+                                                    "scores_output", "threshold", "detection_threshold", "output")
                                 if k in man}
-    D = Descriptions.open(folder)
-    rows = D.all()
+    thr, dthr = float(man["threshold"]), float(man.get("detection_threshold", 0.75))
+    rows = kind_rows(folder)
+    out["per_layer"] = per_layer(rows, thr, dthr)
+    out["outputs"] = outputs(rows)
+    out["kept_source_share"] = {s: _share([r["source"] == s for r in rows]) for s in ("label", "context",
+                                                                                     "explainer")}
+    fires = [r["text"].split(" | ")[0] for r in rows]
+    out["markup_share"] = {"fires_on_at": _share(["'@'" in f for f in fires]),
+                           "fires_on_equals": _share(["'='" in f for f in fires])}
     rng = random.Random(0)
-    out["random_descriptions"] = [{k: r[k] for k in ("layer", "neuron", "polarity", "text", "score", "source")}
-                                  for r in rng.sample(rows, 20)]
-    n_nothing = sum(r["text"].startswith("nothing specific") for r in rows)
-    out["share_nothing_specific"] = round(n_nothing / len(rows), 4)
-    # ---- SmolLM2 as explainer on a sample ------------------------------------------------------------------
+    sample = rng.sample(sorted(rows, key=lambda r: (r["layer"], r["neuron"], r["polarity"])), 20)
+    out["random_20"] = [{"neuron": f"{r['layer']}:{r['neuron']}{'+' if r['polarity'] == 'pos' else '-'}",
+                         "before (token label)": next((f"{c['text']} (r {c['score']:.2f}, det {c['detection']:.2f})"
+                                                       for c in r["candidates"] if c["source"] == "label"), None),
+                         "after (kept)": f"{r['text']} (r {r['score']:.2f}, det {(r['detection'] or 0):.2f}, "
+                                         f"{r['source']})"} for r in sample]
     if args.explain:
-        sample = [(r["layer"], r["neuron"], r["polarity"]) for r in rng.sample(rows, args.explain)]
-        label_score = {k: D.get(*k)["score"] for k in sample}
-        l0 = load()
+        D = Descriptions.open(folder)
+        keys = [(r["layer"], r["neuron"], r["polarity"]) for r in rng.sample(rows, args.explain)]
         t0 = time.perf_counter()
-        describe_atlas(folder, explainer=LocalExplainer(subject), subject=subject, neurons=sample, n_candidates=2,
-                       embedder=None, progress=True, overwrite=True)
-        secs = time.perf_counter() - t0
-        import sqlite3
-        con = sqlite3.connect(folder / "atlas.sqlite")
-        expl = []
-        for k in sample:
-            cands = json.loads(con.execute("SELECT candidates FROM descriptions WHERE layer=? AND neuron=? AND "
-                                           "polarity=?", k).fetchone()[0])
-            ex = [c for c in cands if c["source"] == "explainer"]
-            best_ex = max(ex, key=lambda c: c["score"]) if ex else None
-            expl.append({"neuron": list(k), "label": cands[0]["text"], "label_score": label_score[k],
-                         "explainer": best_ex["text"] if best_ex else None,
-                         "explainer_score": best_ex["score"] if best_ex else None})
-        con.close()
-        es = [e["explainer_score"] for e in expl if e["explainer_score"] is not None]
-        ls = [e["label_score"] for e in expl if e["explainer_score"] is not None]
-        diffs = sorted(a - b for a, b in zip(es, ls))
-        out["explainer_sample"] = {
-            "n": len(expl), "seconds": round(secs, 1), "load_before": l0, "load_after": load(),
-            "explainer": {"median": round(statistics.median(es), 4), "share_ge_0.5": round(sum(s >= 0.5 for s in es)
-                                                                                         / len(es), 4)} if es else None,
-            "labels_same_neurons": {"median": round(statistics.median(ls), 4),
-                                    "share_ge_0.5": round(sum(s >= 0.5 for s in ls) / len(ls), 4)} if ls else None,
-            "explainer_minus_label_median": round(statistics.median(diffs), 4) if diffs else None,
-            "explainer_better_share": round(sum(d > 0 for d in diffs) / len(diffs), 4) if diffs else None,
-            "rows": expl}
-        out["scores_after_explainer"] = summarise(folder, man["threshold"])
-    # ---- semantic search ---------------------------------------------------------------------------------
-    semantic_search(folder, "warm up", k=20, embedder=emb)
-    times = []
-    l0 = load()
-    for q in QUERIES[:args.reps]:
-        t0 = time.perf_counter()
-        semantic_search(folder, q, k=20, embedder=emb)
-        times.append(time.perf_counter() - t0)
-    out["search"] = {"median_ms": round(1000 * statistics.median(times), 1), "min_ms": round(1000 * min(times), 1),
-                     "max_ms": round(1000 * max(times), 1), "n": len(times), "load": l0}
-    for q in ("animals", "gender roles", "dogs"):
-        out[f"search_{q}"] = [{k: r[k] for k in ("layer", "neuron", "polarity", "score", "similarity", "token_score",
-                                                 "description", "desc_score")}
-                              for r in semantic_search(folder, q, k=10, embedder=emb)]
-    # ---- clusters of the neurons active on the Alice question ----------------------------------------------
-    from neuronscope.interventions import capture
-    ids = subject.encode(ALICE, chat=True)
-    _, cap = capture(subject, ids)
-    acts = cap.activations[:, 0]                                   # [L, T, N]
-    norm = stats.normalise(acts)
-    peak_pos = norm.clamp_min(0).amax(1)                           # [L, N]
-    peak_neg = (-norm).clamp_min(0).amax(1)
-    active = [(l, n, "pos") for l, n in (peak_pos >= 1).nonzero().tolist()] + \
-        [(l, n, "neg") for l, n in (peak_neg >= 1).nonzero().tolist()]
-    interp = D.interpretable()
-    t0 = time.perf_counter()
-    groups = cluster_neurons(folder, active, embedder=emb)
-    out["alice"] = {"active": len(active), "active_interpretable": sum(a in interp for a in active),
-                    "clustered": sum(g["size"] for g in groups), "n_clusters": len(groups),
-                    "seconds": round(time.perf_counter() - t0, 2),
-                    "clusters": [{k: g[k] for k in ("name", "size", "coherence")} for g in groups[:25]]}
-    act_i = [a for a in active if a in interp]
-    gi = cluster_neurons(folder, act_i, embedder=emb) if len(act_i) >= 3 else []
-    out["alice_interpretable_only"] = {"clustered": sum(g["size"] for g in gi), "n_clusters": len(gi),
-                                       "clusters": [{k: g[k] for k in ("name", "size", "coherence")}
-                                                    for g in gi[:25]]}
-    # ---- a dose sweep ------------------------------------------------------------------------------------
-    from neuronscope.describe import steer_generate
-    t0 = time.perf_counter()
-    res = steer_generate(subject, folder, "What is your favourite animal? Answer in one sentence.", "dogs",
-                         [0.25, 0.5, 1.0], k=20, embedder=emb, chat=True, max_new_tokens=40)
-    out["steer_dogs"] = {"neurons": res["neurons"], "answers": res["answers"],
-                         "seconds": round(time.perf_counter() - t0, 1), "load": load()}
+        describe_atlas(folder, explainer=LocalExplainer(subject), subject=subject, neurons=keys, n_candidates=2,
+                       embedder=None, progress=True, overwrite=True, outputs="none")
+        ex = []
+        for k in keys:
+            c = D.get(*k, candidates=True)["candidates"]
+            e = [x for x in c if x["source"] == "explainer"]
+            lab = next(x for x in c if x["source"] == "label")
+            if e:
+                best = max(e, key=lambda x: x["score"])
+                ex.append({"neuron": list(k), "explainer": best["text"], "r": best["score"],
+                           "detection": best["detection"], "label_r": lab["score"], "label_detection":
+                           lab["detection"]})
+        out["explainer_sample"] = {"n": len(ex), "seconds": round(time.perf_counter() - t0, 1), "load": load(),
+                                   "median_r": _med([e["r"] for e in ex]),
+                                   "median_detection": _med([e["detection"] for e in ex]),
+                                   "label_median_r": _med([e["label_r"] for e in ex]), "rows": ex}
     text = json.dumps(out, indent=2, ensure_ascii=False)
     print(text)
     if args.json:

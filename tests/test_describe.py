@@ -172,7 +172,7 @@ def test_token_simulator_reads_contexts():
 
 
 def test_semantic_search_finds_planted_neurons_by_synonym(planted, embedder):
-    from neuronscope.atlas.search import semantic_search
+    from neuronscope.concepts import semantic_search
     _, folder, _, _ = planted
     top = semantic_search(folder, "joyful", k=5, embedder=embedder)
     assert (top[0]["layer"], top[0]["neuron"]) in {(0, n) for n in HAPPY_GROUP}
@@ -190,7 +190,7 @@ def test_search_overhead_is_small(planted, embedder):
     """Everything but the query's embedding (index, token match, rows) is fast; the bench times the whole search
     on SmolLM2 (the embedding forward itself depends on the machine's load)."""
     import time
-    from neuronscope.atlas.search import semantic_search
+    from neuronscope.concepts import semantic_search
     _, folder, _, _ = planted
     queries = ("animals", "family", "a happy day", "sports")
     cached = dict(zip(queries, embedder(list(queries))))
@@ -230,7 +230,7 @@ def test_planted_groups_cluster_whole_and_named(planted, embedder):
 
 def test_steer_sweep_rows_equal_separate_runs(planted, embedder):
     """One batched generate with per-row clamps (strengths 0.25, 0.5, 1 and none) gives the separate runs' text."""
-    from neuronscope.describe import steer_generate, steer_interventions, steer_sweep
+    from neuronscope.concepts import steer_generate, steer_interventions, steer_sweep
     from neuronscope.interventions import intervene
     from neuronscope.stats import NeuronStats
     subject, folder, happy, _ = planted
@@ -244,7 +244,7 @@ def test_steer_sweep_rows_equal_separate_runs(planted, embedder):
         edits = [] if r["strength"] is None else steer_interventions(stats, neurons, r["strength"])
         with intervene(subject, *edits):
             alone = subject.generate_ids(ids, max_new_tokens=12, temperature=0.0)[0]
-        from neuronscope.describe.steer import _text
+        from neuronscope.concepts.steer import _text
         assert _text(subject, alone) == r["text"]
     assert rows[-1]["text"] != rows[0]["text"]                  # the clamps change the answer
     q = float(stats.quantile(stats.level_info.strong_levels()[0])[0, HAPPY_GROUP[0]])
@@ -254,7 +254,7 @@ def test_steer_sweep_rows_equal_separate_runs(planted, embedder):
     assert {tuple(n) for n in res["neurons"]} == {(0, n, "pos") for n in HAPPY_GROUP}
     res = steer_generate(subject, folder, prompt, f"0:{HAPPY_GROUP[0]}+,0:{MOM_GROUP[0]}+", [0.5], max_new_tokens=4)
     assert res["neurons"] == [[0, HAPPY_GROUP[0], "pos"], [0, MOM_GROUP[0], "pos"]]
-    from neuronscope.describe.steer import parse_strengths
+    from neuronscope.concepts.steer import parse_strengths
     with pytest.raises(NeuronscopeError, match="strengths"):
         parse_strengths("0.5,lots")
 
@@ -385,7 +385,7 @@ def test_damaged_index_or_database_is_one_sentence_from_describe_and_search(plan
     """A truncated neuron_emb.safetensors or a garbled atlas.sqlite: `atlas search` / `describe` say so in one
     `error:` line naming the file (exit 2), through AtlasFolder's checks; the library raises NeuronscopeError."""
     import shutil
-    from neuronscope.atlas.search import semantic_search
+    from neuronscope.concepts import semantic_search
     from neuronscope.describe import Descriptions
     _, folder, _, mom = planted
     bad_index = tmp_path / "bad-index"

@@ -194,7 +194,7 @@ def test_concept_search_and_clusters(client):
     assert 0 < len(d["results"]) <= 10
     from neuronscope.describe.index import load_index
     if load_index(stories_atlas_dir(True)) is not None:  # by meaning: the same as the library's semantic search
-        from neuronscope.atlas.search import semantic_search
+        from neuronscope.concepts import semantic_search
         want = semantic_search(stories_atlas_dir(True), "was", k=10)
         assert [(r["layer"], r["neuron"], r["polarity"]) for r in d["results"]] == \
             [(r["layer"], r["neuron"], r["polarity"]) for r in want]

@@ -20,8 +20,9 @@ Rules it enforces:
 - `AtlasFolder.claim` (every writer calls it first) refuses a non-empty folder that is not a neuronscope atlas, and
   an atlas of another model unless told to replace it; so a writer never deletes or rewrites a user's files, and
   deletes only files it names here;
-- readers never run the model: `open_parts` opens the optional parts (`.atlas`, `.stats`, `.descriptions`) from
-  the files alone, and says in one sentence per part why a part is missing or unusable.
+- readers never run the model: `neuronscope.parts.open_parts` (above this module: the folder imports no reader)
+  opens the optional parts (`.atlas`, `.stats`, `.descriptions`) from the files alone, and says in one sentence per
+  part why a part is missing or unusable.
 
 Format versions: `FORMAT_VERSION` is written to the manifest's "format" section. Folders written before that
 section existed are version 1 (the same layout) and get the section on their next write; a folder of a newer
@@ -29,10 +30,8 @@ version is refused with the version it needs.
 """
 from __future__ import annotations
 
-import json
 import os
 import sqlite3
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,10 +39,7 @@ from .. import store
 from ..errors import NeuronscopeError
 
 if TYPE_CHECKING:
-    from ..describe.describe import Descriptions
-    from ..stats.results import NeuronStats
     from ..subject import Subject
-    from .atlas import Atlas
 
 FORMAT_NAME = "neuronscope-atlas"
 FORMAT_VERSION = 1
@@ -161,15 +157,6 @@ def is_ours(manifest: dict[str, Any]) -> bool:
         return True
     model = manifest.get("model")
     return isinstance(model, dict) and "fingerprint" in model
-
-
-@dataclass
-class Parts:
-    """The optional parts of an opened folder; None where absent or unusable (the reason is in `notes`)."""
-    atlas: Atlas | None = None
-    stats: NeuronStats | None = None
-    descriptions: Descriptions | None = None
-    notes: list[str] = field(default_factory=list)
 
 
 class AtlasFolder:
@@ -327,59 +314,8 @@ class AtlasFolder:
         except OSError:  # missing, or holds something we did not write: leave it
             pass
 
-    # ---- the parts ----------------------------------------------------------------------------------------------
-    def open_atlas(self) -> Atlas:
-        from .atlas import Atlas
-        return Atlas.from_folder(self)
 
-    def open_stats(self) -> NeuronStats:
-        from ..stats.results import NeuronStats
-        sec = self.section("stats")
-        if sec.get("complete"):
-            self.check_file(STATS_FILE, "run `neuronscope stats` again to rewrite it")
-            if (self.path / EXTREMES_FILE).exists():
-                self.check_file(EXTREMES_FILE, "run `neuronscope stats` again to rewrite it")
-            self.check_db("run `neuronscope stats` again in a new folder")
-        return NeuronStats.open(self.path)
-
-    def open_descriptions(self, embedder: Any = None) -> Descriptions:
-        from ..describe.describe import Descriptions
-        if self.section("descriptions") and self.db_path.is_file():
-            self.check_db("run `neuronscope describe` again in a new folder")
-        if (self.path / EMBEDDINGS_FILE).exists():
-            self.check_file(EMBEDDINGS_FILE, "delete it and run `neuronscope describe` again to rebuild the index")
-        if embedder is None:
-            return Descriptions.open(self.path)
-        return Descriptions.open(self.path, embedder=embedder)
-
-    def open_parts(self, *, atlas: bool = True, stats: bool = True, descriptions: bool = True,
-                   embedder: Any = None) -> Parts:
-        """Open every optional part that exists; each missing or damaged one is None with one note saying why."""
-        parts = Parts()
-        if atlas:
-            parts.atlas = _try(self.open_atlas, parts.notes,
-                               "No atlas decodes in '{f}' ({e}): decodes are computed from the weights on the fly.",
-                               self.path)
-        if stats:
-            parts.stats = _try(self.open_stats, parts.notes,
-                               "No corpus statistics in '{f}' ({e}): activations are shown raw, not normalised, and "
-                               "strengthen steering is off; run `neuronscope stats` to add them.", self.path)
-        if descriptions:
-            parts.descriptions = _try(lambda: self.open_descriptions(embedder), parts.notes,
-                                      "No neuron descriptions in '{f}' ({e}); run `neuronscope describe` to add them.",
-                                      self.path)
-        return parts
-
-
-def _try(fn: Any, notes: list[str], note: str, folder: Path) -> Any:
-    try:
-        return fn()
-    except (NeuronscopeError, OSError, KeyError, ValueError, json.JSONDecodeError, sqlite3.DatabaseError) as exc:
-        notes.append(note.format(f=folder, e=str(exc).rstrip(".")))
-        return None
-
-
-__all__ = ["AtlasFolder", "Parts", "FORMAT_VERSION", "FORMAT_NAME", "MANIFEST", "DB", "PARTS_DIR", "STATS_FILE",
+__all__ = ["AtlasFolder", "FORMAT_VERSION", "FORMAT_NAME", "MANIFEST", "DB", "PARTS_DIR", "STATS_FILE",
            "EXTREMES_FILE", "STATS_CHECKPOINT", "EMBEDDINGS_FILE", "WINDOW_EMB_FILE",
            "EFFECTS_FILE", "COMPARE_FILE", "COMPARE_PLOT", "VOCAB_TABLE",
            "WINDOWS_TABLE",

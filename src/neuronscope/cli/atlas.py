@@ -135,7 +135,8 @@ def _show_exemplars(atlas_dir, layer: int, i: int, n: int) -> None:
     from ..atlas.folder import AtlasFolder
     from ..errors import NeuronscopeError
     try:
-        stats = AtlasFolder.open(atlas_dir).open_stats()
+        from ..parts import open_stats
+        stats = open_stats(AtlasFolder.open(atlas_dir))
     except ImportError:
         console.print("[dim]no exemplars: the stats package is not available in this build.[/dim]")
         return
@@ -184,7 +185,7 @@ def search(
     Example: neuronscope atlas search atlas-smollm "animals"
     """
     from ..atlas import Atlas
-    from ..atlas.search import semantic_search
+    from ..concepts.semantic import semantic_search
     from ..describe.index import load_index
     from ..atlas.folder import AtlasFolder
     model_note = ""

@@ -88,7 +88,7 @@ def _steer(model: Optional[str], gguf_file: Optional[str], dtype: str, device: O
            device_map: Optional[str], prompt: str, steer: str, strengths: str, atlas_dir: Optional[str], k: int,
            embedder: str, chat: bool, system: Optional[str], max_new_tokens: int) -> None:
     """`generate --steer`: the dose sweep, printed side by side (thin over describe.steer.steer_generate)."""
-    from ..describe.steer import parse_strengths, steer_generate
+    from ..concepts.steer import parse_strengths, steer_generate
     from ..errors import NeuronscopeError
     if atlas_dir is None:
         raise NeuronscopeError("--steer needs the described atlas folder: give it with --atlas.")

@@ -4,7 +4,6 @@
     describe_atlas("atlas-smollm", explainer="http://localhost:8080/v1", neurons=[(20, 1234)])
     Descriptions.open("atlas-smollm").get(20, 1234, "pos")   # {"text", "score", "source", "interpretable", ...}
     cluster_neurons("atlas-smollm", [(20, 1234, "pos"), (21, 77, "pos"), (22, 5, "neg")])
-    steer_interventions(stats, [(20, 1234, "pos")], strength=0.5)      # Clamp edits for generate
 """
 from __future__ import annotations
 
@@ -16,9 +15,8 @@ from .index import build_index, load_index
 from .label import LabelVocab, make_label, token_key
 from .score import EvalSplit, score_token_labels
 from .simulate import LLMSimulator, pearson, token_match_predict
-from .steer import concept_neurons, steer_generate, steer_interventions, steer_sweep
 
 __all__ = ["describe_atlas", "Descriptions", "cluster_neurons", "steer_form", "LocalExplainer", "OpenAIExplainer",
            "make_explainer", "explain_prompt", "highlight", "LLMSimulator", "pearson", "token_match_predict",
            "make_label", "LabelVocab", "parse_label_items", "token_key", "EvalSplit", "score_token_labels",
-           "build_index", "load_index", "concept_neurons", "steer_interventions", "steer_sweep", "steer_generate"]
+           "build_index", "load_index"]

@@ -32,7 +32,9 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .. import store
+from ..atlas.atlas import Atlas
 from ..atlas.folder import DB, DESCRIPTIONS_TABLE, AtlasFolder
+from ..stats.results import NeuronStats
 from ..errors import NeuronscopeError
 from ..refs import POLARITIES, check_neuron, check_polarity
 from .context import ContextModel, describe_contexts
@@ -151,9 +153,9 @@ def describe_atlas(atlas_dir: str | Path, *, explainer: Any = None, embedder: An
     if outputs not in ("auto", "all", "none"):
         raise NeuronscopeError(f"--outputs is auto, all or none, got {outputs!r}.")
     af = AtlasFolder.open(folder)
-    stats = af.open_stats()
+    stats = NeuronStats.from_folder(af)
     try:
-        atlas = af.open_atlas()
+        atlas = Atlas.from_folder(af)
     except NeuronscopeError:
         atlas = None
     subject = _load_subject(af, subject)
@@ -327,7 +329,8 @@ def _candidates(key: Key, labels: dict[Key, dict[str, Any]], contexts: dict[Key,
         out.append(c)
     if eff is not None:
         out.append({"text": output_text(_shown(vocab, eff.says), _shown(vocab, eff.less)).lstrip(" |").strip(),
-                    "source": "output", "score": None, "detection": None, "output_score": eff.score, "effect": eff.effect, "value": eff.value,
+                    "source": "output", "score": None, "detection": None, "output_score": eff.score,
+                    "effect": eff.effect, "value": eff.value,
                     "decode_output_score": eff.compare_score, "decode_effect": eff.compare_effect})
     if tail:
         out.append({"text": tail.lstrip(" |").strip(), "source": "decode", "score": None, "detection": None})

@@ -47,7 +47,7 @@ class Concepts:
     def _search_uncached(self, query: str, k: int) -> list[S.ConceptRowOut]:
         folder = self.knowledge.atlas_dir
         if folder and self.has_index():
-            from ..atlas.search import semantic_search
+            from ..concepts.semantic import semantic_search
             try:
                 hits = semantic_search(folder, query, k=k)
             except NeuronscopeError:

@@ -19,6 +19,7 @@ import torch
 from ..atlas.decode import decode_neuron
 from ..atlas.folder import AtlasFolder
 from ..errors import NeuronscopeError
+from ..parts import open_parts
 from ..refs import check_polarity
 
 if TYPE_CHECKING:
@@ -55,7 +56,7 @@ class Knowledge:
             return k
         af = AtlasFolder.open(atlas_dir)
         af.check_model(subject)
-        parts = af.open_parts()
+        parts = open_parts(af)
         k.folder, k.atlas, k.stats, k.descriptions = af, parts.atlas, parts.stats, parts.descriptions
         k.notes.extend(parts.notes)
         return k

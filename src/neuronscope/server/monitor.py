@@ -130,7 +130,7 @@ class Monitor:
             lambda: forward_chunks(self.subject, self.subject.encode("warm up")[0], lock=rt.lock,
                                    chunk=rt.chunk_tokens, capture=Capture(layers=None))]
         if k.atlas_dir and self.concept_search.has_index():
-            from ..atlas.search import semantic_search
+            from ..concepts.semantic import semantic_search
             folder = k.atlas_dir
             steps.append(lambda: semantic_search(folder, "the", k=5))
         steps.append(lambda: k.clusters([(0, i, "pos") for i in range(min(8, self.subject.n_neurons))]))

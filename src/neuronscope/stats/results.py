@@ -30,6 +30,7 @@ from .levels import LEVELS, Levels, fmt_level
 from .quantiles import quantiles_from_extremes
 
 if TYPE_CHECKING:
+    from ..atlas.folder import AtlasFolder
     from ..subject import Subject
 
 STATS_FILE = "stats.safetensors"
@@ -185,6 +186,16 @@ class NeuronStats:
         self.window: int = int(self.info["window"])
         self.n_layers, self.n_neurons = int(arrays["mean"].shape[0]), int(arrays["mean"].shape[1])
         self._win_cache: dict[int, tuple[list[int], list[str], str]] = {}
+
+    @classmethod
+    def from_folder(cls, af: AtlasFolder) -> "NeuronStats":
+        """The statistics of an opened atlas folder, its files checked for damage first (one sentence each)."""
+        if af.section("stats").get("complete"):
+            af.check_file(STATS_FILE, "run `neuronscope stats` again to rewrite it")
+            if (af.path / EXTREMES_FILE).exists():
+                af.check_file(EXTREMES_FILE, "run `neuronscope stats` again to rewrite it")
+            af.check_db("run `neuronscope stats` again in a new folder")
+        return cls.open(af.path)
 
     @classmethod
     def open(cls, atlas_dir: str | os.PathLike[str]) -> NeuronStats:

@@ -32,7 +32,7 @@ def concept_neurons(folder, concept: str, *, k: int = 20, embedder: Any = None,
     """The top-k interpretable neuron polarities for a concept by semantic search, keeping those whose embedding
     similarity to the concept is at least `min_similarity` (the nearest interpretable neurons of a rare concept
     can be unrelated; steering them steers nothing the user asked for)."""
-    from ..atlas.search import semantic_search
+    from .semantic import semantic_search
     rows = semantic_search(folder, concept, k=k, embedder=embedder, interpretable=True)
     out = [(r["layer"], r["neuron"], r["polarity"]) for r in rows if r["similarity"] >= float(min_similarity)]
     if not out:
@@ -126,7 +126,8 @@ def steer_generate(subject, folder, prompt: str, steer: str, strengths: Sequence
     from ..atlas.folder import AtlasFolder
     af = AtlasFolder.open(folder)
     af.check_model(subject)
-    stats = af.open_stats()
+    from ..stats.results import NeuronStats
+    stats = NeuronStats.from_folder(af)
     neurons = steer_targets(folder, steer, k=k, embedder=embedder)
     answers = steer_sweep(subject, prompt, neurons, strengths, stats, chat=chat, system=system,
                           max_new_tokens=max_new_tokens)
