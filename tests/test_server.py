@@ -445,6 +445,9 @@ def test_descriptions_show_in_the_views_and_the_concept_search(client, atlas_dir
     D = Descriptions.open(atlas_dir)
     d = client.get("/api/neurons/2/5", params={"n_exemplars": 0}).json()
     assert d["descriptions"]["pos"] == D.get(2, 5, "pos")["text"]
+    kinds = d["description_kinds"]["pos"]           # the neuron view shows every kind with its scores
+    assert [c["source"] for c in kinds] == [c["source"] for c in D.get(2, 5, "pos", candidates=True)["candidates"]]
+    assert any(c["source"] == "label" and c["score"] is not None and c["detection"] is not None for c in kinds)
     sid = new_session(client)
     chat(client, sid, max_new_tokens=24)
     rows = client.get(f"/api/sessions/{sid}/activations", params={"page_size": 1000}).json()["rows"]

@@ -154,6 +154,14 @@ class Knowledge:
         d = self.descriptions.get(layer, neuron, polarity)
         return d.get("text") if d else None
 
+    def description_kinds(self, layer: int, neuron: int, polarity: str) -> list[dict[str, Any]]:
+        """Every kind of stored description of one polarity with its scores ([] without descriptions)."""
+        if self.descriptions is None:
+            return []
+        d = self.descriptions.get(layer, neuron, polarity, candidates=True)
+        keys = ("source", "text", "score", "detection", "output_score", "effect")
+        return [{k: c.get(k) for k in keys} for c in (d or {}).get("candidates", [])]
+
     def exemplars(self, layer: int, neuron: int, polarity: str, n: int) -> list[dict[str, Any]]:
         """The stored exemplars, read from the folder (the reader never runs the model; the Monitor fills in each
         window's activations itself, `Monitor._window_acts`: a forward in chunks under the model lock)."""

@@ -69,6 +69,7 @@ class NeuronPages:
         exemplars = {pol: [self._exemplar(layer, neuron, e) for e in found[pol]] for pol in POLARITIES}
         return {"layer": layer, "neuron": neuron, "decodes": decodes, "decodes_source": source,
                 "descriptions": {p: k.description(layer, neuron, p) for p in POLARITIES},
+                "description_kinds": {p: k.description_kinds(layer, neuron, p) for p in POLARITIES},  # type: ignore[misc]
                 "exemplars": exemplars, "quantiles": k.quantiles_of(layer, neuron),
                 "quantile_marks": self.annotator.level_marks(), "normalised_by": self.annotator.normalised_by(),
                 "notes": list(k.notes)}

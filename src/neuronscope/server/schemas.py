@@ -212,12 +212,23 @@ class ExemplarOut(TypedDict):
     marks: Optional[list[Optional[float]]]
 
 
+class DescriptionKindOut(TypedDict):
+    source: Annotated[str, Field(description="label, context, output, decode or explainer.")]
+    text: str
+    score: Annotated[Optional[float], Field(description="Pearson r on held-out windows (input-side kinds).")]
+    detection: Annotated[Optional[float], Field(description="Balanced accuracy on held-out windows (chance 0.5).")]
+    output_score: Annotated[Optional[float], Field(description="Output kind: share held on held-out prompts.")]
+    effect: Annotated[Optional[float], Field(description="Output kind: mean held-out raise, nats.")]
+
+
 class NeuronOut(TypedDict):
     layer: int
     neuron: int
     decodes: dict[str, list[DecodeOut]]
     decodes_source: str
     descriptions: dict[str, Optional[str]]
+    description_kinds: Annotated[dict[str, list[DescriptionKindOut]],
+                                 Field(description="Every kind of description per polarity, with its scores.")]
     exemplars: dict[str, list[ExemplarOut]]
     quantiles: Optional[dict[str, float]]
     quantile_marks: Annotated[Optional[dict[str, str]], Field(description="Levels the corpus does not resolve: why.")]

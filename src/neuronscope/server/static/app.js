@@ -430,6 +430,10 @@ async function openNeuron(l, n) {
 function renderNeuron(d, l, n) {
   const box = $("#neuron-body"); box.dataset.key = `${l}:${n}`;
   {
+    const kinds = (all) => { const rows = ["pos", "neg"].flatMap((pol) => ((all || {})[pol] || []).map((c) =>
+      `<tr><td>${pol === "pos" ? "+" : "−"} ${esc(c.source)}</td><td>${esc(c.text)}</td><td>${c.score != null ? "r " + fmt(c.score, 2) : ""}</td>
+       <td>${c.detection != null ? "det " + fmt(c.detection, 2) : ""}</td><td>${c.output_score != null ? "out " + fmt(c.output_score, 2) + " (" + fmt(c.effect, 2) + " nats)" : ""}</td></tr>`));
+      return rows.length ? `<h4>Every description, with its scores</h4><table class="grid">${rows.join("")}</table>` : ""; };
     const dec = Object.entries(d.decodes).map(([site, list]) => `<tr><td>${esc(site)}</td><td>${toks(list.map((x) => x.token))}</td></tr>`).join("");
     const ex = (pol) => (d.exemplars[pol] || []).map((e) => `<div class="exemplar">${e.tokens.map((t, i) => {
       const m = e.marks ? e.marks[i] : null; const cls = [i === e.position ? "peak" : "", m != null && Math.abs(m) > 1 ? "fire" : ""].join(" ");
@@ -438,6 +442,7 @@ function renderNeuron(d, l, n) {
     box.className = "";
     box.innerHTML = `<h3>L${d.layer}/N${d.neuron} <button type="button" id="steer-this">steer this neuron</button></h3>
       <p><b class="pos">+</b> ${esc(d.descriptions.pos || "no description")}<br><b class="neg">−</b> ${esc(d.descriptions.neg || "no description")}</p>
+      ${kinds(d.description_kinds)}
       <h4>Decoded tokens (${esc(d.decodes_source)})</h4><table class="grid">${dec}</table>
       ${d.quantiles ? `<h4>Quantiles</h4><table class="grid">${Object.entries(d.quantiles).map(([lv, q]) =>
         `<tr><td>q(${esc(lv)})</td><td>${fmt(q)}</td><td class="panel-note">${esc((d.quantile_marks || {})[lv] || "")}</td></tr>`).join("")}</table>
