@@ -445,6 +445,13 @@ def test_descriptions_show_in_the_views_and_the_concept_search(client, atlas_dir
     D = Descriptions.open(atlas_dir)
     d = client.get("/api/neurons/2/5", params={"n_exemplars": 0}).json()
     assert d["descriptions"]["pos"] == D.get(2, 5, "pos")["text"]
+    o = client.get("/api/neurons/2/5/outputs").json()["outputs"]     # output effects on demand, both polarities
+    from neuronscope.describe.effects import measure_effects
+    from neuronscope.stats import NeuronStats
+    lib = measure_effects(client.app.state.monitor.runtime.subject, NeuronStats.open(atlas_dir), [(2, 5, "pos")])
+    assert o["pos"] is not None
+    assert [x["delta"] for x in o["pos"]["says"]] == pytest.approx(lib[(2, 5, "pos")].says_delta, abs=1e-3)
+    assert set(o) == {"pos", "neg"} and client.get("/api/neurons/2/99999/outputs").status_code == 400
     kinds = d["description_kinds"]["pos"]           # the neuron view shows every kind with its scores
     assert [c["source"] for c in kinds] == [c["source"] for c in D.get(2, 5, "pos", candidates=True)["candidates"]]
     assert any(c["source"] == "label" and c["score"] is not None and c["detection"] is not None for c in kinds)

@@ -197,6 +197,10 @@ class Monitor:
         """A neuron's decodes, description and top exemplars (with each token's normalised activation)."""
         return self.neuron_pages.neuron(layer, neuron, n_exemplars, marks)
 
+    def neuron_outputs(self, layer: int, neuron: int) -> S.NeuronOutputsOut:
+        """What a neuron makes the model say (its causal output effect), measured on demand."""
+        return self.neuron_pages.outputs(layer, neuron)
+
     def concepts(self, query: str, k: int = 50) -> S.ConceptsOut:
         """Neurons for a concept, best first (by meaning when the atlas has the describe index, else by text)."""
         return self.concept_search.concepts(query, k)

@@ -74,6 +74,32 @@ class NeuronPages:
                 "quantile_marks": self.annotator.level_marks(), "normalised_by": self.annotator.normalised_by(),
                 "notes": list(k.notes)}
 
+    def outputs(self, layer: int, neuron: int) -> S.NeuronOutputsOut:
+        """What the neuron makes the model say, measured on demand (describe's output effects: raised to its firing
+        level at the last position of the neutral prompts, through every later layer), both polarities, one hold
+        of the model lock. Every vocabulary token may be named (describe limits names to corpus tokens)."""
+        from ..describe.describe import output_passes
+        from ..describe.effects import measure_effects
+        k, rt = self.knowledge, self.runtime
+        check_neuron(layer, neuron, rt.subject.n_layers, rt.subject.n_neurons)
+        if k.stats is None:
+            raise NeuronscopeError("Output effects need corpus statistics (the neuron's firing level); start the "
+                                   "server with an --atlas that has them.")
+        keys = [(layer, neuron, p) for p in POLARITIES]
+        with rt.lock:
+            got = measure_effects(rt.subject, k.stats, keys, batch=2)
+        tok = rt.subject.tokenizer
+
+        def row(p: str) -> S.OutputEffectOut | None:
+            e = got.get((layer, neuron, p))
+            if e is None:
+                return None
+            return {"value": e.value, "says": [{"token": tok.decode([i]), "delta": d} for i, d in
+                                               zip(e.says, e.says_delta)],
+                    "less": [{"token": tok.decode([i]), "delta": d} for i, d in zip(e.less, e.less_delta)],
+                    "output_score": e.score, "effect": e.effect, "held": output_passes(e.score, e.effect)}
+        return {"layer": layer, "neuron": neuron, "outputs": {p: row(p) for p in POLARITIES}}
+
     def window_acts(self, windows: list[list[int]], layer: int, neuron: int) -> list[list[float]]:
         """Neuron (layer, neuron)'s activation at every token of each exemplar window: forwards that stop after
         `layer` (the layers above cannot change it), windows of one length batched so that a lock hold runs about

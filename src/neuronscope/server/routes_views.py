@@ -69,6 +69,14 @@ def neuron(layer: int, neuron: int, request: Request, n_exemplars: int = Query(1
     return monitor_of(request).neuron(layer, neuron, n_exemplars, marks)
 
 
+@router.get("/api/neurons/{layer}/{neuron}/outputs", response_model=S.NeuronOutputsOut, responses=ERRORS,
+            tags=["neurons"])
+def neuron_outputs(layer: int, neuron: int, request: Request) -> S.NeuronOutputsOut:
+    """What the neuron makes the model say, measured now: its causal effect on the next token when raised (pos) or
+    lowered (neg) to its firing level on neutral prompts, scored on held-out prompts."""
+    return monitor_of(request).neuron_outputs(layer, neuron)
+
+
 @router.get("/api/concepts", response_model=S.ConceptsOut, responses=ERRORS, tags=["neurons"])
 def concepts(request: Request, q: str = Query(..., min_length=1, max_length=L.max_concept_chars),
              k: int = Query(50, ge=1, le=L.max_steer_neurons)) -> S.ConceptsOut:

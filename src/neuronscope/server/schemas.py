@@ -236,6 +236,27 @@ class NeuronOut(TypedDict):
     notes: list[str]
 
 
+class TokenEffectOut(TypedDict):
+    token: str
+    delta: Annotated[float, Field(description="Mean change of its log-probability on the train prompts, nats.")]
+
+
+class OutputEffectOut(TypedDict):
+    value: Annotated[float, Field(description="The activation the neuron was set to (its firing level).")]
+    says: list[TokenEffectOut]
+    less: list[TokenEffectOut]
+    output_score: Annotated[float, Field(description="Share of `says` among the most raised held-out tokens.")]
+    effect: Annotated[float, Field(description="Mean held-out raise of `says`, nats.")]
+    held: Annotated[bool, Field(description="Score and effect reach the describe thresholds.")]
+
+
+class NeuronOutputsOut(TypedDict):
+    layer: int
+    neuron: int
+    outputs: Annotated[dict[str, Optional[OutputEffectOut]],
+                       Field(description="Per polarity; null when the neuron never fires with that sign.")]
+
+
 class ConceptRowOut(TypedDict):
     layer: int
     neuron: int

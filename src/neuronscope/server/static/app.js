@@ -440,7 +440,8 @@ function renderNeuron(d, l, n) {
       return `<span class="${cls}" title="${m != null ? fmt(m, 2) : ""}">${esc(t)}</span>`; }).join("")}
       <small> · ${fmt(e.normalised ?? e.activation, 2)}</small></div>`).join("") || '<p class="hint">no exemplars (needs corpus statistics)</p>';
     box.className = "";
-    box.innerHTML = `<h3>L${d.layer}/N${d.neuron} <button type="button" id="steer-this">steer this neuron</button></h3>
+    box.innerHTML = `<h3>L${d.layer}/N${d.neuron} <button type="button" id="steer-this">steer this neuron</button>
+      <button type="button" id="outputs-this">what it makes the model say</button></h3><div id="outputs-box"></div>
       <p><b class="pos">+</b> ${esc(d.descriptions.pos || "no description")}<br><b class="neg">−</b> ${esc(d.descriptions.neg || "no description")}</p>
       ${kinds(d.description_kinds)}
       <h4>Decoded tokens (${esc(d.decodes_source)})</h4><table class="grid">${dec}</table>
@@ -449,6 +450,15 @@ function renderNeuron(d, l, n) {
         ${d.normalised_by ? `<p class="panel-note">normalised: ${esc(d.normalised_by)}</p>` : ""}` : ""}
       <h4>Top exemplars, positive</h4>${ex("pos")}<h4>Top exemplars, negative</h4>${ex("neg")}
       ${d.notes.length ? `<p class="panel-note">${d.notes.map(esc).join("<br>")}</p>` : ""}`;
+    $("#outputs-this").onclick = async () => {
+      $("#outputs-box").textContent = "measuring…";
+      try {
+        const o = await api("GET", `/api/neurons/${d.layer}/${d.neuron}/outputs`);
+        const one = (pol, e) => e ? `<p><b class="${pol}">${pol === "pos" ? "+" : "−"}</b> makes the model say ${e.says.map((x) => esc(x.token) + " (" + fmt(x.delta, 2) + ")").join(", ") || "nothing specific"}; less ${e.less.map((x) => esc(x.token)).join(", ")}
+          <small>· held-out score ${fmt(e.output_score, 2)}, effect ${fmt(e.effect, 2)} nats${e.held ? "" : " (did not hold)"}</small></p>` : `<p class="hint">${pol}: never fires with this sign</p>`;
+        $("#outputs-box").innerHTML = one("pos", o.outputs.pos) + one("neg", o.outputs.neg);
+      } catch (err) { $("#outputs-box").textContent = String(err.message || err); }
+    };
     $("#steer-this").onclick = () => { $("#steer-neurons").value = `${l}:${n}`; $("#steer-concept").value = ""; switchTab("steering"); steerFields(); };
   }
 }
