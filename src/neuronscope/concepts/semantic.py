@@ -48,7 +48,7 @@ def semantic_search(folder, query: str, *, k: int = 50, embedder=None, interpret
     embedder: an Embedder, a folder, None (the pulled default). Needs the index of `neuronscope describe`.
     """
     from .. import store
-    from ..describe.describe import check_db_once
+    from ..describe.describe import Descriptions, check_db_once
     from ..describe.index import load_index
     from ..embed import load_embedder
     from ..atlas.folder import DESCRIPTIONS_TABLE as TABLE
@@ -97,12 +97,11 @@ def semantic_search(folder, query: str, *, k: int = 50, embedder=None, interpret
     n_words = max(1, len([w for w in re.split(r"[\s,;]+", query) if w]))
     score = sim + float(token_weight) / n_words * tok            # one matching word of several counts less
     check_db_once(af)
-    threshold = float(af.section("descriptions").get("threshold", 0.5))
+    sec = af.section("descriptions")
+    ok = Descriptions(folder, float(sec.get("threshold", 0.5)), sec.get("detection_threshold")).interpretable()
     con = store.open_db(folder)
     try:
         if interpretable:
-            ok = set(con.execute(f"SELECT layer, neuron, polarity FROM {TABLE} WHERE score >= ?",
-                                 (threshold,)).fetchall())
             mask = torch.tensor([key in ok for key in idx.keys], dtype=torch.bool)
             score = torch.where(mask, score, torch.full_like(score, float("-inf")))
         take = min(k, int(torch.isfinite(score).sum()))
@@ -116,7 +115,7 @@ def semantic_search(folder, query: str, *, k: int = 50, embedder=None, interpret
             out.append({"layer": l, "neuron": n, "polarity": p, "score": round(v, 6),
                         "similarity": round(float(sim[j]), 6), "token_score": round(float(tok[j]), 6),
                         "description": None if row is None else row[0], "desc_score": ds,
-                        "interpretable": ds is not None and ds >= threshold,
+                        "interpretable": (l, n, p) in ok,
                         "tokens": atlas.top_tokens(l, n, "down.pos" if p == "pos" else "down.neg", 5)
                         if atlas is not None and ("down.pos" if p == "pos" else "down.neg") in atlas.sites else []})
     finally:
