@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import inspect
 import os
 import re
 from dataclasses import dataclass, field
@@ -33,6 +34,19 @@ ModelInfo = TypedDict("ModelInfo", {
     "neurons_total": int, "hidden_size": int, "vocab_size": int, "gated_mlp": bool, "tied_lm_head": bool,
     "parameters": int, "dtype": str, "device": str, "sites": "list[str]", "has_chat_template": bool,
     "fingerprint": str})
+
+
+_CALL_ARGS: dict[type, tuple[str, bool]] = {}
+
+
+def call_args(subject: Subject) -> tuple[str, bool]:
+    """(the forward's name for the KV cache, whether it takes logits_to_keep), read once per model class."""
+    cls = type(subject.model)
+    got = _CALL_ARGS.get(cls)
+    if got is None:
+        params = inspect.signature(subject.model.forward).parameters
+        got = _CALL_ARGS[cls] = ("cache" if "cache" in params else "past_key_values", "logits_to_keep" in params)
+    return got
 
 
 @dataclass

@@ -26,6 +26,7 @@ import torch
 
 from ..errors import NeuronscopeError
 from ..refs import POLARITIES
+from ..subject import call_args
 
 Key = tuple[int, int, str]
 PROMPTS = (
@@ -60,15 +61,10 @@ def top_held(vocab_size: int) -> int:
     return max(1, min(TOP_HELD, vocab_size // 100))
 
 
-def _cache_kw(subject: Any) -> str:
-    """The forward's name for the KV cache ("cache" in newer transformers, else "past_key_values")."""
-    import inspect
-    return "cache" if "cache" in inspect.signature(subject.model.forward).parameters else "past_key_values"
-
-
 def _with_cache(kw: str, cache: Any) -> dict[str, Any]:
-    """Forward arguments continuing a KV cache (a copy: the prompt's own cache is reused), or none for no cache."""
-    return {} if cache is None else {kw: copy.deepcopy(cache), "use_cache": True}
+    """Forward arguments continuing a KV cache (the caller passes a copy: the prompt's own cache is reused), or none
+    for no cache."""
+    return {} if cache is None else {kw: cache, "use_cache": True}
 
 
 def firing_level(stats: Any, l: int, n: int, p: str, rank: int = LEVEL_RANK) -> float | None:
@@ -105,7 +101,7 @@ def measure_effects(subject: Any, stats: Any, keys: Sequence[Key], *, key_of: Se
         if v is not None:
             todo.append((key, v))
     dev = subject.device
-    kw = _cache_kw(subject)
+    kw, _ = call_args(subject)
     prepared = []
     with torch.no_grad():
         for text in prompts:
@@ -116,7 +112,7 @@ def measure_effects(subject: Any, stats: Any, keys: Sequence[Key], *, key_of: Se
             if ids.shape[1] > 1:
                 out = subject.model(input_ids=ids[:, :-1], use_cache=True)
                 cache = out["cache"] if "cache" in out else out.past_key_values
-            clean = subject.model(input_ids=ids[:, -1:], **_with_cache(kw, cache))
+            clean = subject.model(input_ids=ids[:, -1:], **_with_cache(kw, copy.deepcopy(cache)))
             base = torch.log_softmax(clean.logits[0, -1].float(), -1).cpu()
             prepared.append((ids[:, -1:], cache, base))
     V = prepared[0][2].shape[0]

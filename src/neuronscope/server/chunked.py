@@ -25,7 +25,8 @@ from ..attribution import Attribution, top_scores
 from ..errors import NeuronscopeError
 from ..interventions import BoundCapture, Capture, Intervention, ResidualFunction, intervene
 from ..subject import Subject
-from .packing import Step, call_args, new_cache, plain_cache, run_one
+from ..subject import call_args
+from .packing import Step, new_cache, plain_cache, run_one
 from .scheduler import FairLock
 
 CHUNK_TOKENS = 32         # positions per model call while another session's answer streams

@@ -18,7 +18,6 @@ the steps run one after another (each then gets its own result or its own error)
 """
 from __future__ import annotations
 
-import inspect
 import weakref
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -28,22 +27,12 @@ import torch
 from transformers import DynamicCache
 
 from ..interventions import Bound, BoundCapture, Capture, Intervention, intervene
+from ..subject import call_args
 
 if TYPE_CHECKING:
     from ..subject import Subject
 
-_CALL_ARGS: dict[type, tuple[str, bool]] = {}
 _PACKS: "weakref.WeakKeyDictionary[Any, bool]" = weakref.WeakKeyDictionary()
-
-
-def call_args(subject: Subject) -> tuple[str, bool]:
-    """(the forward's name for the KV cache, whether it takes logits_to_keep), read once per model class."""
-    cls = type(subject.model)
-    got = _CALL_ARGS.get(cls)
-    if got is None:
-        params = inspect.signature(subject.model.forward).parameters
-        got = _CALL_ARGS[cls] = ("cache" if "cache" in params else "past_key_values", "logits_to_keep" in params)
-    return got
 
 
 def new_cache(subject: Subject) -> Any:
