@@ -163,27 +163,67 @@ def _show_exemplars(atlas_dir, layer: int, i: int, n: int) -> None:
 @atlas_app.command("search")
 def search(
     atlas_dir: Path = typer.Argument(..., help="Atlas folder."),
-    query: str = typer.Argument(..., help="A concept: a word or phrase (\"animals\", \"gender roles\")."),
+    query: str = typer.Argument(..., help="A concept: a word or phrase (\"animals\", \"family relatives\")."),
+    side: str = typer.Option("both", "--side", help="reads: neurons that fire on the concept's words or in text "
+                             "about it; writes: neurons whose write vector or measured output effect promotes its "
+                             "words; both: each neuron on its better side; description: the older ranking by "
+                             "the embedding of the descriptions alone."),
     k: int = typer.Option(20, "--k", "-k", min=1, help="Neurons listed."),
+    layers: Optional[str] = typer.Option(None, "--layers", help="Only these layers: 20-29 or 3,5,7."),
     sites: Optional[str] = typer.Option(None, "--sites", help="With --tokens-only: comma list of sites to search."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="The atlas's model: adds the cosine of each "
-                                        "neuron's write vector with the concept's unembedding rows (default: the "
-                                        "model recorded in the atlas, when it is on disk)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="With --side description or --tokens-only: "
+                                        "adds the cosine of each neuron's write vector with the concept's "
+                                        "unembedding rows (default: the model recorded in the atlas, when on disk)."),
     no_model: bool = typer.Option(False, "--no-model", help="Leave the model side out (no model load)."),
     embedder: str = typer.Option("default", "--embedder", help="Sentence embedder: a folder, a hub id, 'default' "
                                  "(all-MiniLM-L6-v2, `neuronscope models pull all-minilm-l6-v2`) or 'none' "
                                  "(= --tokens-only)."),
-    interpretable: bool = typer.Option(False, "--interpretable", help="Only neurons whose description scores at "
-                                       "least the interpretable threshold."),
+    interpretable: bool = typer.Option(False, "--interpretable", help="With --side description: only neurons "
+                                       "whose description is interpretable."),
     tokens_only: bool = typer.Option(False, "--tokens-only", help="Rank by decoded tokens only (no embedder, no "
                                      "model load)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """Rank neurons for a concept by meaning: the embedding similarity of the query to each neuron's description
-    and decoded tokens (the index `neuronscope describe` stores), plus the decoded-token match.
+    """Find the neurons of a concept and say which side they are on: `reads` (they fire on its words or in text
+    about it, from the statistics' strongest activations) or `writes` (their write vector or measured output effect
+    promotes its words), with the evidence. Needs statistics and `neuronscope describe` (its window embeddings);
+    the first search of a folder builds its concept evidence (about a minute on SmolLM2).
 
-    Example: neuronscope atlas search atlas-smollm "animals"
+    Examples: neuronscope atlas search atlas-smollm "family relatives"
+              neuronscope atlas search atlas-smollm "months of the year" --side writes --json
     """
+    if side not in ("reads", "writes", "both", "description"):
+        raise NeuronscopeError(f"--side must be reads, writes, both or description, got '{side}'.")
+    if tokens_only or embedder.lower() == "none" or side == "description":
+        _search_by_description(atlas_dir, query, k, sites, model, no_model, embedder, interpretable, tokens_only,
+                               as_json)
+        return
+    from ..atlas.folder import AtlasFolder
+    from ..concepts.search import concept_search
+    from ..refs import parse_index_set
+    n_layers = int(AtlasFolder.open(atlas_dir).section("model").get("n_layers") or 10**6)
+    res = concept_search(atlas_dir, query, side=side, k=k, embedder=None if embedder == "default" else embedder,
+                         layers=None if layers is None else parse_index_set(layers, n_layers, what="layer"))
+    if as_json:
+        typer.echo(json.dumps(res.to_dict(), indent=2))
+        return
+    sup = res.support
+    console.print(f"[bold]{escape(res.query)}[/bold]: {sup.n_words} concept words in the corpus "
+                  f"({escape(', '.join(sup.words[:8]))}), {sup.n_windows} windows about it; {res.seconds * 1000:.0f} ms")
+    table = Table("neuron", "side", "score", "reads", "writes", "sep.", "evidence", "description",
+                  title=f"neurons for {query!r} ({side})", title_justify="left")
+    for h in res.hits:
+        ev = ("reads " + ", ".join(h.read_words) if h.side == "reads" else
+              ("says " if h.measured else "promotes ") + ", ".join(h.write_words))
+        table.add_row(h.ref, h.side, f"{h.score:.2f}", f"{h.reads:.2f}", f"{h.writes:.2f}", f"{h.separation:.1f}x",
+                      escape(ev), escape((h.description or "")[:70]))
+    console.print(table)
+
+
+def _search_by_description(atlas_dir: Path, query: str, k: int, sites: Optional[str], model: Optional[str],
+                           no_model: bool, embedder: str, interpretable: bool, tokens_only: bool,
+                           as_json: bool) -> None:
+    """The older searches: by the embedding of the descriptions, or by decoded tokens only."""
     from ..atlas import Atlas
     from ..concepts.semantic import semantic_search
     from ..describe.index import load_index
@@ -198,16 +238,18 @@ def search(
             model_note = "; without the model side: the atlas's model is not on disk, pass --model"
     subject = load_subject(model) if model and not no_model else None
     no_index = not (tokens_only or embedder.lower() == "none") and load_index(atlas_dir) is None
+    cols: list[tuple[str, str]]
+    rows: list[dict[str, Any]]
     if tokens_only or embedder.lower() == "none" or no_index:
         atlas = Atlas.open(atlas_dir)
-        rows = atlas.search(query, k=k, sites=sites, subject=subject)
+        rows = [dict(r) for r in atlas.search(query, k=k, sites=sites, subject=subject)]
         title = f"neurons for {query!r} (decoded tokens only" + (
             "; run `neuronscope describe` for search by meaning" if no_index else "") + model_note + ")"
         cols = [("site", "site"), ("score", "score")]
     else:
         rows = semantic_search(atlas_dir, query, k=k, embedder=None if embedder == "default" else embedder,
                                interpretable=interpretable, subject=subject)
-        title = f"neurons for {query!r} by meaning" + (" (interpretable only)" if interpretable else "") + (
+        title = f"neurons for {query!r} by description" + (" (interpretable only)" if interpretable else "") + (
             f" ({model_note[2:]})" if model_note else "")
         cols = [("pol", "polarity"), ("score", "score"), ("sim", "similarity"), ("desc. score", "desc_score")]
     if as_json:
