@@ -54,6 +54,7 @@ class Atlas:
         built = a.get("layers")
         self.layers: list[int] = [int(x) for x in built] if built is not None else list(range(self.n_layers))
         self._arrays: dict[str, dict[str, torch.Tensor]] = {}
+        self._by_normalised: dict[str, list[int]] | None = None     # search's normalise(token) -> ids, once
 
     # ---- opening ------------------------------------------------------------------------------------------
     @classmethod

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
@@ -25,13 +25,15 @@ from .folder import FORMAT_VERSION, AtlasFolder, model_section, part_file, site_
 from .vocab import write_vocab
 
 if TYPE_CHECKING:
+    from tqdm.auto import tqdm
+
     from ..subject import Subject
 
 ALL_SITES = ("up", "gate", "down.pos", "down.neg")
 __all__ = ["build_atlas", "ALL_SITES", "model_section", "site_file", "FORMAT_VERSION"]
 
 
-def build_atlas(subject: Subject, out_dir: str | os.PathLike, *, top_k: int = 20, apply_norm: bool = True,
+def build_atlas(subject: Subject, out_dir: str | os.PathLike[str], *, top_k: int = 20, apply_norm: bool = True,
                 sites: Sequence[str] | None = None, chunk: int | None = None, progress: bool = True,
                 method: str = "auto", vocab_block: int = 1024, overwrite: bool = False, device: str | None = None,
                 approx_dtype: torch.dtype | str | None = None, layers: str | Sequence[int] | None = None) -> Atlas:
@@ -57,7 +59,8 @@ def build_atlas(subject: Subject, out_dir: str | os.PathLike, *, top_k: int = 20
     af = AtlasFolder.open(out_dir, create=True)
     af.migrate()                                           # an unfinished build of an older version resumes
     folder = af.path
-    options: dict = {"top_k": top_k, "apply_norm": bool(apply_norm), "sites": list(sites), "format": FORMAT_VERSION}
+    options: dict[str, Any] = {"top_k": top_k, "apply_norm": bool(apply_norm), "sites": list(sites),
+                               "format": FORMAT_VERSION}
     if len(todo_layers) != subject.n_layers:
         options["layers"] = todo_layers
     manifest = af.manifest
@@ -140,8 +143,10 @@ def _check_sites(subject: Subject, sites: str | Sequence[str] | None) -> tuple[s
     return tuple(s for s in ALL_SITES if s in out)
 
 
-def _decode_layer(subject: Subject, layer: int, sites: Sequence[str], W, perm, gain, *, top_k, chunk, method,
-                  vocab_block, device, approx_dtype, bar) -> dict[str, torch.Tensor]:
+def _decode_layer(subject: Subject, layer: int, sites: Sequence[str], W: torch.Tensor, perm: torch.Tensor | None,
+                  gain: torch.Tensor | None, *, top_k: int, chunk: int, method: str, vocab_block: int,
+                  device: torch.device, approx_dtype: torch.dtype | str | None,
+                  bar: tqdm[Any] | None) -> dict[str, torch.Tensor]:
     """All requested sites of one layer as {f"{site}.ids"/".logits"/".probs"/".lse": tensor}."""
     spec, hf = subject.spec, subject.model
     out: dict[str, torch.Tensor] = {}
@@ -186,7 +191,7 @@ def _finish(folder: Path, subject: Subject, sites: Sequence[str], layers: list[i
                                                                "fingerprint": subject.fingerprint})
 
 
-def _versions() -> dict:
+def _versions() -> dict[str, str]:
     import transformers
     from importlib.metadata import PackageNotFoundError, version
     try:
@@ -196,7 +201,7 @@ def _versions() -> dict:
     return {"neuronscope": ns, "torch": torch.__version__, "transformers": transformers.__version__}
 
 
-def _bar(progress: bool, total: int, desc: str):
+def _bar(progress: bool, total: int, desc: str) -> tqdm[Any] | None:
     if not progress or total == 0:
         return None
     from tqdm.auto import tqdm

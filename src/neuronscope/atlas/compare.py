@@ -6,16 +6,20 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from .. import store
 from ..errors import NeuronscopeError
 from .folder import COMPARE_FILE, COMPARE_PLOT
 
+if TYPE_CHECKING:
+    from .atlas import Atlas
+
 _MARK = "neuronscope-compare"
 
 
-def compare_atlases(a, b, *, site: str = "up", out_dir: str | os.PathLike | None = None,
-                    n_changed: int = 20) -> dict:
+def compare_atlases(a: Atlas | str | os.PathLike[str], b: Atlas | str | os.PathLike[str], *, site: str = "up",
+                    out_dir: str | os.PathLike[str] | None = None, n_changed: int = 20) -> dict[str, Any]:
     """Compare atlas `a` with atlas `b` (Atlas objects or folders) at `site`.
 
     Returns {"site", "a", "b", "top_k", "top1_agreement", "topk_overlap", "per_layer": [{"layer",
@@ -35,7 +39,7 @@ def compare_atlases(a, b, *, site: str = "up", out_dir: str | os.PathLike | None
     # most changed: lowest top-k overlap, then top-1 disagreement, then the strongest top-1 in A
     key = overlap + 0.5 * top1.float() / k - 1e-3 * a.top_probs(site)[..., 0]
     order = key.reshape(-1).argsort()[:n_changed].tolist()
-    changed = []
+    changed: list[dict[str, Any]] = []
     for j in order:
         l, n = divmod(j, a.n_neurons)
         if overlap[l, n] == 1.0 and top1[l, n]:
@@ -43,11 +47,12 @@ def compare_atlases(a, b, *, site: str = "up", out_dir: str | os.PathLike | None
         changed.append({"layer": l, "neuron": n, "topk_overlap": float(overlap[l, n]),
                         "top1_agree": bool(top1[l, n]), "tokens_a": a.top_tokens(l, n, site, 5),
                         "tokens_b": b.top_tokens(l, n, site, 5)})
-    summary = {"site": site, "a": {"folder": str(a.folder), "model": a.model_name, "fingerprint": a.fingerprint},
-               "b": {"folder": str(b.folder), "model": b.model_name, "fingerprint": b.fingerprint},
-               "top_k": k, "n_layers": a.n_layers, "n_neurons": a.n_neurons,
-               "top1_agreement": float(top1.float().mean()), "topk_overlap": float(overlap.mean()),
-               "per_layer": per_layer, "changed_most": changed}
+    summary: dict[str, Any] = {
+        "site": site, "a": {"folder": str(a.folder), "model": a.model_name, "fingerprint": a.fingerprint},
+        "b": {"folder": str(b.folder), "model": b.model_name, "fingerprint": b.fingerprint},
+        "top_k": k, "n_layers": a.n_layers, "n_neurons": a.n_neurons,
+        "top1_agreement": float(top1.float().mean()), "topk_overlap": float(overlap.mean()),
+        "per_layer": per_layer, "changed_most": changed}
     if out_dir is not None:
         out = Path(out_dir)
         _check_out(out)
@@ -75,7 +80,7 @@ def _check_out(out: Path) -> None:
                                "comparison's; choose another --out folder (nothing was changed).")
 
 
-def _check_match(a, b, site: str) -> None:
+def _check_match(a: Atlas, b: Atlas, site: str) -> None:
     for what, x, y in (("layer count", a.n_layers, b.n_layers), ("neurons per layer", a.n_neurons, b.n_neurons),
                        ("vocabulary size", len(a.vocab), len(b.vocab)), ("top_k", a.top_k, b.top_k)):
         if x != y:
@@ -93,7 +98,7 @@ def _check_match(a, b, site: str) -> None:
                                "without (--no-norm); build both the same way.")
 
 
-def plot_agreement(summary: dict, path: str | os.PathLike) -> None:
+def plot_agreement(summary: dict[str, Any], path: str | os.PathLike[str]) -> None:
     """Bar plot of top-1 agreement by layer, with the mean top-k overlap as a line; saved atomically as PNG."""
     import matplotlib
     matplotlib.use("Agg")

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
 
@@ -41,8 +41,9 @@ class Decoded:
     lse: torch.Tensor
 
 
-def decode(vectors: torch.Tensor, unembedding: torch.Tensor, *, k: int = 20, sides=("pos",), method: str = "auto",
-           chunk: int = 256, vocab_block: int = 1024, approx_dtype: torch.dtype | None = None,
+def decode(vectors: torch.Tensor, unembedding: torch.Tensor, *, k: int = 20, sides: Sequence[str] = ("pos",),
+           method: str = "auto", chunk: int = 256, vocab_block: int = 1024,
+           approx_dtype: torch.dtype | str | None = None,
            exact_dtype: torch.dtype = torch.float32, permutation: torch.Tensor | None = None) -> dict[str, Decoded]:
     """Decode `vectors` [n, H] through `unembedding` [V, H] (gain already folded into the vectors).
 
@@ -107,7 +108,7 @@ def shuffled_unembedding(unembedding: torch.Tensor, seed: int = 0) -> tuple[torc
 
 
 # ---- plain (reference) ---------------------------------------------------------------------------------------
-def _decode_plain(u: torch.Tensor, W: torch.Tensor, k: int, sides) -> dict[str, Decoded]:
+def _decode_plain(u: torch.Tensor, W: torch.Tensor, k: int, sides: Sequence[str]) -> dict[str, Decoded]:
     logits = u.float() @ W.float().T
     out = {}
     for s in sides:
@@ -119,7 +120,7 @@ def _decode_plain(u: torch.Tensor, W: torch.Tensor, k: int, sides) -> dict[str, 
 
 
 # ---- fused blocked GEMM + threshold candidates + running log-sum-exp ----------------------------------------------
-def _decode_fused(u: torch.Tensor, W: torch.Tensor, k: int, sides, block: int,
+def _decode_fused(u: torch.Tensor, W: torch.Tensor, k: int, sides: Sequence[str], block: int,
                   perm: torch.Tensor | None, first_blocks: int = 4) -> dict[str, Decoded]:
     """Per vocabulary block: one GEMM into a reused buffer, exp into a second buffer and a row sum (the running
     sum of exp(logit)), and a compare against each row's threshold to keep candidates. The first, larger block
@@ -176,7 +177,8 @@ def _decode_fused(u: torch.Tensor, W: torch.Tensor, k: int, sides, block: int,
     return out
 
 
-def _ragged_topk(rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, n: int, k: int):
+def _ragged_topk(rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, n: int, k: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k per row of a ragged set of (row, col, value) candidates (every row has at least k)."""
     order = torch.argsort(rows, stable=True)
     rows, cols, vals = rows[order], cols[order], vals[order]
@@ -195,13 +197,14 @@ def _ragged_topk(rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, n: 
 # ---- two passes: low-precision proposal, exact re-score --------------------------------------------------------
 # unit roundoff of the first pass's inputs; "tf32": fp32 tensors multiplied on tensor cores with 10-bit mantissas
 # (counted as truncation, 2**-10, to be safe whatever the hardware's rounding)
-_UNIT_ROUNDOFF = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11, "tf32": 2.0 ** -10,
-                  torch.float32: 2.0 ** -24, torch.float64: 2.0 ** -53}
+_UNIT_ROUNDOFF: dict[torch.dtype | str, float] = {
+    torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11, "tf32": 2.0 ** -10, torch.float32: 2.0 ** -24,
+    torch.float64: 2.0 ** -53}
 _GATHER_BYTES = 1 << 29         # the exact re-score gathers candidate rows of W in blocks of at most this size
 
 
 @contextmanager
-def _tf32_matmul():
+def _tf32_matmul() -> Iterator[None]:
     """fp32 matrix products on TF32 tensor cores inside the block (CUDA; no effect on a CPU)."""
     m = torch.backends.cuda.matmul
     if hasattr(m, "fp32_precision"):
@@ -220,8 +223,8 @@ def _tf32_matmul():
             m.allow_tf32 = old
 
 
-def _decode_twopass(u: torch.Tensor, W: torch.Tensor, Wa: torch.Tensor, wmax: torch.Tensor, k: int, sides,
-                    approx, exact: torch.dtype) -> dict[str, Decoded]:
+def _decode_twopass(u: torch.Tensor, W: torch.Tensor, Wa: torch.Tensor, wmax: torch.Tensor, k: int,
+                    sides: Sequence[str], approx: torch.dtype | str, exact: torch.dtype) -> dict[str, Decoded]:
     """First pass in `approx` precision; every token whose approximate logit is within twice the rounding-error
     bound of the approximate k-th value is re-scored in `exact` precision, so the final top-k is exact."""
     if approx == "tf32":

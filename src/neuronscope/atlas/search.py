@@ -13,14 +13,37 @@ score = token score + cosine, where
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING, Any, Mapping, Protocol, Sequence, cast
 
 import torch
 
 from ..errors import NeuronscopeError
 from .vocab import normalise, word_forms
 
+if TYPE_CHECKING:
+    from ..describe.index import NeuronIndex
+    from ..subject import Subject
 
-def concept_ids(atlas, query: str, subject=None) -> list[int]:
+
+class AtlasLike(Protocol):
+    """What the search reads of an `atlas.Atlas` (a protocol: atlas.py imports this module, not the reverse)."""
+    vocab: list[str]
+    sites: list[str]
+    layers: list[int]
+    n_layers: int
+    n_neurons: int
+    top_k: int
+    apply_norm: bool
+    model_name: str
+    fingerprint: str | None
+    _by_normalised: dict[str, list[int]] | None
+
+    def top_ids(self, site: str) -> torch.Tensor: ...
+
+    def _row(self, layer: int, neuron: int, site: str, score: float, n_tokens: int = 5) -> Mapping[str, Any]: ...
+
+
+def concept_ids(atlas: AtlasLike, query: str, subject: Subject | None = None) -> list[int]:
     """Vocabulary ids that stand for the query's words (all inflections, with or without a leading space)."""
     words = [w for w in re.split(r"[\s,;]+", query or "") if w]
     if not words:
@@ -38,9 +61,9 @@ def concept_ids(atlas, query: str, subject=None) -> list[int]:
     return sorted(set(ids))
 
 
-def _normalised_vocab(atlas) -> dict[str, list[int]]:
+def _normalised_vocab(atlas: AtlasLike) -> dict[str, list[int]]:
     """normalise(token) -> ids, computed once per opened atlas (49K tokens take ~0.2 s to normalise)."""
-    cached = getattr(atlas, "_by_normalised", None)
+    cached = atlas._by_normalised
     if cached is None:
         cached = {}
         for i, t in enumerate(atlas.vocab):
@@ -49,19 +72,20 @@ def _normalised_vocab(atlas) -> dict[str, list[int]]:
     return cached
 
 
-def _pol_rows(idx, pol: int) -> torch.Tensor:
+def _pol_rows(idx: NeuronIndex, pol: int) -> torch.Tensor:
     """Rows of the index holding polarity `pol` (0 pos, 1 neg), computed once per loaded index."""
-    cache = idx.__dict__.setdefault("_pol_rows", {})
+    cache: dict[int, torch.Tensor] = idx.__dict__.setdefault("_pol_rows", {})
     if pol not in cache:
         cache[pol] = (idx.key_tensor[:, 2] == pol).nonzero().squeeze(1)
     return cache[pol]
 
 
-def search(atlas, query: str, *, k: int = 50, sites=None, subject=None) -> list[dict]:
+def search(atlas: AtlasLike, query: str, *, k: int = 50, sites: str | Sequence[str] | None = None,
+           subject: Subject | None = None) -> list[dict[str, Any]]:
     """Neurons ranked for a concept: [{"layer", "neuron", "site", "score", "tokens"}], best first."""
     if k < 1:
         raise NeuronscopeError(f"k must be at least 1, got {k}.")
-    sites = _sites(atlas, sites)
+    names = _sites(atlas, sites)
     if subject is not None and atlas.fingerprint and subject.fingerprint != atlas.fingerprint:
         raise NeuronscopeError(f"The model given ({subject.name}) is not the one this atlas was built from "
                                f"({atlas.model_name}); search without it or give the right model.")
@@ -69,11 +93,11 @@ def search(atlas, query: str, *, k: int = 50, sites=None, subject=None) -> list[
     idt = torch.tensor(ids)
     weights = 1.0 / torch.arange(1, atlas.top_k + 1, dtype=torch.float32)
     direction = _concept_direction(subject, idt, atlas.apply_norm) if subject is not None else None
-    scored = []
-    for s in sites:
+    scored: list[torch.Tensor] = []
+    for s in names:
         hit = torch.isin(atlas.top_ids(s), idt).float()                     # [L, N, k]
         score = (hit * weights).sum(-1)                                     # [L, N]
-        if direction is not None:
+        if direction is not None and subject is not None:
             score = score + _cosines(subject, s, direction, atlas.apply_norm, atlas.layers)
         scored.append(score)
     allscores = torch.stack(scored)                                          # [S, L, N]
@@ -81,15 +105,15 @@ def search(atlas, query: str, *, k: int = 50, sites=None, subject=None) -> list[
     take = min(k, int((flat > 0).sum()))
     vals, idx = flat.topk(take)
     L, N = atlas.n_layers, atlas.n_neurons
-    out = []
+    out: list[dict[str, Any]] = []
     for v, j in zip(vals.tolist(), idx.tolist()):
         s, rem = divmod(j, L * N)
         l, n = divmod(rem, N)
-        out.append(atlas._row(l, n, sites[s], v))
+        out.append(cast(dict[str, Any], atlas._row(l, n, names[s], v)))
     return out
 
 
-def _sites(atlas, sites) -> list[str]:
+def _sites(atlas: AtlasLike, sites: str | Sequence[str] | None) -> list[str]:
     if sites is None:
         return list(atlas.sites)
     if isinstance(sites, str):
@@ -100,19 +124,21 @@ def _sites(atlas, sites) -> list[str]:
     return list(sites)
 
 
-def _concept_direction(subject, ids: torch.Tensor, apply_norm: bool) -> torch.Tensor:
+def _concept_direction(subject: Subject, ids: torch.Tensor, apply_norm: bool) -> torch.Tensor:
     W = subject.spec.unembedding(subject.model).detach().float().cpu()[ids]
     d = (W / W.norm(dim=1, keepdim=True).clamp_min(1e-12)).mean(0)
-    return d / d.norm().clamp_min(1e-12)
+    unit: torch.Tensor = d / d.norm().clamp_min(1e-12)
+    return unit
 
 
-def _cosines(subject, site: str, direction: torch.Tensor, apply_norm: bool, layers=None) -> torch.Tensor:
+def _cosines(subject: Subject, site: str, direction: torch.Tensor, apply_norm: bool,
+             layers: Sequence[int] | None = None) -> torch.Tensor:
     """cos(g * v, direction) for every neuron of every layer at `site`: [L, N]; 0 for layers not in `layers` (the
     layers an atlas was built for, so a search never names a neuron of a layer the atlas lacks)."""
     spec, hf = subject.spec, subject.model
     g = spec.final_norm_gain(hf).detach().float().cpu() if apply_norm else None
     built = set(range(subject.n_layers) if layers is None else layers)
-    rows = []
+    rows: list[torch.Tensor] = []
     with torch.no_grad():
         for l in range(subject.n_layers):
             if l not in built:

@@ -34,7 +34,7 @@ def token_texts(subject: Subject) -> list[str]:
     return out
 
 
-def write_vocab(folder: str | os.PathLike, subject: Subject) -> None:
+def write_vocab(folder: str | os.PathLike[str], subject: Subject) -> None:
     """(Re)write the vocab table in one transaction."""
     texts = token_texts(subject)
     con = store.open_db(folder)
@@ -47,7 +47,7 @@ def write_vocab(folder: str | os.PathLike, subject: Subject) -> None:
         con.close()
 
 
-def read_vocab(folder: str | os.PathLike) -> list[str] | None:
+def read_vocab(folder: str | os.PathLike[str]) -> list[str] | None:
     """The token strings by id, or None when the folder has no vocab table."""
     if not (Path(folder) / store.DB).is_file():
         return None
