@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import typer
 from rich.markup import escape
@@ -13,12 +13,17 @@ from rich.table import Table
 from ..specs import parse_neuron_refs
 from .common import GgufOpt, console, load_subject
 
+if TYPE_CHECKING:
+    from ..describe import Descriptions
+
+Ref = tuple[int, int] | tuple[int, int, str]
+
 EmbedderOpt = typer.Option("default", "--embedder", help="Sentence embedder for the semantic index: a folder, a "
                            "hub id, 'default' (all-MiniLM-L6-v2 from `neuronscope models pull all-minilm-l6-v2`) "
                            "or 'none'.")
 
 
-def _items(text: str) -> list[tuple]:
+def _items(text: str) -> list[Ref]:
     return parse_neuron_refs(text)
 
 
@@ -93,17 +98,17 @@ def describe(
             rows.sort(key=lambda r: -((r["score"] or 0.0) + (r["detection"] or 0.5) - 0.5))
             rows = rows[:k]
         else:
+            assert show is not None
             rows = _rows(D, _items(show))
             if interpretable:
                 rows = [r for r in rows if r["interpretable"]]
     else:
         subject = load_subject(model, gguf_file) if model else None
         items = _items(neurons) if neurons else None
+        explainer_obj: object = explainer
         if explainer is not None and explainer.startswith("http"):
             from ..describe import OpenAIExplainer
             explainer_obj = OpenAIExplainer(explainer, model=explainer_model)
-        else:
-            explainer_obj = explainer
         D = describe_atlas(atlas_dir, explainer=explainer_obj, subject=subject, neurons=items,
                            n_candidates=candidates, simulator=simulator, threshold=threshold, embedder=embedder,
                            detection_threshold=detection_threshold, outputs=outputs, overwrite=overwrite,
@@ -138,7 +143,7 @@ def _n_layers(atlas_dir: Path) -> int:
     return int(AtlasFolder.open(atlas_dir).section("model").get("n_layers") or 10**6)
 
 
-def _rows(D, items) -> list[dict]:
+def _rows(D: Descriptions, items: Sequence[Ref]) -> list[dict[str, Any]]:
     rows = []
     for it in items:
         for p in ([it[2]] if len(it) == 3 else ["pos", "neg"]):

@@ -29,7 +29,7 @@ import json
 import statistics
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from .. import store
 from ..atlas.atlas import Atlas
@@ -45,6 +45,9 @@ from .label import LabelVocab, excluded_token_ids, make_label
 from .score import EvalSplit, Scores, Sim, score_sims
 from .simulate import LLMSimulator, norm_token, token_match_predict
 from .windows import WindowMeaning
+
+if TYPE_CHECKING:
+    from ..subject import Subject
 
 TABLE = DESCRIPTIONS_TABLE
 THRESHOLD = 0.5
@@ -89,7 +92,7 @@ def decoded_site(polarity: str) -> str:
     return "down.pos" if polarity == "pos" else "down.neg"
 
 
-def parse_neuron_list(neurons, n_layers: int, n_neurons: int) -> list[tuple[int, int, str]]:
+def parse_neuron_list(neurons: Iterable[Sequence[Any]], n_layers: int, n_neurons: int) -> list[tuple[int, int, str]]:
     """(layer, neuron, polarity) triples from a list of triples / (layer, neuron) pairs (both polarities)."""
     out = []
     for item in neurons:
@@ -106,7 +109,7 @@ def parse_neuron_list(neurons, n_layers: int, n_neurons: int) -> list[tuple[int,
     return out
 
 
-def _load_subject(af: AtlasFolder, subject):
+def _load_subject(af: AtlasFolder, subject: Subject | None) -> Subject:
     """The studied model: the one given (checked against the fingerprint) or the one the manifest names."""
     folder = af.path
     fp = af.fingerprint
@@ -401,7 +404,7 @@ def _bar(on: bool, total: int, desc: str) -> Any:
     return tqdm(total=total, unit="neuron", desc=desc, dynamic_ncols=True)
 
 
-def _exemplar_dicts(split: EvalSplit, subject, l: int, n: int, p: str, k: int) -> list[dict]:
+def _exemplar_dicts(split: EvalSplit, subject: Any, l: int, n: int, p: str, k: int) -> list[dict[str, Any]]:
     """Training exemplars as the explainer prompt wants them (tokens, position, per-token activations)."""
     from ..stats.results import window_activations
     ex = split.train_exemplars(l, n, p, k)
@@ -576,7 +579,7 @@ class Descriptions:
             return {}
         return {k: v for k, v in zip(idx.keys, idx.emb.float())}
 
-    def search(self, text: str, k: int = 50, interpretable: bool = False) -> list[dict]:
+    def search(self, text: str, k: int = 50, interpretable: bool = False) -> list[dict[str, Any]]:
         """Descriptions whose words match `text` (share of the query's words found, whole words then prefixes;
         ties by simulator score), best first; "score" is the match, "desc_score" the simulator score. Semantic
         search: neuronscope.atlas.search.semantic_search."""

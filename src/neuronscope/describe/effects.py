@@ -88,10 +88,36 @@ def measure_effects(subject: Any, stats: Any, keys: Sequence[Key], *, key_of: Se
     left out), with its description's tokens and their held-out score. key_of[token id]: a key code per token
     (-1: a token a description may not name; tokens of one key are named once); default every token its own key.
     compare: other token lists to score on the same held-out prompts (e.g. the decode's promotes)."""
-    from ..interventions import Clamp, intervene
     if not 0 < n_train < len(prompts):
         raise NeuronscopeError(f"Output effects need train and held-out prompts: {len(prompts)} prompts, "
                                f"n_train {n_train}.")
+    todo = _firing(stats, keys)
+    kw, _ = call_args(subject)
+    prepared = _prepare(subject, prompts, kw)
+    V = prepared[0].base.shape[0]
+    keys_t = torch.arange(V) if key_of is None else torch.tensor(list(key_of)[:V] + [-1] * (V - len(key_of)))
+    allowed = keys_t >= 0
+    kl = keys_t.tolist()
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(todo), unit="neuron", desc="output effects", dynamic_ncols=True)
+    result: dict[Key, Effect] = {}
+    with torch.no_grad():
+        for s in range(0, len(todo), batch):
+            part = todo[s:s + batch]
+            train, held = _mean_effects(subject, kw, part, prepared, n_train)
+            result.update(_effects(part, train, held, allowed, kl, compare))
+            if bar is not None:
+                bar.update(len(part))
+    if bar is not None:
+        bar.close()
+    return result
+
+
+def _firing(stats: Any, keys: Sequence[Key]) -> list[tuple[Key, float]]:
+    """(key, firing level) of the keys whose neuron fires with their sign (a polarity other than pos/neg is an
+    error)."""
     todo: list[tuple[Key, float]] = []
     for key in keys:
         l, n, p = key
@@ -100,8 +126,20 @@ def measure_effects(subject: Any, stats: Any, keys: Sequence[Key], *, key_of: Se
         v = firing_level(stats, l, n, p)
         if v is not None:
             todo.append((key, v))
+    return todo
+
+
+@dataclass
+class _Prompt:
+    """One prompt run once without edits: its last token [1, 1], the KV cache of the tokens before it (None for a
+    one-token prompt) and the clean next-token log-probabilities [V]."""
+    last: torch.Tensor
+    cache: Any
+    base: torch.Tensor
+
+
+def _prepare(subject: Any, prompts: Sequence[str], kw: str) -> list[_Prompt]:
     dev = subject.device
-    kw, _ = call_args(subject)
     prepared = []
     with torch.no_grad():
         for text in prompts:
@@ -114,55 +152,58 @@ def measure_effects(subject: Any, stats: Any, keys: Sequence[Key], *, key_of: Se
                 cache = out["cache"] if "cache" in out else out.past_key_values
             clean = subject.model(input_ids=ids[:, -1:], **_with_cache(kw, copy.deepcopy(cache)))
             base = torch.log_softmax(clean.logits[0, -1].float(), -1).cpu()
-            prepared.append((ids[:, -1:], cache, base))
-    V = prepared[0][2].shape[0]
-    keys_t = torch.arange(V) if key_of is None else torch.tensor(list(key_of)[:V] + [-1] * (V - len(key_of)))
-    allowed = keys_t >= 0
-    kl = keys_t.tolist()
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=len(todo), unit="neuron", desc="output effects", dynamic_ncols=True)
-    result: dict[Key, Effect] = {}
-    with torch.no_grad():
-        for s in range(0, len(todo), batch):
-            part = todo[s:s + batch]
-            B = len(part)
-            edits = [Clamp(layer=l, neurons=[n], value=v, rows=[r]) for r, ((l, n, _), v) in enumerate(part)]
-            train = torch.zeros(B, V)
-            held = torch.zeros(B, V)
-            for j, (last, cache, base) in enumerate(prepared):
-                c = None
-                if cache is not None:
-                    c = copy.deepcopy(cache)
-                    c.batch_repeat_interleave(B)
-                with intervene(subject, *edits):
-                    logits = subject.model(input_ids=last.expand(B, 1), **_with_cache(kw, c)).logits
-                delta = torch.log_softmax(logits[:, -1].float(), -1).cpu() - base
-                if j < n_train:
-                    train += delta
-                else:
-                    held += delta
-            train /= n_train
-            held /= len(prepared) - n_train
-            masked = train.masked_fill(~allowed, 0.0)
-            up = masked.topk(K_SAYS * 4, dim=1)
-            down = (-masked).topk(K_SAYS * 4, dim=1)
-            htop = held.topk(top_held(V), dim=1).indices
-            for r, (key, v) in enumerate(part):
-                says, sd = _one_per_key(up.indices[r].tolist(), up.values[r].tolist(), kl)
-                less, ld = _one_per_key(down.indices[r].tolist(), (-down.values[r]).tolist(), kl)
-                top = set(htop[r].tolist())
-                sc, ef = _held_score(says, top, held[r])
-                e = Effect(v, says, sd, less, ld, sc, ef)
-                if compare is not None and key in compare:
-                    e.compare_score, e.compare_effect = _held_score(compare[key], top, held[r])
-                result[key] = e
-            if bar is not None:
-                bar.update(B)
-    if bar is not None:
-        bar.close()
-    return result
+            prepared.append(_Prompt(ids[:, -1:], cache, base))
+    return prepared
+
+
+def _mean_effects(subject: Any, kw: str, part: list[tuple[Key, float]], prepared: list[_Prompt], n_train: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean effect [B, V] of setting each row's neuron to its firing level (one neuron per row) over the train
+    prompts and over the held-out prompts."""
+    from ..interventions import Clamp, intervene
+    B = len(part)
+    V = prepared[0].base.shape[0]
+    edits = [Clamp(layer=l, neurons=[n], value=v, rows=[r]) for r, ((l, n, _), v) in enumerate(part)]
+    train = torch.zeros(B, V)
+    held = torch.zeros(B, V)
+    for j, pr in enumerate(prepared):
+        c = None
+        if pr.cache is not None:
+            c = copy.deepcopy(pr.cache)
+            c.batch_repeat_interleave(B)
+        with intervene(subject, *edits):
+            logits = subject.model(input_ids=pr.last.expand(B, 1), **_with_cache(kw, c)).logits
+        delta = torch.log_softmax(logits[:, -1].float(), -1).cpu() - pr.base
+        if j < n_train:
+            train += delta
+        else:
+            held += delta
+    train /= n_train
+    held /= len(prepared) - n_train
+    return train, held
+
+
+def _effects(part: list[tuple[Key, float]], train: torch.Tensor, held: torch.Tensor, allowed: torch.Tensor,
+             kl: list[int], compare: dict[Key, list[int]] | None) -> dict[Key, Effect]:
+    """Each row's description (the tokens its train effect raises and lowers most, one per key; `allowed` [V]: the
+    tokens a description may name, `kl`: each token's key code) and their held-out score, and the held-out score of
+    its `compare` tokens."""
+    V = train.shape[1]
+    masked = train.masked_fill(~allowed, 0.0)
+    up = masked.topk(K_SAYS * 4, dim=1)
+    down = (-masked).topk(K_SAYS * 4, dim=1)
+    htop = held.topk(top_held(V), dim=1).indices
+    out: dict[Key, Effect] = {}
+    for r, (key, v) in enumerate(part):
+        says, sd = _one_per_key(up.indices[r].tolist(), up.values[r].tolist(), kl)
+        less, ld = _one_per_key(down.indices[r].tolist(), (-down.values[r]).tolist(), kl)
+        top = set(htop[r].tolist())
+        sc, ef = _held_score(says, top, held[r])
+        e = Effect(v, says, sd, less, ld, sc, ef)
+        if compare is not None and key in compare:
+            e.compare_score, e.compare_effect = _held_score(compare[key], top, held[r])
+        out[key] = e
+    return out
 
 
 def _one_per_key(ids: list[int], vals: list[float], key_of: list[int]) -> tuple[list[int], list[float]]:

@@ -10,15 +10,27 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, Sequence, overload
 
 from ..errors import NeuronscopeError
+
+if TYPE_CHECKING:
+    from ..subject import Subject
+
+Message = dict[str, str]
+
+
+class Explainer(Protocol):
+    """What describe needs of an explainer (`name`, when it has one, is recorded in the manifest)."""
+
+    def complete(self, messages: list[Message], temperature: float = 0.0, seed: int | None = None,
+                 max_tokens: int | None = None) -> str: ...
 
 SYSTEM = ("You are an interpretability researcher. You look at text excerpts where one neuron of a language model "
           "activates and say, in one short phrase, what it responds to.")
 
 
-def highlight(exemplar: dict, threshold: float = 0.5, polarity: str = "pos") -> str:
+def highlight(exemplar: dict[str, Any], threshold: float = 0.5, polarity: str = "pos") -> str:
     """The exemplar's text with firing tokens marked <<like this>>: the peak token, and where per-token activations
     are known, every token at or above `threshold` x the peak (same sign)."""
     toks, pos = exemplar["tokens"], exemplar["position"]
@@ -32,7 +44,8 @@ def highlight(exemplar: dict, threshold: float = 0.5, polarity: str = "pos") -> 
     return "".join(f"<<{t}>>" if j in marked else t for j, t in enumerate(toks)).replace("\n", " ")
 
 
-def explain_prompt(exemplars: Sequence[dict], polarity: str = "pos", decoded: Sequence[str] = ()) -> list[dict]:
+def explain_prompt(exemplars: Sequence[dict[str, Any]], polarity: str = "pos", decoded: Sequence[str] = ()
+                   ) -> list[Message]:
     """Chat messages asking for a description of a neuron from its top exemplars (and its decoded tokens)."""
     lines = [f"{j + 1}. {highlight(e, polarity=polarity)}" for j, e in enumerate(exemplars)]
     extra = f"\nWhen it fires, it promotes these output tokens: {', '.join(repr(t) for t in decoded)}." \
@@ -58,7 +71,7 @@ def clean_reply(text: str) -> str:
 class LocalExplainer:
     """A local instruct model as the explainer (greedy at temperature 0, sampled otherwise)."""
 
-    def __init__(self, subject, max_new_tokens: int = 40):
+    def __init__(self, subject: Subject, max_new_tokens: int = 40):
         if not subject.has_chat_template:
             raise NeuronscopeError(f"The explainer model '{subject.name}' has no chat template; use an instruct "
                                    "model.")
@@ -66,7 +79,7 @@ class LocalExplainer:
         self.max_new_tokens = max_new_tokens
         self.name = subject.name
 
-    def complete(self, messages: list[dict], temperature: float = 0.0, seed: int | None = None,
+    def complete(self, messages: list[Message], temperature: float = 0.0, seed: int | None = None,
                  max_tokens: int | None = None) -> str:
         ids = self.subject.encode_chat(messages)
         out = self.subject.generate_ids(ids, max_new_tokens=max_tokens or self.max_new_tokens,
@@ -82,7 +95,7 @@ class OpenAIExplainer:
     """
 
     def __init__(self, url: str, model: str = "default", api_key: str | None = None, timeout: float = 120.0,
-                 client: Any = None):
+                 client: Any = None) -> None:
         import httpx
         url = url.rstrip("/")
         if not url.endswith("/chat/completions"):
@@ -93,7 +106,7 @@ class OpenAIExplainer:
         self._headers = {"Authorization": f"Bearer {key}"} if key else {}
         self._client = client or httpx.Client(timeout=timeout)
 
-    def complete(self, messages: list[dict], temperature: float = 0.0, seed: int | None = None,
+    def complete(self, messages: list[Message], temperature: float = 0.0, seed: int | None = None,
                  max_tokens: int | None = None) -> str:
         import httpx
         body: dict[str, Any] = {"model": self.model, "messages": messages, "temperature": float(temperature)}
@@ -108,18 +121,25 @@ class OpenAIExplainer:
         if r.status_code != 200:
             raise NeuronscopeError(f"The explainer endpoint {self.url} answered {r.status_code}: {r.text[:200]}")
         try:
-            return r.json()["choices"][0]["message"]["content"] or ""
+            reply: str = r.json()["choices"][0]["message"]["content"] or ""
+            return reply
         except (ValueError, KeyError, IndexError, TypeError):
             raise NeuronscopeError(f"The explainer endpoint {self.url} did not answer in the chat-completions "
                                    "format.") from None
 
 
-def make_explainer(spec, *, model_name: str = "default", api_key: str | None = None):
+@overload
+def make_explainer(spec: None, *, model_name: str = "default", api_key: str | None = None) -> None: ...
+@overload
+def make_explainer(spec: str | os.PathLike[str] | Subject | Explainer, *, model_name: str = "default",
+                   api_key: str | None = None) -> Explainer: ...
+def make_explainer(spec: Any, *, model_name: str = "default", api_key: str | None = None) -> Explainer | None:
     """An explainer from a URL, a model path/GGUF/hub id, a Subject, or anything with `.complete` (returned as is)."""
     if spec is None:
         return None
     if hasattr(spec, "complete"):
-        return spec
+        given: Explainer = spec
+        return given
     if hasattr(spec, "encode_chat"):
         return LocalExplainer(spec)
     if isinstance(spec, str) and re.match(r"^https?://", spec):

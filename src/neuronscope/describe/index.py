@@ -14,9 +14,11 @@ label boilerplate ("fires on", "promotes") out of the meaning and makes the inde
 """
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
@@ -32,6 +34,7 @@ W_PROMOTE = (0.5, 0.35, 0.25, 0.15)
 W_TEXT = 2.0
 _ITEM = re.compile(r"'([^']+)'|\"([^\"]+)\"")
 POLS = POLARITIES                 # index 0 = pos, 1 = neg in `keys`
+EmbedFn = Callable[[list[str]], Any]   # strings -> [n, d] embeddings (an `embed.Embedder`, or any array-like maker)
 
 
 def description_items(text: str) -> list[tuple[str, float]]:
@@ -70,7 +73,7 @@ class NeuronIndex:
         return pos
 
 
-def neuron_vectors(rows: list[tuple[str, str]], embedder, batch: int = 512, center: torch.Tensor | None = None
+def neuron_vectors(rows: list[tuple[str, str]], embedder: EmbedFn, batch: int = 512, center: torch.Tensor | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """(vectors, center) for (text, source) descriptions; a description naming nothing gets a zero row. center:
     the mean string embedding to subtract (default: the mean over these rows' strings)."""
@@ -107,12 +110,12 @@ def neuron_vectors(rows: list[tuple[str, str]], embedder, batch: int = 512, cent
     return torch.nn.functional.normalize(out, dim=1), center
 
 
-def build_index(folder, embedder, progress: bool = False) -> dict:
+def build_index(folder: str | os.PathLike[str], embedder: EmbedFn, progress: bool = False) -> dict[str, Any]:
     """(Re)build the index of every stored description; returns what the manifest records about it."""
     import time
     t0 = time.perf_counter()
-    folder = Path(folder)
-    con = store.open_db(folder)
+    path = Path(folder)
+    con = store.open_db(path)
     try:
         rows = con.execute(f"SELECT layer, neuron, polarity, text, source FROM {DESCRIPTIONS_TABLE} ORDER BY layer, "
                            "neuron, polarity").fetchall()
@@ -121,7 +124,7 @@ def build_index(folder, embedder, progress: bool = False) -> dict:
     vecs, center = neuron_vectors([(r[3], r[4]) for r in rows], embedder)
     keys = torch.tensor([[r[0], r[1], POLS.index(r[2])] for r in rows], dtype=torch.int64).reshape(-1, 3)
     name = str(getattr(embedder, "name", getattr(embedder, "__name__", "embedder")))
-    store.save_tensors(folder / INDEX_FILE, {"keys": keys, "emb": vecs.half(), "center": center.float()},
+    store.save_tensors(path / INDEX_FILE, {"keys": keys, "emb": vecs.half(), "center": center.float()},
                        {"embedder": name})
     return {"file": INDEX_FILE, "embedder": name, "n": len(rows), "dim": int(vecs.shape[1]),
             "seconds": round(time.perf_counter() - t0, 2),
@@ -132,8 +135,10 @@ def build_index(folder, embedder, progress: bool = False) -> dict:
 _CACHE: dict[str, tuple[float, NeuronIndex]] = {}
 
 
-def load_index(folder) -> NeuronIndex | None:
-    """The folder's index (cached per process while the file is unchanged), or None."""
+def load_index(folder: str | os.PathLike[str] | None) -> NeuronIndex | None:
+    """The folder's index (cached per process while the file is unchanged), or None (also for no folder)."""
+    if folder is None:
+        return None
     path = Path(folder) / INDEX_FILE
     if not path.is_file():
         return None

@@ -25,7 +25,10 @@ import math
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
+
+if TYPE_CHECKING:
+    from ..subject import Subject
 
 _MARKERS = re.compile(r"[\u2581\u0120\u010a\s]+")
 NOTHING = "nothing specific"
@@ -54,7 +57,7 @@ class LabelVocab:
     shown: list[str]                    # key code -> how it is shown (commonest variant, stripped)
     freq: list[int]                     # key code -> count over the corpus windows
     total: int                          # corpus tokens counted
-    bigram: Counter = field(default_factory=Counter)   # (prev code, code) -> count
+    bigram: Counter[tuple[int, int]] = field(default_factory=Counter)   # (prev code, code) -> count
     excluded_ids: set[int] = field(default_factory=set)
 
     @classmethod
@@ -71,8 +74,8 @@ class LabelVocab:
         for k, c in codes.items():
             keys[c] = k
         freq = [0] * len(codes)
-        variants: list[Counter] = [Counter() for _ in codes]
-        bigram: Counter = Counter()
+        variants: list[Counter[int]] = [Counter() for _ in codes]
+        bigram: Counter[tuple[int, int]] = Counter()
         total = 0
         for ids in windows:
             prev = -1
@@ -96,7 +99,7 @@ class LabelVocab:
         return self.key_of[token_id] if 0 <= token_id < len(self.key_of) else -1
 
 
-def excluded_token_ids(subject) -> set[int]:
+def excluded_token_ids(subject: Subject) -> set[int]:
     """Special tokens, chat-template tokens and byte fragments of the subject's tokenizer."""
     tok = subject.tokenizer
     out: set[int] = set(int(i) for i in (getattr(tok, "all_special_ids", None) or []))
@@ -154,7 +157,7 @@ def _ranked_fires(vocab: LabelVocab, fire: Sequence[int], prev: Sequence[int], m
 
 
 def make_label(vocab: LabelVocab, fire_ids: Sequence[int], prev_ids: Sequence[int], promote_ids: Sequence[int], *,
-               min_share: float = 0.1, min_lift: float = 3.0, k: int = 4, k_promote: int = 4) -> dict:
+               min_share: float = 0.1, min_lift: float = 3.0, k: int = 4, k_promote: int = 4) -> dict[str, Any]:
     """The label of one neuron polarity from its training exemplars' firing token ids (and the ids before them,
     -1 at a window start) and its decoded top token ids."""
     fires = _ranked_fires(vocab, fire_ids, prev_ids, min_share, min_lift, k)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import random
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -25,7 +25,7 @@ from ..atlas.folder import WINDOWS_TABLE
 from ..errors import NeuronscopeError
 from ..refs import POLARITIES
 from .label import LabelVocab
-from .simulate import pearson
+from .simulate import Predictor, pearson
 
 Key = tuple[int, int, str]
 
@@ -69,7 +69,7 @@ class EvalSplit:
     def is_held(self, w: int) -> bool:
         return w % self.every == 0
 
-    def info(self) -> dict:
+    def info(self) -> dict[str, Any]:
         return {"held_out_windows": f"window % {self.every} == 0", "n_random": len(self.random),
                 "held_out_per_neuron": self.held_out, "stored_windows": len(self.ids),
                 "corpus_windows": int(self.stats.tokens // max(1, self.T))}
@@ -101,14 +101,14 @@ class EvalSplit:
                     break
         return top + [w for w in self.random if w not in top]
 
-    def score(self, subject: Any, l: int, n: int, p: str, text: str, predict: Callable,
-              acts: dict | None = None) -> float:
+    def score(self, subject: Any, l: int, n: int, p: str, text: str, predict: Predictor,
+              acts: dict[int, list[float]] | None = None) -> float:
         """Pearson correlation of `predict(text, tokens)` with the real (sign-flipped for neg) activations over
         the neuron's scoring windows. `acts` caches {window: activations} of this neuron between candidates."""
         return self.scores(subject, l, n, p, text, predict, acts).pearson
 
-    def scores(self, subject: Any, l: int, n: int, p: str, text: str, predict: Callable,
-               acts: dict | None = None) -> "Scores":
+    def scores(self, subject: Any, l: int, n: int, p: str, text: str, predict: Predictor,
+               acts: dict[int, list[float]] | None = None) -> "Scores":
         """Pearson r and detection balanced accuracy of one description with any simulator (`predict(text,
         tokens) -> per-token predictions`; a window is predicted to fire where a prediction reaches 0.5)."""
         from ..stats.results import window_activations
@@ -265,16 +265,49 @@ def score_sims(subject: Any, split: EvalSplit, vocab: LabelVocab, kinds: dict[st
     """Scores (Pearson and detection) of many descriptions of several kinds at once, each over its neuron's
     `split.eval_windows`, in one pass of the model over the needed windows (all layers captured together).
     Returns {kind: {(layer, neuron, polarity): Scores}}."""
-    from ..interventions import Capture, intervene
+    from ..interventions import BoundCapture, Capture, intervene
     tabs = tables or Tables()
-    code_of = {k: c for c, k in enumerate(vocab.keys)}
     code_of_id = torch.tensor(vocab.key_of + [-1], dtype=torch.long)     # index -1 (missing) -> -1
     N = split.stats.n_neurons
     thr = split.thresholds()
+    groups = _groups(vocab, kinds, N)
+    own, windows = _scoring_windows(split, kinds)
+    layers = sorted({l for _, l, _ in groups})
+    order = sorted(windows)
+    rand = set(split.random)
+    spec = Capture(layers=layers)        # one spec for the whole run: bound captures are kept per spec
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(order), unit="window", desc="score", dynamic_ncols=True)
+    with torch.no_grad():
+        for s in range(0, len(order), batch):
+            ws = order[s:s + batch]
+            bt = _batch(split, ws, code_of_id)
+            with intervene(subject, spec) as (cap,):
+                subject.model(input_ids=bt.ids.to(subject.device))
+            assert isinstance(cap, BoundCapture)
+            for l in layers:
+                A = cap.get("neurons", l).reshape(bt.B * bt.T, -1).float().cpu()
+                for p in POLARITIES:
+                    gs = [groups[(kind, l, p)] for kind in kinds if (kind, l, p) in groups]
+                    if gs:
+                        real = _Real.of(A, p, thr[p][l], _window_mask(ws, rand, own.get((l, p), {}), N), bt.T)
+                        for g in gs:
+                            _accumulate(g, _predict(g, tabs, bt.codes, bt.prev, bt.uniq, bt.inv, ws, bt.B, bt.T, N),
+                                        real)
+            if bar is not None:
+                bar.update(len(ws))
+    if bar is not None:
+        bar.close()
+    return _results(groups, kinds)
+
+
+def _groups(vocab: LabelVocab, kinds: dict[str, dict[Key, Sim]], N: int) -> dict[tuple[str, int, str], _Group]:
+    """The simulator arrays of every (kind, layer, polarity) asked for, frozen: each described neuron's token items
+    as key codes (items whose key or context the vocabulary lacks are left out), topic, field and whole flags."""
+    code_of = {k: c for c, k in enumerate(vocab.keys)}
     groups: dict[tuple[str, int, str], _Group] = {}
-    wins: dict[tuple[int, str], dict[int, list[int]]] = {}               # (l, p) -> window -> neurons
-    seen: set[Key] = set()
-    windows: set[int] = set(split.random)
     for kind, sims in kinds.items():
         for (l, n, p), sim in sims.items():
             g = groups.get((kind, l, p))
@@ -293,6 +326,20 @@ def score_sims(subject: Any, split: EvalSplit, vocab: LabelVocab, kinds: dict[st
                     g.lists["cj"].append(n)
                     g.lists["cc"].append(c)
                     g.lists["cx"].append(code_of[ctx])
+    for g in groups.values():
+        g.freeze()
+    return groups
+
+
+def _scoring_windows(split: EvalSplit, kinds: dict[str, dict[Key, Sim]]
+                     ) -> tuple[dict[tuple[int, str], dict[int, torch.Tensor]], set[int]]:
+    """Which windows each neuron is scored on besides the random ones (its top held-out exemplar windows):
+    ({(layer, polarity): {window: neuron ids}}, every window the run needs, random ones included)."""
+    wins: dict[tuple[int, str], dict[int, list[int]]] = {}               # (l, p) -> window -> neurons
+    seen: set[Key] = set()
+    windows: set[int] = set(split.random)
+    for sims in kinds.values():
+        for (l, n, p) in sims:
             per = wins.setdefault((l, p), {})
             if (l, n, p) not in seen:
                 seen.add((l, n, p))
@@ -300,67 +347,88 @@ def score_sims(subject: Any, split: EvalSplit, vocab: LabelVocab, kinds: dict[st
                     if w not in split.random:
                         per.setdefault(w, []).append(n)
                         windows.add(w)
-    for g in groups.values():
-        g.freeze()
     own = {key: {w: torch.tensor(sorted(set(ns)), dtype=torch.long) for w, ns in per.items()}
            for key, per in wins.items()}
-    layers = sorted({l for _, l, _ in groups})
-    order = sorted(windows)
-    rand = set(split.random)
-    spec = Capture(layers=layers)        # one spec for the whole run: bound captures are kept per spec
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=len(order), unit="window", desc="score", dynamic_ncols=True)
-    with torch.no_grad():
-        for s in range(0, len(order), batch):
-            ws = order[s:s + batch]
-            ids = torch.tensor([split.ids[w] for w in ws], dtype=torch.long)
-            B, T = ids.shape
-            c2 = code_of_id[ids.clamp_min(0)]
-            codes = c2.reshape(-1)
-            prev = torch.cat([torch.full((B, 1), -1, dtype=torch.long), c2[:, :-1]], 1).reshape(-1)
-            uniq, inv = torch.unique(codes, return_inverse=True)
-            with intervene(subject, spec) as (cap,):
-                subject.model(input_ids=ids.to(subject.device))
-            for l in layers:
-                A = cap.get("neurons", l).reshape(B * T, -1).float().cpu()
-                for p in POLARITIES:
-                    gs = [(kind, groups[(kind, l, p)]) for kind in kinds if (kind, l, p) in groups]
-                    if not gs:
-                        continue
-                    y = -A if p == "neg" else A
-                    Wm = torch.zeros(B, N)
-                    for i, w in enumerate(ws):
-                        if w in rand:
-                            Wm[i] = 1.0
-                        ns = own.get((l, p), {}).get(w)
-                        if ns is not None:
-                            Wm[i, ns] = 1.0
-                    W = Wm.repeat_interleave(T, dim=0)
-                    yW = y * W
-                    fires = y.reshape(B, T, N).amax(1) >= thr[p][l]                # [B, N]
-                    Wb = Wm > 0
-                    pos_w, neg_w = (fires & Wb).double(), (~fires & Wb).double()
-                    for _, g in gs:
-                        P = _predict(g, tabs, codes, prev, uniq, inv, ws, B, T, N)
-                        PW = P * W
-                        acc = g.sums
-                        acc[0] += W.sum(0).double()
-                        acc[1] += PW.sum(0).double()
-                        acc[2] += yW.sum(0).double()
-                        acc[3] += (PW * P).sum(0).double()
-                        acc[4] += (yW * y).double().sum(0)
-                        acc[5] += (PW * y).double().sum(0)
-                        hit = (P.reshape(B, T, N).amax(1) >= 0.5).double()
-                        g.det[0] += (pos_w * hit).sum(0)
-                        g.det[1] += pos_w.sum(0)
-                        g.det[2] += (neg_w * (1 - hit)).sum(0)
-                        g.det[3] += neg_w.sum(0)
-            if bar is not None:
-                bar.update(len(ws))
-    if bar is not None:
-        bar.close()
+    return own, windows
+
+
+@dataclass
+class _Batch:
+    """One batch of scoring windows as the simulator reads it: token ids [B, T], each token's key code and the code
+    before it (flattened, [B*T]; -1 at a window start or for tokens without a key), and the distinct codes."""
+    ids: torch.Tensor
+    B: int
+    T: int
+    codes: torch.Tensor
+    prev: torch.Tensor
+    uniq: torch.Tensor
+    inv: torch.Tensor
+
+
+def _batch(split: EvalSplit, ws: list[int], code_of_id: torch.Tensor) -> _Batch:
+    ids = torch.tensor([split.ids[w] for w in ws], dtype=torch.long)
+    B, T = ids.shape
+    c2 = code_of_id[ids.clamp_min(0)]
+    codes = c2.reshape(-1)
+    prev = torch.cat([torch.full((B, 1), -1, dtype=torch.long), c2[:, :-1]], 1).reshape(-1)
+    uniq, inv = torch.unique(codes, return_inverse=True)
+    return _Batch(ids, B, T, codes, prev, uniq, inv)
+
+
+def _window_mask(ws: list[int], rand: set[int], own: dict[int, torch.Tensor], N: int) -> torch.Tensor:
+    """[B, N] 1 where a window of the batch is one of the neuron's scoring windows (random ones: every neuron's)."""
+    Wm = torch.zeros(len(ws), N)
+    for i, w in enumerate(ws):
+        if w in rand:
+            Wm[i] = 1.0
+        ns = own.get(w)
+        if ns is not None:
+            Wm[i, ns] = 1.0
+    return Wm
+
+
+@dataclass
+class _Real:
+    """The real (sign-flipped for neg) activations of one layer and polarity on a batch, weighted by the scoring
+    windows, and which scoring windows fire (the detection score's positives) or not."""
+    y: torch.Tensor             # [B*T, N]
+    W: torch.Tensor             # [B*T, N] scoring-window weights
+    yW: torch.Tensor
+    pos_w: torch.Tensor         # [B, N] float64: scoring windows that fire
+    neg_w: torch.Tensor         # [B, N] float64: scoring windows that do not
+
+    @classmethod
+    def of(cls, A: torch.Tensor, p: str, thr: torch.Tensor, Wm: torch.Tensor, T: int) -> "_Real":
+        B, N = Wm.shape
+        y = -A if p == "neg" else A
+        W = Wm.repeat_interleave(T, dim=0)
+        fires = y.reshape(B, T, N).amax(1) >= thr                # [B, N]
+        Wb = Wm > 0
+        return cls(y, W, y * W, (fires & Wb).double(), (~fires & Wb).double())
+
+
+def _accumulate(g: _Group, P: torch.Tensor, r: _Real) -> None:
+    """Add one batch to a group's Pearson sums (n, sum x, sum y, sum xx, sum yy, sum xy over scoring-window tokens)
+    and detection counts (true positives, positives, true negatives, negatives over scoring windows)."""
+    B, N = r.pos_w.shape
+    PW = P * r.W
+    acc = g.sums
+    acc[0] += r.W.sum(0).double()
+    acc[1] += PW.sum(0).double()
+    acc[2] += r.yW.sum(0).double()
+    acc[3] += (PW * P).sum(0).double()
+    acc[4] += (r.yW * r.y).double().sum(0)
+    acc[5] += (PW * r.y).double().sum(0)
+    hit = (P.reshape(B, -1, N).amax(1) >= 0.5).double()
+    g.det[0] += (r.pos_w * hit).sum(0)
+    g.det[1] += r.pos_w.sum(0)
+    g.det[2] += (r.neg_w * (1 - hit)).sum(0)
+    g.det[3] += r.neg_w.sum(0)
+
+
+def _results(groups: dict[tuple[str, int, str], _Group], kinds: dict[str, dict[Key, Sim]]
+             ) -> dict[str, dict[Key, Scores]]:
+    """Pearson r and detection balanced accuracy of every described neuron from its group's sums."""
     out: dict[str, dict[Key, Scores]] = {kind: {} for kind in kinds}
     for (kind, l, p), g in groups.items():
         n_, sx, sy, sxx, syy, sxy = g.sums

@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from .forms import parse_label_items
 from .label import token_key
+
+if TYPE_CHECKING:
+    from .explainer import Explainer, Message
 
 _MARKERS = re.compile(r"[\u2581\u0120\u010a\s]+")
 _WORD = re.compile(r"[\w']+", re.UNICODE)
@@ -83,7 +86,7 @@ def pearson(a: Sequence[float], b: Sequence[float]) -> float:
     return cov / math.sqrt(va * vb)
 
 
-def score_description(description: str, exemplars: Sequence[dict], polarity: str = "pos",
+def score_description(description: str, exemplars: Sequence[dict[str, Any]], polarity: str = "pos",
                       predict: Predictor | None = None) -> float | None:
     """Pearson correlation of predicted vs real activations over held-out exemplars (None without real acts)."""
     predict = predict or token_match_predict
@@ -107,11 +110,11 @@ def score_description(description: str, exemplars: Sequence[dict], polarity: str
 class LLMSimulator:
     """Simulate with an explainer LLM: it names the numbered tokens the described neuron fires on."""
 
-    def __init__(self, explainer, max_tokens: int = 64):
+    def __init__(self, explainer: Explainer, max_tokens: int = 64):
         self.explainer = explainer
         self.max_tokens = max_tokens
 
-    def prompt(self, description: str, tokens: Sequence[str]) -> list[dict]:
+    def prompt(self, description: str, tokens: Sequence[str]) -> list[Message]:
         listing = " ".join(f"{i}:{tok!r}" for i, tok in enumerate(tokens))
         return [
             {"role": "system", "content": "You predict where a language-model neuron fires."},
