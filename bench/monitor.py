@@ -42,7 +42,7 @@ def med(xs):
     return statistics.median(xs)
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--stats-dir", default=str(Path(tempfile.gettempdir()) / "neuronscope-bench-smollm2-stats"))
     ap.add_argument("--atlas", default=None, help="an atlas folder of SmolLM2 (used instead of --stats-dir)")
@@ -60,11 +60,38 @@ def main() -> None:
     ap.add_argument("--slots", type=int, default=None, help="model calls at once (default: cores / torch threads)")
     ap.add_argument("--only", choices=["stalls", "ttft", "actions"], default=None,
                     help="run only these figures (after the conversation is built)")
-    args = ap.parse_args()
-    torch.set_num_threads(max(1, args.threads))
+    return ap.parse_args()
 
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(max(1, args.threads))
+    mon = load_monitor(args)
+    if args.alice:
+        return alice(mon, Path(args.alice))
+    import gc
+    mon.warm()   # as `neuronscope serve` does at start: descriptions, vocabulary, index, embedder
+    gc.freeze()  # as serve does after warm (a full collection of those tables held the GIL ~0.2 s)
+    s, prompt_len = conversation(mon, args.tokens)
+    T = len(mon.render(s)["ids"])
+    if args.only == "stalls":
+        return stalls(mon, args.long, args.streams)
+    if args.only == "ttft":
+        return concurrent_ttft(mon, prompt_len)
+    if args.only == "actions":
+        return actions(mon, s, T, args)
+    view_ratios(mon, s, args.reps)
+    sequential_ttft(mon, prompt_len, args.reps)
+    actions(mon, s, T, args)
+    concurrent_ttft(mon, prompt_len)
+    stalls(mon, args.long, args.streams)
+    session_memory(mon, s, T)
+
+
+def load_monitor(args: argparse.Namespace):
+    """SmolLM2, the corpus statistics (--atlas, or a small set computed once into --stats-dir) and a Monitor on
+    them, as `neuronscope serve` builds it."""
     from neuronscope.server import Knowledge, Monitor
-    from neuronscope.server.sessions import Message
     from neuronscope.subject import Subject
 
     t0 = time.perf_counter()
@@ -83,26 +110,34 @@ def main() -> None:
         from neuronscope.server.decoding import FairLock
         mon.model_lock = FairLock(stall_steps=args.stall_steps, slots=args.slots)
     print("knowledge:", knowledge.capabilities)
-    if args.alice:
-        return alice(mon, Path(args.alice))
-    import gc
-    mon.warm()   # as `neuronscope serve` does at start: descriptions, vocabulary, index, embedder
-    gc.freeze()  # as serve does after warm (a full collection of those tables held the GIL ~0.2 s)
+    return mon
 
-    # a conversation of exactly --tokens tokens: the question, then the model's answer cut to fit
+
+def conversation(mon, tokens: int):
+    """A session holding a conversation of exactly `tokens` tokens: the question, then the model's answer cut to
+    fit; returns (session, prompt length)."""
+    from neuronscope.server.sessions import Message
+    subject = mon.subject
     s = mon.sessions.create()
     s.messages.append(Message("user", QUESTION))
     prompt_len = len(mon._prompt_ids(s))
     ids = torch.tensor([mon._prompt_ids(s)])
-    new = subject.generate_ids(ids, max_new_tokens=max(1, args.tokens - prompt_len + 4))[0].tolist()
+    new = subject.generate_ids(ids, max_new_tokens=max(1, tokens - prompt_len + 4))[0].tolist()
     for cut in range(len(new), 0, -1):
         s.messages[1:] = [Message("assistant", subject.decode(new[:cut]), ids=new[:cut])]
         s.changed()
-        if len(mon.render(s)["ids"]) <= args.tokens:
+        if len(mon.render(s)["ids"]) <= tokens:
             break
+    print(f"conversation: {len(mon.render(s)['ids'])} tokens ({prompt_len} in the prompt)")
+    return s, prompt_len
+
+
+def view_ratios(mon, s, reps: int) -> None:
+    """The activation and attribution views against a plain forward of the same conversation (medians, the
+    baseline interleaved with each view, each view on a fresh cache)."""
+    subject = mon.subject
     T = len(mon.render(s)["ids"])
     conv = torch.tensor([mon.render(s)["ids"]])
-    print(f"conversation: {T} tokens ({prompt_len} in the prompt)")
 
     def forward():
         with torch.no_grad():
@@ -116,16 +151,10 @@ def main() -> None:
         s.cache.clear()
         mon.attribution(s, T - 1, page_size=50)
 
-    if args.only == "stalls":
-        return stalls(mon, args.long, args.streams)
-    if args.only == "ttft":
-        return concurrent_ttft(mon, prompt_len)
-    if args.only == "actions":
-        return actions(mon, s, T, args)
     for f in (forward, activation_view, attribution_view):  # warm up
         f()
     fwd, act, fwd2, att = [], [], [], []
-    for _ in range(args.reps):
+    for _ in range(reps):
         for fn, out in ((forward, fwd), (activation_view, act), (forward, fwd2), (attribution_view, att)):
             t0 = time.perf_counter()
             fn()
@@ -137,9 +166,11 @@ def main() -> None:
           f"   [{view['total']} neurons firing, mode {view['mode']}]")
     print(f"attribution view (top 1000):    {1000 * med(att):8.1f} ms   ratio {med(att) / f_med:.2f} (target <= 3)")
 
-    # time to first streamed token, on the prompt of the same conversation (a fresh session each time)
+
+def sequential_ttft(mon, prompt_len: int, reps: int) -> None:
+    """Time to first streamed token, on the prompt of the same conversation (a fresh session each time)."""
     ttft, total = [], []
-    for _ in range(max(3, args.reps // 2)):
+    for _ in range(max(3, reps // 2)):
         s2 = mon.sessions.create()
         t0 = time.perf_counter()
         events = mon.send(s2, QUESTION, max_new_tokens=16)
@@ -152,11 +183,9 @@ def main() -> None:
     print(f"time to first streamed token:   {1000 * med(ttft):8.1f} ms   (prompt {prompt_len} tokens; 16 tokens "
           f"in {1000 * med(total):.0f} ms)")
 
-    actions(mon, s, T, args)
-    concurrent_ttft(mon, prompt_len)
-    stalls(mon, args.long, args.streams)
 
-    # memory a session holds after chat + tokens + activations + one attribution
+def session_memory(mon, s, T: int) -> None:
+    """The memory a session holds after chat + tokens + activations + one attribution."""
     s.cache.clear()
     mon.tokens(s)
     mon.activations(s)
