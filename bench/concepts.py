@@ -9,15 +9,15 @@ result was seen; thresholds of the search were set on its 'dev' concepts only.
 - **search**: ground truth independent of the search (which never reads the word lists): a polarity *reads* a
   concept when at least half of its 20 strongest exemplar tokens are words of the list; it *writes* it when at least
   3 distinct words of the list are among the 20 tokens its write vector promotes or among what its measured output
-  effect makes the model say. recall@50 = hits in the top 50 / min(50, ground-truth size); precision@20 = hits in
-  the top 20 / min(20, ground-truth size). The old description-embedding search (semantic_search) is scored the same way as a baseline, and
-  chance is the ground truth's share of all polarities.
+  effect makes the model say. recall@50 = hits in the top 50 / min(50, ground-truth size); precision@20 = hits
+  in the top 20 / min(20, ground-truth size). The old description-embedding search (semantic_search) is scored
+  the same way as a baseline, and chance is the ground truth's share of all polarities.
 - **alice**: the cluster names of the Monitor's concept panel for the Alice question (active neurons of the answer).
-- **steer**: each steering concept's writers (top 20 on the writes side), clamped at doses 0.5 / 1 / 2 of their own
-  strong quantile; a control of 20 random polarities from the same layers with the same strengths; 24 neutral
-  questions; mention rate = share of answers with a word of the concept's list (off / steered / control), paired
-  exact McNemar p-values, embedding similarity of answers to the concept, repetition (share of repeated word
-  trigrams) and perplexity of the answers under the unsteered model.
+- **steer**: each steering concept's writers (top 20 on the writes side), clamped at doses 0.25 / 0.5 / 1 x their own
+  strong quantile; a control of 20 random polarities from the same layers with the same strengths; 20 neutral
+  questions (the first 20 of the list; 32 new tokens); mention rate = share of answers with a word of the concept's
+  list (off / steered / control), paired exact McNemar p-values, embedding similarity of answers to the concept,
+  repetition (share of repeated word trigrams) and perplexity of the answers under the unsteered model.
 - **speed**: concept search and concept steering set-up latency (median of 20).
 """
 from __future__ import annotations
@@ -129,8 +129,8 @@ def main() -> None:
         res["search"] = search_part(args.atlas, emb, sets, args.set)
     if parts & {"alice", "steer", "speed"}:
         from concepts_steer import alice_part, speed_part, steer_part   # type: ignore[import-not-found]
-        from neuronscope.models import load_subject
-        subject = load_subject(args.model)
+        from neuronscope.subject import Subject
+        subject = Subject.load(args.model)
         if "alice" in parts:
             res["alice"] = alice_part(subject, args.atlas, emb)
         if "steer" in parts:

@@ -205,7 +205,7 @@ def test_search_overhead_is_small(planted, embedder):
 
 
 def test_planted_groups_cluster_whole_and_named(planted, embedder):
-    from neuronscope.describe import cluster_neurons
+    from neuronscope.concepts import cluster_neurons
     _, folder, happy, mom = planted
     rng = random.Random(0)
     others = [(l, n, "pos") for l, n in {(rng.randrange(1, 3), rng.randrange(48)) for _ in range(12)}]
@@ -261,7 +261,7 @@ def test_steer_sweep_rows_equal_separate_runs(planted, embedder):
 
 def test_clusters_without_any_embedder_use_shared_tokens(planted, tmp_path, monkeypatch):
     import shutil
-    from neuronscope.describe import cluster_neurons
+    from neuronscope.concepts import cluster_neurons
     _, folder, happy, mom = planted
     copy = tmp_path / "atlas"
     shutil.copytree(folder, copy)
@@ -293,7 +293,8 @@ def fake_llm(request: httpx.Request) -> httpx.Response:
 
 @pytest.mark.parametrize("simulator", ["tokens", "llm"])
 def test_explainer_endpoint_candidates_scored_on_held_out_windows(planted, simulator):
-    from neuronscope.describe import Descriptions, OpenAIExplainer, cluster_neurons, describe_atlas
+    from neuronscope.concepts import cluster_neurons
+    from neuronscope.describe import Descriptions, OpenAIExplainer, describe_atlas
     subject, folder, happy, _ = planted
     ex = OpenAIExplainer("http://127.0.0.1:9/v1", model="fake",
                          client=httpx.Client(transport=httpx.MockTransport(fake_llm)))
@@ -335,6 +336,10 @@ def test_cli_describe_search_cluster(planted):
     r = _cli("describe", str(folder), "--search", mom, "--interpretable", "--json")
     assert r.returncode == 0 and all(x["interpretable"] for x in json.loads(r.stdout))
     r = _cli("atlas", "search", str(folder), "mother", "--json", "-k", "3")
+    assert r.returncode == 0, r.stderr
+    hits = json.loads(r.stdout)["hits"]                      # grounded in activations: each hit says its side
+    assert {x["neuron"] for x in hits} == set(MOM_GROUP) and {x["side"] for x in hits} <= {"reads", "writes"}
+    r = _cli("atlas", "search", str(folder), "mother", "--json", "-k", "3", "--side", "description")
     assert r.returncode == 0, r.stderr
     assert {x["neuron"] for x in json.loads(r.stdout)} == set(MOM_GROUP)
     r = _cli("atlas", "search", str(folder), "mother", "-k", "3")

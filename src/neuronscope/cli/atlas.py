@@ -10,6 +10,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from ..errors import NeuronscopeError
 from ..refs import format_index_set
 from .common import DeviceOpt, DtypeOpt, GgufOpt, ModelArg, console, fmt_prob, load_subject
 
@@ -131,7 +132,7 @@ def _print_descriptions(descs: dict[str, Any], note: str | None) -> None:
         console.print(table)
 
 
-def _show_exemplars(atlas_dir, layer: int, i: int, n: int) -> None:
+def _show_exemplars(atlas_dir: Path, layer: int, i: int, n: int) -> None:
     from ..atlas.folder import AtlasFolder
     from ..errors import NeuronscopeError
     try:
@@ -209,7 +210,8 @@ def search(
         return
     sup = res.support
     console.print(f"[bold]{escape(res.query)}[/bold]: {sup.n_words} concept words in the corpus "
-                  f"({escape(', '.join(sup.words[:8]))}), {sup.n_windows} windows about it; {res.seconds * 1000:.0f} ms")
+                  f"({escape(', '.join(sup.words[:8]))}), {sup.n_windows} windows about it; "
+                  f"{res.seconds * 1000:.0f} ms")
     table = Table("neuron", "side", "score", "reads", "writes", "sep.", "evidence", "description",
                   title=f"neurons for {query!r} ({side})", title_justify="left")
     for h in res.hits:

@@ -169,7 +169,7 @@ def cluster(
 
     Example: neuronscope cluster atlas-smollm --neurons 20:1234+,21:77+,25:3-
     """
-    from ..describe import cluster_neurons
+    from ..concepts.by_description import cluster_neurons
     items = [it if len(it) == 3 else (it[0], it[1], "pos") for it in _items(neurons)]
     groups = cluster_neurons(atlas_dir, items, threshold=threshold, min_size=min_size,
                              embedder=None if embedder == "default" else embedder, explainer=explainer)

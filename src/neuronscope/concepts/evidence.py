@@ -12,8 +12,8 @@ Rows are neuron polarities in the order (layer, neuron, polarity) with pos befor
 - **Reads**: the `EXEMPLARS` strongest exemplars of the statistics (activation, window, position), each as its token
   key (`describe.label.token_key`) and its window; weights are activations over the neuron's strongest one.
 - **Writes**: the decoded top tokens of the down column (`atlas build`), weighted 1/sqrt(rank); where `describe`
-  measured the neuron's output effect, the tokens it makes the model say are added with the top weight (the causal
-  effect outranks the decode, docs/describe.md).
+  measured the neuron's output effect and it held on the held-out prompts (`describe.output_passes`), the tokens it
+  makes the model say are kept beside them (the causal effect outranks the decode, docs/describe.md).
 - **Key vectors**: the sentence embedding of every token key, also of keys the corpus never showed (window_emb holds
   zeros for those), so a writer of rare words is found.
 - **Form share**: the share of a polarity's exemplar tokens that are punctuation, digits, whitespace or function
@@ -38,6 +38,7 @@ from ..errors import NeuronscopeError
 
 EVIDENCE_FILE = "concept_evidence.safetensors"
 EXEMPLARS = 50
+TOP_READS = 20
 TOPS = 8
 WRITE_TOP = 20
 Neuron = tuple[int, int, str]
@@ -104,10 +105,19 @@ class ConceptEvidence:
             C, W = len(self.keys), self.window_emb.shape[0]
             half = self.write_w.shape[1] // 2
             self._mats = EvidenceMatrices(
-                _csr(self.read_codes, self.read_w, C), _csr(self.read_rows, self.read_w, W),
+                _csr(self.read_codes, self.read_w, C),
+                _csr(self.read_codes[:, :TOP_READS], self.read_w[:, :TOP_READS], C),
+                _csr(self.read_rows, self.read_w, W),
                 _csr(self.write_codes[:, :half], self.write_w[:, :half], C),
                 _csr(self.write_codes[:, half:], self.write_w[:, half:], C))
         return self._mats
+
+    @property
+    def wordlike(self) -> torch.Tensor:
+        """[C] bool: keys that look like words (letters only, at least 3), what a concept's support may name."""
+        if not hasattr(self, "_wordlike"):
+            self._wordlike = torch.tensor([len(k) >= 3 and k.isalpha() for k in self.keys], dtype=torch.bool)
+        return self._wordlike
 
     def neuron(self, m: int) -> Neuron:
         return key_of_row(m, self.n_neurons)
@@ -120,7 +130,10 @@ class ConceptEvidence:
     def open(cls, folder: str | Path, embedder: Any = None, *, progress: bool = False) -> "ConceptEvidence":
         """The folder's evidence, built (and stored) when missing or stale. Needs statistics (`neuronscope stats`)
         and window embeddings (`neuronscope describe`); decodes (`atlas build`) give the write side."""
+        from ..describe.describe import check_db_once
         af = AtlasFolder.open(folder)
+        if af.db_path.is_file():
+            check_db_once(af)                          # a damaged atlas.sqlite: one sentence, not a traceback
         ident = _identity(af)
         old = cls.load(af.path, expect_identity=ident)
         if old is not None:
@@ -222,6 +235,7 @@ class EvidenceMatrices:
     """[M, C] / [M, W] sparse CSR matrices, rows summing to 1 (or 0): exemplar keys, exemplar windows, decoded keys,
     measured keys."""
     reads_tokens: torch.Tensor
+    reads_top: torch.Tensor              # the strongest TOP_READS exemplars only (what clusters name neurons by)
     reads_windows: torch.Tensor
     writes_decode: torch.Tensor
     writes_measured: torch.Tensor
@@ -332,10 +346,10 @@ def _writes(af: AtlasFolder, key_of: torch.Tensor, code: dict[str, int], L: int,
             k = ids.shape[-1]
             codes[:, :, p, :k] = c
             weights[:, :, p, :k] = torch.where(c >= 0, rank_w[:k], torch.zeros(()))
-    for (l, n, p), says in _measured_says(af).items():
+    for (l, n, pol), says in _measured_says(af).items():
         if not (0 <= l < L and 0 <= n < N):
             continue
-        pi = 0 if p == "pos" else 1
+        pi = 0 if pol == "pos" else 1
         cs = [code[k] for k in says if k in code][:K]
         if cs:
             codes[l, n, pi, K:K + len(cs)] = torch.tensor(cs)
@@ -354,11 +368,14 @@ def _measured_says(af: AtlasFolder) -> dict[Neuron, list[str]]:
     con = store.open_db(af.path)
     try:
         has = con.execute("SELECT name FROM sqlite_master WHERE name=?", (DESCRIPTIONS_TABLE,)).fetchone()
-        rows = con.execute(f"SELECT layer, neuron, polarity, candidates FROM {DESCRIPTIONS_TABLE} WHERE "
-                           "output_score IS NOT NULL").fetchall() if has else []
+        rows = con.execute(f"SELECT layer, neuron, polarity, candidates, output_score, effect FROM "
+                           f"{DESCRIPTIONS_TABLE} WHERE output_score IS NOT NULL").fetchall() if has else []
     finally:
         con.close()
-    for l, n, p, cands in rows:
+    from ..describe.describe import output_passes
+    for l, n, p, cands, score, effect in rows:
+        if not output_passes(score, effect):          # an effect that did not hold on the held-out prompts
+            continue
         for c in json.loads(cands or "[]"):
             if c.get("source") != "output":
                 continue

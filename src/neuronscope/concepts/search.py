@@ -36,11 +36,12 @@ from .evidence import ConceptEvidence
 
 SIDES = ("reads", "writes", "both")
 DESC_WEIGHT = 0.1
-MIN_WORDS = 2
-MIN_WORD_COS = 0.6
+MIN_EVIDENCE = 0.05
+MIN_WORDS = 1
+MIN_WORD_COS = 0.45
 MIN_WINDOWS = 3
 MIN_WINDOW_COS = 0.25
-SYNONYM_COS = 0.6
+SYNONYM_COS = 0.45
 MARGIN = 0.05
 
 
@@ -156,7 +157,7 @@ def memberships(ev: ConceptEvidence, q: torch.Tensor) -> tuple[torch.Tensor, tor
     """(key membership [C], key z [C], window membership [W], window cosines [W]) of a unit query vector."""
     syn = (ev.term_emb @ q) >= SYNONYM_COS
     kcos = ev.key_emb @ q
-    kz = _zscore(kcos, ev.key_freq + 1e-3)
+    kz = _zscore(kcos)
     km = _member(kz) * ((_margin(kcos, ev.key_topics, syn) + MARGIN) / (2 * MARGIN)).clamp(0, 1)
     wcos = ev.window_emb @ q
     wm = _member(_zscore(wcos)) * ((_margin(wcos, ev.window_topics, syn) + MARGIN) / (2 * MARGIN)).clamp(0, 1)
@@ -179,9 +180,7 @@ def score_concept(ev: ConceptEvidence, q: torch.Tensor, idx: Any = None) -> Conc
         ok = rows < desc.shape[0]
         desc[rows[ok]] = sims[ok].float()
     seen = ev.key_freq > 0
-    wordlike = torch.tensor([len(k) >= 3 and k.isalpha() for k in ev.keys], dtype=torch.bool) \
-        if not hasattr(ev, "_wordlike") else ev._wordlike
-    ev._wordlike = wordlike
+    wordlike = ev.wordlike
     strong_keys = ((km >= 0.5) & (kcos >= MIN_WORD_COS) & seen & wordlike).nonzero().flatten()
     strong_keys = strong_keys[kcos[strong_keys].argsort(descending=True)]
     strong_w = ((wm > 0.5) & (wcos >= MIN_WINDOW_COS)).nonzero().flatten()
@@ -227,9 +226,11 @@ def concept_search(folder: str | Path, query: str, *, side: str = "both", k: int
 
 
 def side_scores(sc: ConceptScores, side: str) -> torch.Tensor:
-    """[M] ranking score of one side ("reads" / "writes"), with the description match."""
+    """[M] ranking score of one side ("reads" / "writes"), with the description match; -inf where the side has no
+    activation or output evidence (`MIN_EVIDENCE`): a description match alone finds nothing."""
     base = sc.reads if side == "reads" else sc.writes
-    return base + DESC_WEIGHT * sc.description.clamp_min(0)
+    score = base + DESC_WEIGHT * sc.description.clamp_min(0)
+    return torch.where(base >= MIN_EVIDENCE, score, torch.full_like(score, float("-inf")))
 
 
 def _rank(sc: ConceptScores, side: str, layers: Any, ev: ConceptEvidence) -> list[tuple[int, str]]:
@@ -257,7 +258,7 @@ def _rank(sc: ConceptScores, side: str, layers: Any, ev: ConceptEvidence) -> lis
     vals, order = best.topk(min(best.numel(), 5000))
     out = []
     for v, m in zip(vals.tolist(), order.tolist()):
-        if v <= DESC_WEIGHT * 0.5 or not math.isfinite(v):        # no evidence beyond a faint description match
+        if not math.isfinite(v):                                  # no evidence on any side asked
             break
         out.append((m, sides[int(which[m])]))
     return out

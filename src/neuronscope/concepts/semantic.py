@@ -10,6 +10,7 @@ ranked.
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import torch
 
@@ -19,7 +20,7 @@ from ..errors import NeuronscopeError
 _ATLASES: dict[str, tuple[float, object]] = {}
 
 
-def _open_atlas(folder):
+def _open_atlas(folder: Any) -> Any:
     """The folder's Atlas, opened once per process while its manifest is unchanged (None without decodes)."""
     from pathlib import Path
 
@@ -40,8 +41,8 @@ def _open_atlas(folder):
 
 
 
-def semantic_search(folder, query: str, *, k: int = 50, embedder=None, interpretable: bool = False,
-                    token_weight: float = 0.5, subject=None) -> list[dict]:
+def semantic_search(folder: Any, query: str, *, k: int = 50, embedder: Any = None, interpretable: bool = False,
+                    token_weight: float = 0.5, subject: Any = None) -> list[dict[str, Any]]:
     """Neuron polarities for a concept by meaning, best first: [{"layer", "neuron", "polarity", "score",
     "similarity", "token_score", "description", "desc_score", "interpretable", "tokens"}].
 

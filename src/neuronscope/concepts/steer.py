@@ -1,5 +1,6 @@
-"""Steering by concept: the interpretable neurons semantic search finds for a concept (or a cluster's members),
-clamped to a strong corpus quantile times a strength, and a dose sweep computed in one batched generate.
+"""Steering by concept: the neurons that *write* a concept (concept search's writes side: their write vector or
+measured output effect promotes the concept's words) or a cluster's members, each clamped to its own strong corpus
+quantile times a strength, and a dose sweep computed in one batched generate.
 
     neurons = concept_neurons("atlas-smollm", "dogs", k=20)            # [(layer, neuron, polarity)]
     edits = steer_interventions(stats, neurons, strength=0.5)          # Clamp specs
@@ -14,6 +15,7 @@ without edits, row r with strength r) and gives each row its own clamps (the int
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -25,13 +27,28 @@ Neuron = tuple[int, int, str]
 
 
 MIN_SIMILARITY = 0.3
+MIN_WRITES = 0.25
 
 
-def concept_neurons(folder, concept: str, *, k: int = 20, embedder: Any = None,
-                    min_similarity: float = MIN_SIMILARITY) -> list[Neuron]:
-    """The top-k interpretable neuron polarities for a concept by semantic search, keeping those whose embedding
-    similarity to the concept is at least `min_similarity` (the nearest interpretable neurons of a rare concept
-    can be unrelated; steering them steers nothing the user asked for)."""
+def concept_neurons(folder: str | Path, concept: str, *, k: int = 20, embedder: Any = None,
+                    min_similarity: float = MIN_SIMILARITY, min_writes: float = MIN_WRITES) -> list[Neuron]:
+    """The concept's top-k writers (concept search, writes side), keeping those whose writes score reaches
+    `min_writes` (a quarter of what they promote is the concept's words), since steering a neuron that does not
+    write the concept steers nothing the user asked for. Folders without concept evidence (no window embeddings)
+    fall back to the interpretable neurons whose description embedding is within `min_similarity` of the concept."""
+    from .evidence import ConceptEvidence
+    from .search import concept_search
+    try:
+        have = ConceptEvidence.load(folder) is not None or _can_build(folder)
+    except NeuronscopeError:
+        have = False
+    if have:
+        res = concept_search(folder, concept, side="writes", k=k, embedder=embedder)
+        out = [(h.layer, h.neuron, h.polarity) for h in res.hits if h.writes >= float(min_writes)]
+        if not out:
+            raise NeuronscopeError(f"No neuron writes '{concept}' (none promotes its words); try a more common "
+                                   "phrasing, or steer named neurons (20:1234+,21:77-).")
+        return out
     from .semantic import semantic_search
     rows = semantic_search(folder, concept, k=k, embedder=embedder, interpretable=True)
     out = [(r["layer"], r["neuron"], r["polarity"]) for r in rows if r["similarity"] >= float(min_similarity)]
@@ -41,8 +58,32 @@ def concept_neurons(folder, concept: str, *, k: int = 20, embedder: Any = None,
     return out
 
 
-def steer_interventions(stats, neurons: Sequence[Sequence], strength: float, *, positions: Any = "all",
-                        rows: Any = None) -> list:
+def _can_build(folder: str | Path) -> bool:
+    """Whether concept evidence can be built here: statistics and window embeddings are there."""
+    from ..atlas.folder import STATS_FILE, WINDOW_EMB_FILE
+    return (Path(folder) / WINDOW_EMB_FILE).is_file() and (Path(folder) / STATS_FILE).is_file()
+
+
+def random_control(stats: Any, neurons: Sequence[Sequence[Any]], *, seed: int = 0) -> list[Neuron]:
+    """A control for steering `neurons`: as many random neuron polarities, each in the layer and with the polarity
+    of one of them (so the clamps have the same count, layers and quantile-based strengths), none of them."""
+    import random
+    rng = random.Random(seed)
+    taken = {(int(it[0]), int(it[1])) for it in neurons}
+    out: list[Neuron] = []
+    for it in neurons:
+        l, p = int(it[0]), str(it[2]) if len(it) == 3 else "pos"
+        while True:
+            n = rng.randrange(stats.n_neurons)
+            if (l, n) not in taken:
+                taken.add((l, n))
+                out.append((l, n, p))
+                break
+    return out
+
+
+def steer_interventions(stats: Any, neurons: Sequence[Sequence[Any]], strength: float, *, positions: Any = "all",
+                        rows: Any = None) -> list[Any]:
     """Clamp specs (one per layer) that set each neuron to its strong quantile x strength."""
     from ..interventions import Clamp
     if not neurons:
@@ -65,9 +106,9 @@ def steer_interventions(stats, neurons: Sequence[Sequence], strength: float, *, 
             for l, vals in sorted(by_layer.items())]
 
 
-def steer_sweep(subject, prompt: str, neurons: Sequence[Sequence], strengths: Sequence[float], stats, *,
-                chat: bool = False, system: str | None = None, max_new_tokens: int = 64,
-                positions: Any = "all") -> list[dict]:
+def steer_sweep(subject: Any, prompt: str, neurons: Sequence[Sequence[Any]], strengths: Sequence[float],
+                stats: Any, *, chat: bool = False, system: str | None = None, max_new_tokens: int = 64,
+                positions: Any = "all") -> list[dict[str, Any]]:
     """[{"strength": None (no steering) or s, "text"}] for the unsteered prompt and each strength, from one
     batched greedy generate whose rows carry different clamps."""
     from ..interventions import intervene
@@ -86,7 +127,7 @@ def steer_sweep(subject, prompt: str, neurons: Sequence[Sequence], strengths: Se
             for r in range(R)]
 
 
-def _text(subject, row: torch.Tensor) -> str:
+def _text(subject: Any, row: torch.Tensor) -> str:
     ids = row.tolist()
     eos = getattr(subject.tokenizer, "eos_token_id", None)
     if eos is not None and eos in ids:
@@ -109,9 +150,9 @@ def parse_strengths(text: str) -> list[float]:
     return out
 
 
-def steer_targets(folder, steer: str, *, k: int = 20, embedder: Any = None) -> list[Neuron]:
+def steer_targets(folder: Any, steer: str, *, k: int = 20, embedder: Any = None) -> list[Neuron]:
     """What `--steer` names: a neuron list (20:1234+,21:77-; a cluster's steer form) or a concept (its top-k
-    interpretable neurons by semantic search)."""
+    writers, `concept_neurons`)."""
     import re
     if re.fullmatch(r"\s*\d+\s*:\s*\d+.*", steer or "") and re.fullmatch(r"[\d:+\-,\s]+", steer):
         from ..specs import parse_neuron_refs
@@ -119,9 +160,9 @@ def steer_targets(folder, steer: str, *, k: int = 20, embedder: Any = None) -> l
     return concept_neurons(folder, steer, k=k, embedder=embedder)
 
 
-def steer_generate(subject, folder, prompt: str, steer: str, strengths: Sequence[float], *, k: int = 20,
+def steer_generate(subject: Any, folder: Any, prompt: str, steer: str, strengths: Sequence[float], *, k: int = 20,
                    embedder: Any = None, chat: bool = False, system: str | None = None, max_new_tokens: int = 64
-                   ) -> dict:
+                   ) -> dict[str, Any]:
     """`neuronscope generate --steer`: {"neurons": [...], "answers": steer_sweep(...)}."""
     from ..atlas.folder import AtlasFolder
     af = AtlasFolder.open(folder)

@@ -1,6 +1,8 @@
-"""Concept search: the neurons of a concept, best first, by meaning when the atlas has the describe index
-(`atlas.search.semantic_search`), else by the decode + description text search of `Knowledge.search`. Results are
-cached (a steering by concept and the concept list ask the same question)."""
+"""Concept search: the neurons of a concept, best first. With concept evidence (statistics and the window embeddings
+of `neuronscope describe`): `concepts.search.concept_search`, each row's `source` saying its side ("reads" /
+"writes"), and steering by concept takes the *writers* (`writers`); with only the describe index: by description
+meaning (`concepts.semantic.semantic_search`); else by the decode + description text search of `Knowledge.search`.
+Results are cached (a steering by concept and the concept list ask the same question)."""
 from __future__ import annotations
 
 from typing import Any
@@ -24,6 +26,7 @@ class Concepts:
     def __init__(self, knowledge: Knowledge, limits: Limits, cache: ViewCache) -> None:
         self.knowledge, self.limits, self.cache = knowledge, limits, cache
         self._index_ok: bool | None = None
+        self._evidence_ok: bool | None = None
 
     def concepts(self, query: str, k: int = 50) -> S.ConceptsOut:
         """Neurons for a concept, best first, with the notes on what the atlas lacks."""
@@ -44,8 +47,50 @@ class Concepts:
         self.cache.put(key, [r.copy() for r in rows])
         return rows
 
+    def writers(self, query: str, k: int) -> list[S.ConceptRowOut]:
+        """The neurons a steering by concept clamps: the concept's writers where there is concept evidence (they
+        promote its words), else the best rows of `search`."""
+        if not self.has_evidence():
+            return self.search(query, k)
+        key = ("writers", query.strip().lower(), int(k))
+        hit: list[S.ConceptRowOut] | None = self.cache.get(key)
+        if hit is not None:
+            return [r.copy() for r in hit]
+        from ..concepts.steer import MIN_WRITES
+        rows = [r for r in self._grounded(query, k, "writes") if r["score"] >= MIN_WRITES]
+        self.cache.put(key, [r.copy() for r in rows])
+        return rows
+
+    def _grounded(self, query: str, k: int, side: str) -> list[S.ConceptRowOut]:
+        from ..concepts.search import concept_search
+        folder = self.knowledge.atlas_dir
+        if folder is None:
+            return []
+        res = concept_search(folder, query, side=side, k=k)
+        return [{"layer": h.layer, "neuron": h.neuron, "polarity": h.polarity,
+                 "score": h.writes if side == "writes" else h.score,
+                 "tokens": h.read_words if h.side == "reads" else h.write_words, "source": h.side,
+                 "description": h.description} for h in res.hits]
+
+    def has_evidence(self) -> bool:
+        """Whether concept evidence can be used here (built or buildable; looked up once)."""
+        if self._evidence_ok is None:
+            folder = self.knowledge.atlas_dir
+            ok = False
+            if folder:
+                from ..concepts.evidence import ConceptEvidence
+                from ..concepts.steer import _can_build
+                try:
+                    ok = _can_build(folder) or ConceptEvidence.load(folder) is not None
+                except (NeuronscopeError, OSError):
+                    ok = False
+            self._evidence_ok = ok
+        return bool(self._evidence_ok)
+
     def _search_uncached(self, query: str, k: int) -> list[S.ConceptRowOut]:
         folder = self.knowledge.atlas_dir
+        if folder and self.has_evidence():
+            return self._grounded(query, k, "both")
         if folder and self.has_index():
             from ..concepts.semantic import semantic_search
             try:

@@ -206,12 +206,20 @@ class Knowledge:
 
     def clusters(self, neurons: list[tuple[int, int, str]],
                  min_size: int = 2) -> tuple[list[dict[str, Any]], str]:
-        """Clusters of related neurons (the describe package's clustering, or shared top decoded tokens)."""
+        """Clusters of related neurons: by meaning (what they read and write, concepts.clusters) where the atlas
+        has concept evidence; else the describe package's clustering of descriptions; else shared top decoded
+        tokens. Each cluster has a "kind": "concept", or "form" for syntax and formatting groups."""
         if not neurons:
             return [], "none"
+        if self.atlas_dir:
+            from ..concepts.steer import _can_build
+            if _can_build(self.atlas_dir):
+                from ..concepts.clusters import concept_clusters
+                return [c.to_dict() for c in concept_clusters(self.atlas_dir, neurons, min_size=min_size)], \
+                    "meaning"
         if self.atlas is not None:
             try:
-                from ..describe import cluster_neurons
+                from ..concepts.by_description import cluster_neurons
             except ImportError:
                 pass
             else:

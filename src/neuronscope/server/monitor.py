@@ -73,7 +73,7 @@ class Monitor:
         self.neuron_pages = NeuronPages(self.runtime, self.renderer, self.knowledge, self.limits, self.annotator,
                                         self._neuron_cache)
         self.cluster_view = Clusters(self.views, self.knowledge, self.limits)
-        self.steerer = Steerer(subject, self.knowledge, self.limits, self.renderer, self.concept_search.search)
+        self.steerer = Steerer(subject, self.knowledge, self.limits, self.renderer, self.concept_search.writers)
         self.importer = Importer(subject, self.limits, lambda s: len(self.renderer.render(s)["ids"]))
 
     @property
@@ -133,6 +133,10 @@ class Monitor:
             from ..concepts.semantic import semantic_search
             folder = k.atlas_dir
             steps.append(lambda: semantic_search(folder, "the", k=5))
+        if k.atlas_dir and self.concept_search.has_evidence():
+            from ..concepts.search import concept_search
+            ev_folder = k.atlas_dir
+            steps.append(lambda: concept_search(ev_folder, "animals", k=5))   # builds the concept evidence once
         steps.append(lambda: k.clusters([(0, i, "pos") for i in range(min(8, self.subject.n_neurons))]))
         for step in steps:
             try:

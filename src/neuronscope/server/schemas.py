@@ -275,6 +275,7 @@ class ConceptsOut(TypedDict):
 
 class ClusterOut(TypedDict):
     name: str
+    kind: Annotated[str, Field(description="'concept', or 'form' for a group of syntax / formatting neurons.")]
     members: list[list[Any]]
     tokens: list[str]
     size: int

@@ -352,19 +352,22 @@ async function loadClusters() {
   q.set("sort", sort);
   if (sort === "attribution") q.set("position", attrPos());
   const d = await api("GET", sp(`/clusters?${q}`));
-  S.cl.list = d.clusters;
-  if (sort === S.cl.sort) $("#cl-note").textContent = `${d.clusters.length} concepts among ${d.n_neurons} firing neurons (${d.method})` +
+  const nForm = d.clusters.filter((c) => c.kind === "form").length;
+  S.cl.list = $("#cl-form").checked ? d.clusters : d.clusters.filter((c) => c.kind !== "form");
+  if (sort === S.cl.sort) $("#cl-note").textContent = `${S.cl.list.length} concepts among ${d.n_neurons} firing neurons (${d.method})` +
+    (nForm && !$("#cl-form").checked ? ` · ${nForm} syntax & format groups hidden` : "") +
     (sort === "attribution" ? ` · attribution to token ${d.position}` : "") + (d.notes[0]?.startsWith("No clusters") ? ` · ${d.notes[0]}` : "");
-  const max = Math.max(1e-9, ...d.clusters.map((c) => (sort === "attribution" ? c.attribution : c.activation) || 0));
-  $("#clusters").innerHTML = d.clusters.map((c, i) => {
+  const max = Math.max(1e-9, ...S.cl.list.map((c) => (sort === "attribution" ? c.attribution : c.activation) || 0));
+  $("#clusters").innerHTML = S.cl.list.map((c, i) => {
     const v = (sort === "attribution" ? c.attribution : c.activation) || 0;
-    return `<div class="cluster" data-i="${i}" title="${esc(c.members.map((m) => `L${m[0]}/N${m[1]}${m[2] === "neg" ? "−" : "+"}`).join(" "))}">
+    return `<div class="cluster${c.kind === "form" ? " form" : ""}" data-i="${i}" title="${esc(c.members.map((m) => `L${m[0]}/N${m[1]}${m[2] === "neg" ? "−" : "+"}`).join(" "))}">
       <div class="cl-head"><b class="cl-name">${esc(c.name)}</b> <small>${c.size} neurons</small>
         <span class="cl-actions"><button type="button" class="cl-steer" data-mode="strengthen" title="strengthen this concept">▲</button><button type="button" class="cl-steer" data-mode="suppress" title="suppress this concept">▼</button></span></div>
       <div class="cl-bar"><span style="width:${Math.round(100 * v / max)}%"></span></div>
       <small>Σ act ${fmt(c.activation, 1)}${c.attribution != null ? ` · attr ${fmt(c.attribution)}` : ""} · ${toks(c.tokens.slice(0, 4))}</small></div>`;
   }).join("") || '<p class="hint">No clusters of firing neurons here.</p>';
 }
+$("#cl-form").onchange = () => loadClusters().catch((e) => status(e.message));
 $("#cl-sort").onchange = () => { S.cl.sort = $("#cl-sort").value; saveView(); loadClusters().catch((e) => status(e.message)); };
 $("#clusters").addEventListener("click", (e) => {
   const b = e.target.closest(".cl-steer"); if (!b) return;
@@ -470,7 +473,7 @@ $("#concept-form").addEventListener("submit", async (e) => {
     const d = await api("GET", `/api/concepts?q=${encodeURIComponent($("#concept-q").value)}&k=50`);
     $("#concept-note").textContent = `${d.results.length} neurons for "${d.query}"`;
     $("#concept-table tbody").innerHTML = d.results.map((r) => `<tr><td>${nid(r.layer, r.neuron)}</td><td class="${r.polarity}">${r.polarity === "pos" ? "+" : "−"}</td>
-      <td>${fmt(r.score)}</td><td class="desc">${toks(r.tokens)}</td><td class="desc" title="${esc(r.description || "")}">${esc(r.description || "")}</td></tr>`).join("");
+      <td>${fmt(r.score)}</td><td>${esc(r.source)}</td><td class="desc">${toks(r.tokens)}</td><td class="desc" title="${esc(r.description || "")}">${esc(r.description || "")}</td></tr>`).join("");
     $("#steer-concept").value = d.query;
   } catch (err) { $("#concept-note").textContent = err.message; }
 });

@@ -1,4 +1,6 @@
-"""`cluster_neurons`: group neuron polarities into named concepts by the meaning of their descriptions and decodes.
+"""`cluster_neurons`: group neuron polarities by the meaning of their descriptions and decodes (the clustering for
+atlases without concept evidence, and `neuronscope cluster --by description`; clusters.py groups by activation
+evidence).
 
 Each (layer, neuron, polarity) is its vector in the embedding index (index.py: the embedded tokens its description
 says fire it and that it promotes; computed on the fly with the embedder for neurons not in the index; with no
@@ -23,12 +25,15 @@ from .. import store
 from ..atlas.folder import DESCRIPTIONS_TABLE, AtlasFolder
 from ..errors import NeuronscopeError
 from ..refs import check_neuron, check_polarity
-from .describe import check_db_once, decoded_site
-from .index import description_items, load_index, neuron_vectors
-from .label import quote, token_key
+from ..describe.describe import check_db_once, decoded_site
+from ..describe.index import description_items, load_index, neuron_vectors
+from ..describe.label import quote, token_key
+from .clusters import steer_form
+
+Key = tuple[int, int, str]
 
 
-def _folder(atlas) -> Path:
+def _folder(atlas: Any) -> Path:
     return Path(getattr(atlas, "folder", atlas))
 
 
@@ -49,13 +54,9 @@ def _items(neurons: Sequence[Sequence], n_layers: int | None, n_neurons: int | N
     return out
 
 
-def steer_form(members: Sequence[Sequence]) -> str:
-    """Members as the neuron list `--steer` and `--neurons` read: 20:1234+,21:77-."""
-    return ",".join(f"{m[0]}:{m[1]}{'+' if m[2] == 'pos' else '-'}" for m in members)
 
-
-def cluster_neurons(atlas, neurons: Sequence[Sequence], *, threshold: float = 0.6, min_size: int = 3,
-                    embedder: Any = None, explainer: Any = None) -> list[dict]:
+def cluster_neurons(atlas: Any, neurons: Sequence[Sequence[Any]], *, threshold: float = 0.6, min_size: int = 3,
+                    embedder: Any = None, explainer: Any = None) -> list[dict[str, Any]]:
     """Clusters of `neurons` ([(layer, neuron, polarity)]; a polarity left out means pos), biggest first:
     [{"name", "members": [[l, n, p], ...], "size", "coherence", "tokens", "steer"}]."""
     folder = _folder(atlas)
@@ -69,57 +70,67 @@ def cluster_neurons(atlas, neurons: Sequence[Sequence], *, threshold: float = 0.
         return []
     texts = _texts(folder, items)
     idx = load_index(folder)
-    pos = idx.position() if idx is not None else {}
-    vec = torch.zeros(len(items), idx.emb.shape[1] if idx is not None else 1)
-    missing = [j for j, it in enumerate(items) if it not in pos]
-    if idx is not None:
-        for j, it in enumerate(items):
-            if it in pos:
-                vec[j] = idx.emb[pos[it]]
-    if missing:
-        from ..embed import load_embedder
-        try:
-            emb = load_embedder(embedder)
-        except NeuronscopeError:
-            if embedder is not None:
-                raise
-            emb = None                       # the default embedder is not pulled: shared tokens only
-        if emb is None:
-            vec = _bag_vectors([texts[it] for it in items])
-        else:
-            extra, _ = neuron_vectors([texts[items[j]] for j in missing], emb,
-                                      center=idx.center if idx is not None else None)
-            if idx is None:
-                vec = torch.zeros(len(items), extra.shape[1])
-            for j, v in zip(missing, extra):
-                vec[j] = v
-    alive = [j for j in range(len(items)) if float(vec[j].norm()) > 0.5]
-    groups: list[list[int]] = [[j] for j in range(len(items)) if j not in alive]
-    if len(alive) >= 2:
-        from scipy.cluster.hierarchy import fcluster, linkage
-        X = vec[alive].double().numpy()
-        Z = linkage(X, method="average", metric="cosine")
-        labels = fcluster(Z, t=float(threshold), criterion="distance")
-        by: dict[int, list[int]] = {}
-        for j, c in zip(alive, labels.tolist()):
-            by.setdefault(int(c), []).append(j)
-        groups += list(by.values())
-    elif alive:
-        groups.append(alive)
-    out = []
-    for g in groups:
+    vec = _vectors(items, texts, idx, embedder)
+    center = idx.center if idx is not None else None
+    out: list[dict[str, Any]] = []
+    for g in _groups(vec, float(threshold)):
         if len(g) < min_size:
             continue
         members = [items[j] for j in sorted(g, key=lambda j: items[j])]
         V = vec[g]
         coherence = 1.0 if len(g) == 1 else float(((V @ V.T).sum() - len(g)) / (len(g) * (len(g) - 1)))
-        name, tokens = _name(members, texts, V, embedder, idx.center if idx is not None else None)
+        name, tokens = _name(members, texts, V, embedder, center)
         if explainer is not None:
             name = _llm_name(explainer, [texts[it][0] for it in members]) or name
         out.append({"name": name, "members": [list(it) for it in members], "size": len(members),
                     "coherence": round(coherence, 4), "tokens": tokens, "steer": steer_form(members)})
     out.sort(key=lambda c: (-c["size"], -c["coherence"], c["members"][0]))
     return out
+
+
+def _vectors(items: list[Key], texts: dict[Key, tuple[str, str]], idx: Any, embedder: Any) -> torch.Tensor:
+    """Each neuron's vector: its row of the embedding index, embedded on the fly when missing, or (no embedder at
+    all) weighted one-hot tokens."""
+    pos = idx.position() if idx is not None else {}
+    vec = torch.zeros(len(items), idx.emb.shape[1] if idx is not None else 1)
+    for j, it in enumerate(items):
+        if it in pos:
+            vec[j] = idx.emb[pos[it]]
+    missing = [j for j, it in enumerate(items) if it not in pos]
+    if not missing:
+        return vec
+    from ..embed import load_embedder
+    try:
+        emb = load_embedder(embedder)
+    except NeuronscopeError:
+        if embedder is not None:
+            raise
+        emb = None                       # the default embedder is not pulled: shared tokens only
+    if emb is None:
+        return _bag_vectors([texts[it] for it in items])
+    extra, _ = neuron_vectors([texts[items[j]] for j in missing], emb, center=idx.center if idx is not None else None)
+    if idx is None:
+        vec = torch.zeros(len(items), extra.shape[1])
+    for j, v in zip(missing, extra):
+        vec[j] = v
+    return vec
+
+
+def _groups(vec: torch.Tensor, threshold: float) -> list[list[int]]:
+    """Average-linkage groups (cosine distance cut at `threshold`) of the rows with a vector; rows without one alone."""
+    alive = [j for j in range(vec.shape[0]) if float(vec[j].norm()) > 0.5]
+    groups: list[list[int]] = [[j] for j in range(vec.shape[0]) if j not in alive]
+    if len(alive) >= 2:
+        from scipy.cluster.hierarchy import fcluster, linkage
+        Z = linkage(vec[alive].double().numpy(), method="average", metric="cosine")
+        labels = fcluster(Z, t=threshold, criterion="distance")
+        by: dict[int, list[int]] = {}
+        for j, c in zip(alive, labels.tolist()):
+            by.setdefault(int(c), []).append(j)
+        groups += list(by.values())
+    elif alive:
+        groups.append(alive)
+    return groups
 
 
 def _bag_vectors(texts: list[tuple[str, str]]) -> torch.Tensor:
@@ -164,7 +175,8 @@ def _texts(folder: Path, items: list[tuple[int, int, str]]) -> dict[tuple[int, i
     return out
 
 
-def _name(members, texts, V: torch.Tensor, embedder, center: torch.Tensor | None) -> tuple[str, list[str]]:
+def _name(members: list[Key], texts: dict[Key, tuple[str, str]], V: torch.Tensor, embedder: Any,
+          center: torch.Tensor | None) -> tuple[str, list[str]]:
     share: Counter[str] = Counter()
     weight: Counter[str] = Counter()
     shown: dict[str, str] = {}
@@ -207,7 +219,7 @@ def _name(members, texts, V: torch.Tensor, embedder, center: torch.Tensor | None
 _STRING_EMB: dict[tuple[int, str], torch.Tensor] = {}
 
 
-def _embed_cached(emb, strings: list[str]) -> torch.Tensor:
+def _embed_cached(emb: Any, strings: list[str]) -> torch.Tensor:
     """Unit embeddings of token strings, each computed once per embedder and process (cluster names repeat)."""
     need = [s for s in strings if (id(emb), s) not in _STRING_EMB]
     if need:
@@ -216,8 +228,8 @@ def _embed_cached(emb, strings: list[str]) -> torch.Tensor:
     return torch.stack([_STRING_EMB[(id(emb), s)] for s in strings])
 
 
-def _llm_name(explainer, descriptions: list[str]) -> str:
-    from .explainer import clean_reply, make_explainer
+def _llm_name(explainer: Any, descriptions: list[str]) -> str:
+    from ..describe.explainer import clean_reply, make_explainer
     ex = make_explainer(explainer)
     lines = "\n".join(f"- {d}" for d in descriptions[:30])
     reply = ex.complete([{"role": "system", "content": "You name groups of language-model neurons."},
