@@ -43,14 +43,16 @@ def load_sets() -> dict:
 # ---- ground truth ------------------------------------------------------------------------------------------------
 def ground_truth(ev, words: list[str]) -> tuple[set[int], set[int]]:
     """(reader rows, writer rows) of the evidence for a word list (see the module docstring)."""
+    from neuronscope.concepts.evidence import PIECE
     code = {k: i for i, k in enumerate(ev.keys)}
     member = torch.zeros(len(ev.keys) + 1, dtype=torch.bool)
     for w in words:
         if w in code:
             member[code[w]] = True
     rc = ev.read_codes[:, :20]
-    rin = member[rc] & (rc >= 0)
-    readers = set(((rin.sum(1).float() / (rc >= 0).sum(1).clamp_min(1)) >= 0.5).nonzero().flatten().tolist())
+    rin = member[rc.clamp_min(0)] & (rc >= 0)
+    shown = (rc >= 0) | (rc == PIECE)               # a piece of a longer word ('Mad' of 'Madrid') is no list word
+    readers = set(((rin.sum(1).float() / shown.sum(1).clamp_min(1)) >= 0.5).nonzero().flatten().tolist())
     K = ev.write_codes.shape[1] // 2
     writers: set[int] = set()
     for part in (ev.write_codes[:, :K], ev.write_codes[:, K:]):
@@ -116,6 +118,7 @@ def main() -> None:
     ap.add_argument("--set", default="eval", choices=["eval", "dev"])
     ap.add_argument("--parts", default="search,alice,steer,speed")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--doses", default="0.25,0.5,1", help="steering doses (x each neuron's strong quantile)")
     args = ap.parse_args()
     torch.manual_seed(0)
     random.seed(0)
@@ -134,7 +137,8 @@ def main() -> None:
         if "alice" in parts:
             res["alice"] = alice_part(subject, args.atlas, emb)
         if "steer" in parts:
-            res["steer"] = steer_part(subject, args.atlas, emb, sets)
+            res["steer"] = steer_part(subject, args.atlas, emb, sets,
+                                      doses=tuple(float(x) for x in args.doses.split(",")))
         if "speed" in parts:
             res["speed"] = speed_part(subject, args.atlas, emb)
     res["load_after"] = os.getloadavg()

@@ -71,8 +71,8 @@ def _mcnemar_greater(a: list[bool], b: list[bool]) -> float:
     return 1.0 if x + y == 0 else float(binomtest(x, x + y, 0.5, alternative="greater").pvalue)
 
 
-def steer_part(subject: Any, atlas: str, emb: Any, sets: dict, k: int = 20, max_new: int = 32, n_questions: int = 20
-               ) -> dict:
+def steer_part(subject: Any, atlas: str, emb: Any, sets: dict, k: int = 20, max_new: int = 32, n_questions: int = 20,
+               doses: tuple[float, ...] = DOSES) -> dict:
     from neuronscope.atlas.folder import AtlasFolder
     from neuronscope.concepts.steer import concept_neurons, random_control, steer_interventions
     from neuronscope.interventions import intervene
@@ -80,7 +80,7 @@ def steer_part(subject: Any, atlas: str, emb: Any, sets: dict, k: int = 20, max_
     stats = NeuronStats.from_folder(AtlasFolder.open(atlas))
     qs = sets["questions"][:n_questions]
     eos = getattr(subject.tokenizer, "eos_token_id", None)
-    out: dict = {"doses": list(DOSES), "k": k, "max_new_tokens": max_new, "questions": len(qs), "concepts": {}}
+    out: dict = {"doses": list(doses), "k": k, "max_new_tokens": max_new, "questions": len(qs), "concepts": {}}
     pooled: dict[str, list] = {}
     t_all = time.perf_counter()
     for ci, concept in enumerate(sets["steer"]):
@@ -92,15 +92,15 @@ def steer_part(subject: Any, atlas: str, emb: Any, sets: dict, k: int = 20, max_
         examples = []
         for qi, q in enumerate(qs):
             ids = subject.encode(q, chat=True)
-            R = 1 + 2 * len(DOSES)
+            R = 1 + 2 * len(doses)
             edits = []
-            for j, d in enumerate(DOSES):
+            for j, d in enumerate(doses):
                 edits += [dataclasses.replace(e, rows=[1 + j]) for e in steer_interventions(stats, writers, d)]
-                edits += [dataclasses.replace(e, rows=[1 + len(DOSES) + j])
+                edits += [dataclasses.replace(e, rows=[1 + len(doses) + j])
                           for e in steer_interventions(stats, control, d)]
             with intervene(subject, *edits):
                 new = subject.generate_ids(ids.repeat(R, 1), max_new_tokens=max_new, temperature=0.0)
-            names = ["off"] + [f"steer {d:g}" for d in DOSES] + [f"control {d:g}" for d in DOSES]
+            names = ["off"] + [f"steer {d:g}" for d in doses] + [f"control {d:g}" for d in doses]
             for r, name in enumerate(names):
                 x = new[r].tolist()
                 if eos is not None and eos in x:
@@ -123,7 +123,7 @@ def steer_part(subject: Any, atlas: str, emb: Any, sets: dict, k: int = 20, max_
                          "repetition": round(statistics.mean(row["rep"]), 4),
                          "nll": round(statistics.mean([v for v in row["nll"] if v == v] or [float("nan")]), 4)}
             pooled.setdefault(name, []).append(row)
-        for d in DOSES:
+        for d in doses:
             st, ct, off = rows[f"steer {d:g}"], rows[f"control {d:g}"], rows["off"]
             res[f"steer {d:g}"]["p_vs_off"] = _mcnemar_greater(st["mention"], off["mention"])
             res[f"steer {d:g}"]["p_vs_control"] = _mcnemar_greater(st["mention"], ct["mention"])
@@ -138,7 +138,7 @@ def steer_part(subject: Any, atlas: str, emb: Any, sets: dict, k: int = 20, max_
                          "repetition": round(statistics.mean([v for row in lst for v in row["rep"]]), 4),
                          "nll": round(statistics.mean([v for row in lst for v in row["nll"] if v == v]), 4)}
     off_m = [v for row in pooled["off"] for v in row["mention"]]
-    for d in DOSES:
+    for d in doses:
         sm = [v for row in pooled[f"steer {d:g}"] for v in row["mention"]]
         cm = [v for row in pooled[f"control {d:g}"] for v in row["mention"]]
         summary[f"steer {d:g}"]["p_vs_off"] = _mcnemar_greater(sm, off_m)

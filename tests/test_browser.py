@@ -105,7 +105,13 @@ def test_monitor_page_end_to_end(tmp_path):
             assert page.locator("#attr-table tbody tr").count() == 50
             assert "top 1000" in page.inner_text("#attr-head")
 
-            # 4. one click on an active concept steers it; the new answer shows beside the old one
+            # 4. one click on an active concept steers it; the new answer shows beside the old one. Syntax, format
+            # and unclear groups are hidden until asked for: show them (this tiny model has few topic clusters)
+            page.wait_for_function("document.querySelector('#cl-note').textContent.includes('concepts among')",
+                                   timeout=30000)
+            hidden = page.locator("#clusters .cluster.form").count()
+            assert hidden == 0
+            page.check("#cl-form")
             page.wait_for_selector("#clusters .cluster", timeout=30000)
             n_clusters = page.locator("#clusters .cluster").count()
             changed = False

@@ -12,7 +12,7 @@ from rich.table import Table
 
 from ..errors import NeuronscopeError
 from ..refs import format_index_set
-from .common import DeviceOpt, DtypeOpt, GgufOpt, ModelArg, console, fmt_prob, load_subject
+from .common import DeviceOpt, DtypeOpt, GgufOpt, ModelArg, console, err_console, fmt_prob, load_subject
 
 atlas_app = typer.Typer(help="Decode every MLP neuron through the LM head; show, search and compare atlases.",
                         no_args_is_help=True)
@@ -195,7 +195,12 @@ def search(
     """
     if side not in ("reads", "writes", "both", "description"):
         raise NeuronscopeError(f"--side must be reads, writes, both or description, got '{side}'.")
-    if tokens_only or embedder.lower() == "none" or side == "description":
+    from ..concepts.evidence import has_concept_evidence
+    if tokens_only or embedder.lower() == "none" or side == "description" or not has_concept_evidence(atlas_dir):
+        if not (tokens_only or embedder.lower() == "none" or side == "description"):
+            err_console.print(f"[yellow]'{escape(str(atlas_dir))}' has no statistics with window embeddings "
+                              "(`neuronscope stats`, then `neuronscope describe`): neurons by description / decoded "
+                              "tokens, without sides.[/yellow]", highlight=False)
         _search_by_description(atlas_dir, query, k, sites, model, no_model, embedder, interpretable, tokens_only,
                                as_json)
         return

@@ -44,9 +44,10 @@ def generate(
     add_vector: List[str] = typer.Option([], "--add-vector", help="Add to the residual stream: "
                                          "LAYERS[/mid|post]=token:WORD|FILE.safetensors[#KEY]|FILE.npy[*SCALE][@WHERE]."),
     compare: bool = typer.Option(False, "--compare", help="Also print the answer without interventions."),
-    steer: Optional[str] = typer.Option(None, "--steer", help="Steer by a concept (\"dogs\": its interpretable "
-                                        "neurons by semantic search) or a neuron list (20:1234+,21:77-, a cluster's "
-                                        "form); prints the answers per strength side by side. Needs --atlas."),
+    steer: Optional[str] = typer.Option(None, "--steer", help="Steer by a concept (\"dogs\": the neurons that "
+                                        "write it, `atlas search --side writes`) or a neuron list (20:1234+,21:77-, "
+                                        "a cluster's form); prints the answers per strength side by side. "
+                                        "Needs --atlas."),
     strengths: str = typer.Option("0.25,0.5,1", "--strengths", help="With --steer: strengths (x the neuron's "
                                   "q(1-1e-7)), all computed in one batched generate."),
     atlas_dir: Optional[str] = typer.Option(None, "--atlas", help="With --steer: the described atlas folder."),
@@ -87,7 +88,7 @@ def generate(
 def _steer(model: Optional[str], gguf_file: Optional[str], dtype: str, device: Optional[str],
            device_map: Optional[str], prompt: str, steer: str, strengths: str, atlas_dir: Optional[str], k: int,
            embedder: str, chat: bool, system: Optional[str], max_new_tokens: int) -> None:
-    """`generate --steer`: the dose sweep, printed side by side (thin over describe.steer.steer_generate)."""
+    """`generate --steer`: the dose sweep, printed side by side (thin over concepts.steer.steer_generate)."""
     from ..concepts.steer import parse_strengths, steer_generate
     from ..errors import NeuronscopeError
     if atlas_dir is None:

@@ -18,13 +18,17 @@ evidence.py), named from the topic vocabulary; neurons that track form are group
   no topic reaches `MIN_SHARE`), and `tokens` the topic's words they read or write. A topic with fewer than
   `min_size` members, and neurons with no topic, go to one "no clear topic" group (kind "unclear", hidden by the
   Monitor with the form groups).
+- **Context clusters** (with `context`, the tokens each neuron fires on in the conversation): a neuron with no topic
+  in its corpus evidence whose firing tokens here are mostly words of one topic joins "X (here)", kind "context".
+  On SmolLM2 the neurons that fire hardest on 'brothers' and 'sisters' in a conversation show no sibling words
+  among their corpus exemplars; this says what they respond to here without claiming what they read in general.
 """
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -36,6 +40,7 @@ FORM_SHARE = 0.6
 TOPIC_Z = 3.0
 KEY_TOPICS = 2
 MIN_SHARE = 0.2
+CONTEXT_SHARE = 0.5
 Neuron = tuple[int, int, str]
 
 FORM_GROUPS: dict[str, str] = {".": "sentence ends", "!": "sentence ends", "?": "sentence ends",
@@ -61,7 +66,7 @@ def form_group(key: str) -> str:
 class ConceptCluster:
     """A group of neuron polarities with its name and what its members read and write."""
     name: str
-    kind: str                                   # "concept" or "form"
+    kind: str                                   # "concept", "context" (fires here on a topic), "form", "unclear"
     members: list[list[Any]]                    # [[layer, neuron, polarity], ...]
     size: int
     coherence: float                            # members' mean share of the topic's words (1 for form groups)
@@ -106,10 +111,15 @@ def _rows_dense(m: torch.Tensor, rows: list[int]) -> torch.Tensor:
 
 
 def concept_clusters(folder: str | Path, neurons: Sequence[Sequence[Any]], *, min_share: float = MIN_SHARE,
-                     min_size: int = 2, embedder: Any = None) -> list[ConceptCluster]:
+                     min_size: int = 2, embedder: Any = None,
+                     context: Mapping[Neuron, Sequence[str]] | None = None) -> list[ConceptCluster]:
     """Clusters of `neurons` ([(layer, neuron, polarity)]; a polarity left out means pos): concept clusters first
-    (biggest first), then the form groups, then one "unclear" group of the rest. Needs concept evidence
-    (statistics and `neuronscope describe`)."""
+    (biggest first), then the context clusters, the form groups, and one "unclear" group of the rest. Needs concept
+    evidence (statistics and `neuronscope describe`).
+
+    context: the tokens each neuron fires on in the text at hand (a conversation); a neuron with no topic in its
+    corpus evidence whose firing tokens here are mostly (>= `CONTEXT_SHARE`) words of one topic joins a cluster of
+    kind "context", named "X (here)": it fires here on X, though the corpus does not say it reads X."""
     from .search import open_evidence
     if not 0 < float(min_share) <= 1:
         raise NeuronscopeError(f"min_share must be in (0, 1], got {min_share}.")
@@ -125,7 +135,10 @@ def concept_clusters(folder: str | Path, neurons: Sequence[Sequence[Any]], *, mi
                        rows[form], min_size)
     content = [j for j, f in enumerate(form.tolist()) if not f]
     concepts, unclear = _concept_groups(ev, [items[j] for j in content], rows[content], float(min_share), min_size)
-    out = concepts + out
+    here: list[ConceptCluster] = []
+    if context:
+        here, unclear = _context_groups(ev, unclear, context, min_size)
+    out = concepts + here + out
     if unclear:
         unclear.sort()
         out.append(ConceptCluster("no clear topic", "unclear", [list(m) for m in unclear], len(unclear), 0.0, [],
@@ -231,6 +244,46 @@ def _concept_groups(ev: ConceptEvidence, items: list[Neuron], rows: torch.Tensor
                                   _topic_words(ev, rows[g], t), read_topic, write_topic, steer_form(members)))
     out.sort(key=lambda c: (-c.size, -c.coherence))
     return out, unclear
+
+
+def _context_groups(ev: ConceptEvidence, items: list[Neuron], context: Mapping[Neuron, Sequence[str]],
+                    min_size: int) -> tuple[list[ConceptCluster], list[Neuron]]:
+    """(clusters of neurons whose firing tokens in the text at hand are mostly words of one topic, the rest)."""
+    from ..describe.label import token_key
+    tk = topic_keys(ev)
+    code = ev.code_of
+    topics_of: dict[int, set[int]] = {}
+    for c, t in zip(tk.indices()[0].tolist(), tk.indices()[1].tolist()):
+        topics_of.setdefault(c, set()).add(t)
+    by: dict[int, list[Neuron]] = {}
+    words: dict[int, Counter[str]] = {}
+    rest: list[Neuron] = []
+    for it in items:
+        keys = [token_key(s) for s in context.get(it, [])]
+        count: Counter[int] = Counter()
+        for k in keys:
+            for t in topics_of.get(code.get(k, -1), ()):
+                count[t] += 1
+        if not keys or not count:
+            rest.append(it)
+            continue
+        t, n = count.most_common(1)[0]
+        if n / len(keys) < CONTEXT_SHARE:
+            rest.append(it)
+            continue
+        by.setdefault(t, []).append(it)
+        words.setdefault(t, Counter()).update(k for k in keys if t in topics_of.get(code.get(k, -1), ()))
+    out = []
+    for t, members in by.items():
+        if len(members) < min_size:
+            rest.extend(members)
+            continue
+        members.sort()
+        out.append(ConceptCluster(f"{ev.terms[t]} (here)", "context", [list(m) for m in members], len(members),
+                                  0.0, [k for k, _ in words[t].most_common(5)], ev.terms[t], None,
+                                  steer_form(members)))
+    out.sort(key=lambda c: -c.size)
+    return out, sorted(rest)
 
 
 def _topic_words(ev: ConceptEvidence, rows: torch.Tensor, t: int, n: int = 5) -> list[str]:

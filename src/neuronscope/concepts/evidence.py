@@ -10,7 +10,9 @@ clusters and concept steering rank neurons by (`concept_evidence.safetensors` in
 Rows are neuron polarities in the order (layer, neuron, polarity) with pos before neg: m = 2 * (l * N + n) + p.
 
 - **Reads**: the `EXEMPLARS` strongest exemplars of the statistics (activation, window, position), each as its token
-  key (`describe.label.token_key`) and its window; weights are activations over the neuron's strongest one.
+  key (`describe.label.token_key`) and its window; weights are activations over the neuron's strongest one. A token
+  that the next token continues without a space ('Mad' of 'Madrid') is a piece of a longer word: it keeps its weight
+  and window but spells no word (code `PIECE`).
 - **Writes**: the decoded top tokens of the down column (`atlas build`), weighted 1/sqrt(rank); where `describe`
   measured the neuron's output effect and it held on the held-out prompts (`describe.output_passes`), the tokens it
   makes the model say are kept beside them (the causal effect outranks the decode, docs/describe.md).
@@ -38,10 +40,19 @@ from ..errors import NeuronscopeError
 
 EVIDENCE_FILE = "concept_evidence.safetensors"
 EXEMPLARS = 50
+PIECE = -2                       # read code of an exemplar token that is a piece of a longer word
 TOP_READS = 20
 TOPS = 8
 WRITE_TOP = 20
 Neuron = tuple[int, int, str]
+
+
+def has_concept_evidence(folder: str | Path) -> bool:
+    """Whether concept evidence is there or can be built: the folder has statistics and window embeddings
+    (`neuronscope stats`, then `neuronscope describe` with an embedder)."""
+    from ..atlas.folder import STATS_FILE, WINDOW_EMB_FILE
+    p = Path(folder)
+    return (p / EVIDENCE_FILE).is_file() or ((p / WINDOW_EMB_FILE).is_file() and (p / STATS_FILE).is_file())
 
 
 def function_words() -> frozenset[str]:
@@ -113,6 +124,13 @@ class ConceptEvidence:
         return self._mats
 
     @property
+    def code_of(self) -> dict[str, int]:
+        """{key text: key code} (built once)."""
+        if not hasattr(self, "_code_of"):
+            self._code_of = {k: i for i, k in enumerate(self.keys)}
+        return self._code_of
+
+    @property
     def wordlike(self) -> torch.Tensor:
         """[C] bool: keys that look like words (letters only, at least 3), what a concept's support may name."""
         if not hasattr(self, "_wordlike"):
@@ -181,6 +199,7 @@ class ConceptEvidence:
         L, N, T = stats.n_layers, stats.n_neurons, int(stats.window)
         # reads: exemplar token keys and windows
         table, row_of_window = _window_table(af.path, wm, T)
+        continues = torch.tensor([bool(t) and t[0].isalpha() for t in vocab], dtype=torch.bool)
         codes_r, rows_r, w_r = [], [], []
         for p in ("pos", "neg"):
             gi = stats._a[f"ex_{p}_index"][..., :EXEMPLARS].long()                # [L, N, E]
@@ -192,11 +211,14 @@ class ConceptEvidence:
             ok = ok & (wrow >= 0)
             tok = table[wrow.clamp_min(0), pos]
             c = key_of[torch.where(tok >= 0, tok, torch.full_like(tok, len(vocab)))]
-            ok = ok & (c >= 0)
+            nxt = table[wrow.clamp_min(0), (pos + 1).clamp(max=T - 1)]
+            piece = (pos + 1 < T) & (nxt >= 0) & continues[nxt.clamp_min(0)]
             top = val.amax(-1, keepdim=True).clamp_min(1e-9)
-            codes_r.append(torch.where(ok, c, -1))
+            # a token that the next one continues ('Mad' of 'Madrid') is a piece of another word: it counts as an
+            # exemplar that is no word (PIECE), not as the word its key spells
+            codes_r.append(torch.where(ok & (c >= 0), torch.where(piece, torch.full_like(c, PIECE), c), -1))
             rows_r.append(torch.where(ok, wrow, -1))
-            w_r.append(torch.where(ok, val / top, torch.zeros_like(val)))
+            w_r.append(torch.where(ok & (c >= 0), val / top, torch.zeros_like(val)))
         read_codes = _interleave(codes_r)
         read_rows = _interleave(rows_r)
         read_w = _interleave(w_r)
@@ -242,12 +264,15 @@ class EvidenceMatrices:
 
 
 def _csr(cols: torch.Tensor, weights: torch.Tensor, n_cols: int) -> torch.Tensor:
-    """Rows of (column, weight) pairs (-1: none) as a row-normalised CSR matrix, duplicates summed."""
+    """Rows of (column, weight) pairs (-1: none; PIECE: counts in the row's total but in no column) as a
+    row-normalised CSR matrix, duplicates summed."""
     M = cols.shape[0]
+    counted = ((cols >= 0) | (cols == PIECE)) & (weights > 0)
+    all_rows = torch.arange(M).unsqueeze(1).expand_as(cols)
+    tot = torch.zeros(M).index_add_(0, all_rows[counted], weights[counted].float()).clamp_min(1e-9)
     ok = (cols >= 0) & (weights > 0)
-    rows = torch.arange(M).unsqueeze(1).expand_as(cols)[ok]
+    rows = all_rows[ok]
     w = weights[ok].float()
-    tot = torch.zeros(M).index_add_(0, rows, w).clamp_min(1e-9)
     coo = torch.sparse_coo_tensor(torch.stack([rows, cols[ok]]), w / tot[rows], (M, n_cols),
                                   check_invariants=True).coalesce()
     with warnings.catch_warnings():

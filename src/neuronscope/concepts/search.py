@@ -45,6 +45,11 @@ SYNONYM_COS = 0.45
 MARGIN = 0.05
 
 
+class NoConceptText(NeuronscopeError):
+    """The corpus the statistics read shows neither words nor text of the concept: nothing can be said to read
+    or write it."""
+
+
 @dataclass
 class ConceptHit:
     """One neuron polarity found for a concept, with the evidence on each side."""
@@ -215,7 +220,7 @@ def concept_search(folder: str | Path, query: str, *, side: str = "both", k: int
     sc = score_concept(ev, q, idx)
     sup = sc.support
     if sup.n_words < MIN_WORDS and sup.n_windows < MIN_WINDOWS:
-        raise NeuronscopeError(f"The corpus the statistics read has no text about '{query.strip()}' (no word or "
+        raise NoConceptText(f"The corpus the statistics read has no text about '{query.strip()}' (no word or "
                                "window close enough in meaning), so no neuron can be said to read or write it; "
                                "try a more common phrasing, or compute statistics on a corpus about it.")
     ranked = _rank(sc, side, layers, ev)
@@ -255,7 +260,10 @@ def _rank(sc: ConceptScores, side: str, layers: Any, ev: ConceptEvidence) -> lis
     assert best is not None and which is not None
     if mask is not None:
         best = torch.where(mask, best, torch.full_like(best, float("-inf")))
-    vals, order = best.topk(min(best.numel(), 5000))
+    # rounded, then a stable sort: ties (common: shares of a few tokens) keep row order whatever the thread count
+    best = torch.round(best * 1e6) / 1e6
+    vals, order = torch.sort(best, descending=True, stable=True)
+    vals, order = vals[:5000], order[:5000]
     out = []
     for v, m in zip(vals.tolist(), order.tolist()):
         if not math.isfinite(v):                                  # no evidence on any side asked

@@ -22,12 +22,16 @@ class Clusters:
     def __init__(self, views: Views, knowledge: Knowledge, limits: Limits) -> None:
         self.views, self.knowledge, self.limits = views, knowledge, limits
 
-    def _grouped(self, view: S.ActivationsOut) -> dict[str, Any]:
-        """The clusters of an activations view's rows, with each cluster's summed activation in the view's range."""
+    def _grouped(self, view: S.ActivationsOut, strings: list[str]) -> dict[str, Any]:
+        """The clusters of an activations view's rows, with each cluster's summed activation in the view's range;
+        `strings`: the conversation's token strings (what each neuron fires on here)."""
         lo, hi = view["start"], view["end"]
         neurons = [(r["layer"], r["neuron"], r["polarity"]) for r in view["rows"]]
+        context = {(r["layer"], r["neuron"], r["polarity"]):
+                   [strings[f["position"]] for f in r["fires"] if lo <= f["position"] < min(hi, len(strings))]
+                   for r in view["rows"]}
         try:
-            found, method = self.knowledge.clusters(neurons)
+            found, method = self.knowledge.clusters(neurons, context=context)
         except NeuronscopeError as exc:  # e.g. no embedding index and no embedder: say so, show no clusters
             found, method = [], "unavailable"
             view["notes"].insert(0, f"No clusters: {exc}")
@@ -72,7 +76,7 @@ class Clusters:
         with s.lock:
             base = s.cache.get(key)
         if base is None:
-            base = self._grouped(view)
+            base = self._grouped(view, self.views.token_strings(s))
             with s.lock:
                 s.cache[key] = base
         clusters: list[S.ClusterOut] = [c.copy() for c in base["clusters"]]

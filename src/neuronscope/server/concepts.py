@@ -35,7 +35,11 @@ class Concepts:
         if len(query) > self.limits.max_concept_chars:
             raise NeuronscopeError(f"The concept has {len(query)} characters; the limit is "
                                    f"{self.limits.max_concept_chars}.")
-        return {"query": query, "results": self.search(query, k), "notes": list(self.knowledge.notes)}
+        from ..concepts.search import NoConceptText
+        try:
+            return {"query": query, "results": self.search(query, k), "notes": list(self.knowledge.notes)}
+        except NoConceptText as exc:        # says so instead of listing noise
+            return {"query": query, "results": [], "notes": [str(exc)] + list(self.knowledge.notes)}
 
     def search(self, query: str, k: int) -> list[S.ConceptRowOut]:
         """The rows of `concepts` (copies: a caller may change them)."""
@@ -78,12 +82,8 @@ class Concepts:
             folder = self.knowledge.atlas_dir
             ok = False
             if folder:
-                from ..concepts.evidence import ConceptEvidence
-                from ..concepts.steer import _can_build
-                try:
-                    ok = _can_build(folder) or ConceptEvidence.load(folder) is not None
-                except (NeuronscopeError, OSError):
-                    ok = False
+                from ..concepts.evidence import has_concept_evidence
+                ok = has_concept_evidence(folder)
             self._evidence_ok = ok
         return bool(self._evidence_ok)
 

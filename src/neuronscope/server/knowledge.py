@@ -204,19 +204,20 @@ class Knowledge:
             r["description"] = self.description(r["layer"], r["neuron"], r["polarity"])
         return rows
 
-    def clusters(self, neurons: list[tuple[int, int, str]],
-                 min_size: int = 2) -> tuple[list[dict[str, Any]], str]:
+    def clusters(self, neurons: list[tuple[int, int, str]], min_size: int = 2,
+                 context: dict[tuple[int, int, str], list[str]] | None = None) -> tuple[list[dict[str, Any]], str]:
         """Clusters of related neurons: by meaning (what they read and write, concepts.clusters) where the atlas
         has concept evidence; else the describe package's clustering of descriptions; else shared top decoded
-        tokens. Each cluster has a "kind": "concept", or "form" for syntax and formatting groups."""
+        tokens. Each cluster has a "kind": "concept", "context" (its members fire here on a topic's words), "form"
+        (syntax and formatting groups) or "unclear". `context`: the token strings each neuron fires on here."""
         if not neurons:
             return [], "none"
         if self.atlas_dir:
-            from ..concepts.steer import _can_build
-            if _can_build(self.atlas_dir):
+            from ..concepts.evidence import has_concept_evidence
+            if has_concept_evidence(self.atlas_dir):
                 from ..concepts.clusters import concept_clusters
-                return [c.to_dict() for c in concept_clusters(self.atlas_dir, neurons, min_size=min_size)], \
-                    "meaning"
+                return [c.to_dict() for c in concept_clusters(self.atlas_dir, neurons, min_size=min_size,
+                                                              context=context)], "meaning"
         if self.atlas is not None:
             try:
                 from ..concepts.by_description import cluster_neurons

@@ -143,6 +143,10 @@ class Views:
         raw = acts[idx[:, 0], idx[:, 1], idx[:, 2]]
         return {"rows": firing_groups(idx, vals, raw), "mode": mode}
 
+    def token_strings(self, s: Session) -> list[str]:
+        """The conversation's tokens as they read in context."""
+        return self.renderer.display_tokens(self.renderer.render(s)["ids"])
+
     def tokens(self, s: Session) -> S.TokensOut:
         """Every token of the conversation with its probability and top-5."""
         a = self.analysis(s)

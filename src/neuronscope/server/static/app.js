@@ -352,15 +352,15 @@ async function loadClusters() {
   q.set("sort", sort);
   if (sort === "attribution") q.set("position", attrPos());
   const d = await api("GET", sp(`/clusters?${q}`));
-  const nForm = d.clusters.filter((c) => c.kind === "form").length;
-  S.cl.list = $("#cl-form").checked ? d.clusters : d.clusters.filter((c) => c.kind !== "form");
+  const nForm = d.clusters.filter((c) => c.kind === "form" || c.kind === "unclear").length;
+  S.cl.list = $("#cl-form").checked ? d.clusters : d.clusters.filter((c) => c.kind !== "form" && c.kind !== "unclear");
   if (sort === S.cl.sort) $("#cl-note").textContent = `${S.cl.list.length} concepts among ${d.n_neurons} firing neurons (${d.method})` +
-    (nForm && !$("#cl-form").checked ? ` · ${nForm} syntax & format groups hidden` : "") +
+    (nForm && !$("#cl-form").checked ? ` · ${nForm} syntax, format & unclear groups hidden` : "") +
     (sort === "attribution" ? ` · attribution to token ${d.position}` : "") + (d.notes[0]?.startsWith("No clusters") ? ` · ${d.notes[0]}` : "");
   const max = Math.max(1e-9, ...S.cl.list.map((c) => (sort === "attribution" ? c.attribution : c.activation) || 0));
   $("#clusters").innerHTML = S.cl.list.map((c, i) => {
     const v = (sort === "attribution" ? c.attribution : c.activation) || 0;
-    return `<div class="cluster${c.kind === "form" ? " form" : ""}" data-i="${i}" title="${esc(c.members.map((m) => `L${m[0]}/N${m[1]}${m[2] === "neg" ? "−" : "+"}`).join(" "))}">
+    return `<div class="cluster${c.kind === "form" || c.kind === "unclear" ? " form" : ""}" data-i="${i}" title="${esc(c.members.map((m) => `L${m[0]}/N${m[1]}${m[2] === "neg" ? "−" : "+"}`).join(" "))}">
       <div class="cl-head"><b class="cl-name">${esc(c.name)}</b> <small>${c.size} neurons</small>
         <span class="cl-actions"><button type="button" class="cl-steer" data-mode="strengthen" title="strengthen this concept">▲</button><button type="button" class="cl-steer" data-mode="suppress" title="suppress this concept">▼</button></span></div>
       <div class="cl-bar"><span style="width:${Math.round(100 * v / max)}%"></span></div>
@@ -471,7 +471,8 @@ $("#concept-form").addEventListener("submit", async (e) => {
   e.preventDefault();
   try {
     const d = await api("GET", `/api/concepts?q=${encodeURIComponent($("#concept-q").value)}&k=50`);
-    $("#concept-note").textContent = `${d.results.length} neurons for "${d.query}"`;
+    $("#concept-note").textContent = d.results.length ? `${d.results.length} neurons for "${d.query}" (reads: fires on its words or in text about it; writes: promotes its words)`
+      : (d.notes[0] || `No neurons for "${d.query}".`);
     $("#concept-table tbody").innerHTML = d.results.map((r) => `<tr><td>${nid(r.layer, r.neuron)}</td><td class="${r.polarity}">${r.polarity === "pos" ? "+" : "−"}</td>
       <td>${fmt(r.score)}</td><td>${esc(r.source)}</td><td class="desc">${toks(r.tokens)}</td><td class="desc" title="${esc(r.description || "")}">${esc(r.description || "")}</td></tr>`).join("");
     $("#steer-concept").value = d.query;
