@@ -107,6 +107,12 @@ def search_part(atlas: str, emb, sets: dict, which: str) -> dict:
                  if r["baseline_description_search"][side]["truth"]]
         out[f"median_baseline_{side}"] = {m: statistics.median([v[m] for v in bvals])
                                           for m in ("recall@50", "precision@20")} if bvals else None
+        pairs = [(r[side], r["baseline_description_search"][side]) for r in rows if r[side]["truth"]]
+        from scipy.stats import wilcoxon
+        out[f"paired_vs_baseline_{side}"] = {
+            m: float(wilcoxon([a[m] for a, _ in pairs], [b[m] for _, b in pairs], alternative="greater").pvalue)
+            for m in ("recall@50", "precision@20")} if len(pairs) >= 5 else None
+        out[f"median_chance_{side}"] = statistics.median([r[f"chance_{side}"] for r in rows])
     return out
 
 

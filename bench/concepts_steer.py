@@ -31,15 +31,16 @@ def alice_part(subject: Any, atlas: str, emb: Any) -> dict:
     t0 = time.perf_counter()
     d = mon.clusters(s)
     secs = time.perf_counter() - t0
-    shown = [c for c in d["clusters"] if c.get("kind") != "form"]
-    hidden = [c for c in d["clusters"] if c.get("kind") == "form"]
+    shown = [c for c in d["clusters"] if c.get("kind") in ("concept", "context")]      # what the page shows
+    hidden = [c for c in d["clusters"] if c.get("kind") in ("form", "unclear")]      # behind its toggle
     print("alice answer:", answer)
     print("shown:", [(c["name"], c["size"]) for c in shown])
-    print("hidden (syntax & format):", [(c["name"], c["size"]) for c in hidden])
+    print("hidden (syntax, format & unclear):", [(c["name"], c["size"]) for c in hidden])
     return {"question": ALICE, "answer": answer, "method": d["method"], "n_neurons": d["n_neurons"],
             "seconds": round(secs, 3),
-            "shown": [{"name": c["name"], "size": c["size"], "tokens": c["tokens"][:4]} for c in shown],
-            "hidden_form": [{"name": c["name"], "size": c["size"]} for c in hidden]}
+            "shown": [{"name": c["name"], "kind": c["kind"], "size": c["size"], "tokens": c["tokens"][:4]}
+                      for c in shown],
+            "hidden": [{"name": c["name"], "kind": c["kind"], "size": c["size"]} for c in hidden]}
 
 
 def _mentions(text: str, words: set[str]) -> bool:

@@ -37,7 +37,7 @@ def _folder(atlas: Any) -> Path:
     return Path(getattr(atlas, "folder", atlas))
 
 
-def _items(neurons: Sequence[Sequence], n_layers: int | None, n_neurons: int | None) -> list[tuple[int, int, str]]:
+def _items(neurons: Sequence[Sequence[Any]], n_layers: int | None, n_neurons: int | None) -> list[tuple[int, int, str]]:
     out: list[tuple[int, int, str]] = []
     seen = set()
     for it in neurons:

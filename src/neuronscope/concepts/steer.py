@@ -123,7 +123,7 @@ def _text(subject: Any, row: torch.Tensor) -> str:
     eos = getattr(subject.tokenizer, "eos_token_id", None)
     if eos is not None and eos in ids:
         ids = ids[:ids.index(eos)]
-    return subject.decode(torch.tensor(ids, dtype=torch.long))
+    return str(subject.decode(torch.tensor(ids, dtype=torch.long)))
 
 
 def parse_strengths(text: str) -> list[float]:
