@@ -5,9 +5,12 @@
     res.support      # the concept's words in the corpus and the windows about it (what the scores rest on)
 
 A query is embedded with the sentence embedder and compared with what the statistics saw (evidence.py):
-- **Concept words**: every token key is scored by its standardised similarity to the query (z over all keys,
-  weighted by corpus counts); membership m(key) = clip((z - 2) / 2, 0, 1), so keys at z >= 4 count fully.
-- **Concept text**: every stored corpus window likewise, s(window) = clip((z - 2) / 2, 0, 1).
+- **Concept words**: a token key's membership is the product of two tests. (1) Its similarity to the query stands
+  out: z over all the vocabulary's keys, rising from 0 at z = 2 to 1 at z >= 4. (2) The query beats every topic
+  (describe/data/topics.txt) that is not a synonym of it (topic cosine with the query < `SYNONYM_COS`): cos(key,
+  query) - the key's best cosine with such a topic, soft over +-`MARGIN`. MiniLM puts single words 0.5 from "food"
+  whatever they are; "water" is nearer its own topic than "food", "meal" is not.
+- **Concept text**: every stored corpus window by the same two tests on its embedding.
 - **reads** = the activation-weighted share of the neuron's strongest exemplars that are concept words (`tokens`),
   or that lie in concept text (`windows`), whichever is higher: a neuron whose top activations happen on month
   names reads "months"; one whose top activations fill text about anger reads "anger" whatever the token.
@@ -17,9 +20,10 @@ A query is embedded with the sentence embedder and compared with what the statis
   or of the tokens raising it makes the model say (measured output effects), whichever is higher.
 - A small description match (cosine of the query with the neuron's description index, describe/index.py, x
   `DESC_WEIGHT`) breaks ties.
-A query whose words and text the corpus never showed (fewer than `MIN_WORDS` concept words at z >= 3 with cosine
->= `MIN_WORD_COS`, and fewer than `MIN_WINDOWS` windows with cosine >= `MIN_WINDOW_COS`) is refused with a sentence
-rather than answered with noise. Thresholds were set on the dev concepts of bench/data/concepts.json only.
+A query whose words and text the corpus never showed (fewer than `MIN_WORDS` word-like concept words, membership
+>= 0.5 and cosine >= `MIN_WORD_COS`, and fewer than `MIN_WINDOWS` concept windows with cosine >= `MIN_WINDOW_COS`)
+is refused with `NoConceptText` rather than answered with noise. Thresholds were set on the dev concepts of
+bench/data/concepts.json only.
 """
 from __future__ import annotations
 
