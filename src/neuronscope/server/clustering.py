@@ -43,7 +43,9 @@ class Clusters:
             members: list[list[Any]] = [[int(m[0]), int(m[1]), str(m[2]) if len(m) > 2 else "pos"]
                                         for m in c["members"]]
             total = sum(act.get((m[0], m[1], m[2]), 0.0) for m in members)
-            out.append({"name": c["name"], "kind": str(c.get("kind") or "concept"), "members": members,
+            kind = str(c.get("kind") or "concept")
+            topic = (c.get("writes") or c.get("reads")) if kind in ("concept", "context") else None
+            out.append({"name": c["name"], "kind": kind, "topic": topic, "members": members,
                         "tokens": list(c.get("tokens") or []), "size": len(members), "activation": float(total),
                         "attribution": None})
         return {"method": method, "n_neurons": len(neurons), "clusters": out}

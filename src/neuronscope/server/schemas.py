@@ -275,7 +275,10 @@ class ConceptsOut(TypedDict):
 
 class ClusterOut(TypedDict):
     name: str
-    kind: Annotated[str, Field(description="'concept', or 'form' for a group of syntax / formatting neurons.")]
+    kind: Annotated[str, Field(description="'concept' (members read or write a topic), 'context' (they fire here on "
+                                            "a topic's words), 'form' (syntax / formatting) or 'unclear'.")]
+    topic: Annotated[Optional[str], Field(description="The topic a click steers (its writers), for concept and "
+                                                      "context clusters.")]
     members: list[list[Any]]
     tokens: list[str]
     size: int

@@ -381,10 +381,17 @@ $("#clusters").addEventListener("mouseover", (e) => {
   for (const r of S.act.rows) if (keys.has(`${r.layer}:${r.neuron}:${r.polarity}`)) for (const f of r.fires) tokEl(f.position)?.classList.add("lit");
 });
 async function steerCluster(c, mode) {
-  const body = { mode, label: c.name, neurons: c.members.map((m) => [m[0], m[1], m[2] === "neg" ? 1 : 0]), generated: true, ranges: [] };
+  // a cluster with a topic steers the topic's writers (the neurons that promote its words); else its members
+  const members = c.members.map((m) => [m[0], m[1], m[2] === "neg" ? 1 : 0]);
+  const body = { mode, label: c.name, generated: true, ranges: [] };
   if (mode === "strengthen") body.strength = +$("#cl-strength").value || 1;
   if ($("#cl-on-sel").checked && selRange()) body.ranges = [selRange()];
-  const st = await api("POST", sp("/steerings"), body);
+  let st;
+  if (c.topic) {
+    try { st = await api("POST", sp("/steerings"), { ...body, concept: c.topic }); }
+    catch (err) { status(`no writers of "${c.topic}" (${err.message}); steering the cluster's members`); }
+  }
+  if (!st) st = await api("POST", sp("/steerings"), { ...body, neurons: members });
   status(`steering ${st.id}: ${steerLabel(st)}`);
   renderSteerings((await api("GET", sp(""))).steerings);
   if ($("#cl-regen").checked && S.state.messages.some((m) => m.role === "user")) await regenerate();
