@@ -24,35 +24,16 @@ import torch
 from .. import store
 from ..atlas.folder import DESCRIPTIONS_TABLE, AtlasFolder
 from ..errors import NeuronscopeError
-from ..refs import check_neuron, check_polarity
 from ..describe.describe import check_db_once, decoded_site
 from ..describe.index import description_items, load_index, neuron_vectors
 from ..describe.label import quote, token_key
-from .clusters import steer_form
+from .clusters import neuron_items, steer_form
 
 Key = tuple[int, int, str]
 
 
 def _folder(atlas: Any) -> Path:
     return Path(getattr(atlas, "folder", atlas))
-
-
-def _items(neurons: Sequence[Sequence[Any]], n_layers: int | None, n_neurons: int | None) -> list[tuple[int, int, str]]:
-    out: list[tuple[int, int, str]] = []
-    seen = set()
-    for it in neurons:
-        it = tuple(it)
-        if len(it) not in (2, 3):
-            raise NeuronscopeError(f"A neuron is (layer, neuron[, polarity]), got {it!r}.")
-        l, n = int(it[0]), int(it[1])
-        p = check_polarity(it[2] if len(it) == 3 else "pos")
-        if n_layers is not None:
-            check_neuron(l, n, n_layers, n_neurons or 0, where="this atlas")
-        if (l, n, p) not in seen:
-            seen.add((l, n, p))
-            out.append((l, n, p))
-    return out
-
 
 
 def cluster_neurons(atlas: Any, neurons: Sequence[Sequence[Any]], *, threshold: float = 0.6, min_size: int = 3,
@@ -65,7 +46,7 @@ def cluster_neurons(atlas: Any, neurons: Sequence[Sequence[Any]], *, threshold: 
     if min_size < 1:
         raise NeuronscopeError(f"min_size must be at least 1, got {min_size}.")
     m = AtlasFolder.open(folder).model
-    items = _items(neurons, m.get("n_layers"), m.get("n_neurons"))
+    items = neuron_items(neurons, m.get("n_layers"), m.get("n_neurons"))
     if not items:
         return []
     texts = _texts(folder, items)

@@ -79,7 +79,9 @@ class ConceptCluster:
         return asdict(self)
 
 
-def _items(ev: ConceptEvidence, neurons: Sequence[Sequence[Any]]) -> list[Neuron]:
+def neuron_items(neurons: Sequence[Sequence[Any]], n_layers: int | None, n_neurons: int | None) -> list[Neuron]:
+    """(layer, neuron, polarity) triples, a polarity left out meaning pos, checked against the model's size when
+    given, in order without repeats."""
     out: list[Neuron] = []
     seen: set[Neuron] = set()
     for it in neurons:
@@ -88,7 +90,8 @@ def _items(ev: ConceptEvidence, neurons: Sequence[Sequence[Any]]) -> list[Neuron
             raise NeuronscopeError(f"A neuron is (layer, neuron[, polarity]), got {t!r}.")
         l, n = int(t[0]), int(t[1])
         p = check_polarity(t[2] if len(t) == 3 else "pos")
-        check_neuron(l, n, ev.n_layers, ev.n_neurons, where="this atlas")
+        if n_layers is not None:
+            check_neuron(l, n, n_layers, n_neurons or 0, where="this atlas")
         if (l, n, p) not in seen:
             seen.add((l, n, p))
             out.append((l, n, p))
@@ -126,7 +129,7 @@ def concept_clusters(folder: str | Path, neurons: Sequence[Sequence[Any]], *, mi
     if min_size < 1:
         raise NeuronscopeError(f"min_size must be at least 1, got {min_size}.")
     ev, _ = open_evidence(folder, embedder)
-    items = _items(ev, neurons)
+    items = neuron_items(neurons, ev.n_layers, ev.n_neurons)
     if not items:
         return []
     rows = torch.tensor([ev.row(*it) for it in items], dtype=torch.long)

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from .. import store
-from ..atlas.folder import DESCRIPTIONS_TABLE, VOCAB_TABLE, AtlasFolder, check_safetensors
+from ..atlas.folder import DESCRIPTIONS_TABLE, AtlasFolder, check_safetensors
 from ..errors import NeuronscopeError
 
 EVIDENCE_FILE = "concept_evidence.safetensors"
@@ -316,17 +316,11 @@ def _descriptions_count(af: AtlasFolder) -> int:
 
 
 def _vocab(af: AtlasFolder) -> list[str]:
-    con = store.open_db(af.path)
-    try:
-        rows = con.execute(f"SELECT id, token FROM {VOCAB_TABLE} ORDER BY id").fetchall()
-    finally:
-        con.close()
-    if not rows:
+    from ..atlas.vocab import read_vocab
+    vocab = read_vocab(af.path)
+    if not vocab:
         raise NeuronscopeError(f"'{af.path}' stores no vocabulary; run `neuronscope atlas build` first.")
-    out = [""] * (int(rows[-1][0]) + 1)
-    for i, t in rows:
-        out[int(i)] = t
-    return out
+    return vocab
 
 
 def _window_table(folder: Path, wm: Any, T: int) -> tuple[torch.Tensor, torch.Tensor]:
