@@ -27,8 +27,11 @@ class Clusters:
         `strings`: the conversation's token strings (what each neuron fires on here)."""
         lo, hi = view["start"], view["end"]
         neurons = [(r["layer"], r["neuron"], r["polarity"]) for r in view["rows"]]
+        # a token the next one continues without a space ('ass' of 'assistant') is a piece, not the word it spells
+        piece = [t + 1 < len(strings) and strings[t + 1][:1].isalpha() for t in range(len(strings))]
         context = {(r["layer"], r["neuron"], r["polarity"]):
-                   [strings[f["position"]] for f in r["fires"] if lo <= f["position"] < min(hi, len(strings))]
+                   [strings[f["position"]] for f in r["fires"]
+                    if lo <= f["position"] < min(hi, len(strings)) and not piece[f["position"]]]
                    for r in view["rows"]}
         try:
             found, method = self.knowledge.clusters(neurons, context=context)
