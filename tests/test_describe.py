@@ -344,10 +344,14 @@ def test_cli_describe_search_cluster(planted):
     assert {x["neuron"] for x in json.loads(r.stdout)} == set(MOM_GROUP)
     r = _cli("atlas", "search", str(folder), "mother", "-k", "3")
     assert r.returncode == 0 and "score" in r.stdout
-    r = _cli("cluster", str(folder), "--neurons", ",".join(f"0:{n}+" for n in HAPPY_GROUP + MOM_GROUP), "--json")
-    assert r.returncode == 0, r.stderr
-    assert sorted(sorted(m[1] for m in g["members"]) for g in json.loads(r.stdout)) == \
-        sorted([sorted(HAPPY_GROUP), sorted(MOM_GROUP)])
+    both = ",".join(f"0:{n}+" for n in HAPPY_GROUP + MOM_GROUP)
+    for by in ("auto", "description"):          # auto: by meaning (statistics + window embeddings are here)
+        r = _cli("cluster", str(folder), "--neurons", both, "--json", "--by", by)
+        assert r.returncode == 0, r.stderr
+        groups = json.loads(r.stdout)
+        assert sorted(sorted(m[1] for m in g["members"]) for g in groups) == \
+            sorted([sorted(HAPPY_GROUP), sorted(MOM_GROUP)])
+        assert all(g.get("kind", "concept") == "concept" for g in groups)
     r = _cli("cluster", str(folder), "--neurons", "0:x")
     assert r.returncode == 2 and "error:" in r.stderr
     r = _cli("atlas", "search", str(folder), "mother", "--embedder", "/nonexistent/emb")

@@ -157,31 +157,47 @@ def cluster(
     atlas_dir: Path = typer.Argument(..., help="The atlas folder."),
     neurons: str = typer.Option(..., "--neurons", help="The neurons to group: 3:17+,4:5-,20:1234 (+ pos, - neg; "
                                 "default pos)."),
-    threshold: float = typer.Option(0.6, "--threshold", help="Average-linkage cut on cosine distance."),
+    by: str = typer.Option("auto", "--by", help="meaning: by the topics their activation evidence reads and "
+                           "writes, syntax/format groups apart (the Monitor's active concepts); description: by the "
+                           "embeddings of their descriptions; auto: meaning where the atlas has statistics and "
+                           "window embeddings."),
+    threshold: float = typer.Option(0.6, "--threshold", help="With --by description: average-linkage cut on "
+                                    "cosine distance."),
     min_size: int = typer.Option(3, "--min-size", min=1, help="Smallest cluster shown."),
     embedder: str = EmbedderOpt,
-    explainer: Optional[str] = typer.Option(None, "--explainer", "-x", help="An LLM to name the clusters (local "
-                                            "model or OpenAI-compatible URL)."),
+    explainer: Optional[str] = typer.Option(None, "--explainer", "-x", help="With --by description: an LLM to name "
+                                            "the clusters (local model or OpenAI-compatible URL)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """Group neurons into named concepts by the embeddings of their descriptions and decodes (average linkage on
+    """Group neurons into named concepts: by meaning (the topic most of what each writes, else reads, belongs to;
+    syntax and format groups; docs/concepts.md) or by the embeddings of their descriptions (average linkage on
     cosine distance, cut 0.6). Each cluster prints a --steer form for `neuronscope generate`.
 
     Example: neuronscope cluster atlas-smollm --neurons 20:1234+,21:77+,25:3-
     """
-    from ..concepts.by_description import cluster_neurons
+    from ..concepts.evidence import has_concept_evidence
+    from ..errors import NeuronscopeError
+    if by not in ("auto", "meaning", "description"):
+        raise NeuronscopeError(f"--by must be auto, meaning or description, got '{by}'.")
     items = [it if len(it) == 3 else (it[0], it[1], "pos") for it in _items(neurons)]
-    groups = cluster_neurons(atlas_dir, items, threshold=threshold, min_size=min_size,
-                             embedder=None if embedder == "default" else embedder, explainer=explainer)
+    emb = None if embedder == "default" else embedder
+    if by == "meaning" or (by == "auto" and has_concept_evidence(atlas_dir) and explainer is None):
+        from ..concepts.clusters import concept_clusters
+        groups = [c.to_dict() for c in concept_clusters(atlas_dir, items, min_size=min_size, embedder=emb)]
+    else:
+        from ..concepts.by_description import cluster_neurons
+        groups = cluster_neurons(atlas_dir, items, threshold=threshold, min_size=min_size, embedder=emb,
+                                 explainer=explainer)
     if as_json:
         typer.echo(json.dumps(groups, indent=2))
         return
     if not groups:
-        console.print(f"no cluster of {min_size} or more neurons at distance < {threshold}")
+        console.print(f"no cluster of {min_size} or more neurons")
         return
-    table = Table("cluster", "size", "coherence", "members (--steer form)")
+    table = Table("cluster", "kind", "size", "coherence", "members (--steer form)")
     for g in groups:
-        table.add_row(escape(g["name"]), str(g["size"]), f"{g['coherence']:.2f}", g["steer"])
+        table.add_row(escape(g["name"]), str(g.get("kind", "description")), str(g["size"]), f"{g['coherence']:.2f}",
+                      g["steer"])
     console.print(table)
 
 
