@@ -94,6 +94,14 @@ def save_tensors(path: str | os.PathLike[str], tensors: dict[str, torch.Tensor],
         save_file(clean, str(tmp), metadata=metadata)
 
 
+def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
+    """The string metadata a safetensors file was saved with (`save_tensors(..., metadata)`), {} when none."""
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        meta: dict[str, str] = f.metadata() or {}
+    return meta
+
+
 def load_tensors(path: str | os.PathLike[str], device: str = "cpu") -> dict[str, torch.Tensor]:
     """Every tensor of a safetensors file, on `device`."""
     from safetensors.torch import load_file

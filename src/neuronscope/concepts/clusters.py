@@ -302,13 +302,10 @@ def _topic_words(ev: ConceptEvidence, rows: torch.Tensor, t: int, n: int = 5) ->
 
 
 def _topic_norms(ev: ConceptEvidence) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per topic: mean and sd of its cosine with the token keys (weighted by corpus counts), computed once."""
+    """Per topic: mean and sd of its cosine with all the vocabulary's token keys, computed once."""
     hit = getattr(ev, "_topic_norms", None)
     if hit is None:
-        w = torch.full_like(ev.key_freq, 1.0 / max(1, ev.key_freq.numel()))
         cos = ev.key_emb @ ev.term_emb.T                                  # [C, K]
-        mu = (cos * w.unsqueeze(1)).sum(0)
-        sd = (((cos - mu) ** 2) * w.unsqueeze(1)).sum(0).sqrt().clamp_min(1e-6)
-        hit = (mu, sd)
+        hit = (cos.mean(0), cos.std(0, unbiased=False).clamp_min(1e-6))
         ev._topic_norms = hit  # type: ignore[attr-defined]
     return hit

@@ -145,7 +145,7 @@ class ConceptEvidence:
 
     # ---- build / load ------------------------------------------------------------------------------------------
     @classmethod
-    def open(cls, folder: str | Path, embedder: Any = None, *, progress: bool = False) -> "ConceptEvidence":
+    def open(cls, folder: str | Path, embedder: Any = None) -> "ConceptEvidence":
         """The folder's evidence, built (and stored) when missing or stale. Needs statistics (`neuronscope stats`)
         and window embeddings (`neuronscope describe`); decodes (`atlas build`) give the write side."""
         from ..describe.describe import check_db_once
@@ -156,7 +156,7 @@ class ConceptEvidence:
         old = cls.load(af.path, expect_identity=ident)
         if old is not None:
             return old
-        return cls.build(af, embedder, progress=progress)
+        return cls.build(af, embedder)
 
     @classmethod
     def load(cls, folder: str | Path, *, expect_identity: str | None = None) -> "ConceptEvidence | None":
@@ -164,9 +164,7 @@ class ConceptEvidence:
         if not path.is_file():
             return None
         check_safetensors(path, "delete it; concept search rebuilds it")
-        from safetensors import safe_open
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
+        meta = store.read_metadata(path)
         if expect_identity is not None and meta.get("identity") != expect_identity:
             return None
         t = store.load_tensors(path)
@@ -179,7 +177,7 @@ class ConceptEvidence:
                    (t["window_topic_cos"].float(), t["window_topic_id"].long()))
 
     @classmethod
-    def build(cls, af: AtlasFolder, embedder: Any = None, *, progress: bool = False) -> "ConceptEvidence":
+    def build(cls, af: AtlasFolder, embedder: Any = None) -> "ConceptEvidence":
         from ..describe.label import token_key
         from ..describe.windows import WindowMeaning
         from ..embed import load_embedder
@@ -292,13 +290,13 @@ def _top_topics(vecs: torch.Tensor, term_emb: torch.Tensor) -> tuple[torch.Tenso
 
 def _identity(af: AtlasFolder) -> str:
     """What the evidence depends on: the statistics, the window embeddings, the decodes and the descriptions."""
+    from ..atlas.folder import WINDOW_EMB_FILE, site_file
     from ..describe.windows import stats_identity
     parts = [stats_identity(af.path)]
-    for name in ("window_emb.safetensors", "atlas_down.pos.safetensors", "atlas_down.neg.safetensors"):
-        f = af.path / name
-        parts.append(f"{name}:{f.stat().st_mtime_ns if f.is_file() else 0}")
-    parts.append(json.dumps(af.section("descriptions").get("written", af.section("descriptions").get("seconds")),
-                            default=str))
+    for f in (af.path / WINDOW_EMB_FILE, site_file(af.path, "down.pos"), site_file(af.path, "down.neg")):
+        parts.append(f"{f.name}:{f.stat().st_mtime_ns if f.is_file() else 0}")
+    sec = af.section("descriptions")
+    parts.append(json.dumps(sec.get("written", sec.get("seconds")), default=str))
     parts.append(str(_descriptions_count(af)))
     return "|".join(parts)
 

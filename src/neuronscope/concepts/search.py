@@ -135,7 +135,7 @@ def open_evidence(folder: str | Path, embedder: Any = None) -> tuple[ConceptEvid
     hit = _CACHE.get(key)
     if hit is not None and hit[0] == stamp:
         return hit[1], hit[2]
-    ev = ConceptEvidence.open(af.path, embedder, progress=True)
+    ev = ConceptEvidence.open(af.path, embedder)
     stamp = f.stat().st_mtime if f.is_file() else -1.0
     idx = load_index(af.path)
     _CACHE[key] = (stamp, ev, idx)
@@ -146,13 +146,8 @@ def _member(z: torch.Tensor) -> torch.Tensor:
     return ((z - 2.0) / 2.0).clamp(0.0, 1.0)
 
 
-def _zscore(sims: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-    if weights is None:
-        return (sims - sims.mean()) / sims.std().clamp_min(1e-6)
-    w = weights / weights.sum().clamp_min(1e-9)
-    mu = (sims * w).sum()
-    sd = (((sims - mu) ** 2) * w).sum().sqrt()
-    return (sims - mu) / sd.clamp_min(1e-6)
+def _zscore(sims: torch.Tensor) -> torch.Tensor:
+    return (sims - sims.mean()) / sims.std().clamp_min(1e-6)
 
 
 def _margin(cos: torch.Tensor, tops: tuple[torch.Tensor, torch.Tensor], synonym: torch.Tensor) -> torch.Tensor:
@@ -163,20 +158,18 @@ def _margin(cos: torch.Tensor, tops: tuple[torch.Tensor, torch.Tensor], synonym:
 
 
 def memberships(ev: ConceptEvidence, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(key membership [C], key z [C], window membership [W], window cosines [W]) of a unit query vector."""
+    """(key membership [C], key cosines [C], window membership [W], window cosines [W]) of a unit query vector."""
     syn = (ev.term_emb @ q) >= SYNONYM_COS
     kcos = ev.key_emb @ q
-    kz = _zscore(kcos)
-    km = _member(kz) * ((_margin(kcos, ev.key_topics, syn) + MARGIN) / (2 * MARGIN)).clamp(0, 1)
+    km = _member(_zscore(kcos)) * ((_margin(kcos, ev.key_topics, syn) + MARGIN) / (2 * MARGIN)).clamp(0, 1)
     wcos = ev.window_emb @ q
     wm = _member(_zscore(wcos)) * ((_margin(wcos, ev.window_topics, syn) + MARGIN) / (2 * MARGIN)).clamp(0, 1)
-    return km, kz, wm, wcos
+    return km, kcos, wm, wcos
 
 
 def score_concept(ev: ConceptEvidence, q: torch.Tensor, idx: Any = None) -> ConceptScores:
     """Every polarity's read and write scores for a unit query vector `q` [d]."""
-    km, kz, wm, wcos = memberships(ev, q)
-    kcos = ev.key_emb @ q
+    km, kcos, wm, wcos = memberships(ev, q)
     mats = ev.matrices()
     rt = mats.reads_tokens @ km
     rwin = mats.reads_windows @ wm
@@ -228,8 +221,8 @@ def concept_search(folder: str | Path, query: str, *, side: str = "both", k: int
                                "window close enough in meaning), so no neuron can be said to read or write it; "
                                "try a more common phrasing, or compute statistics on a corpus about it.")
     ranked = _rank(sc, side, layers, ev)
-    top = ranked[:k]
-    hits = [_hit(ev, sc, int(m), s) for m, s in top]
+    base = float((sc.window_member > 0.5).float().mean())      # share of stored windows in concept text
+    hits = [_hit(ev, sc, int(m), s, base) for m, s in ranked[:k]]
     _attach_descriptions(folder, hits)
     return ConceptResult(query.strip(), side, hits, sup, time.perf_counter() - t0)
 
@@ -282,14 +275,13 @@ def _binom_sf(x: int, n: int, p: float) -> float:
     return float(binom.sf(x - 1, n, p)) if n > 0 else 1.0
 
 
-def _hit(ev: ConceptEvidence, sc: ConceptScores, m: int, side: str) -> ConceptHit:
+def _hit(ev: ConceptEvidence, sc: ConceptScores, m: int, side: str, base: float) -> ConceptHit:
     l, n, p = ev.neuron(m)
     codes = ev.read_codes[m]
     rows = ev.read_rows[m]
     ok = rows >= 0
     in_text = (sc.window_member[rows.clamp_min(0)] > 0.5) & ok
     n_ex = int(ok.sum())
-    base = float((sc.window_member > 0.5).float().mean())
     x = int(in_text.sum())
     sep = (x / n_ex) / base if n_ex and base > 0 else 0.0
     pval = _binom_sf(x, n_ex, max(base, 1e-6)) if n_ex else 1.0

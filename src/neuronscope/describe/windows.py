@@ -136,9 +136,7 @@ class WindowMeaning:
         if not path.is_file():
             return None
         check_safetensors(path, "delete it and run `neuronscope describe` again to rebuild it")
-        from safetensors import safe_open
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
+        meta = store.read_metadata(path)
         if expect_embedder is not None and meta.get("embedder") != expect_embedder:
             return None
         if expect_identity is not None and meta.get("stats") != expect_identity:
