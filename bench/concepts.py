@@ -92,7 +92,7 @@ def search_part(atlas: str, emb, sets: dict, which: str) -> dict:
             row[side]["top5"] = [h.ref + " " + ",".join(h.read_words if side == "reads" else h.write_words)
                                  for h in res.hits[:5]]
         base = semantic_search(atlas, concept, k=50, embedder=emb)
-        ranked = [ev.row(h["layer"], h["neuron"], h["polarity"]) for h in base]
+        ranked = [ev.row(h.layer, h.neuron, h.polarity) for h in base]
         row["baseline_description_search"] = {"reads": pr(ranked, readers), "writes": pr(ranked, writers)}
         out[concept] = row
         print(concept, {s: (row[s]["truth"], row[s]["recall@50"], row[s]["precision@20"]) for s in ("reads", "writes")},

@@ -158,14 +158,14 @@ def main() -> None:
                        embedder=None, progress=True, overwrite=True, outputs="none")
         ex = []
         for k in keys:
-            c = D.get(*k, candidates=True)["candidates"]
-            e = [x for x in c if x["source"] == "explainer"]
-            lab = next(x for x in c if x["source"] == "label")
+            got = D.get(*k, candidates=True)
+            c = got.candidates or [] if got else []
+            e = [x for x in c if x.source == "explainer"]
+            lab = next(x for x in c if x.source == "label")
             if e:
-                best = max(e, key=lambda x: x["score"])
-                ex.append({"neuron": list(k), "explainer": best["text"], "r": best["score"],
-                           "detection": best["detection"], "label_r": lab["score"], "label_detection":
-                           lab["detection"]})
+                best = max(e, key=lambda x: x.score or 0.0)
+                ex.append({"neuron": list(k), "explainer": best.text, "r": best.score,
+                           "detection": best.detection, "label_r": lab.score, "label_detection": lab.detection})
         out["explainer_sample"] = {"n": len(ex), "seconds": round(time.perf_counter() - t0, 1), "load": load(),
                                    "median_r": _med([e["r"] for e in ex]),
                                    "median_detection": _med([e["detection"] for e in ex]),

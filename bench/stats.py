@@ -195,10 +195,10 @@ def main() -> None:
               f"q(1-1e-4)={st.quantile(1 - 1e-4)[layer, i]:.3f} q(hi)={q_hi[layer, i]:.3f} "
               f"mean={st.mean[layer, i]:.4f} std={st.var[layer, i].sqrt():.4f}")
         for e in st.exemplars(layer, i, "pos", n=3):
-            toks = e["tokens"]
-            p = e["position"]
+            toks = e.tokens
+            p = e.position
             left = "".join(toks[max(0, p - 12):p]).replace("\n", " ")
-            print(f"  {e['activation']:8.3f}  ...{left}[[{toks[p]}]]{''.join(toks[p + 1:p + 4])}...")
+            print(f"  {e.activation:8.3f}  ...{left}[[{toks[p]}]]{''.join(toks[p + 1:p + 4])}...")
     print(f"\natlas folder: {args.atlas}")
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2))

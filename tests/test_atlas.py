@@ -302,5 +302,5 @@ def test_show_prints_exemplars_when_the_atlas_has_stats(stories, stories_atlas, 
     assert res.exit_code == 0, res.output
     assert "top exemplars" in res.output and "bottom exemplars" in res.output
     q = float(stats.quantile(1 - 1e-5)[2, 23])
-    assert f"{top['activation'] / q:+.2f}" in res.output          # normalised activation of the top exemplar
-    assert f"[{top['tokens'][top['position']]}]" in res.output     # its firing token, marked
+    assert f"{top.activation / q:+.2f}" in res.output          # normalised activation of the top exemplar
+    assert f"[{top.tokens[top.position]}]" in res.output     # its firing token, marked

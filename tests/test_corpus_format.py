@@ -170,7 +170,7 @@ def test_exemplars_carry_no_markup_and_the_format_is_a_setting(stories, wiki_fil
     assert len(texts) > 10 and not any(MARKUP.search(t) for t in texts)
     for layer in range(stories.n_layers):
         for ex in st.exemplars(layer, 0, "pos", n=6) + st.exemplars(layer, 1, "neg", n=6):
-            assert "@" not in ex["text"] and "= =" not in ex["text"], ex["text"]
+            assert "@" not in ex.text and "= =" not in ex.text, ex.text
     # the same file read as plain text: the stored windows do carry the markup
     raw = compute_stats(stories, wiki_file, tmp_path / "raw", corpus_format="plain", **opts)
     assert raw.info["corpus_format"] == "plain" and raw.info["corpus"][0]["format"] == "plain"

@@ -71,16 +71,16 @@ def test_planted_neuron_label_names_its_token_and_scores_high(planted):
     _, folder, happy, mom = planted
     D = Descriptions.open(folder)
     d = D.get(0, PLANTED, "pos")
-    assert d["source"] == "label"
-    assert d["text"].startswith(f"fires on '{happy}'") and f"promotes '{happy}'" in d["text"]
-    assert d["score"] > 0.9 and d["interpretable"]
-    assert D.get(0, MOM_GROUP[0], "pos")["text"].startswith(f"fires on '{mom}'")
+    assert d.source == "label"
+    assert d.text.startswith(f"fires on '{happy}'") and f"promotes '{happy}'" in d.text
+    assert d.score > 0.9 and d.interpretable
+    assert D.get(0, MOM_GROUP[0], "pos").text.startswith(f"fires on '{mom}'")
     assert D.count_rows(folder) == 3 * 48 * 2                         # every neuron and polarity, each scored
-    assert all(r["score"] is not None and -1 <= r["score"] <= 1 for r in D.all())
+    assert all(r.score is not None and -1 <= r.score <= 1 for r in D.all())
     sec = json.loads((folder / "manifest.json").read_text())["descriptions"]
     assert sec["threshold"] == 0.5 and sec["scores_label"]["n"] == 3 * 48 * 2
     assert {tuple(x) for x in [(0, PLANTED, "pos")]} <= D.interpretable()
-    assert all(r["interpretable"] for r in D.all(interpretable=True))
+    assert all(r.interpretable for r in D.all(interpretable=True))
     with pytest.raises(NeuronscopeError, match="Polarity"):
         D.get(0, 0, "both")
 
@@ -93,7 +93,7 @@ def test_default_embedder_missing_skips_the_index_with_a_note(planted, monkeypat
         describe_atlas(folder, subject=subject, neurons=[(0, 1)], progress=False, overwrite=True)
     sec = json.loads((folder / "manifest.json").read_text())["descriptions"]
     assert "models pull all-minilm-l6-v2" in sec["index"]["skipped"]
-    assert Descriptions.open(folder).get(0, 1, "neg")["score"] is not None
+    assert Descriptions.open(folder).get(0, 1, "neg").score is not None
     with pytest.raises(NeuronscopeError, match="No embedding model folder"):
         describe_atlas(folder, subject=subject, neurons=[(0, 1)], embedder="/nonexistent/emb", progress=False,
                        overwrite=True)
@@ -109,7 +109,7 @@ def test_wrong_descriptions_score_near_zero(planted):
     acts: dict = {}
     assert abs(split.score(subject, 0, PLANTED, "pos", f"fires on '{mom}'", token_match_predict, acts)) < 0.15
     assert abs(split.score(subject, 0, PLANTED, "pos", "fires on 'park'", token_match_predict, acts)) < 0.15
-    others = [D.get(l, n, "pos")["text"] for l, n in ((2, 7), (1, 30), (2, 44), (1, 3))]
+    others = [D.get(l, n, "pos").text for l, n in ((2, 7), (1, 30), (2, 44), (1, 3))]
     rs = [split.score(subject, 0, PLANTED, "pos", t, token_match_predict, acts) for t in others
           if happy not in t]
     assert rs and max(abs(r) for r in rs) < 0.2
@@ -140,8 +140,8 @@ def test_batched_scores_equal_one_neuron_scoring(planted):
     D = Descriptions.open(folder)
     for l, n, p in [(0, PLANTED, "pos"), (0, MOM_GROUP[1], "neg"), (1, 17, "pos"), (2, 40, "neg"), (2, 3, "pos")]:
         d = D.get(l, n, p)
-        one = split.score(subject, l, n, p, d["text"], token_match_predict)
-        assert abs(one - d["score"]) < 1e-4, (l, n, p, d["text"])
+        one = split.score(subject, l, n, p, d.text, token_match_predict)
+        assert abs(one - d.score) < 1e-4, (l, n, p, d.text)
 
 
 def test_label_rules_on_a_small_vocabulary():
@@ -175,13 +175,13 @@ def test_semantic_search_finds_planted_neurons_by_synonym(planted, embedder):
     from neuronscope.concepts import semantic_search
     _, folder, _, _ = planted
     top = semantic_search(folder, "joyful", k=5, embedder=embedder)
-    assert (top[0]["layer"], top[0]["neuron"]) in {(0, n) for n in HAPPY_GROUP}
-    assert top[0]["similarity"] > 0.4 and top[0]["token_score"] == 0.0      # no token spells "joyful"
+    assert (top[0].layer, top[0].neuron) in {(0, n) for n in HAPPY_GROUP}
+    assert top[0].similarity > 0.4 and top[0].token_score == 0.0      # no token spells "joyful"
     top = semantic_search(folder, "mother", k=3, embedder=embedder, interpretable=True)
-    assert {(r["layer"], r["neuron"], r["polarity"]) for r in top} == {(0, n, "pos") for n in MOM_GROUP}
-    assert all(r["interpretable"] and "mom" in r["description"] for r in top)
+    assert {(r.layer, r.neuron, r.polarity) for r in top} == {(0, n, "pos") for n in MOM_GROUP}
+    assert all(r.interpretable and "mom" in r.description for r in top)
     exact = semantic_search(folder, "happy", k=3, embedder=embedder)
-    assert exact[0]["token_score"] > 0 and exact[0]["score"] > exact[0]["similarity"]
+    assert exact[0].token_score > 0 and exact[0].score > exact[0].similarity
     with pytest.raises(NeuronscopeError, match="empty"):
         semantic_search(folder, "  ", embedder=embedder)
 
@@ -218,7 +218,7 @@ def test_planted_groups_cluster_whole_and_named(planted, embedder):
     for g in groups:
         if g["name"] in (happy, mom):       # whole; any other member names the same token (a real neighbour)
             assert g["coherence"] > 0.8
-            assert all(f"'{g['name']}'" in D.get(*m)["text"] for m in g["members"])
+            assert all(f"'{g['name']}'" in D.get(*m).text for m in g["members"])
             assert g["steer"].startswith(",".join(f"0:{n}+" for n in sorted(HAPPY_GROUP if g["name"] == happy
                                                                               else MOM_GROUP)))
     assert all(g["size"] >= 3 for g in groups)
@@ -310,7 +310,7 @@ def test_explainer_endpoint_candidates_scored_on_held_out_windows(planted, simul
     assert by[f"the token '{happy}'"] > 0.9 and by["words near 'park'"] < 0.2
     from neuronscope.describe.forms import split_parts
     assert score == pytest.approx(max(by.values()), abs=1e-6) and split_parts(text)[0].strip() in by
-    assert Descriptions.open(folder).get(0, HAPPY_GROUP[1], "pos")["source"] == source
+    assert Descriptions.open(folder).get(0, HAPPY_GROUP[1], "pos").source == source
     groups = cluster_neurons(folder, [(0, n, "pos") for n in HAPPY_GROUP], explainer=ex)
     assert groups[0]["name"] == "Happiness"
     bad = OpenAIExplainer("http://127.0.0.1:9/v1", client=httpx.Client(
@@ -387,7 +387,7 @@ def test_local_explainer_smollm(planted, smollm):
     assert any(c["source"] == "explainer" and c["text"] for c in cands)
     assert all(isinstance(c["score"], float) for c in cands if c["source"] in ("label", "explainer"))
     d = Descriptions.open(folder).get(0, PLANTED, "pos")
-    assert d["score"] == pytest.approx(max(c["score"] for c in cands if c["score"] is not None), abs=1e-6)
+    assert d.score == pytest.approx(max(c["score"] for c in cands if c["score"] is not None), abs=1e-6)
 
 
 def test_damaged_index_or_database_is_one_sentence_from_describe_and_search(planted, tmp_path):

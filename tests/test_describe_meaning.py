@@ -97,24 +97,24 @@ def meaning(smollm, tmp_path_factory):
 def test_topic_neuron_gets_a_field_description_that_beats_its_token_label(meaning):
     _, _, D, animals, _ = meaning
     d = D.get(0, TOPIC, "pos", candidates=True)
-    kinds = {c["source"]: c for c in d["candidates"]}
-    assert d["source"] == "context" and "animal" in d["text"], d
-    assert kinds["context"]["score"] > 0.8
-    assert kinds["label"]["score"] < kinds["context"]["score"] - 0.05        # the token list misses unseen animals
-    assert d["interpretable"] and d["detection"] >= 0.75, (d["score"], d["detection"], D.threshold, kinds)
+    kinds = {c.source: c for c in d.candidates}
+    assert d.source == "context" and "animal" in d.text, d
+    assert kinds["context"].score > 0.8
+    assert kinds["label"].score < kinds["context"].score - 0.05        # the token list misses unseen animals
+    assert d.interpretable and d.detection >= 0.75, (d.score, d.detection, D.threshold, kinds)
 
 
 def test_writer_gets_an_output_description_through_a_later_layer(meaning):
     subject, _, D, _, sea = meaning
     d = D.get(0, WRITER, "pos", candidates=True)
-    out = next(c for c in d["candidates"] if c["source"] == "output")
-    says = out["text"].split(";")[0]
+    out = next(c for c in d.candidates if c.source == "output")
+    says = out.text.split(";")[0]
     named = [w for w in sea if f"'{w}'" in says]
     assert len(named) >= 2, out
-    assert out["output_score"] >= 0.6 and out["effect"] > 0.25, out
-    assert "makes the model say" in d["text"]
+    assert out.output_score >= 0.6 and out.effect > 0.25, out
+    assert "makes the model say" in d.text
     # the direct decode of its write vector (a random direction) does not name them: the effect is causal
-    assert (out["decode_output_score"] or 0.0) < out["output_score"]
+    assert (out.decode_output_score or 0.0) < out.output_score
 
 
 def test_generic_description_scores_at_chance_on_detection(meaning):
@@ -142,7 +142,7 @@ def test_batched_detection_equals_one_neuron_path(meaning):
     vocab = LabelVocab.build([subject.tokenizer.decode([i]) for i in range(len(subject.tokenizer))],
                              split.ids.values(), set())
     keys = [(0, TOPIC, "pos"), (0, 3, "neg"), (1, READER, "pos"), (1, 20, "pos")]
-    texts = {k: D.get(*k, candidates=True)["candidates"][0]["text"] for k in keys}
+    texts = {k: D.get(*k, candidates=True).candidates[0].text for k in keys}
     got = score_sims(subject, split, vocab, {"label": {k: Sim(items=tuple(parse_label_items(t) or ()))
                                                         for k, t in texts.items()}})["label"]
     for k, t in texts.items():
@@ -154,9 +154,9 @@ def test_batched_detection_equals_one_neuron_path(meaning):
 def test_stored_rows_show_every_kind_and_filter(meaning):
     _, folder, D, _, _ = meaning
     rows = D.all(layers=[0], source="context")
-    assert rows and all(r["layer"] == 0 and r["source"] == "context" for r in rows)
-    assert all(r["detection"] is not None for r in D.all())
-    assert {r["layer"] for r in D.all(min_score=0.8)} <= {0, 1}
-    assert all(r["score"] >= 0.8 for r in D.all(min_score=0.8))
+    assert rows and all(r.layer == 0 and r.source == "context" for r in rows)
+    assert all(r.detection is not None for r in D.all())
+    assert {r.layer for r in D.all(min_score=0.8)} <= {0, 1}
+    assert all(r.score >= 0.8 for r in D.all(min_score=0.8))
     sec = __import__("json").loads((folder / "manifest.json").read_text())["descriptions"]
     assert sec["detection_threshold"] == 0.75 and "label" in sec["kinds"] and "scores_output" in sec

@@ -124,3 +124,31 @@ def test_a_degenerate_run_is_refused(stories, tmp_path):
                      progress=False, skip_degenerate=True)
     assert [x.name for x in r.runs] == ["good"] and r.refused[0].name == "zero"
     assert "all zero" in r.findings[0] and "refused" in (tmp_path / "rep" / "report.md").read_text()
+
+
+def test_plan_groups_each_set_with_its_matched_control_seed_by_seed(stories, tmp_path):
+    from neuronscope.irm.sweep import sweep_plan
+    for name in ("sad", "joy", "ctrl"):
+        _write(tmp_path / f"{name}.jsonl", " and then the bus went to town.", n=4)
+    plan = sweep_plan(stories, {"sadness": tmp_path / "sad.jsonl", "joy": tmp_path / "joy.jsonl"},
+                      sets=["q1", "all"], seeds=[0, 1], control=tmp_path / "ctrl.jsonl")
+    assert [r.name for r in plan[:6]] == ["sadness-q1-s0", "joy-q1-s0", "control-q1-s0",
+                                         "sadness-all-s0", "joy-all-s0", "control-all-s0"]
+    assert len(plan) == 12 and {r.seed for r in plan[6:]} == {1}
+
+
+def test_frozen_answers_are_decoded_once_and_equal_a_fresh_decode(stories):
+    from neuronscope.irm.generation import FrozenAnswers, generate_texts
+    memo = FrozenAnswers()
+    prompts = list(SENTS[:3])
+    first = memo.texts(stories, prompts, max_new_tokens=6, temperature=0.0, seed=0, desc="a")
+    calls = []
+    stories_generate = stories.generate_ids
+    try:
+        stories.generate_ids = lambda *a, **k: calls.append(1) or stories_generate(*a, **k)
+        again = memo.texts(stories, prompts, max_new_tokens=6, temperature=0.0, seed=0, desc="b", progress=False)
+        other = memo.texts(stories, prompts, max_new_tokens=7, temperature=0.0, seed=0)
+    finally:
+        del stories.generate_ids
+    assert again == first and len(calls) == 1 and len(other) == 3
+    assert first == generate_texts(stories, prompts, irm=None, max_new_tokens=6, temperature=0.0, seed=0)

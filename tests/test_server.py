@@ -205,7 +205,7 @@ def test_concept_search_and_clusters(client):
         from neuronscope.concepts import semantic_search
         want_rows = semantic_search(folder, "was", k=10)
         assert [(r["layer"], r["neuron"], r["polarity"]) for r in d["results"]] == \
-            [(r["layer"], r["neuron"], r["polarity"]) for r in want_rows]
+            [(r.layer, r.neuron, r.polarity) for r in want_rows]
         assert all(r["source"] == "semantic" for r in d["results"])
         assert all(a["score"] >= b["score"] for a, b in zip(d["results"], d["results"][1:]))
     else:
@@ -454,7 +454,7 @@ def test_descriptions_show_in_the_views_and_the_concept_search(client, atlas_dir
     from neuronscope.describe import Descriptions
     D = Descriptions.open(atlas_dir)
     d = client.get("/api/neurons/2/5", params={"n_exemplars": 0}).json()
-    assert d["descriptions"]["pos"] == D.get(2, 5, "pos")["text"]
+    assert d["descriptions"]["pos"] == D.get(2, 5, "pos").text
     o = client.get("/api/neurons/2/5/outputs").json()["outputs"]     # output effects on demand, both polarities
     from neuronscope.describe.effects import measure_effects
     from neuronscope.stats import NeuronStats
@@ -463,21 +463,21 @@ def test_descriptions_show_in_the_views_and_the_concept_search(client, atlas_dir
     assert [x["delta"] for x in o["pos"]["says"]] == pytest.approx(lib[(2, 5, "pos")].says_delta, abs=1e-3)
     assert set(o) == {"pos", "neg"} and client.get("/api/neurons/2/99999/outputs").status_code == 400
     kinds = d["description_kinds"]["pos"]           # the neuron view shows every kind with its scores
-    assert [c["source"] for c in kinds] == [c["source"] for c in D.get(2, 5, "pos", candidates=True)["candidates"]]
+    assert [c["source"] for c in kinds] == [c.source for c in D.get(2, 5, "pos", candidates=True).candidates]
     assert any(c["source"] == "label" and c["score"] is not None and c["detection"] is not None for c in kinds)
     sid = new_session(client)
     chat(client, sid, max_new_tokens=24)
     rows = client.get(f"/api/sessions/{sid}/activations", params={"page_size": 1000}).json()["rows"]
     for r in rows:
         want = D.get(r["layer"], r["neuron"], r["polarity"])
-        assert r["description"] == (want["text"] if want else None)
+        assert r["description"] == (want.text if want else None)
     word = "promotes"  # in every label; no token of the 512-token vocabulary spells it
     got = client.get("/api/concepts", params={"q": word, "k": 200}).json()
     found = got["results"]
     if not found:        # grounded in activations: the corpus never shows the word, and the notes say so
         assert "no text about 'promotes'" in got["notes"][0]
     elif found[0]["source"] in ("semantic", "reads", "writes"):  # each row carries its neuron's description
-        assert all(r["description"] == (D.get(r["layer"], r["neuron"], r["polarity"]) or {}).get("text")
+        assert all(r["description"] == getattr(D.get(r["layer"], r["neuron"], r["polarity"]), "text", None)
                    for r in found)
     else:
         from_desc = [r for r in found if r["source"] == "description"]

@@ -139,7 +139,7 @@ def test_monitor_views_in_chunks_equal_one_forward(subject):
     for e1, e2 in zip(n1["exemplars"]["pos"], n2["exemplars"]["pos"]):
         assert e1["marks"] == pytest.approx(e2["marks"], rel=1e-4, abs=1e-6)
     from neuronscope.stats.results import window_activations  # the library's marks (one whole forward)
-    want = window_activations(subject, [e["token_ids"] for e in knowledge.exemplars(2, 5, "pos", 3)], 2, 5)
+    want = window_activations(subject, [e.token_ids for e in knowledge.exemplars(2, 5, "pos", 3)], 2, 5)
     assert len(want) == len(n1["exemplars"]["pos"]) == 3
     for e, w in zip(n1["exemplars"]["pos"], want):
         assert e["marks"] == pytest.approx([knowledge.normalise_one(2, 5, x) for x in w], rel=1e-4, abs=1e-5)

@@ -102,17 +102,17 @@ def test_exemplars_point_at_the_recorded_tokens(single, all_acts, stories):
         for pol in ("pos", "neg"):
             ex = with_window_acts(stories, single.exemplars(layer, neuron, pol, n=E), layer, neuron)
             assert len(ex) == E
-            vals = [e["activation"] for e in ex]
+            vals = [e.activation for e in ex]
             assert vals == sorted(vals, reverse=(pol == "pos"))
             col = acts[layer, :, neuron]
             best = torch.sort(col, descending=(pol == "pos")).values[:E]
             assert torch.equal(torch.tensor(vals), best)
             for e in ex:
-                gi = e["window"] * WINDOW + e["position"]
-                assert col[gi].item() == e["activation"]
-                assert e["token_ids"] == wins[e["window"]].token_ids
-                assert e["tokens"] == stories.token_strings(e["token_ids"])
-                assert abs(e["acts"][e["position"]] - e["activation"]) < 1e-5
+                gi = e.window * WINDOW + e.position
+                assert col[gi].item() == e.activation
+                assert e.token_ids == wins[e.window].token_ids
+                assert e.tokens == stories.token_strings(e.token_ids)
+                assert abs(e.acts[e.position] - e.activation) < 1e-5
     with pytest.raises(NeuronscopeError, match="Polarity"):
         single.exemplars(0, 0, "up")
     with pytest.raises(NeuronscopeError, match="out of range"):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 from rich.markup import escape
@@ -12,6 +12,8 @@ from rich.table import Table
 
 from ..errors import NeuronscopeError
 from ..refs import format_index_set
+if TYPE_CHECKING:
+    from ..describe.records import Description
 from .common import DeviceOpt, DtypeOpt, GgufOpt, ModelArg, console, err_console, fmt_prob, load_subject
 
 atlas_app = typer.Typer(help="Decode every MLP neuron through the LM head; show, search and compare atlases.",
@@ -88,7 +90,8 @@ def show(
     descs, note = _descriptions(atlas_dir, layer, i)
     if as_json:
         typer.echo(json.dumps({"layer": layer, "neuron": i, "decodes": {s: v[:k] for s, v in dec.items()},
-                               "descriptions": descs, "descriptions_note": note}, indent=2))
+                               "descriptions": {p: d.to_json() for p, d in descs.items()},
+                               "descriptions_note": note}, indent=2))
         return
     console.print(f"[bold]neuron {layer}:{i}[/bold] of {escape(atlas.model_name)}"
                   f" (final norm gain {'applied' if atlas.apply_norm else 'not applied'})")
@@ -101,7 +104,7 @@ def show(
         _show_exemplars(atlas_dir, layer, i, exemplars)
 
 
-def _descriptions(atlas_dir: Path, layer: int, i: int) -> tuple[dict[str, Any], str | None]:
+def _descriptions(atlas_dir: Path, layer: int, i: int) -> tuple[dict[str, Description], str | None]:
     """{polarity: stored description with every candidate} of one neuron, or ({}, why there are none)."""
     from ..describe import Descriptions
     from ..errors import NeuronscopeError
@@ -117,18 +120,18 @@ def _fmt(x: Any, spec: str = ".2f") -> str:
     return "-" if x is None else format(x, spec)
 
 
-def _print_descriptions(descs: dict[str, Any], note: str | None) -> None:
+def _print_descriptions(descs: dict[str, Description], note: str | None) -> None:
     if note:
         console.print(f"[dim]no descriptions: {escape(note)}[/dim]")
         return
     for pol, d in descs.items():
-        mark = "interpretable" if d["interpretable"] else "not interpretable"
-        console.print(f"[bold]{pol}[/bold] ({escape(d['source'])}, r {_fmt(d['score'])}, detection "
-                      f"{_fmt(d['detection'])}, {mark}): {escape(d['text'])}")
+        mark = "interpretable" if d.interpretable else "not interpretable"
+        console.print(f"[bold]{pol}[/bold] ({escape(d.source)}, r {_fmt(d.score)}, detection "
+                      f"{_fmt(d.detection)}, {mark}): {escape(d.text)}")
         table = Table("kind", "description", "r", "detection", "output", "effect (nats)", title_justify="left")
-        for c in d.get("candidates", []):
-            table.add_row(escape(c["source"]), escape(c["text"]), _fmt(c.get("score")), _fmt(c.get("detection")),
-                          _fmt(c.get("output_score")), _fmt(c.get("effect"), "+.2f"))
+        for c in d.candidates or []:
+            table.add_row(escape(c.source), escape(c.text), _fmt(c.score), _fmt(c.detection),
+                          _fmt(c.output_score), _fmt(c.effect, "+.2f"))
         console.print(table)
 
 
@@ -152,12 +155,12 @@ def _show_exemplars(atlas_dir: Path, layer: int, i: int, n: int) -> None:
         table = Table("norm. act", "window (firing token in [ ])", title=f"{title} exemplars (act / |q({level:g})|)",
                       title_justify="left")
         for ex in rows:
-            p = ex["position"]
-            toks = ex["tokens"]
+            p = ex.position
+            toks = ex.tokens
             lo = max(0, p - 12)
             text = "".join(escape(t) for t in toks[lo:p]) + f"[bold red]\\[{escape(toks[p])}][/bold red]" + \
                 "".join(escape(t) for t in toks[p + 1:p + 5])
-            table.add_row(f"{ex['activation'] / q:+.2f}", text.replace("\n", "⏎"))
+            table.add_row(f"{ex.activation / q:+.2f}", text.replace("\n", "⏎"))
         console.print(table)
 
 
@@ -254,8 +257,9 @@ def _search_by_description(atlas_dir: Path, query: str, k: int, sites: Optional[
             "; run `neuronscope describe` for search by meaning" if no_index else "") + model_note + ")"
         cols = [("site", "site"), ("score", "score")]
     else:
-        rows = semantic_search(atlas_dir, query, k=k, embedder=None if embedder == "default" else embedder,
-                               interpretable=interpretable, subject=subject)
+        rows = [h.to_json() for h in semantic_search(atlas_dir, query, k=k, interpretable=interpretable,
+                                                     embedder=None if embedder == "default" else embedder,
+                                                     subject=subject)]
         title = f"neurons for {query!r} by description" + (" (interpretable only)" if interpretable else "") + (
             f" ({model_note[2:]})" if model_note else "")
         cols = [("pol", "polarity"), ("score", "score"), ("sim", "similarity"), ("desc. score", "desc_score")]

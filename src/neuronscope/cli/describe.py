@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import typer
 from rich.markup import escape
@@ -15,6 +15,7 @@ from .common import GgufOpt, console, load_subject
 
 if TYPE_CHECKING:
     from ..describe import Descriptions
+    from ..describe.records import Description
 
 Ref = tuple[int, int] | tuple[int, int, str]
 
@@ -81,10 +82,10 @@ def describe(
              neuronscope describe atlas-smollm --list --interpretable --layers 10-20 --source context -k 50
     """
     from ..describe import Descriptions, describe_atlas
+    from ..describe.records import DescriptionMatch
+    rows: Sequence[Description | DescriptionMatch]
     if search is not None:
         rows = Descriptions.open(atlas_dir).search(search, k=k, interpretable=interpretable)
-        for r in rows:
-            r["score"] = r.pop("desc_score")
     elif show is not None or list_:
         D = Descriptions.open(atlas_dir)
         if list_:
@@ -95,13 +96,10 @@ def describe(
             rows = D.all(interpretable=interpretable, source=source, min_score=min_score,
                          min_detection=min_detection,
                          layers=None if layers is None else parse_index_set(layers, _n_layers(atlas_dir), what="layer"))
-            rows.sort(key=lambda r: -((r["score"] or 0.0) + (r["detection"] or 0.5) - 0.5))
-            rows = rows[:k]
+            rows = sorted(rows, key=lambda r: -((r.score or 0.0) + (r.detection or 0.5) - 0.5))[:k]
         else:
             assert show is not None
-            rows = _rows(D, _items(show))
-            if interpretable:
-                rows = [r for r in rows if r["interpretable"]]
+            rows = [r for r in _rows(D, _items(show)) if r.interpretable or not interpretable]
     else:
         subject = load_subject(model, gguf_file) if model else None
         items = _items(neurons) if neurons else None
@@ -127,13 +125,14 @@ def describe(
             return
         rows = _rows(D, items)
     if as_json:
-        typer.echo(json.dumps(rows, indent=2))
+        typer.echo(json.dumps([r.to_json() for r in rows], indent=2))
         return
     table = Table("neuron", "pol", "r", "detection", "source", "description")
     for r in rows:
-        table.add_row(f"{r['layer']}:{r['neuron']}", r["polarity"],
-                      "" if r["score"] is None else f"{r['score']:.3f}" + ("" if r["interpretable"] else " ·"),
-                      "" if r.get("detection") is None else f"{r['detection']:.2f}", r["source"], escape(r["text"]))
+        d = r.description if isinstance(r, DescriptionMatch) else r
+        table.add_row(f"{d.layer}:{d.neuron}", d.polarity,
+                      "" if d.score is None else f"{d.score:.3f}" + ("" if d.interpretable else " ·"),
+                      "" if d.detection is None else f"{d.detection:.2f}", d.source, escape(d.text))
     console.print(table)
     console.print("[dim]· below the interpretable threshold[/dim]")
 
@@ -143,7 +142,7 @@ def _n_layers(atlas_dir: Path) -> int:
     return int(AtlasFolder.open(atlas_dir).section("model").get("n_layers") or 10**6)
 
 
-def _rows(D: Descriptions, items: Sequence[Ref]) -> list[dict[str, Any]]:
+def _rows(D: Descriptions, items: Sequence[Ref]) -> list[Description]:
     rows = []
     for it in items:
         for p in ([it[2]] if len(it) == 3 else ["pos", "neg"]):

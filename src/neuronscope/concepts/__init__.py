@@ -11,11 +11,13 @@ from __future__ import annotations
 from .by_description import cluster_neurons
 from .clusters import ConceptCluster, concept_clusters, steer_form
 from .evidence import ConceptEvidence
+from .records import NeuronMatch, SemanticHit
 from .search import ConceptHit, ConceptResult, NoConceptText, concept_search
 from .semantic import semantic_search
 from .steer import (concept_neurons, parse_strengths, random_control, steer_generate, steer_interventions,
                     steer_sweep)
 
 __all__ = ["cluster_neurons", "steer_form", "ConceptCluster", "ConceptEvidence", "ConceptHit", "ConceptResult",
-           "NoConceptText", "concept_clusters", "concept_search", "semantic_search", "concept_neurons",
-           "parse_strengths", "random_control", "steer_generate", "steer_interventions", "steer_sweep"]
+           "NeuronMatch", "SemanticHit", "NoConceptText", "concept_clusters", "concept_search", "semantic_search",
+           "concept_neurons", "parse_strengths", "random_control", "steer_generate", "steer_interventions",
+           "steer_sweep"]

@@ -37,6 +37,7 @@ import torch
 
 from ..errors import NeuronscopeError
 from .evidence import ConceptEvidence
+from .records import NeuronMatch
 
 SIDES = ("reads", "writes", "both")
 DESC_WEIGHT = 0.1
@@ -77,6 +78,13 @@ class ConceptHit:
     @property
     def ref(self) -> str:
         return f"{self.layer}:{self.neuron}{'+' if self.polarity == 'pos' else '-'}"
+
+    def match(self, side: str | None = None) -> NeuronMatch:
+        """As a concept search row: scored on `side` ("writes": its writes score; else the ranking's score), with
+        the concept words of the side it was ranked on."""
+        return NeuronMatch(self.layer, self.neuron, self.polarity, self.writes if side == "writes" else self.score,
+                           list(self.read_words if self.side == "reads" else self.write_words), self.side,
+                           self.description)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -16,6 +16,7 @@ import torch
 
 from ..atlas.search import _concept_direction, _cosines, _pol_rows, concept_ids
 from ..errors import NeuronscopeError
+from .records import SemanticHit
 
 _ATLASES: dict[str, tuple[float, object]] = {}
 
@@ -42,9 +43,8 @@ def _open_atlas(folder: Any) -> Any:
 
 
 def semantic_search(folder: Any, query: str, *, k: int = 50, embedder: Any = None, interpretable: bool = False,
-                    token_weight: float = 0.5, subject: Any = None) -> list[dict[str, Any]]:
-    """Neuron polarities for a concept by meaning, best first: [{"layer", "neuron", "polarity", "score",
-    "similarity", "token_score", "description", "desc_score", "interpretable", "tokens"}].
+                    token_weight: float = 0.5, subject: Any = None) -> list[SemanticHit]:
+    """Neuron polarities for a concept by meaning, best first (`records.SemanticHit`).
 
     embedder: an Embedder, a folder, None (the pulled default). Needs the index of `neuronscope describe`.
     """
@@ -107,18 +107,17 @@ def semantic_search(folder: Any, query: str, *, k: int = 50, embedder: Any = Non
             score = torch.where(mask, score, torch.full_like(score, float("-inf")))
         take = min(k, int(torch.isfinite(score).sum()))
         vals, order = score.topk(take)
-        out = []
+        out: list[SemanticHit] = []
         for v, j in zip(vals.tolist(), order.tolist()):
             l, n, p = idx.keys[j]
             row = con.execute(f"SELECT text, score FROM {TABLE} WHERE layer=? AND neuron=? AND polarity=?",
                               (l, n, p)).fetchone()
             ds = None if row is None else row[1]
-            out.append({"layer": l, "neuron": n, "polarity": p, "score": round(v, 6),
-                        "similarity": round(float(sim[j]), 6), "token_score": round(float(tok[j]), 6),
-                        "description": None if row is None else row[0], "desc_score": ds,
-                        "interpretable": (l, n, p) in ok,
-                        "tokens": atlas.top_tokens(l, n, "down.pos" if p == "pos" else "down.neg", 5)
-                        if atlas is not None and ("down.pos" if p == "pos" else "down.neg") in atlas.sites else []})
+            site = "down.pos" if p == "pos" else "down.neg"
+            out.append(SemanticHit(l, n, p, round(v, 6), round(float(sim[j]), 6), round(float(tok[j]), 6),
+                                   None if row is None else row[0], ds, (l, n, p) in ok,
+                                   atlas.top_tokens(l, n, site, 5) if atlas is not None and site in atlas.sites
+                                   else []))
     finally:
         con.close()
     return out

@@ -48,7 +48,7 @@ def concept_neurons(folder: str | Path, concept: str, *, k: int = 20, embedder: 
         return out
     from .semantic import semantic_search
     rows = semantic_search(folder, concept, k=k, embedder=embedder, interpretable=True)
-    out = [(r["layer"], r["neuron"], r["polarity"]) for r in rows if r["similarity"] >= float(min_similarity)]
+    out = [(r.layer, r.neuron, r.polarity) for r in rows if r.similarity >= float(min_similarity)]
     if not out:
         raise NeuronscopeError(f"No interpretable neuron matches '{concept}'; try another word, or describe the "
                                "atlas with an explainer to get more interpretable neurons.")

@@ -42,6 +42,7 @@ from .effects import LEVEL_RANK, N_TRAIN, PROMPTS, Effect, measure_effects, top_
 from .explainer import clean_reply, explain_prompt, make_explainer
 from .forms import output_text, parse_label_items, split_parts
 from .label import LabelVocab, excluded_token_ids, make_label
+from .records import Description, DescriptionKind, DescriptionMatch
 from .score import EvalSplit, Scores, Sim, score_sims
 from .simulate import LLMSimulator, norm_token, token_match_predict
 from .windows import WindowMeaning
@@ -464,11 +465,10 @@ COLUMNS = "layer, neuron, polarity, text, score, source, detection, output_score
 class Descriptions:
     """The stored descriptions of an atlas folder: look up, filter by interpretability, text search.
 
-    A row is {"layer", "neuron", "polarity", "text", "score" (Pearson r of the kept input-side description),
-    "source" (label / context / explainer), "detection" (balanced accuracy; None for folders described before it),
-    "output_score", "effect" (of the measured output description; None when not measured), "interpretable" (both
-    input scores reach their thresholds; Pearson alone for folders described before detection existed),
-    "output_interpretable"}; `get(..., candidates=True)` adds every kind with its scores."""
+    Each is a `records.Description` (text, Pearson r of the kept input-side description, its source, detection,
+    the measured output description's scores, interpretable under the folder's thresholds, Pearson alone for
+    folders described before detection existed); `get(..., candidates=True)` adds every kind with its scores
+    (`records.DescriptionKind`)."""
 
     def __init__(self, folder: Path, threshold: float = THRESHOLD, detection_threshold: float | None = None):
         self.folder = Path(folder)
@@ -518,16 +518,15 @@ class Descriptions:
         return "score >= ? AND detection >= ?", (self.threshold, self.detection_threshold)
 
     def _row(self, l: int, n: int, p: str, text: str, score: float | None, source: str, detection: float | None,
-             output_score: float | None, effect: float | None) -> dict[str, Any]:
+             output_score: float | None, effect: float | None) -> Description:
         ok = score is not None and score >= self.threshold and (
             self.detection_threshold is None or (detection is not None and detection >= self.detection_threshold))
-        return {"layer": l, "neuron": n, "polarity": p, "text": text, "score": score, "source": source,
-                "detection": detection, "output_score": output_score, "effect": effect, "interpretable": ok,
-                "output_interpretable": output_passes(output_score, effect)}
+        return Description(l, n, p, text, score, source, detection, output_score, effect, ok,
+                           output_passes(output_score, effect))
 
-    def get(self, layer: int, i: int, polarity: str = "pos", candidates: bool = False) -> dict[str, Any] | None:
-        """The neuron polarity's row (see the class docstring) or None; candidates=True adds "candidates", every
-        kind of description with its scores."""
+    def get(self, layer: int, i: int, polarity: str = "pos", candidates: bool = False) -> Description | None:
+        """The neuron polarity's description or None; candidates=True fills in `candidates`, every kind of
+        description with its scores."""
         check_polarity(polarity)
         r = self._rows(f"SELECT {self._columns}, candidates FROM {TABLE} WHERE layer=? AND neuron=? AND polarity=?",
                        (int(layer), int(i), polarity))
@@ -535,11 +534,11 @@ class Descriptions:
             return None
         row = self._row(*r[0][:-1])
         if candidates:
-            row["candidates"] = json.loads(r[0][-1] or "[]")
+            row.candidates = [DescriptionKind.from_json(c) for c in json.loads(r[0][-1] or "[]")]
         return row
 
     def all(self, interpretable: bool = False, *, layers: Iterable[int] | None = None, source: str | None = None,
-            min_score: float | None = None, min_detection: float | None = None) -> list[dict[str, Any]]:
+            min_score: float | None = None, min_detection: float | None = None) -> list[Description]:
         """Every stored description, optionally only the interpretable ones, of some layers, of one kept source
         (label, context, explainer; 'output' keeps rows with a measured output description), or from a score or
         detection up."""
@@ -579,21 +578,20 @@ class Descriptions:
             return {}
         return {k: v for k, v in zip(idx.keys, idx.emb.float())}
 
-    def search(self, text: str, k: int = 50, interpretable: bool = False) -> list[dict[str, Any]]:
-        """Descriptions whose words match `text` (share of the query's words found, whole words then prefixes;
-        ties by simulator score), best first; "score" is the match, "desc_score" the simulator score. Semantic
-        search: neuronscope.atlas.search.semantic_search."""
+    def search(self, text: str, k: int = 50, interpretable: bool = False) -> list[DescriptionMatch]:
+        """Descriptions whose words match `text` (`match`: share of the query's words found, whole words then
+        prefixes; ties by simulator score), best first. Search by meaning: neuronscope.concepts."""
         import re
         if not isinstance(text, str) or not text.strip():
             raise NeuronscopeError("Give some text to search the descriptions for.")
         words = [w for w in (norm_token(x) for x in re.findall(r"\w+", text)) if w]
         scored = []
         for r in self.all(interpretable):
-            terms = [norm_token(x) for x in re.findall(r"\w+", r["text"])]
+            terms = [norm_token(x) for x in re.findall(r"\w+", r.text)]
             tset = set(terms)
             s = sum(1.0 if w in tset else 0.5 if any(t.startswith(w) for t in terms) else 0.0
                     for w in words) / max(1, len(words))
             if s > 0:
-                scored.append((s + 1e-3 * (r["score"] or 0.0), r))
+                scored.append((s + 1e-3 * (r.score or 0.0), r))
         scored.sort(key=lambda x: -x[0])
-        return [dict(r, score=round(s, 6), desc_score=r["score"]) for s, r in scored[:k]]
+        return [DescriptionMatch(r, round(s, 6)) for s, r in scored[:k]]

@@ -25,6 +25,7 @@ from ..errors import NeuronscopeError
 
 if TYPE_CHECKING:
     from ..subject import Subject
+    from .generation import FrozenAnswers
 from .data import Example, read_table, tokenize_rows
 from .factual import FACTS, Fact, facts_digest, score_answers
 from .model import IRM
@@ -186,12 +187,13 @@ def judge_irm(subject: Subject, irm: IRM, prompts: Sequence[str], *, judge: Judg
               target: str | None = None, opposite: str | None = None, chat: bool = False,
               max_new_tokens: int = 48, temperature: float = 0.0, seed: int = 0, scale: float = 1.0,
               batch_size: int = 8, progress: bool = True,
-              facts: Sequence[Fact] | None = FACTS) -> JudgedEval:
+              facts: Sequence[Fact] | None = FACTS, frozen: FrozenAnswers | None = None) -> JudgedEval:
     """Answers to `prompts` with the IRM off and on, judged; paired statistics per measure (see module doc).
 
     Also the cost to the answers: factual accuracy on `facts` (off vs on, paired; None skips it) and the share of
-    answers that open with the same sentence as another answer (memorised frames), IRM off and on."""
-    from .generation import generate_texts
+    answers that open with the same sentence as another answer (memorised frames), IRM off and on.
+    frozen: a memo of IRM-off answers shared by many judgements of the same questions (irm sweep)."""
+    from .generation import frozen_texts, generate_texts
     from .judge import OPPOSITE, check_emotion
     irm.check_subject(subject)
     prompts = [p for p in prompts if p.strip()]
@@ -203,14 +205,14 @@ def judge_irm(subject: Subject, irm: IRM, prompts: Sequence[str], *, judge: Judg
         opposite = opposite or OPPOSITE.get(target)
     kw: dict[str, Any] = dict(chat=chat, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
                               batch_size=batch_size, progress=progress)
-    off = generate_texts(subject, prompts, irm=None, desc="answers, IRM off", **kw)
+    off = frozen_texts(subject, prompts, frozen, desc="answers, IRM off", **kw)
     on = generate_texts(subject, prompts, irm=irm, scale=scale, desc="answers, IRM on", **kw)
     metrics = judged_metrics(subject, judge, prompts, off, on, chat=chat, batch_size=batch_size, seed=seed)
     rep = JudgedEval(judge.info(), len(prompts), chat, max_new_tokens, temperature, seed, scale, target, opposite,
                      metrics, [Answer(p, a, b) for p, a, b in zip(prompts, off, on)],
                      {"off": shared_openings(off), "on": shared_openings(on)})
     if facts:
-        rep.factual = factual_accuracy(subject, irm, facts, scale=scale, **kw)
+        rep.factual = factual_accuracy(subject, irm, facts, scale=scale, frozen=frozen, **kw)
     if target is not None:
         rep.verdict = verdict(metrics, target, opposite)
     return rep
@@ -251,11 +253,11 @@ class FactualAccuracy:
 
 
 def factual_accuracy(subject: Subject, irm: IRM, facts: Sequence[Fact], *, scale: float = 1.0, seed: int = 0,
-                     **generate_kw: Any) -> FactualAccuracy:
+                     frozen: FrozenAnswers | None = None, **generate_kw: Any) -> FactualAccuracy:
     """Answers to the factual questions with the IRM off and on (same decoding), judged by factual.is_correct."""
-    from .generation import generate_texts
+    from .generation import frozen_texts, generate_texts
     qs = [f.question for f in facts]
-    off = generate_texts(subject, qs, irm=None, seed=seed, desc="facts, IRM off", **generate_kw)
+    off = frozen_texts(subject, qs, frozen, seed=seed, desc="facts, IRM off", **generate_kw)
     on = generate_texts(subject, qs, irm=irm, scale=scale, seed=seed, desc="facts, IRM on", **generate_kw)
     r_off, r_on = score_answers(off, facts), score_answers(on, facts)
     d = paired_difference(r_off, r_on, seed=seed)

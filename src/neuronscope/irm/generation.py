@@ -57,6 +57,27 @@ def generate_texts(subject: Subject, prompts: Sequence[str], *, irm: IRM | None 
     return out
 
 
+class FrozenAnswers:
+    """IRM-off answers already decoded, by prompts and decoding settings: the frozen model's answers do not depend on
+    the IRM, so a sweep that judges many IRMs on the same questions decodes them once (memo in memory)."""
+
+    def __init__(self) -> None:
+        self._seen: dict[tuple[Any, ...], list[str]] = {}
+
+    def texts(self, subject: Subject, prompts: Sequence[str], **kw: Any) -> list[str]:
+        """generate_texts(subject, prompts, irm=None, **kw), decoded on first use only."""
+        shown = {k: v for k, v in kw.items() if k not in ("progress", "desc")}
+        key = (subject.fingerprint, tuple(prompts), tuple(sorted((k, repr(v)) for k, v in shown.items())))
+        if key not in self._seen:
+            self._seen[key] = generate_texts(subject, prompts, irm=None, **kw)
+        return list(self._seen[key])
+
+
+def frozen_texts(subject: Subject, prompts: Sequence[str], memo: FrozenAnswers | None, **kw: Any) -> list[str]:
+    """IRM-off answers, through the memo when one is given."""
+    return memo.texts(subject, prompts, **kw) if memo is not None else generate_texts(subject, prompts, irm=None, **kw)
+
+
 def generate_side_by_side(subject: Subject, irm: IRM, prompts: Sequence[str], **kwargs: Any) -> list[SideBySide]:
     """Each prompt completed with the IRM off, then on (same decoding settings)."""
     irm.check_subject(subject)
@@ -65,4 +86,4 @@ def generate_side_by_side(subject: Subject, irm: IRM, prompts: Sequence[str], **
     return [SideBySide(p, a, b) for p, a, b in zip(prompts, off, on)]
 
 
-__all__ = ["generate_side_by_side", "generate_texts", "encode_batch", "SideBySide"]
+__all__ = ["generate_side_by_side", "generate_texts", "encode_batch", "SideBySide", "FrozenAnswers", "frozen_texts"]

@@ -36,6 +36,7 @@ from .training import RUN, TrainConfig, load_run, train_irm
 
 if TYPE_CHECKING:
     from .analysis import Analysis
+    from .generation import FrozenAnswers
 
 SWEEP = "sweep.json"
 SETS = ("q1", "q2", "q3", "q4", "every4", "all")
@@ -138,7 +139,10 @@ def check_data(alignments: Mapping[str, str | Path], control: str | Path | None)
 
 def sweep_plan(subject: Any, alignments: Mapping[str, str | Path], *, sets: Sequence[str] = DEFAULT_SETS,
                seeds: Sequence[int] = (0, 1), control: str | Path | None = None) -> list[SweepRun]:
-    """The runs of a sweep: every alignment x layer set x seed, and a matched control for every layer set x seed."""
+    """The runs of a sweep: every alignment x layer set x seed, and a matched control for every layer set x seed.
+
+    Ordered seed by seed, then layer set by layer set, each set's aligned runs followed by its control: a sweep cut
+    short has finished whole (aligned runs, matched control) groups, so `--seeds 0` analyses it."""
     known = layer_sets(subject.n_layers)
     bad = [s for s in sets if s not in known]
     if bad:
@@ -146,7 +150,7 @@ def sweep_plan(subject: Any, alignments: Mapping[str, str | Path], *, sets: Sequ
     check_data(alignments, control)
     groups = list(alignments.items()) + ([(CONTROL, control)] if control else [])
     return [SweepRun(f"{name}-{s}-s{seed}", name, str(Path(path).resolve()), s, known[s], int(seed), name == CONTROL)
-            for name, path in groups for s in sets for seed in seeds]
+            for seed in seeds for s in sets for name, path in groups]
 
 
 def run_status(run_dir: Path) -> str:
@@ -209,7 +213,7 @@ def train_one(subject: Any, r: SweepRun, run_dir: Path, cfg: TrainConfig, width:
 
 
 def judge_one(subject: Any, r: SweepRun, run_dir: Path, questions: Sequence[str], ev: EvalSettings,
-              progress: bool) -> Judged:
+              progress: bool, frozen: FrozenAnswers | None = None) -> Judged:
     """Judge a trained aligned run as `irm eval --judge builtin` does (saved as RUN/judged.json)."""
     from .evaluation import drop_training_prompts, judge_irm
     from .factual import FACTS
@@ -224,7 +228,7 @@ def judge_one(subject: Any, r: SweepRun, run_dir: Path, questions: Sequence[str]
         return Judged(None, "fewer than two held-out questions", r.alignment, scale=ev.scale)
     rep = judge_irm(subject, irm, qs[:ev.limit], judge=judge, target=r.alignment, chat=run["train"].get("chat", False),
                     max_new_tokens=ev.max_new_tokens, scale=ev.scale, progress=progress,
-                    facts=FACTS if ev.facts else None).to_json()
+                    facts=FACTS if ev.facts else None, frozen=frozen).to_json()
     write_json(run_dir / "judged.json", rep)
     return summarize_verdict(rep)
 
@@ -273,6 +277,8 @@ def run_sweep(subject: Any, plan: Sequence[SweepRun], out_dir: str | Path, *, qu
         write_json(out / SWEEP, dict(base, plan=[asdict(r) for r in runs.values()]))
     save()
     from tqdm.auto import tqdm
+    from .generation import FrozenAnswers
+    frozen = FrozenAnswers()       # the IRM-off answers are the same for every run: decoded once
     for r in tqdm([runs[p.name] for p in plan], desc="sweep runs", disable=not progress, dynamic_ncols=True):
         run_dir = out / "runs" / r.name
         if not finished(r.status):
@@ -280,7 +286,7 @@ def run_sweep(subject: Any, plan: Sequence[SweepRun], out_dir: str | Path, *, qu
             r.judged = None
             save()
         if not r.control and r.judged is None:
-            r.judged = judge_one(subject, r, run_dir, questions, ev, progress)
+            r.judged = judge_one(subject, r, run_dir, questions, ev, progress, frozen)
             save()
     result = grid_result(out, [runs[p.name] for p in plan])
     if analyze:

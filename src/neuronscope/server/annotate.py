@@ -6,11 +6,11 @@ import threading
 from collections import OrderedDict
 from typing import Any, Hashable
 
+from ..describe.records import Description
 from .knowledge import Knowledge
 
-INTERPRETABLE_SCORE = 0.3  # a description's simulator score from which a neuron counts as interpretable
 
-DescriptionIndex = dict[tuple[int, int, str], dict[str, Any]]  # (layer, neuron, polarity) -> text, score, flag
+DescriptionIndex = dict[tuple[int, int, str], Description]  # (layer, neuron, polarity) -> its description
 
 
 class ViewCache:
@@ -51,21 +51,13 @@ class Annotator:
         self._lock = threading.Lock()
 
     def descriptions(self) -> DescriptionIndex | None:
-        """Every description, read once: {(layer, neuron, polarity): {"text", "score", "interpretable"}}."""
+        """Every description, read once: {(layer, neuron, polarity): Description}."""
         d = self.knowledge.descriptions
         if d is None:
             return None
         with self._lock:
             if self._desc is None:
-                index = {}
-                for row in d.all():
-                    score = row.get("score")
-                    flag = row.get("interpretable")
-                    if flag is None:
-                        flag = score is not None and float(score) >= INTERPRETABLE_SCORE
-                    index[(int(row["layer"]), int(row["neuron"]), str(row["polarity"]))] = {
-                        "text": row.get("text"), "score": score, "interpretable": bool(flag)}
-                self._desc = index
+                self._desc = {(r.layer, r.neuron, r.polarity): r for r in d.all()}
             return self._desc
 
     def meta(self, row: dict[str, Any]) -> dict[str, Any]:
@@ -74,7 +66,7 @@ class Annotator:
             index = self.descriptions()
             d = index.get((row["layer"], row["neuron"], row["polarity"])) if index is not None else None
             tops = self.knowledge.top_tokens(row["layer"], row["neuron"], row["polarity"])
-            row.update(description=d["text"] if d else None, interpretable=bool(d and d["interpretable"]),
+            row.update(description=d.text if d else None, interpretable=bool(d and d.interpretable),
                        top_tokens=tops)
         return row
 

@@ -5,19 +5,14 @@ meaning (`concepts.semantic.semantic_search`); else by the decode + description 
 Results are cached (a steering by concept and the concept list ask the same question)."""
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import replace
 
+from ..concepts.records import NeuronMatch
 from ..errors import NeuronscopeError
 from . import schemas as S
 from .annotate import ViewCache
 from .knowledge import Knowledge
 from .limits import Limits
-
-
-def concept_row(r: dict[str, Any]) -> S.ConceptRowOut:
-    """A row of `Knowledge.search` as the view's row type (the same keys)."""
-    return {"layer": r["layer"], "neuron": r["neuron"], "polarity": r["polarity"], "score": r["score"],
-            "tokens": r["tokens"], "source": r["source"], "description": r["description"]}
 
 
 class Concepts:
@@ -41,40 +36,36 @@ class Concepts:
         except NoConceptText as exc:        # says so instead of listing noise
             return {"query": query, "results": [], "notes": [str(exc)] + list(self.knowledge.notes)}
 
-    def search(self, query: str, k: int) -> list[S.ConceptRowOut]:
+    def search(self, query: str, k: int) -> list[NeuronMatch]:
         """The rows of `concepts` (copies: a caller may change them)."""
         key = ("search", query.strip().lower(), int(k))
-        hit: list[S.ConceptRowOut] | None = self.cache.get(key)
+        hit: list[NeuronMatch] | None = self.cache.get(key)
         if hit is not None:
-            return [r.copy() for r in hit]
+            return _copies(hit)
         rows = self._search_uncached(query, k)
-        self.cache.put(key, [r.copy() for r in rows])
+        self.cache.put(key, _copies(rows))
         return rows
 
-    def writers(self, query: str, k: int) -> list[S.ConceptRowOut]:
+    def writers(self, query: str, k: int) -> list[NeuronMatch]:
         """The neurons a steering by concept clamps: the concept's writers where there is concept evidence (they
         promote its words), else the best rows of `search`."""
         if not self.has_evidence():
             return self.search(query, k)
         key = ("writers", query.strip().lower(), int(k))
-        hit: list[S.ConceptRowOut] | None = self.cache.get(key)
+        hit: list[NeuronMatch] | None = self.cache.get(key)
         if hit is not None:
-            return [r.copy() for r in hit]
+            return _copies(hit)
         from ..concepts.steer import MIN_WRITES
-        rows = [r for r in self._grounded(query, k, "writes") if r["score"] >= MIN_WRITES]
-        self.cache.put(key, [r.copy() for r in rows])
+        rows = [r for r in self._grounded(query, k, "writes") if r.score >= MIN_WRITES]
+        self.cache.put(key, _copies(rows))
         return rows
 
-    def _grounded(self, query: str, k: int, side: str) -> list[S.ConceptRowOut]:
+    def _grounded(self, query: str, k: int, side: str) -> list[NeuronMatch]:
         from ..concepts.search import concept_search
         folder = self.knowledge.atlas_dir
         if folder is None:
             return []
-        res = concept_search(folder, query, side=side, k=k)
-        return [{"layer": h.layer, "neuron": h.neuron, "polarity": h.polarity,
-                 "score": h.writes if side == "writes" else h.score,
-                 "tokens": h.read_words if h.side == "reads" else h.write_words, "source": h.side,
-                 "description": h.description} for h in res.hits]
+        return [h.match(side) for h in concept_search(folder, query, side=side, k=k).hits]
 
     def has_evidence(self) -> bool:
         """Whether concept evidence can be used here (built or buildable; looked up once)."""
@@ -87,7 +78,7 @@ class Concepts:
             self._evidence_ok = ok
         return bool(self._evidence_ok)
 
-    def _search_uncached(self, query: str, k: int) -> list[S.ConceptRowOut]:
+    def _search_uncached(self, query: str, k: int) -> list[NeuronMatch]:
         folder = self.knowledge.atlas_dir
         if folder and self.has_evidence():
             return self._grounded(query, k, "both")
@@ -98,10 +89,8 @@ class Concepts:
             except NeuronscopeError:
                 hits = None
             if hits is not None:
-                return [{"layer": int(h["layer"]), "neuron": int(h["neuron"]), "polarity": str(h["polarity"]),
-                         "score": float(h["score"]), "tokens": list(h.get("tokens") or []), "source": "semantic",
-                         "description": h.get("description")} for h in hits]
-        return [concept_row(r) for r in self.knowledge.search(query, k=k)]
+                return [h.match() for h in hits]
+        return self.knowledge.search(query, k=k)
 
     def has_index(self) -> bool:
         """Whether the atlas has the describe step's embedding index (looked up once)."""
@@ -112,3 +101,7 @@ class Concepts:
             except (ImportError, NeuronscopeError, OSError):
                 self._index_ok = False
         return self._index_ok
+
+
+def _copies(rows: list[NeuronMatch]) -> list[NeuronMatch]:
+    return [replace(r, tokens=list(r.tokens)) for r in rows]

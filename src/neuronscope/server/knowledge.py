@@ -18,6 +18,7 @@ import torch
 
 from ..atlas.decode import decode_neuron
 from ..atlas.folder import AtlasFolder
+from ..concepts.records import NeuronMatch
 from ..errors import NeuronscopeError
 from ..parts import open_parts
 from ..refs import check_polarity
@@ -26,7 +27,8 @@ if TYPE_CHECKING:
     from ..atlas import Atlas
     from ..atlas.atlas import DecodedToken
     from ..describe.describe import Descriptions
-    from ..stats.results import NeuronStats
+    from ..describe.records import DescriptionKind
+    from ..stats.results import Exemplar, NeuronStats
     from ..subject import Subject
 
 DECODE_SITE = {"pos": "down.pos", "neg": "down.neg"}   # a negative activation promotes the down.neg tokens
@@ -152,31 +154,31 @@ class Knowledge:
         if self.descriptions is None:
             return None
         d = self.descriptions.get(layer, neuron, polarity)
-        return d.get("text") if d else None
+        return d.text if d else None
 
-    def description_kinds(self, layer: int, neuron: int, polarity: str) -> list[dict[str, Any]]:
+    def description_kinds(self, layer: int, neuron: int, polarity: str) -> list[DescriptionKind]:
         """Every kind of stored description of one polarity with its scores ([] without descriptions)."""
         if self.descriptions is None:
             return []
         d = self.descriptions.get(layer, neuron, polarity, candidates=True)
-        keys = ("source", "text", "score", "detection", "output_score", "effect")
-        return [{k: c.get(k) for k in keys} for c in (d or {}).get("candidates", [])]
+        return list(d.candidates or []) if d else []
 
-    def exemplars(self, layer: int, neuron: int, polarity: str, n: int) -> list[dict[str, Any]]:
+    def exemplars(self, layer: int, neuron: int, polarity: str, n: int) -> list[Exemplar]:
         """The stored exemplars, read from the folder (the reader never runs the model; the Monitor fills in each
         window's activations itself, `Monitor._window_acts`: a forward in chunks under the model lock)."""
         if self.stats is None:
             return []
-        out: list[dict[str, Any]] = self.stats.exemplars(layer, neuron, polarity=polarity, n=n)
-        return out
+        return self.stats.exemplars(layer, neuron, polarity=polarity, n=n)
 
-    def search(self, query: str, k: int = 50) -> list[dict[str, Any]]:
-        """Neurons for a concept: the atlas search plus the descriptions' text search, merged, best first."""
+    def search(self, query: str, k: int = 50) -> list[NeuronMatch]:
+        """Neurons for a concept by decoded tokens and description text (the fallback of the Monitor's concept
+        search without concept evidence or a describe index): the atlas search plus the descriptions' text search,
+        merged, best first."""
         if not query.strip():
             raise NeuronscopeError("The concept is empty; type a word or phrase to search for.")
         if self.atlas is None and self.descriptions is None:
             raise NeuronscopeError("Concept search needs an atlas or descriptions; start the server with --atlas.")
-        found: dict[tuple[int, int, str], dict[str, Any]] = {}
+        found: dict[tuple[int, int, str], NeuronMatch] = {}
         atlas_error = None
         hits = []
         if self.atlas is not None:
@@ -187,21 +189,20 @@ class Knowledge:
             for r in hits:
                 pol = "neg" if r.get("site") == "down.neg" else "pos"
                 key = (int(r["layer"]), int(r["neuron"]), pol)
-                if key not in found or found[key]["score"] < float(r["score"]):
-                    found[key] = {"layer": key[0], "neuron": key[1], "polarity": pol, "score": float(r["score"]),
-                                  "tokens": list(r.get("tokens") or []), "source": f"atlas:{r.get('site')}"}
+                if key not in found or found[key].score < float(r["score"]):
+                    found[key] = NeuronMatch(*key, float(r["score"]), list(r.get("tokens") or []),
+                                             f"atlas:{r.get('site')}")
         if self.descriptions is not None:
-            for r in self.descriptions.search(query, k=2 * k):
-                key = (int(r["layer"]), int(r["neuron"]), str(r["polarity"]))
-                score = float(r["score"]) if r.get("score") is not None else 0.0
-                if key not in found or found[key]["score"] < score:
-                    found[key] = {"layer": key[0], "neuron": key[1], "polarity": key[2], "score": score,
-                                  "tokens": self.top_tokens(key[0], key[1], key[2]), "source": "description"}
+            for m in self.descriptions.search(query, k=2 * k):
+                key = (m.description.layer, m.description.neuron, m.description.polarity)
+                score = float(m.match)
+                if key not in found or found[key].score < score:
+                    found[key] = NeuronMatch(*key, score, self.top_tokens(*key), "description")
         if not found and atlas_error is not None:
             raise atlas_error
-        rows = sorted(found.values(), key=lambda r: -r["score"])[:k]
-        for r in rows:
-            r["description"] = self.description(r["layer"], r["neuron"], r["polarity"])
+        rows = sorted(found.values(), key=lambda m: -m.score)[:k]
+        for row in rows:
+            row.description = self.description(*row.key)
         return rows
 
     def clusters(self, neurons: list[tuple[int, int, str]], min_size: int = 2,

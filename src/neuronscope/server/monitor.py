@@ -25,7 +25,7 @@ from ..errors import NeuronscopeError
 from ..interventions import Capture
 from ..subject import Subject
 from . import schemas as S
-from .annotate import INTERPRETABLE_SCORE, Annotator, ViewCache
+from .annotate import Annotator, ViewCache
 from .chat import Chat, Event
 from .clustering import Clusters
 from .concepts import Concepts
@@ -42,7 +42,7 @@ from .steering import MODES, Steerer
 from .transfer import EXPORT_FORMAT, Importer, export_session
 from .views import CONTENT_ROLES, SORTS, Views, chat_mode
 
-__all__ = ["Monitor", "MODES", "SORTS", "CONTENT_ROLES", "PLAIN_SEPARATOR", "INTERPRETABLE_SCORE", "EXPORT_FORMAT"]
+__all__ = ["Monitor", "MODES", "SORTS", "CONTENT_ROLES", "PLAIN_SEPARATOR", "EXPORT_FORMAT"]
 
 
 class Monitor:

@@ -2,13 +2,13 @@
 neuron's activation there (a forward of the exemplar windows that stops after the neuron's layer)."""
 from __future__ import annotations
 
-from typing import Any
 
 import torch
 
 from ..errors import NeuronscopeError
 from ..interventions import Capture
 from ..refs import check_neuron
+from ..stats.results import Exemplar
 from . import schemas as S
 from .annotate import Annotator, ViewCache
 from .chunked import forward_chunks
@@ -47,15 +47,14 @@ class NeuronPages:
         self.cache.put(key, out)
         return out
 
-    def _exemplar(self, layer: int, neuron: int, e: dict[str, Any]) -> S.ExemplarOut:
+    def _exemplar(self, layer: int, neuron: int, e: Exemplar) -> S.ExemplarOut:
         """One exemplar as the page shows it: its tokens, its activation and each token's mark (normalised)."""
         k = self.knowledge
-        acts = e.get("acts")
-        marked = [k.normalise_one(layer, neuron, x) for x in acts] if acts else None
-        return {"activation": float(e["activation"]),
-                "normalised": k.normalise_one(layer, neuron, float(e["activation"])), "position": int(e["position"]),
-                "tokens": self.renderer.display_tokens(list(e["token_ids"])) if e.get("token_ids") else
-                list(e["tokens"]), "text": e.get("text", ""), "marks": marked}
+        marked = [k.normalise_one(layer, neuron, x) for x in e.acts] if e.acts else None
+        return {"activation": e.activation, "normalised": k.normalise_one(layer, neuron, e.activation),
+                "position": e.position,
+                "tokens": self.renderer.display_tokens(e.token_ids) if e.token_ids else list(e.tokens),
+                "text": e.text, "marks": marked}
 
     def _neuron(self, layer: int, neuron: int, n_exemplars: int, marks: bool) -> S.NeuronOut:
         k = self.knowledge
@@ -64,12 +63,12 @@ class NeuronPages:
                  for pol in POLARITIES}
         if marks:
             every = [e for pol in POLARITIES for e in found[pol]]
-            for e, acts in zip(every, self.window_acts([list(e["token_ids"]) for e in every], layer, neuron)):
-                e["acts"] = acts
+            for e, acts in zip(every, self.window_acts([list(e.token_ids) for e in every], layer, neuron)):
+                e.acts = acts
         exemplars = {pol: [self._exemplar(layer, neuron, e) for e in found[pol]] for pol in POLARITIES}
         return {"layer": layer, "neuron": neuron, "decodes": decodes, "decodes_source": source,
                 "descriptions": {p: k.description(layer, neuron, p) for p in POLARITIES},
-                "description_kinds": {p: k.description_kinds(layer, neuron, p) for p in POLARITIES},  # type: ignore[misc]
+                "description_kinds": {p: k.description_kinds(layer, neuron, p) for p in POLARITIES},
                 "exemplars": exemplars, "quantiles": k.quantiles_of(layer, neuron),
                 "quantile_marks": self.annotator.level_marks(), "normalised_by": self.annotator.normalised_by(),
                 "notes": list(k.notes)}

@@ -12,6 +12,8 @@ from typing import Annotated, Any, Literal, Optional
 from pydantic import BaseModel, Field
 from typing_extensions import NotRequired, TypedDict
 
+from ..concepts.records import NeuronMatch
+from ..describe.records import DescriptionKind
 from .limits import DEFAULT as L
 
 
@@ -212,22 +214,13 @@ class ExemplarOut(TypedDict):
     marks: Optional[list[Optional[float]]]
 
 
-class DescriptionKindOut(TypedDict):
-    source: Annotated[str, Field(description="label, context, output, decode or explainer.")]
-    text: str
-    score: Annotated[Optional[float], Field(description="Pearson r on held-out windows (input-side kinds).")]
-    detection: Annotated[Optional[float], Field(description="Balanced accuracy on held-out windows (chance 0.5).")]
-    output_score: Annotated[Optional[float], Field(description="Output kind: share held on held-out prompts.")]
-    effect: Annotated[Optional[float], Field(description="Output kind: mean held-out raise, nats.")]
-
-
 class NeuronOut(TypedDict):
     layer: int
     neuron: int
     decodes: dict[str, list[DecodeOut]]
     decodes_source: str
     descriptions: dict[str, Optional[str]]
-    description_kinds: Annotated[dict[str, list[DescriptionKindOut]],
+    description_kinds: Annotated[dict[str, list[DescriptionKind]],
                                  Field(description="Every kind of description per polarity, with its scores.")]
     exemplars: dict[str, list[ExemplarOut]]
     quantiles: Optional[dict[str, float]]
@@ -257,19 +250,9 @@ class NeuronOutputsOut(TypedDict):
                        Field(description="Per polarity; null when the neuron never fires with that sign.")]
 
 
-class ConceptRowOut(TypedDict):
-    layer: int
-    neuron: int
-    polarity: str
-    score: float
-    tokens: list[str]
-    source: str
-    description: Optional[str]
-
-
 class ConceptsOut(TypedDict):
     query: str
-    results: list[ConceptRowOut]
+    results: list[NeuronMatch]
     notes: list[str]
 
 

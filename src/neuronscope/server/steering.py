@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Sequence
 
+from ..concepts.records import NeuronMatch
 from ..errors import NeuronscopeError
 from ..interventions import Clamp
 from ..refs import check_neuron, check_polarity
@@ -23,7 +24,7 @@ MODES = ("strengthen", "suppress", "clamp")
 DEFAULT_NEURONS = {"strengthen": 50, "suppress": 500, "clamp": 500}
 
 Picked = list[tuple[int, int, str]]                          # (layer, neuron, polarity)
-Search = Callable[[str, int], list[S.ConceptRowOut]]          # concept, k -> best neurons first
+Search = Callable[[str, int], list[NeuronMatch]]          # concept, k -> best neurons first
 Positions = Sequence[int] | str
 
 
@@ -147,7 +148,7 @@ class Steerer:
         found = self.search(concept, n)
         if not found:
             raise NeuronscopeError(f"No neurons found for the concept '{concept}'.")
-        return [(r["layer"], r["neuron"], r["polarity"]) for r in found[:n]]
+        return [r.key for r in found[:n]]
 
     def values(self, picked: Picked, mode: str, strength: float,
                value: float | None) -> list[tuple[int, int, str, float]]:

@@ -184,7 +184,7 @@ class Views:
                 continue
             if index is not None:
                 d = index.get((row["layer"], row["neuron"], row["polarity"]))
-                if not (d and d["interpretable"]):
+                if not (d and d.interpretable):
                     continue
             if not self._matches(row, needle):
                 continue

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import sqlite3
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
@@ -174,6 +175,20 @@ def load_layers(folder: Path) -> list[LayerExtremes]:
 # ---------------------------------------------------------------------------------------------------------------
 # the reader
 # ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class Exemplar:
+    """A stored window where a neuron fires most (top, `pos`) or least (bottom, `neg`): the activation at the firing
+    token, the window's id, the firing token's position in it, its token ids, token strings and text, and `acts`
+    (the neuron at every token of the window) once `with_window_acts` has run the model."""
+    activation: float
+    window: int
+    position: int
+    token_ids: list[int]
+    tokens: list[str]
+    text: str
+    acts: list[float] | None = None
+
+
 class NeuronStats:
     """Corpus statistics of every neuron of one model, read from an atlas folder (no model needed)."""
 
@@ -285,12 +300,10 @@ class NeuronStats:
             hit = self._win_cache[w] = (json.loads(row[0]), json.loads(row[1]), row[2])
         return hit
 
-    def exemplars(self, layer: int, i: int, polarity: str = "pos", n: int = 20) -> list[dict[str, Any]]:
-        """The top (`pos`) or bottom (`neg`) exemplars of neuron (layer, i), strongest first, read from the folder.
-
-        Each: activation, window id, position in the window, the window's token ids, token strings and text, and
-        `acts` None (a reader never runs the model: `with_window_acts(subject, exemplars, layer, i)` fills it in).
-        """
+    def exemplars(self, layer: int, i: int, polarity: str = "pos", n: int = 20) -> list[Exemplar]:
+        """The top (`pos`) or bottom (`neg`) exemplars of neuron (layer, i), strongest first, read from the folder,
+        with `acts` None (a reader never runs the model: `with_window_acts(subject, exemplars, layer, i)` fills it
+        in)."""
         from ..refs import check_neuron, check_polarity
         check_polarity(polarity)
         check_neuron(layer, i, self.n_layers, self.n_neurons, where="the statistics")
@@ -298,14 +311,13 @@ class NeuronStats:
             return []
         vals = self._a[f"ex_{polarity}_value"][layer, i]
         idx = self._a[f"ex_{polarity}_index"][layer, i]
-        out: list[dict[str, Any]] = []
+        out: list[Exemplar] = []
         for v, gi in zip(vals.tolist(), idx.tolist()):
             if gi < 0 or len(out) >= n:
                 break
             w, pos = divmod(int(gi), self.window)
             ids, toks, text = self._window(w)
-            out.append({"activation": float(v), "window": w, "position": pos, "token_ids": list(ids),
-                        "tokens": list(toks), "text": text, "acts": None})
+            out.append(Exemplar(float(v), w, pos, list(ids), list(toks), text))
         return out
 
     def extremes(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -318,14 +330,13 @@ class NeuronStats:
             return f.get_tensor(f"top.{layer}"), f.get_tensor(f"bottom.{layer}")
 
 
-def with_window_acts(subject: Subject, exemplars: list[dict[str, Any]], layer: int,
-                     neuron: int) -> list[dict[str, Any]]:
+def with_window_acts(subject: Subject, exemplars: list[Exemplar], layer: int, neuron: int) -> list[Exemplar]:
     """`exemplars` (from `NeuronStats.exemplars`) with `acts` filled in: this neuron's activation at every token of
     each window, recomputed with `subject` (one batched forward per window length)."""
     if exemplars:
-        acts = window_activations(subject, [e["token_ids"] for e in exemplars], layer, neuron)
+        acts = window_activations(subject, [e.token_ids for e in exemplars], layer, neuron)
         for e, a in zip(exemplars, acts):
-            e["acts"] = a
+            e.acts = a
     return exemplars
 
 
