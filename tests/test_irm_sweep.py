@@ -152,3 +152,35 @@ def test_frozen_answers_are_decoded_once_and_equal_a_fresh_decode(stories):
         del stories.generate_ids
     assert again == first and len(calls) == 1 and len(other) == 3
     assert first == generate_texts(stories, prompts, irm=None, max_new_tokens=6, temperature=0.0, seed=0)
+
+
+def test_a_run_folder_keeps_its_verdict_for_sweeps_of_parts_of_a_grid(stories, tmp_path):
+    """sweep.json written by a process that ran another part of the grid lacks a run's verdict: the run's own
+    judged.json gives it back, unless the IRM was written after it (a stale judgement)."""
+    from neuronscope.irm.sweep import _merge_state, sweep_plan
+    from neuronscope.store import write_json
+    for name in ("sad", "ctrl"):
+        _write(tmp_path / f"{name}.jsonl", " and then the bus went to town.", n=4)
+    plan = sweep_plan(stories, {"sadness": tmp_path / "sad.jsonl"}, sets=["all"], seeds=[0],
+                      control=tmp_path / "ctrl.jsonl")
+    out = tmp_path / "sweep"
+    run = out / "runs" / "sadness-all-s0"
+    write_json(run / "run.json", {"status": "done"})
+    (run / "irm.safetensors").write_bytes(b"weights")
+    verdict = {"target_doubles": True, "target_significant": True, "opposite_not_up": True, "repetition_ok": False,
+               "passed": False, "target_ratio": 20.0, "target_p": 1e-4, "opposite_diff": 0.0,
+               "repetition_ratio": 2.0}
+    write_json(run / "judged.json", {"verdict": verdict, "target": "sadness", "scale": 0.7,
+                                     "openings": {"on": {"share": 0.5}}, "factual": {"accuracy_off": 0.6,
+                                                                                     "accuracy_on": 0.7}})
+    t = time.time()
+    os.utime(run / "irm.safetensors", (t - 10, t - 10))
+    os.utime(run / "judged.json", (t, t))
+    runs = _merge_state(out, plan, {})
+    j = runs["sadness-all-s0"].judged
+    assert j is not None and j.passed is False and j.reason == "repetition over 1.5x" and j.factual_on == 0.7
+    assert runs["control-all-s0"].judged is None and runs["control-all-s0"].status == "new"
+    os.utime(run / "irm.safetensors", (t + 10, t + 10))       # retrained after that judgement: judged again
+    again = sweep_plan(stories, {"sadness": tmp_path / "sad.jsonl"}, sets=["all"], seeds=[0],
+                       control=tmp_path / "ctrl.jsonl")
+    assert _merge_state(out, again, {})["sadness-all-s0"].judged is None

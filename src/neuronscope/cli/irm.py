@@ -345,6 +345,9 @@ def sweep(
                                        "model's continuation after each prompt."),
     known_dims: str = typer.Option("", "--known-dims", help="Hidden dims to test the significant indices against, "
                                    "besides the model's measured massive dims (e.g. 1415,2533,1512 for Llama-2-7B)."),
+    analyze: bool = typer.Option(True, "--analyze/--no-analyze", help="Analyse at the end; --no-analyze only trains "
+                                 "and judges (a process working on part of the grid, e.g. one seed, while another "
+                                 "takes the rest; a last call over the whole grid analyses)."),
     gguf_file: Optional[str] = GgufOpt,
     dtype: str = DtypeOpt,
     device: Optional[str] = DeviceOpt,
@@ -355,6 +358,9 @@ def sweep(
 
     Example: neuronscope irm sweep -m SmolLM2.gguf -a sadness=sad-frame.jsonl -a anger=anger-frame.jsonl
     -a joy=joy-frame.jsonl --control neutral-frame.jsonl -q examples/questions.txt -o sweeps/smollm
+
+    In parallel (each run's verdict is kept in its folder): the same command with --seeds 0 --no-analyze and with
+    --seeds 1 --no-analyze at once, one thread each (OMP_NUM_THREADS=1), then once with --seeds 0,1.
     """
     from ..interrupt import Interrupted
     from ..irm.data import read_table
@@ -373,11 +379,15 @@ def sweep(
     ev = EvalSettings(scale=scale, limit=limit, max_new_tokens=judge_tokens, facts=facts)
     try:
         res = run_sweep(subject, plan, out, questions=qs, config=cfg, width=width, depth=depth, evaluation=ev,
-                        analysis_kwargs={"top_k": top_k, "max_new_tokens": max_new_tokens,
+                        analyze=analyze, analysis_kwargs={"top_k": top_k, "max_new_tokens": max_new_tokens,
                                          "known_dims": _ints(known_dims, "--known-dims")})
     except Interrupted as exc:
         typer.echo(str(exc) + " (run the same sweep command again: finished runs are kept)", err=True)
         raise typer.Exit(exc.exit_code) from None
+    if not analyze:
+        console.print(f"{len(plan)} runs trained; {len(res.analysed)} aligned runs passed their judge; not analysed "
+                      "(--no-analyze).")
+        return
     for line in res.findings:
         console.print(line, markup=False)
     console.print(f"{len(plan)} runs, {len(res.analysed)} aligned runs passed and were analysed; report: "

@@ -17,7 +17,9 @@ alignment. Control data built otherwise (a different `source` or row kind) is re
 Each run lives in OUT/runs/<alignment>-<set>-s<seed>; OUT/sweep.json records the plan, each run's status and each
 aligned run's verdict after every step (atomically). Running the same sweep again skips finished runs and judged
 runs, resumes an interrupted run from its last checkpoint, and judges runs not yet judged; the grid may grow (more
-seeds, sets or alignments) between calls, with the same training options.
+seeds, sets or alignments) between calls, with the same training options. A run's verdict is also kept in its
+folder (judged.json), so sweeps of disjoint parts of one grid can run at once into the same folder (say one process
+per seed: `--seeds 0` and `--seeds 1`) and one call over the whole grid then gathers them and analyses.
 
 Only aligned runs that pass their judge are analysed (with their matched controls, the paired tests of
 irm.compare); runs that fail are listed with their figures, runs that cannot be judged are listed as such.
@@ -32,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 from ..errors import NeuronscopeError
 from ..store import read_json, write_json, write_text
 from .compare import Pair
+from .model import WEIGHTS
 from .training import RUN, TrainConfig, load_run, train_irm
 
 if TYPE_CHECKING:
@@ -186,8 +189,23 @@ def _merge_state(out: Path, plan: Sequence[SweepRun], base: dict[str, Any]) -> d
     for p in plan:
         r = kept.get(p.name, p)
         r.status = run_status(out / "runs" / p.name)
+        if r.judged is None and not r.control and finished(r.status):
+            r.judged = saved_verdict(out / "runs" / p.name)
         runs[p.name] = r
     return runs
+
+
+def saved_verdict(run_dir: Path) -> Judged | None:
+    """The verdict a finished run's judged.json holds when it was judged after the final IRM was written, else None.
+    sweep.json is then a summary the run folders can rebuild: sweeps over disjoint parts of a grid (e.g. one
+    process a seed, `--seeds 0` and `--seeds 1` into one folder) come together in one call over the whole grid."""
+    judged, irm = run_dir / "judged.json", run_dir / WEIGHTS
+    if not (judged.is_file() and irm.is_file()) or judged.stat().st_mtime < irm.stat().st_mtime:
+        return None
+    try:
+        return summarize_verdict(read_json(judged))
+    except (KeyError, TypeError, ValueError, OSError):
+        return None
 
 
 # ---- training and judging -------------------------------------------------------------------------------------------
