@@ -211,17 +211,17 @@ def test_planted_groups_cluster_whole_and_named(planted, embedder):
     others = [(l, n, "pos") for l, n in {(rng.randrange(1, 3), rng.randrange(48)) for _ in range(12)}]
     items = [(0, n, "pos") for n in HAPPY_GROUP + MOM_GROUP] + others
     groups = cluster_neurons(folder, items, embedder=embedder)
-    named = {g["name"]: sorted(m[1] for m in g["members"] if m[0] == 0) for g in groups}
+    named = {g.name: sorted(m[1] for m in g.members if m[0] == 0) for g in groups}
     assert named.get(happy) == sorted(HAPPY_GROUP) and named.get(mom) == sorted(MOM_GROUP)
     from neuronscope.describe import Descriptions
     D = Descriptions.open(folder)
     for g in groups:
-        if g["name"] in (happy, mom):       # whole; any other member names the same token (a real neighbour)
-            assert g["coherence"] > 0.8
-            assert all(f"'{g['name']}'" in D.get(*m).text for m in g["members"])
-            assert g["steer"].startswith(",".join(f"0:{n}+" for n in sorted(HAPPY_GROUP if g["name"] == happy
-                                                                              else MOM_GROUP)))
-    assert all(g["size"] >= 3 for g in groups)
+        if g.name in (happy, mom):       # whole; any other member names the same token (a real neighbour)
+            assert g.coherence > 0.8
+            assert all(f"'{g.name}'" in D.get(*m).text for m in g.members)
+            assert g.steer.startswith(",".join(f"0:{n}+" for n in sorted(HAPPY_GROUP if g.name == happy
+                                                                         else MOM_GROUP)))
+    assert all(g.size >= 3 for g in groups)
     with pytest.raises(NeuronscopeError, match="Polarity"):
         cluster_neurons(folder, [(0, 1, "up")])
     with pytest.raises(NeuronscopeError, match="out of range"):
@@ -268,7 +268,7 @@ def test_clusters_without_any_embedder_use_shared_tokens(planted, tmp_path, monk
     (copy / "neuron_emb.safetensors").unlink()
     monkeypatch.delenv("NEURONSCOPE_EMBEDDER", raising=False)
     groups = cluster_neurons(copy, [(0, n, "pos") for n in HAPPY_GROUP + MOM_GROUP])
-    assert sorted((g["name"], g["size"]) for g in groups) == sorted([(happy, 3), (mom, 3)])
+    assert sorted((g.name, g.size) for g in groups) == sorted([(happy, 3), (mom, 3)])
 
 
 def fake_llm(request: httpx.Request) -> httpx.Response:
@@ -312,7 +312,7 @@ def test_explainer_endpoint_candidates_scored_on_held_out_windows(planted, simul
     assert score == pytest.approx(max(by.values()), abs=1e-6) and split_parts(text)[0].strip() in by
     assert Descriptions.open(folder).get(0, HAPPY_GROUP[1], "pos").source == source
     groups = cluster_neurons(folder, [(0, n, "pos") for n in HAPPY_GROUP], explainer=ex)
-    assert groups[0]["name"] == "Happiness"
+    assert groups[0].name == "Happiness"
     bad = OpenAIExplainer("http://127.0.0.1:9/v1", client=httpx.Client(
         transport=httpx.MockTransport(lambda r: httpx.Response(500, text="boom"))))
     with pytest.raises(NeuronscopeError, match="answered 500"):
@@ -351,7 +351,7 @@ def test_cli_describe_search_cluster(planted):
         groups = json.loads(r.stdout)
         assert sorted(sorted(m[1] for m in g["members"]) for g in groups) == \
             sorted([sorted(HAPPY_GROUP), sorted(MOM_GROUP)])
-        assert all(g.get("kind", "concept") == "concept" for g in groups)
+        assert all(g["kind"] == ("concept" if by == "auto" else "description") for g in groups)
     r = _cli("cluster", str(folder), "--neurons", "0:x")
     assert r.returncode == 2 and "error:" in r.stderr
     r = _cli("atlas", "search", str(folder), "mother", "--embedder", "/nonexistent/emb")

@@ -182,21 +182,20 @@ def cluster(
     emb = None if embedder == "default" else embedder
     if by == "meaning" or (by == "auto" and has_concept_evidence(atlas_dir) and explainer is None):
         from ..concepts.clusters import concept_clusters
-        groups = [c.to_dict() for c in concept_clusters(atlas_dir, items, min_size=min_size, embedder=emb)]
+        groups = concept_clusters(atlas_dir, items, min_size=min_size, embedder=emb)
     else:
         from ..concepts.by_description import cluster_neurons
         groups = cluster_neurons(atlas_dir, items, threshold=threshold, min_size=min_size, embedder=emb,
                                  explainer=explainer)
     if as_json:
-        typer.echo(json.dumps(groups, indent=2))
+        typer.echo(json.dumps([g.to_dict() for g in groups], indent=2))
         return
     if not groups:
         console.print(f"no cluster of {min_size} or more neurons")
         return
     table = Table("cluster", "kind", "size", "coherence", "members (--steer form)")
     for g in groups:
-        table.add_row(escape(g["name"]), str(g.get("kind", "description")), str(g["size"]), f"{g['coherence']:.2f}",
-                      g["steer"])
+        table.add_row(escape(g.name), g.kind, str(g.size), f"{g.coherence:.2f}", g.steer)
     console.print(table)
 
 

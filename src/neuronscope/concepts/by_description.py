@@ -27,7 +27,7 @@ from ..errors import NeuronscopeError
 from ..describe.describe import check_db_once, decoded_site
 from ..describe.index import description_items, load_index, neuron_vectors
 from ..describe.label import quote, token_key
-from .clusters import neuron_items, steer_form
+from .clusters import ConceptCluster, neuron_items, steer_form
 
 Key = tuple[int, int, str]
 
@@ -37,9 +37,9 @@ def _folder(atlas: Any) -> Path:
 
 
 def cluster_neurons(atlas: Any, neurons: Sequence[Sequence[Any]], *, threshold: float = 0.6, min_size: int = 3,
-                    embedder: Any = None, explainer: Any = None) -> list[dict[str, Any]]:
-    """Clusters of `neurons` ([(layer, neuron, polarity)]; a polarity left out means pos), biggest first:
-    [{"name", "members": [[l, n, p], ...], "size", "coherence", "tokens", "steer"}]."""
+                    embedder: Any = None, explainer: Any = None) -> list[ConceptCluster]:
+    """Clusters of `neurons` ([(layer, neuron, polarity)]; a polarity left out means pos), biggest first, each a
+    `ConceptCluster` of kind "description" (name, members [[l, n, p], ...], size, coherence, tokens, steer)."""
     folder = _folder(atlas)
     if not 0 < float(threshold) <= 2:
         raise NeuronscopeError(f"The distance threshold must be in (0, 2], got {threshold}.")
@@ -53,7 +53,7 @@ def cluster_neurons(atlas: Any, neurons: Sequence[Sequence[Any]], *, threshold: 
     idx = load_index(folder)
     vec = _vectors(items, texts, idx, embedder)
     center = idx.center if idx is not None else None
-    out: list[dict[str, Any]] = []
+    out: list[ConceptCluster] = []
     for g in _groups(vec, float(threshold)):
         if len(g) < min_size:
             continue
@@ -63,9 +63,9 @@ def cluster_neurons(atlas: Any, neurons: Sequence[Sequence[Any]], *, threshold: 
         name, tokens = _name(members, texts, V, embedder, center)
         if explainer is not None:
             name = _llm_name(explainer, [texts[it][0] for it in members]) or name
-        out.append({"name": name, "members": [list(it) for it in members], "size": len(members),
-                    "coherence": round(coherence, 4), "tokens": tokens, "steer": steer_form(members)})
-    out.sort(key=lambda c: (-c["size"], -c["coherence"], c["members"][0]))
+        out.append(ConceptCluster(name, "description", [list(it) for it in members], len(members),
+                                  round(coherence, 4), tokens, steer=steer_form(members)))
+    out.sort(key=lambda c: (-c.size, -c.coherence, c.members[0]))
     return out
 
 

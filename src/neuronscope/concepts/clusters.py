@@ -64,9 +64,12 @@ def form_group(key: str) -> str:
 
 @dataclass
 class ConceptCluster:
-    """A group of neuron polarities with its name and what its members read and write."""
+    """A group of neuron polarities with its name and what its members read and write: the one cluster record of
+    every grouping (by meaning here, by description in concepts.by_description, by shared top token in the
+    Monitor's fallback)."""
     name: str
-    kind: str                                   # "concept", "context" (fires here on a topic), "form", "unclear"
+    kind: str               # "concept", "context" (fires here on a topic), "form", "unclear"; "description": grouped
+                            # by description (by_description); "token": by a shared top decoded token
     members: list[list[Any]]                    # [[layer, neuron, polarity], ...]
     size: int
     coherence: float                            # members' mean share of the topic's words (1 for form groups)

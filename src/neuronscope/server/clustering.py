@@ -44,13 +44,12 @@ class Clusters:
         out: list[S.ClusterOut] = []
         for c in found:
             members: list[list[Any]] = [[int(m[0]), int(m[1]), str(m[2]) if len(m) > 2 else "pos"]
-                                        for m in c["members"]]
+                                        for m in c.members]
             total = sum(act.get((m[0], m[1], m[2]), 0.0) for m in members)
-            kind = str(c.get("kind") or "concept")
-            topic = (c.get("writes") or c.get("reads")) if kind in ("concept", "context") else None
-            out.append({"name": c["name"], "kind": kind, "topic": topic, "members": members,
-                        "tokens": list(c.get("tokens") or []), "size": len(members), "activation": float(total),
-                        "attribution": None})
+            kind = c.kind if c.kind in ("concept", "context", "form", "unclear") else "concept"  # by description or
+            topic = (c.writes or c.reads) if kind in ("concept", "context") else None          # token: as before
+            out.append({"name": c.name, "kind": kind, "topic": topic, "members": members, "tokens": list(c.tokens),
+                        "size": len(members), "activation": float(total), "attribution": None})
         return {"method": method, "n_neurons": len(neurons), "clusters": out}
 
     def _attribution(self, s: Session, position: int, clusters: list[S.ClusterOut]) -> None:

@@ -18,6 +18,7 @@ import torch
 
 from ..atlas.decode import decode_neuron
 from ..atlas.folder import AtlasFolder
+from ..concepts.clusters import ConceptCluster
 from ..concepts.records import NeuronMatch
 from ..errors import NeuronscopeError
 from ..parts import open_parts
@@ -206,7 +207,7 @@ class Knowledge:
         return rows
 
     def clusters(self, neurons: list[tuple[int, int, str]], min_size: int = 2,
-                 context: dict[tuple[int, int, str], list[str]] | None = None) -> tuple[list[dict[str, Any]], str]:
+                 context: dict[tuple[int, int, str], list[str]] | None = None) -> tuple[list[ConceptCluster], str]:
         """Clusters of related neurons: by meaning (what they read and write, concepts.clusters) where the atlas
         has concept evidence; else the describe package's clustering of descriptions; else shared top decoded
         tokens. Each cluster has a "kind": "concept", "context" (its members fire here on a topic's words), "form"
@@ -217,8 +218,7 @@ class Knowledge:
             from ..concepts.evidence import has_concept_evidence
             if has_concept_evidence(self.atlas_dir):
                 from ..concepts.clusters import concept_clusters
-                return [c.to_dict() for c in concept_clusters(self.atlas_dir, neurons, min_size=min_size,
-                                                              context=context)], "meaning"
+                return concept_clusters(self.atlas_dir, neurons, min_size=min_size, context=context), "meaning"
         if self.atlas is not None:
             try:
                 from ..concepts.by_description import cluster_neurons
@@ -226,10 +226,12 @@ class Knowledge:
                 pass
             else:
                 return cluster_neurons(self.atlas, neurons, min_size=min_size), "describe"
+        from ..concepts.clusters import steer_form
         groups: dict[str, list[list[Any]]] = {}
         for l, i, pol in neurons:  # fallback: neurons whose top decoded token is the same word
             tok = self.top_tokens(l, i, pol, k=1)[0].strip().lower()
             if tok:
                 groups.setdefault(tok, []).append([l, i, pol])
-        out = [{"name": name, "members": m, "tokens": [name]} for name, m in groups.items() if len(m) >= min_size]
-        return sorted(out, key=lambda c: -len(c["members"])), "shared top token"
+        out = [ConceptCluster(name, "token", m, len(m), 1.0, [name], steer=steer_form(m))
+               for name, m in groups.items() if len(m) >= min_size]
+        return sorted(out, key=lambda c: -c.size), "shared top token"
