@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence, TypedDict
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
+from typing_extensions import TypedDict   # pydantic (the Monitor's schemas) needs it on Python < 3.12
 
 from .. import store
 from ..errors import NeuronscopeError

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal, Optional
 from pydantic import BaseModel, Field
 from typing_extensions import NotRequired, TypedDict
 
+from ..atlas.atlas import DecodedToken
 from ..concepts.records import NeuronMatch
 from ..describe.records import DescriptionKind
 from .limits import DEFAULT as L
@@ -198,13 +199,6 @@ class AttributionOut(TypedDict):
     notes: list[str]
 
 
-class DecodeOut(TypedDict):
-    token: str
-    id: int
-    logit: float
-    prob: float
-
-
 class ExemplarOut(TypedDict):
     activation: float
     normalised: Optional[float]
@@ -217,7 +211,7 @@ class ExemplarOut(TypedDict):
 class NeuronOut(TypedDict):
     layer: int
     neuron: int
-    decodes: dict[str, list[DecodeOut]]
+    decodes: dict[str, list[DecodedToken]]
     decodes_source: str
     descriptions: dict[str, Optional[str]]
     description_kinds: Annotated[dict[str, list[DescriptionKind]],
