@@ -25,6 +25,7 @@ from ..interventions import BoundCapture, Capture, intervene
 from . import nulls
 from .compare import MatchedComparison, Pair, matched_comparison
 from .report import findings, render_report
+from .nulls import NullTest
 from .metrics import degeneracy, index_scores, index_share, striation, top_indices
 from .training import load_run
 
@@ -52,21 +53,58 @@ class RunOutputs:
 
 
 @dataclass
+class Coincidence:
+    """A run's top indices against one outlier ranking's top set: the overlap and its tests (hypergeometric,
+    random-init IRMs, control runs)."""
+    value: int
+    overlap: list[int]
+    tests: list[NullTest]
+    survives: bool | None
+
+
+@dataclass
 class RunAnalysis:
-    """One run's findings against their nulls (a row of analysis.json's "runs"; null summaries stay JSON dicts)."""
+    """One run's findings against their nulls (a row of analysis.json's "runs")."""
     name: str
     alignment: str
     layers: list[int]
     tokens: int
     striation: dict[str, float]
-    striation_tests: list[dict[str, Any]]
+    striation_tests: list[NullTest]
     striation_survives: bool | None
     top_indices: list[int]
     top_scores: list[float]
     mean_abs_output: float
     heatmap: str
     outlier_ranks_of_top: dict[str, list[int]]
-    coincidences: dict[str, dict[str, Any]]
+    coincidences: dict[str, Coincidence]
+
+
+@dataclass
+class Recurrence:
+    """An index in the top k of several runs (analysis.json's "recurrence" rows): how many, its family-wise p, which
+    runs and alignments, in how many control runs' top k, and its rank in each outlier ranking."""
+    index: int
+    runs: int
+    p_value: float
+    run_names: list[str]
+    alignments: list[str]
+    control_runs: int
+    outlier_ranks: dict[str, int]
+
+
+@dataclass
+class RecurrenceSummary:
+    """The recurrence test without its rows (analysis.json's "recurrence_test")."""
+    null: str
+    k: int
+    runs: int
+    hidden: int
+    expected_per_index: float
+    null_mean: float
+    null_p95: float
+    value: int
+    p_value: float | None
 
 
 @dataclass
@@ -103,8 +141,8 @@ class Analysis:
     alpha: float
     controls: list[ControlSummary]
     runs: list[RunAnalysis]
-    recurrence: list[dict[str, Any]]
-    recurrence_test: dict[str, Any] | None
+    recurrence: list[Recurrence]
+    recurrence_test: RecurrenceSummary | None
     correlation: dict[str, Any]
     outliers: dict[str, Any]
     samples: list[dict[str, str]]
@@ -324,32 +362,32 @@ def screen(outs: list[RunOutputs], skip: bool) -> tuple[list[RunOutputs], list[R
 
 
 def striation_tests(o: RunOutputs, rand: Sequence[RunOutputs], couts: Sequence[RunOutputs], *, n_permutations: int,
-                    seed: int) -> list[dict[str, Any]]:
+                    seed: int) -> list[NullTest]:
     """The striation share of one run against its nulls (permutation, random-init, same-layer controls)."""
     stri = [nulls.striation_test(o.mean, n=n_permutations, seed=seed)]
     if len(o.layers) > 1:
-        stri.append(nulls.summarize(stri[0]["value"], [index_share(r.mean) for r in rand],
+        stri.append(nulls.summarize(stri[0].value, [index_share(r.mean) for r in rand],
                                     "random-init IRM of the same shape"))
         same = [c for c in couts if c.layers == o.layers]
         if same:
-            stri.append(nulls.summarize(stri[0]["value"], [index_share(c.mean) for c in same],
+            stri.append(nulls.summarize(stri[0].value, [index_share(c.mean) for c in same],
                                         "control runs (same layers, control data)"))
     return stri
 
 
 def coincidences(top: Sequence[int], rand: Sequence[RunOutputs], couts: Sequence[RunOutputs],
-                 outl: dict[str, Any], top_k: int, H: int) -> dict[str, Any]:
+                 outl: dict[str, Any], top_k: int, H: int) -> dict[str, Coincidence]:
     """Overlap of a run's top indices with each outlier ranking's top set, against its nulls."""
     coinc = {}
     for kind in OUTLIER_KINDS:
         ref = set(outl["rankings"][kind]["indices"])
-        t = [nulls.coincidence_test(top, list(ref), H)]
-        v = t[0]["value"]
-        t.append(nulls.summarize(v, [len(set(top_indices(r.mean, top_k)) & ref) for r in rand],
-                                 "random-init IRM of the same shape"))
+        first = nulls.coincidence_test(top, list(ref), H)
+        v = int(first.value)
+        t: list[NullTest] = [first, nulls.summarize(v, [len(set(top_indices(r.mean, top_k)) & ref) for r in rand],
+                                                    "random-init IRM of the same shape")]
         if couts:
             t.append(nulls.summarize(v, [len(set(top_indices(c.mean, top_k)) & ref) for c in couts], "control runs"))
-        coinc[kind] = {"value": v, "overlap": t[0]["overlap"], "tests": t, "survives": nulls.survives(t)}
+        coinc[kind] = Coincidence(v, first.overlap, t, nulls.survives(t))
     return coinc
 
 
@@ -370,20 +408,19 @@ def run_record(irm: IRM, o: RunOutputs, couts: Sequence[RunOutputs], X: torch.Te
 
 
 def recurrence_rows(outs: Sequence[RunOutputs], per_run: Sequence[RunAnalysis], couts: Sequence[RunOutputs],
-                    outl: dict[str, Any], top_k: int, seed: int) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+                    outl: dict[str, Any], top_k: int, seed: int) -> tuple[list[Recurrence], RecurrenceSummary | None]:
     """Indices in the top k of several runs, with the family-wise null and their control and outlier ranks."""
     if len(outs) < 2:
         return [], None
     rec = nulls.recurrence_test([index_scores(o.mean) for o in outs], top_k, seed=seed)
     ctrl_tops = [set(top_indices(c.mean, top_k)) for c in couts]
-    rows = []
-    for row in rec["indices"]:
-        h = row["index"]
-        rows.append(dict(row, run_names=[r.name for r in per_run if h in r.top_indices],
-                         alignments=sorted({r.alignment for r in per_run if h in r.top_indices}),
-                         control_runs=sum(h in t for t in ctrl_tops),
-                         outlier_ranks={k: int(outl["rankings"][k]["rank"][h]) for k in OUTLIER_KINDS}))
-    return rows, {k: v for k, v in rec.items() if k != "indices"}
+    rows = [Recurrence(row.index, row.runs, row.p_value, [r.name for r in per_run if row.index in r.top_indices],
+                       sorted({r.alignment for r in per_run if row.index in r.top_indices}),
+                       sum(row.index in t for t in ctrl_tops),
+                       {k: int(outl["rankings"][k]["rank"][row.index]) for k in OUTLIER_KINDS})
+            for row in rec.indices]
+    return rows, RecurrenceSummary(rec.null, rec.k, rec.runs, rec.hidden, rec.expected_per_index, rec.null_mean,
+                                   rec.null_p95, rec.value, rec.p_value)
 
 
 def analysis_inputs(ld: Loaded, prompts: Sequence[str] | None, chat: bool | None, max_new_tokens: int,

@@ -92,13 +92,20 @@ class OutlierOverlap:
 
 
 @dataclass
+class SharedIndex:
+    """An index significant (beyond the controls) for two or more alignments."""
+    index: int
+    alignments: list[str]
+
+
+@dataclass
 class MatchedComparison:
     """Everything the paired analysis found; `findings` says in words which findings survive."""
     alpha: float
     pairs: list[Pair]
     striation: list[PairedTest]
     indices: list[IndexComparison]
-    recurrence: list[dict[str, object]]
+    recurrence: list[SharedIndex]
     outliers: OutlierOverlap | None
     findings: list[str] = field(default_factory=list)
 
@@ -228,15 +235,14 @@ def indices_by_group(pairs: Sequence[Pair], means: Mapping[str, torch.Tensor], *
     return out
 
 
-def recurrence(indices: Sequence[IndexComparison]) -> list[dict[str, object]]:
+def recurrence(indices: Sequence[IndexComparison]) -> list[SharedIndex]:
     """Indices significant in two or more alignments' own tests."""
     seen: dict[int, list[str]] = {}
     for g in indices:
         if g.group.startswith("alignment "):
             for r in g.significant:
                 seen.setdefault(r.index, []).append(g.group.removeprefix("alignment "))
-    return [{"index": h, "alignments": a} for h, a in sorted(seen.items(), key=lambda x: (-len(x[1]), x[0]))
-            if len(a) > 1]
+    return [SharedIndex(h, a) for h, a in sorted(seen.items(), key=lambda x: (-len(x[1]), x[0])) if len(a) > 1]
 
 
 def matched_comparison(pairs: Sequence[Pair], means: Mapping[str, torch.Tensor], *,
@@ -298,8 +304,7 @@ def comparison_findings(r: MatchedComparison) -> list[str]:
     if n_align > 1:
         if r.recurrence:
             out.append("Recurrence across alignments: " + "; ".join(
-                f"index {x['index']} in {', '.join(map(str, x['alignments']))}"   # type: ignore[call-overload]
-                for x in r.recurrence[:10]) + ".")
+                f"index {x.index} in {', '.join(x.alignments)}" for x in r.recurrence[:10]) + ".")
         else:
             out.append(f"Recurrence across alignments: no index is significant for two or more of the {n_align} "
                        "alignments.")

@@ -12,11 +12,12 @@ Three nulls:
 
 p-values are (1 + #null >= value) / (1 + n) for sampled nulls; exact for the hypergeometric one.
 
-    s = striation_test(M, n=1000)      # {'value': .., 'null_mean': .., 'null_p95': .., 'p_value': .., 'n': ..}
+    s = striation_test(M, n=1000)      # NullTest(value, null_mean, null_p95, p_value, n, ...)
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
@@ -29,15 +30,57 @@ if TYPE_CHECKING:
 ALPHA = 0.05
 
 
-def summarize(value: float, null: Sequence[float], kind: str) -> dict[str, Any]:
+@dataclass
+class NullTest:
+    """A finding's value against one null distribution: its size n (None for an exact one), mean, 95th percentile
+    and the p-value (None when no null could be computed, with a note saying why)."""
+    null: str
+    value: float
+    n: int | None
+    null_mean: float | None
+    null_p95: float | None
+    p_value: float | None
+    note: str | None = None
+    chance_level: float | None = None       # the striation share chance gives (1 / layers)
+
+
+@dataclass
+class CoincidenceTest(NullTest):
+    """Overlap of a run's top indices with an outlier ranking's top set (value = its size)."""
+    overlap: list[int] = field(default_factory=list)
+
+
+@dataclass
+class IndexCount:
+    """An index in the top k of `runs` runs, with its family-wise p-value."""
+    index: int
+    runs: int
+    p_value: float
+
+
+@dataclass
+class RecurrenceTest:
+    """How often indices recur in the runs' top k against random top-k sets (value: the most runs of any index)."""
+    null: str
+    k: int
+    runs: int
+    hidden: int
+    expected_per_index: float
+    null_mean: float
+    null_p95: float
+    value: int
+    p_value: float | None
+    indices: list[IndexCount] = field(default_factory=list)
+
+
+def summarize(value: float, null: Sequence[float], kind: str) -> NullTest:
     """A finding's value against a sampled null distribution (larger = more structure)."""
     t = torch.as_tensor(list(null), dtype=torch.float64)
     t = t[torch.isfinite(t)]
     if t.numel() == 0:
-        return {"null": kind, "value": float(value), "n": 0, "null_mean": None, "null_p95": None, "p_value": None}
-    return {"null": kind, "value": float(value), "n": int(t.numel()), "null_mean": float(t.mean()),
-            "null_p95": float(torch.quantile(t, 0.95)),
-            "p_value": (1 + int((t >= float(value) - 1e-12).sum())) / (1 + t.numel())}
+        return NullTest(kind, float(value), 0, None, None, None)
+    return NullTest(kind, float(value), int(t.numel()), float(t.mean()), float(torch.quantile(t, 0.95)),
+                    (1 + int((t >= float(value) - 1e-12).sum())) / (1 + t.numel()))
 
 
 def index_shares(Ms: torch.Tensor) -> torch.Tensor:
@@ -57,24 +100,24 @@ def permute_within_layers(M: torch.Tensor, n: int, generator: torch.Generator) -
     return torch.gather(M.double().expand(n, L, H), 2, idx)
 
 
-def striation_test(M: torch.Tensor, n: int = 1000, seed: int = 0) -> dict[str, Any]:
+def striation_test(M: torch.Tensor, n: int = 1000, seed: int = 0) -> NullTest:
     """The striation (index) share of M [layers, H] against its within-layer permutation null."""
     if M.ndim != 2:
         raise NeuronscopeError("The striation test needs a [layers, hidden] matrix.")
     value = index_share(M)
     if M.shape[0] < 2:
-        return {"null": "permutation", "value": value, "n": 0, "null_mean": None, "null_p95": None,
-                "p_value": None, "note": "one injected layer: the index share is 1 by construction"}
+        return NullTest("permutation", value, 0, None, None, None,
+                        note="one injected layer: the index share is 1 by construction")
     g = torch.Generator().manual_seed(seed)
     null: list[float] = []
     for start in range(0, n, 100):
         null += index_shares(permute_within_layers(M, min(100, n - start), g)).tolist()
     out = summarize(value, null, "permutation of hidden indices within layers")
-    out["chance_level"] = 1.0 / M.shape[0]
+    out.chance_level = 1.0 / M.shape[0]
     return out
 
 
-def recurrence_test(scores: Sequence[torch.Tensor], k: int, n: int = 2000, seed: int = 0) -> dict[str, Any]:
+def recurrence_test(scores: Sequence[torch.Tensor], k: int, n: int = 2000, seed: int = 0) -> RecurrenceTest:
     """How often each index is in the top k of the runs' scores [H], against random top-k sets (family-wise null:
     the largest count of any index when every run's top k is a uniformly random k-subset)."""
     R = len(scores)
@@ -96,25 +139,21 @@ def recurrence_test(scores: Sequence[torch.Tensor], k: int, n: int = 2000, seed:
         hit.scatter_add_(1, idx.reshape(m, -1), torch.ones(m, R * k, dtype=torch.long))
         maxes += hit.amax(1).tolist()
     null = torch.tensor(maxes, dtype=torch.float64)
-    rows = []
-    for h, c in sorted(counts.items(), key=lambda x: (-x[1], x[0])):
-        rows.append({"index": h, "runs": c, "p_value": (1 + int((null >= c).sum())) / (1 + null.numel())})
-    best = rows[0]["runs"] if rows else 0
-    return {"null": "random top-k sets (family-wise: the most recurrent index)", "k": k, "runs": R, "hidden": H,
-            "expected_per_index": R * k / H, "null_mean": float(null.mean()),
-            "null_p95": float(torch.quantile(null, 0.95)),
-            "value": best, "p_value": rows[0]["p_value"] if rows else None, "indices": rows}
+    rows = [IndexCount(h, c, (1 + int((null >= c).sum())) / (1 + null.numel()))
+            for h, c in sorted(counts.items(), key=lambda x: (-x[1], x[0]))]
+    return RecurrenceTest("random top-k sets (family-wise: the most recurrent index)", k, R, H, R * k / H,
+                          float(null.mean()), float(torch.quantile(null, 0.95)), rows[0].runs if rows else 0,
+                          rows[0].p_value if rows else None, rows)
 
 
-def coincidence_test(top: Sequence[int], outlier_top: Sequence[int], hidden: int) -> dict[str, Any]:
+def coincidence_test(top: Sequence[int], outlier_top: Sequence[int], hidden: int) -> CoincidenceTest:
     """Overlap of the IRM's top indices with an outlier ranking's top set, against the hypergeometric null."""
     from scipy.stats import hypergeom
     a, b = set(int(x) for x in top), set(int(x) for x in outlier_top)
     c = len(a & b)
     dist = hypergeom(hidden, len(b), len(a))
-    return {"null": "hypergeometric (random top set)", "value": c, "overlap": sorted(a & b),
-            "null_mean": float(dist.mean()), "null_p95": float(dist.ppf(0.95)), "p_value": float(dist.sf(c - 1)),
-            "n": None}
+    return CoincidenceTest("hypergeometric (random top set)", c, None, float(dist.mean()), float(dist.ppf(0.95)),
+                           float(dist.sf(c - 1)), overlap=sorted(a & b))
 
 
 def random_init_irm(config: IRMConfig, seed: int) -> IRM:
@@ -141,13 +180,14 @@ def mean_output(irm: IRM, X: torch.Tensor, chunk: int = 512) -> torch.Tensor:
     return (acc / X.shape[0]).float()
 
 
-def survives(tests: Sequence[dict[str, Any]], alpha: float = ALPHA) -> bool | None:
+def survives(tests: Sequence[NullTest], alpha: float = ALPHA) -> bool | None:
     """True when every available null gives p < alpha; None when no null could be computed."""
-    ps = [float(t["p_value"]) for t in tests if t.get("p_value") is not None]
+    ps = [float(t.p_value) for t in tests if t.p_value is not None]
     if not ps:
         return None
     return all(p < alpha for p in ps)
 
 
-__all__ = ["summarize", "striation_test", "recurrence_test", "coincidence_test", "random_init_irm", "mean_output",
-           "survives", "index_shares", "permute_within_layers", "ALPHA"]
+__all__ = ["NullTest", "CoincidenceTest", "IndexCount", "RecurrenceTest", "summarize", "striation_test",
+           "recurrence_test", "coincidence_test", "random_init_irm", "mean_output", "survives", "index_shares",
+           "permute_within_layers", "ALPHA"]
