@@ -196,17 +196,17 @@ def test_compare_self_is_total_and_a_perturbed_layer_drops_there(stories_tokeniz
     a = build_atlas(Subject.from_model(base, stories_tokenizer, name="base"), tmp_path / "a", progress=False)
     b = build_atlas(Subject.from_model(pert, stories_tokenizer, name="pert"), tmp_path / "b", progress=False)
     same = compare_atlases(a, a)
-    assert same["top1_agreement"] == 1.0 and same["topk_overlap"] == 1.0 and same["changed_most"] == []
+    assert same.top1_agreement == 1.0 and same.topk_overlap == 1.0 and same.changed_most == []
     s = compare_atlases(a, tmp_path / "b", out_dir=tmp_path / "cmp")
-    per = {r["layer"]: r for r in s["per_layer"]}
-    assert all(per[l]["top1_agreement"] == 1.0 for l in (0, 1, 3))
-    assert per[2]["top1_agreement"] < 0.2 and per[2]["topk_overlap"] < 0.3
-    assert all(c["layer"] == 2 for c in s["changed_most"])
-    assert s["top1_agreement"] == pytest.approx(sum(r["top1_agreement"] for r in s["per_layer"]) / 4)
+    per = {r.layer: r for r in s.per_layer}
+    assert all(per[l].top1_agreement == 1.0 for l in (0, 1, 3))
+    assert per[2].top1_agreement < 0.2 and per[2].topk_overlap < 0.3
+    assert all(c.layer == 2 for c in s.changed_most)
+    assert s.top1_agreement == pytest.approx(sum(r.top1_agreement for r in s.per_layer) / 4)
     assert (tmp_path / "cmp" / "agreement.png").read_bytes()[:4] == b"\x89PNG"
-    assert json.loads((tmp_path / "cmp" / "compare.json").read_text())["top1_agreement"] == s["top1_agreement"]
+    assert json.loads((tmp_path / "cmp" / "compare.json").read_text())["top1_agreement"] == s.top1_agreement
     # the down sites stayed the same
-    assert compare_atlases(a, b, site="down.pos")["top1_agreement"] == 1.0
+    assert compare_atlases(a, b, site="down.pos").top1_agreement == 1.0
 
 
 def test_compare_names_the_mismatch(stories_tokenizer, stories_atlas, tmp_path):

@@ -175,7 +175,7 @@ def test_compare_does_not_replace_a_users_files(built, tmp_path):
     assert _tree(out) == before
     fresh = tmp_path / "fresh"
     compare_atlases(built, built, out_dir=fresh)
-    assert compare_atlases(built, built, out_dir=fresh)["top1_agreement"] == 1.0   # its own files: replaced
+    assert compare_atlases(built, built, out_dir=fresh).top1_agreement == 1.0   # its own files: replaced
 
 
 def test_ctrl_c_during_a_build_saves_the_finished_layers_and_resumes(stories, built, tmp_path, monkeypatch, capsys):

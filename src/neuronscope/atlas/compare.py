@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,14 +19,57 @@ if TYPE_CHECKING:
 _MARK = "neuronscope-compare"
 
 
-def compare_atlases(a: Atlas | str | os.PathLike[str], b: Atlas | str | os.PathLike[str], *, site: str = "up",
-                    out_dir: str | os.PathLike[str] | None = None, n_changed: int = 20) -> dict[str, Any]:
-    """Compare atlas `a` with atlas `b` (Atlas objects or folders) at `site`.
+@dataclass
+class LayerAgreement:
+    layer: int
+    top1_agreement: float          # share of the layer's neurons whose top-1 decoded token agrees
+    topk_overlap: float            # mean share of the top k shared
 
-    Returns {"site", "a", "b", "top_k", "top1_agreement", "topk_overlap", "per_layer": [{"layer",
-    "top1_agreement", "topk_overlap"}], "changed_most": [...]}; with `out_dir`, also writes compare.json and
-    agreement.png there.
-    """
+
+@dataclass
+class ChangedNeuron:
+    layer: int
+    neuron: int
+    topk_overlap: float
+    top1_agree: bool
+    tokens_a: list[str]
+    tokens_b: list[str]
+
+
+@dataclass
+class AtlasSide:
+    folder: str
+    model: str
+    fingerprint: str | None
+
+
+@dataclass
+class AtlasComparison:
+    """What `compare_atlases` found (compare.json holds `to_json()`)."""
+    site: str
+    a: AtlasSide
+    b: AtlasSide
+    top_k: int
+    n_layers: int
+    n_neurons: int
+    top1_agreement: float
+    topk_overlap: float
+    per_layer: list[LayerAgreement]
+    changed_most: list[ChangedNeuron] = field(default_factory=list)
+    plot: str | None = None        # agreement.png, when written
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        if self.plot is None:
+            d.pop("plot")
+        return d
+
+
+def compare_atlases(a: Atlas | str | os.PathLike[str], b: Atlas | str | os.PathLike[str], *, site: str = "up",
+                    out_dir: str | os.PathLike[str] | None = None, n_changed: int = 20) -> AtlasComparison:
+    """Compare atlas `a` with atlas `b` (Atlas objects or folders) at `site`: top-1 agreement and top-k overlap
+    overall and per layer, the neurons that changed most; with `out_dir`, also writes compare.json and
+    agreement.png there."""
     from .atlas import Atlas
     a = a if isinstance(a, Atlas) else Atlas.open(a)
     b = b if isinstance(b, Atlas) else Atlas.open(b)
@@ -34,32 +78,28 @@ def compare_atlases(a: Atlas | str | os.PathLike[str], b: Atlas | str | os.PathL
     k = ia.shape[-1]
     top1 = ia[..., 0] == ib[..., 0]                                # [L, N]
     overlap = (ia[..., :, None] == ib[..., None, :]).any(-1).float().mean(-1)   # [L, N]
-    per_layer = [{"layer": l, "top1_agreement": float(top1[l].float().mean()),
-                  "topk_overlap": float(overlap[l].mean())} for l in range(a.n_layers)]
+    per_layer = [LayerAgreement(l, float(top1[l].float().mean()), float(overlap[l].mean()))
+                 for l in range(a.n_layers)]
     # most changed: lowest top-k overlap, then top-1 disagreement, then the strongest top-1 in A
     key = overlap + 0.5 * top1.float() / k - 1e-3 * a.top_probs(site)[..., 0]
     order = key.reshape(-1).argsort()[:n_changed].tolist()
-    changed: list[dict[str, Any]] = []
+    changed: list[ChangedNeuron] = []
     for j in order:
         l, n = divmod(j, a.n_neurons)
         if overlap[l, n] == 1.0 and top1[l, n]:
             break                                                  # the rest did not change at all
-        changed.append({"layer": l, "neuron": n, "topk_overlap": float(overlap[l, n]),
-                        "top1_agree": bool(top1[l, n]), "tokens_a": a.top_tokens(l, n, site, 5),
-                        "tokens_b": b.top_tokens(l, n, site, 5)})
-    summary: dict[str, Any] = {
-        "site": site, "a": {"folder": str(a.folder), "model": a.model_name, "fingerprint": a.fingerprint},
-        "b": {"folder": str(b.folder), "model": b.model_name, "fingerprint": b.fingerprint},
-        "top_k": k, "n_layers": a.n_layers, "n_neurons": a.n_neurons,
-        "top1_agreement": float(top1.float().mean()), "topk_overlap": float(overlap.mean()),
-        "per_layer": per_layer, "changed_most": changed}
+        changed.append(ChangedNeuron(l, n, float(overlap[l, n]), bool(top1[l, n]), a.top_tokens(l, n, site, 5),
+                                     b.top_tokens(l, n, site, 5)))
+    summary = AtlasComparison(site, AtlasSide(str(a.folder), a.model_name, a.fingerprint),
+                              AtlasSide(str(b.folder), b.model_name, b.fingerprint), k, a.n_layers, a.n_neurons,
+                              float(top1.float().mean()), float(overlap.mean()), per_layer, changed)
     if out_dir is not None:
         out = Path(out_dir)
         _check_out(out)
         out.mkdir(parents=True, exist_ok=True)
-        summary["plot"] = str(out / COMPARE_PLOT)
+        summary.plot = str(out / COMPARE_PLOT)
         plot_agreement(summary, out / COMPARE_PLOT)
-        store.write_json(out / COMPARE_FILE, {**summary, "format": _MARK})
+        store.write_json(out / COMPARE_FILE, {**summary.to_json(), "format": _MARK})
     return summary
 
 
@@ -98,22 +138,22 @@ def _check_match(a: Atlas, b: Atlas, site: str) -> None:
                                "without (--no-norm); build both the same way.")
 
 
-def plot_agreement(summary: dict[str, Any], path: str | os.PathLike[str]) -> None:
+def plot_agreement(summary: AtlasComparison, path: str | os.PathLike[str]) -> None:
     """Bar plot of top-1 agreement by layer, with the mean top-k overlap as a line; saved atomically as PNG."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    layers = [r["layer"] for r in summary["per_layer"]]
+    layers = [r.layer for r in summary.per_layer]
     fig, ax = plt.subplots(figsize=(max(6, 0.25 * len(layers) + 2), 3.5))
-    ax.bar(layers, [100 * r["top1_agreement"] for r in summary["per_layer"]], color="#4878a8",
+    ax.bar(layers, [100 * r.top1_agreement for r in summary.per_layer], color="#4878a8",
            label="top-1 token agrees")
-    ax.plot(layers, [100 * r["topk_overlap"] for r in summary["per_layer"]], color="#d0703a", marker="o",
-            label=f"mean top-{summary['top_k']} overlap")
+    ax.plot(layers, [100 * r.topk_overlap for r in summary.per_layer], color="#d0703a", marker="o",
+            label=f"mean top-{summary.top_k} overlap")
     ax.set_ylim(0, 105)
     ax.set_xlabel("layer")
     ax.set_ylabel("% of neurons")
-    ax.set_title(f"{summary['a']['model']} vs {summary['b']['model']} ({summary['site']}): "
-                 f"{100 * summary['top1_agreement']:.1f}% top-1 agree", fontsize=9)
+    ax.set_title(f"{summary.a.model} vs {summary.b.model} ({summary.site}): "
+                 f"{100 * summary.top1_agreement:.1f}% top-1 agree", fontsize=9)
     ax.legend(fontsize=8, loc="lower left")
     fig.tight_layout()
     with store.atomic_path(path) as tmp:

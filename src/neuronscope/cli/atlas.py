@@ -294,19 +294,19 @@ def compare(
     from ..atlas import compare_atlases
     out = out or Path(atlas_b) / f"compare-{Path(atlas_a).name}"
     s = compare_atlases(atlas_a, atlas_b, site=site, out_dir=out, n_changed=n_changed)
-    table = Table("layer", "top-1 agree", f"top-{s['top_k']} overlap", title=f"{site}: A={escape(s['a']['model'])} "
-                  f"B={escape(s['b']['model'])}", title_justify="left")
-    for r in s["per_layer"]:
-        table.add_row(str(r["layer"]), f"{100 * r['top1_agreement']:.1f}%", f"{100 * r['topk_overlap']:.1f}%")
-    table.add_row("all", f"{100 * s['top1_agreement']:.1f}%", f"{100 * s['topk_overlap']:.1f}%", style="bold")
+    table = Table("layer", "top-1 agree", f"top-{s.top_k} overlap", title=f"{site}: A={escape(s.a.model)} "
+                  f"B={escape(s.b.model)}", title_justify="left")
+    for r in s.per_layer:
+        table.add_row(str(r.layer), f"{100 * r.top1_agreement:.1f}%", f"{100 * r.topk_overlap:.1f}%")
+    table.add_row("all", f"{100 * s.top1_agreement:.1f}%", f"{100 * s.topk_overlap:.1f}%", style="bold")
     console.print(table)
-    if s["changed_most"]:
+    if s.changed_most:
         ch = Table("neuron", "overlap", "A tokens", "B tokens", title="changed most", title_justify="left")
-        for c in s["changed_most"]:
-            ch.add_row(f"{c['layer']}:{c['neuron']}", f"{100 * c['topk_overlap']:.0f}%",
-                       escape(" | ".join(c["tokens_a"])), escape(" | ".join(c["tokens_b"])))
+        for c in s.changed_most:
+            ch.add_row(f"{c.layer}:{c.neuron}", f"{100 * c.topk_overlap:.0f}%",
+                       escape(" | ".join(c.tokens_a)), escape(" | ".join(c.tokens_b)))
         console.print(ch)
-    console.print(f"summary: {escape(str(Path(out) / 'compare.json'))}  plot: {escape(s['plot'])}")
+    console.print(f"summary: {escape(str(Path(out) / 'compare.json'))}  plot: {escape(s.plot or '')}")
 
 
 def register(app: typer.Typer) -> None:
