@@ -22,14 +22,14 @@ def _planted(stories, h=17, j=40, layer=1, gain=300.0):
 def test_planted_massive_dim_and_super_weight(stories):
     s = _planted(stories)
     rep = model_outliers(s, factor=10.0, k=5, progress=False)
-    top = rep["massive"]["dims"][0]
-    assert top["dim"] == 17 and top["max_multiple"] >= 10 and 1 in top["layers"]
-    assert rep["rankings"]["massive_activations"]["indices"][0] == 17
-    sw = rep["super_weight_candidates"][0]
-    assert (sw["layer"], sw["dim"], sw["neuron"]) == (1, 17, 40) and sw["multiple_of_median"] > 100
+    top = rep.massive.dims[0]
+    assert top.dim == 17 and top.max_multiple >= 10 and 1 in top.layers
+    assert rep.rankings["massive_activations"].indices[0] == 17
+    sw = rep.super_weight_candidates[0]
+    assert (sw.layer, sw.dim, sw.neuron) == (1, 17, 40) and sw.multiple_of_median > 100
     base = model_outliers(stories, factor=10.0, k=5, progress=False)
-    assert all(d["max_multiple"] < top["max_multiple"] / 5 for d in base["massive"]["dims"])
-    assert base["rankings"]["lm_head_column_norm"]["multiples"][0] >= 1.0
+    assert all(d.max_multiple < top.max_multiple / 5 for d in base.massive.dims)
+    assert base.rankings["lm_head_column_norm"].multiples[0] >= 1.0
 
 
 def test_outliers_cli(capsys):

@@ -19,6 +19,7 @@ Llama-2-7B for comparison: massive dims 1415 and 2533 (Sun et al.), super weight
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
@@ -34,7 +35,76 @@ DEFAULT_TEXTS = ["The capital of France is Paris, and the capital of Japan is To
                  "def add(a, b):\n    return a + b\n"]
 
 
-def ranking(v: torch.Tensor, k: int) -> dict[str, Any]:
+@dataclass
+class Ranking:
+    """Top-k dims of a per-dimension score, with the median, the multiples of the median, every dim's rank (1 =
+    largest) and every dim's score (`rank` and `all` are left out of the saved JSON)."""
+    indices: list[int]
+    values: list[float]
+    median: float
+    multiples: list[float]
+    rank: list[int]
+    all: list[float]
+
+
+@dataclass
+class MassiveDim:
+    """A residual dim at least `factor` x its layer's median |activation| somewhere in the texts."""
+    dim: int
+    layers: list[int]
+    max_value: float
+    max_multiple: float
+    occurrences: int
+    tokens: list[str]              # the tokens it peaks on, most often first
+    positions: list[int]
+
+
+@dataclass
+class Massive:
+    dims: list[MassiveDim]
+    definition: str
+
+
+@dataclass
+class SuperWeight:
+    """A down_proj entry of an early layer that writes a massive dim (a super-weight candidate)."""
+    layer: int
+    dim: int
+    neuron: int
+    weight: float
+    multiple_of_median: float
+    name: str                      # layers[l].mlp.down_proj[dim, neuron]
+
+
+@dataclass
+class OutlierReport:
+    """`model_outliers`' result: massive activations, super-weight candidates and the four rankings."""
+    model: str
+    factor: float
+    k: int
+    texts: int
+    hidden_size: int
+    n_layers: int
+    layer_median_abs: list[float]
+    massive: Massive
+    super_weight_candidates: list[SuperWeight]
+    early_layers: int
+    rankings: dict[str, Ranking]
+
+    def massive_dims(self) -> list[int]:
+        return [d.dim for d in self.massive.dims]
+
+    def to_json(self, full: bool = False) -> dict[str, Any]:
+        """A JSON object; without `full` each ranking leaves out `rank` and `all` (one number a dim)."""
+        d = asdict(self)
+        if not full:
+            for r in d["rankings"].values():
+                r.pop("rank")
+                r.pop("all")
+        return d
+
+
+def ranking(v: torch.Tensor, k: int) -> Ranking:
     """Top-k of a per-dimension score, with the median, the multiples of the median and every dim's rank."""
     v = v.double().cpu()
     top = torch.topk(v, min(k, v.numel()))
@@ -43,8 +113,8 @@ def ranking(v: torch.Tensor, k: int) -> dict[str, Any]:
     order = torch.argsort(v, descending=True)
     ranks = torch.empty_like(order)
     ranks[order] = torch.arange(1, v.numel() + 1)
-    return {"indices": top.indices.tolist(), "values": top.values.tolist(), "median": med,
-            "multiples": [x / med for x in top.values.tolist()], "rank": ranks.tolist(), "all": v.tolist()}
+    return Ranking(top.indices.tolist(), top.values.tolist(), med, [x / med for x in top.values.tolist()],
+                   ranks.tolist(), v.tolist())
 
 
 def _block_norm_gains(subject: Subject) -> torch.Tensor:
@@ -61,7 +131,7 @@ def _block_norm_gains(subject: Subject) -> torch.Tensor:
 
 @torch.no_grad()
 def model_outliers(subject: Subject, texts: Sequence[str] | None = None, *, factor: float = 10.0, k: int = 10,
-                   early_layers: int | None = None, chat: bool = False, progress: bool = True) -> dict[str, Any]:
+                   early_layers: int | None = None, chat: bool = False, progress: bool = True) -> OutlierReport:
     """Outlier dimensions of `subject` measured on `texts` (a few varied sentences by default); see module doc."""
     from tqdm.auto import tqdm
     from .interventions import BoundCapture, Capture, intervene
@@ -96,66 +166,64 @@ def model_outliers(subject: Subject, texts: Sequence[str] | None = None, *, fact
     dims = []
     for h, es in by_dim.items():
         tok = Counter(e["token"] for e in es)
-        dims.append({"dim": h, "layers": sorted({e["layer"] for e in es}), "max_value": max(e["value"] for e in es),
-                     "max_multiple": max(e["multiple"] for e in es), "occurrences": len(es),
-                     "tokens": [t for t, _ in tok.most_common(5)],
-                     "positions": sorted({e["position"] for e in es})[:10]})
-    dims.sort(key=lambda d: -d["max_multiple"])
+        dims.append(MassiveDim(h, sorted({e["layer"] for e in es}), max(e["value"] for e in es),
+                               max(e["multiple"] for e in es), len(es), [t for t, _ in tok.most_common(5)],
+                               sorted({e["position"] for e in es})[:10]))
+    dims.sort(key=lambda d: -d.max_multiple)
     mult = peak / medians.clamp(min=1e-12)[:, None]                 # [L, H] peak as a multiple of the layer median
     massive_score = mult.amax(0)
 
     n_early = early_layers if early_layers is not None else max(2, L // 4)
     supers = []
     for d in dims[:k]:
-        h = d["dim"]
+        h = d.dim
         for l in range(min(n_early, L)):
             W = subject.spec.write_vectors(subject.model, l).detach().double().cpu()   # [neurons, H]: W[j, h]
             col = W[:, h].abs()
             w_med = float(W.abs().median()) or 1e-12
             j = int(col.argmax())
-            supers.append({"layer": l, "dim": h, "neuron": j, "weight": float(W[j, h]),
-                           "multiple_of_median": float(col[j] / w_med), "name": f"layers[{l}].mlp.down_proj[{h}, {j}]"})
-    supers.sort(key=lambda s: -s["multiple_of_median"])
+            supers.append(SuperWeight(l, h, j, float(W[j, h]), float(col[j] / w_med),
+                                      f"layers[{l}].mlp.down_proj[{h}, {j}]"))
+    supers.sort(key=lambda s: -s.multiple_of_median)
 
     rankings = {"massive_activations": ranking(massive_score, k),
                 "final_norm_gain": ranking(subject.spec.final_norm_gain(subject.model).detach().abs(), k),
                 "block_norm_gain": ranking(_block_norm_gains(subject), k),
                 "lm_head_column_norm": ranking(subject.spec.unembedding(subject.model).detach().double().norm(dim=0),
                                                k)}
-    return {"model": subject.name, "factor": factor, "k": k, "texts": len(texts), "hidden_size": H, "n_layers": L,
-            "layer_median_abs": medians.tolist(),
-            "massive": {"dims": dims, "definition": f">= {factor:g} x the median |residual| of the same layer"},
-            "super_weight_candidates": supers[:k], "early_layers": n_early, "rankings": rankings}
+    return OutlierReport(subject.name, factor, k, len(texts), H, L, medians.tolist(),
+                         Massive(dims, f">= {factor:g} x the median |residual| of the same layer"), supers[:k],
+                         n_early, rankings)
 
 
-def massive_dims(rep: dict[str, Any]) -> list[int]:
-    return [d["dim"] for d in rep["massive"]["dims"]]
+def massive_dims(rep: OutlierReport) -> list[int]:
+    return rep.massive_dims()
 
 
-def render_outliers(rep: dict[str, Any], top: int = 10) -> str:
+def render_outliers(rep: OutlierReport, top: int = 10) -> str:
     """A Markdown summary of `model_outliers`' result."""
-    L = [f"# Outlier dimensions of {rep['model']}", "",
-         f"Measured on {rep['texts']} texts; massive = {rep['massive']['definition']}.", "",
+    L = [f"# Outlier dimensions of {rep.model}", "",
+         f"Measured on {rep.texts} texts; massive = {rep.massive.definition}.", "",
          "## Massive residual activations", ""]
-    if rep["massive"]["dims"]:
+    if rep.massive.dims:
         L += ["| dim | layers | peak | x median | tokens |", "|---|---|---|---|---|"]
-        for d in rep["massive"]["dims"][:top]:
-            L.append(f"| {d['dim']} | {_span(d['layers'])} | {d['max_value']:.1f} | {d['max_multiple']:.0f}x | "
-                     + ", ".join(repr(t) for t in d["tokens"]) + " |")
+        for d in rep.massive.dims[:top]:
+            L.append(f"| {d.dim} | {_span(d.layers)} | {d.max_value:.1f} | {d.max_multiple:.0f}x | "
+                     + ", ".join(repr(t) for t in d.tokens) + " |")
     else:
-        L.append(f"None at {rep['factor']:g}x the median.")
+        L.append(f"None at {rep.factor:g}x the median.")
     L += ["", "## Super-weight candidates (down_proj entries writing the massive dims, layers "
-          f"0-{rep['early_layers'] - 1})", ""]
-    if rep["super_weight_candidates"]:
+          f"0-{rep.early_layers - 1})", ""]
+    if rep.super_weight_candidates:
         L += ["| weight | value | x median abs weight |", "|---|---|---|"]
-        for s in rep["super_weight_candidates"][:top]:
-            L.append(f"| {s['name']} | {s['weight']:+.3f} | {s['multiple_of_median']:.0f}x |")
+        for s in rep.super_weight_candidates[:top]:
+            L.append(f"| {s.name} | {s.weight:+.3f} | {s.multiple_of_median:.0f}x |")
     else:
         L.append("None (no massive dims).")
     L += ["", "## Rankings (top dims, value and multiple of the median)", "", "| kind | top dims |", "|---|---|"]
-    for name, r in rep["rankings"].items():
+    for name, r in rep.rankings.items():
         L.append(f"| {name.replace('_', ' ')} | " + ", ".join(
-            f"{i} ({v:.3g}, {m:.1f}x)" for i, v, m in zip(r["indices"][:top], r["values"], r["multiples"])) + " |")
+            f"{i} ({v:.3g}, {m:.1f}x)" for i, v, m in zip(r.indices[:top], r.values, r.multiples)) + " |")
     return "\n".join(L) + "\n"
 
 
@@ -165,4 +233,5 @@ def _span(layers: Sequence[int]) -> str:
     return ",".join(map(str, layers))
 
 
-__all__ = ["model_outliers", "ranking", "massive_dims", "render_outliers", "DEFAULT_TEXTS"]
+__all__ = ["model_outliers", "ranking", "massive_dims", "render_outliers", "DEFAULT_TEXTS", "OutlierReport", "Ranking",
+           "MassiveDim", "Massive", "SuperWeight"]

@@ -43,9 +43,7 @@ def outliers(
         texts = [l for l in texts_file.read_text(encoding="utf-8").splitlines() if l.strip()]
     subject = load_subject(model_arg or model, gguf_file, dtype, device)
     rep = model_outliers(subject, texts, factor=factor, k=top_k, early_layers=early_layers)
-    slim = {k: v for k, v in rep.items() if k != "rankings"}
-    slim["rankings"] = {k: {kk: vv for kk, vv in v.items() if kk not in ("all", "rank")}
-                        for k, v in rep["rankings"].items()}
+    slim = rep.to_json()
     if out is not None:
         write_json(out / "outliers.json", slim)
         write_text(out / "outliers.md", render_outliers(rep))

@@ -30,6 +30,7 @@ from .metrics import degeneracy, index_scores, index_share, striation, top_indic
 from .training import load_run
 
 if TYPE_CHECKING:
+    from ..outliers import OutlierReport
     from ..subject import Subject
     from .model import IRM
 
@@ -144,7 +145,7 @@ class Analysis:
     recurrence: list[Recurrence]
     recurrence_test: RecurrenceSummary | None
     correlation: dict[str, Any]
-    outliers: dict[str, Any]
+    outliers: dict[str, Any]        # OutlierReport.to_json(): without each dim's rank and score
     samples: list[dict[str, str]]
     figures: list[str]
     refused: list[Refusal]
@@ -232,16 +233,16 @@ def plot_correlation(c: torch.Tensor, names: Sequence[str], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_outliers(outliers: dict[str, Any], tops: Sequence[int], path: Path) -> None:
+def plot_outliers(outliers: OutlierReport, tops: Sequence[int], path: Path) -> None:
     plt = _plt()
     names = OUTLIER_KINDS
     fig, axes = plt.subplots(len(names), 1, figsize=(12, 9))
     for ax, name in zip(axes, names):
-        v = outliers["rankings"][name]["all"]
+        v = outliers.rankings[name].all
         ax.bar(range(len(v)), v, width=1.0, color="tab:gray")
         for h in tops:
             ax.axvline(h, color="tab:red", alpha=0.35, lw=0.8)
-        for h in outliers["rankings"][name]["indices"][:3]:
+        for h in outliers.rankings[name].indices[:3]:
             ax.annotate(str(h), (h, v[h]), fontsize=8, ha="center", va="bottom")
         ax.set_title(name.replace("_", " ") + " (red lines: top IRM indices)", fontsize=9)
     axes[-1].set_xlabel("hidden index")
@@ -376,11 +377,11 @@ def striation_tests(o: RunOutputs, rand: Sequence[RunOutputs], couts: Sequence[R
 
 
 def coincidences(top: Sequence[int], rand: Sequence[RunOutputs], couts: Sequence[RunOutputs],
-                 outl: dict[str, Any], top_k: int, H: int) -> dict[str, Coincidence]:
+                 outl: OutlierReport, top_k: int, H: int) -> dict[str, Coincidence]:
     """Overlap of a run's top indices with each outlier ranking's top set, against its nulls."""
     coinc = {}
     for kind in OUTLIER_KINDS:
-        ref = set(outl["rankings"][kind]["indices"])
+        ref = set(outl.rankings[kind].indices)
         first = nulls.coincidence_test(top, list(ref), H)
         v = int(first.value)
         t: list[NullTest] = [first, nulls.summarize(v, [len(set(top_indices(r.mean, top_k)) & ref) for r in rand],
@@ -391,7 +392,7 @@ def coincidences(top: Sequence[int], rand: Sequence[RunOutputs], couts: Sequence
     return coinc
 
 
-def run_record(irm: IRM, o: RunOutputs, couts: Sequence[RunOutputs], X: torch.Tensor, outl: dict[str, Any],
+def run_record(irm: IRM, o: RunOutputs, couts: Sequence[RunOutputs], X: torch.Tensor, outl: OutlierReport,
                out_dir: Path, *, top_k: int, n_random: int, n_permutations: int, seed: int) -> RunAnalysis:
     """One run's findings with their nulls, and its heat-map."""
     device = next(irm.parameters()).device
@@ -401,14 +402,14 @@ def run_record(irm: IRM, o: RunOutputs, couts: Sequence[RunOutputs], X: torch.Te
     stri = striation_tests(o, rand, couts, n_permutations=n_permutations, seed=seed)
     png = f"heatmap_{o.name}.png"
     plot_heatmap(o, out_dir / png, top)
-    ranks = {kind: [int(outl["rankings"][kind]["rank"][h]) for h in top] for kind in OUTLIER_KINDS}
+    ranks = {kind: [int(outl.rankings[kind].rank[h]) for h in top] for kind in OUTLIER_KINDS}
     return RunAnalysis(o.name, o.alignment, o.layers, o.tokens, striation(o.mean), stri, nulls.survives(stri), top,
                        [float(index_scores(o.mean)[h]) for h in top], float(o.mean_abs.mean()), png, ranks,
                        coincidences(top, rand, couts, outl, top_k, int(X.shape[1])))
 
 
 def recurrence_rows(outs: Sequence[RunOutputs], per_run: Sequence[RunAnalysis], couts: Sequence[RunOutputs],
-                    outl: dict[str, Any], top_k: int, seed: int) -> tuple[list[Recurrence], RecurrenceSummary | None]:
+                    outl: OutlierReport, top_k: int, seed: int) -> tuple[list[Recurrence], RecurrenceSummary | None]:
     """Indices in the top k of several runs, with the family-wise null and their control and outlier ranks."""
     if len(outs) < 2:
         return [], None
@@ -417,7 +418,7 @@ def recurrence_rows(outs: Sequence[RunOutputs], per_run: Sequence[RunAnalysis], 
     rows = [Recurrence(row.index, row.runs, row.p_value, [r.name for r in per_run if row.index in r.top_indices],
                        sorted({r.alignment for r in per_run if row.index in r.top_indices}),
                        sum(row.index in t for t in ctrl_tops),
-                       {k: int(outl["rankings"][k]["rank"][row.index]) for k in OUTLIER_KINDS})
+                       {k: int(outl.rankings[k].rank[row.index]) for k in OUTLIER_KINDS})
             for row in rec.indices]
     return rows, RecurrenceSummary(rec.null, rec.k, rec.runs, rec.hidden, rec.expected_per_index, rec.null_mean,
                                    rec.null_p95, rec.value, rec.p_value)
@@ -488,7 +489,7 @@ def analyze_runs(run_dirs: Sequence[str | Path], out_dir: str | Path, *, subject
         [ControlSummary(c.name, c.alignment, c.layers, striation(c.mean)["index_share"], top_indices(c.mean, top_k))
          for c in couts],
         per_run, recurrence, rec_test,
-        {"kind": corr_kind, "names": [o.name for o in outs], "matrix": corr.tolist()}, _slim_outliers(outl),
+        {"kind": corr_kind, "names": [o.name for o in outs], "matrix": corr.tolist()}, outl.to_json(),
         [{"prompt": p, "frozen": c} for p, c in samples[:4]],
         [r.heatmap for r in per_run] + ["top_indices.png", "correlation.png", "outliers.png"], refused,
         matched_section(pairs, outs + couts, list(massive_dims(outl)) + list(known_dims), seed=seed) if pairs else None,
@@ -509,12 +510,6 @@ def matched_section(pairs: Sequence[Pair], outs: Sequence[RunOutputs], outlier_d
     if not ok:
         return None
     return matched_comparison(ok, means, outlier_dims=list(dict.fromkeys(outlier_dims)), seed=seed)
-
-
-def _slim_outliers(o: dict[str, Any]) -> dict[str, Any]:
-    d = {k: v for k, v in o.items() if k != "rankings"}
-    d["rankings"] = {k: {kk: vv for kk, vv in v.items() if kk not in ("all", "rank")} for k, v in o["rankings"].items()}
-    return d
 
 
 def _unique_names(names: Sequence[str]) -> list[str]:
