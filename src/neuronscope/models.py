@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-from typing import Any
 import shutil
 import subprocess
 import sys
@@ -179,11 +178,22 @@ def _unpack(archive: Path, target_dir: Path, tmpdir: Path) -> None:
         os.replace(f, dest)
 
 
-def list_models() -> list[dict[str, Any]]:
+@dataclass
+class ModelEntry:
+    """A known model and where it is in the local cache."""
+    name: str
+    file: str
+    pulled: bool
+    hub_id: str
+    source: str                # the PyPI wheel it is pulled from
+    default: bool
+
+
+def list_models() -> list[ModelEntry]:
+    """The known models, each with its cache path and whether it is pulled."""
     out = []
     for km in KNOWN.values():
         path = model_dir(km.name) / (km.filename if not km.unpack else "")
         pulled = (path / "config.json").is_file() if km.unpack else path.is_file()
-        out.append({"name": km.name, "file": str(path), "pulled": pulled, "hub_id": km.hub_id,
-                    "from": km.pypi, "default": km is DEFAULT})
+        out.append(ModelEntry(km.name, str(path), pulled, km.hub_id, km.pypi, km is DEFAULT))
     return out

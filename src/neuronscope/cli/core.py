@@ -98,12 +98,12 @@ def _steer(model: Optional[str], gguf_file: Optional[str], dtype: str, device: O
     res = steer_generate(subject, atlas_dir, prompt, steer, values, k=k,
                          embedder=None if embedder == "default" else embedder, chat=chat, system=system,
                          max_new_tokens=max_new_tokens)
-    console.print(f"steering {len(res['neurons'])} neurons: " +
-                  ",".join(f"{l}:{n}{'+' if p == 'pos' else '-'}" for l, n, p in res["neurons"]))
-    table = Table(*("no steering" if a["strength"] is None else f"strength {a['strength']:g}"
-                    for a in res["answers"]), show_lines=True)
+    console.print(f"steering {len(res.neurons)} neurons: " +
+                  ",".join(f"{l}:{n}{'+' if p == 'pos' else '-'}" for l, n, p in res.neurons))
+    table = Table(*("no steering" if a.strength is None else f"strength {a.strength:g}" for a in res.answers),
+                  show_lines=True)
     from rich.markup import escape
-    table.add_row(*(escape(a["text"]) for a in res["answers"]))
+    table.add_row(*(escape(a.text) for a in res.answers))
     console.print(table)
 
 
@@ -130,8 +130,8 @@ def models_list() -> None:
     from ..models import list_models
     table = Table("name", "pulled", "file", "online original")
     for m in list_models():
-        table.add_row(m["name"] + (" (default)" if m["default"] else ""), "yes" if m["pulled"] else "no",
-                      m["file"], m["hub_id"])
+        table.add_row(m.name + (" (default)" if m.default else ""), "yes" if m.pulled else "no", m.file,
+                      m.hub_id)
     console.print(table)
 
 

@@ -30,6 +30,21 @@ MIN_SIMILARITY = 0.3
 MIN_WRITES = 0.12
 
 
+
+@dataclasses.dataclass
+class SteeredAnswer:
+    """An answer of a dose sweep: strength None is the unsteered answer."""
+    strength: float | None
+    text: str
+
+
+@dataclasses.dataclass
+class SteeredGeneration:
+    """What `steer_generate` did: the neuron polarities it clamped and the answer at each strength."""
+    neurons: list[tuple[int, int, str]]
+    answers: list[SteeredAnswer]
+
+
 def concept_neurons(folder: str | Path, concept: str, *, k: int = 20, embedder: Any = None,
                     min_similarity: float = MIN_SIMILARITY, min_writes: float = MIN_WRITES) -> list[Neuron]:
     """The concept's top-k writers (concept search, writes side), keeping those whose writes score reaches
@@ -99,9 +114,9 @@ def steer_interventions(stats: Any, neurons: Sequence[Sequence[Any]], strength: 
 
 def steer_sweep(subject: Any, prompt: str, neurons: Sequence[Sequence[Any]], strengths: Sequence[float],
                 stats: Any, *, chat: bool = False, system: str | None = None, max_new_tokens: int = 64,
-                positions: Any = "all") -> list[dict[str, Any]]:
-    """[{"strength": None (no steering) or s, "text"}] for the unsteered prompt and each strength, from one
-    batched greedy generate whose rows carry different clamps."""
+                positions: Any = "all") -> list[SteeredAnswer]:
+    """The answer without steering (strength None) and at each strength, from one batched greedy generate whose
+    rows carry different clamps."""
     from ..interventions import intervene
     if not strengths:
         raise NeuronscopeError("Give at least one strength, like 0.25,0.5,1.")
@@ -114,8 +129,7 @@ def steer_sweep(subject: Any, prompt: str, neurons: Sequence[Sequence[Any]], str
                                                                                  positions=positions)]
     with intervene(subject, *edits):
         new = subject.generate_ids(batch, max_new_tokens=max_new_tokens, temperature=0.0)
-    return [{"strength": None if r == 0 else float(strengths[r - 1]), "text": _text(subject, new[r])}
-            for r in range(R)]
+    return [SteeredAnswer(None if r == 0 else float(strengths[r - 1]), _text(subject, new[r])) for r in range(R)]
 
 
 def _text(subject: Any, row: torch.Tensor) -> str:
@@ -153,8 +167,9 @@ def steer_targets(folder: Any, steer: str, *, k: int = 20, embedder: Any = None)
 
 def steer_generate(subject: Any, folder: Any, prompt: str, steer: str, strengths: Sequence[float], *, k: int = 20,
                    embedder: Any = None, chat: bool = False, system: str | None = None, max_new_tokens: int = 64
-                   ) -> dict[str, Any]:
-    """`neuronscope generate --steer`: {"neurons": [...], "answers": steer_sweep(...)}."""
+                   ) -> SteeredGeneration:
+    """`neuronscope generate --steer`: the neurons `steer` names (a concept's writers, or explicit refs) and the
+    dose sweep's answers (steer_sweep)."""
     from ..atlas.folder import AtlasFolder
     af = AtlasFolder.open(folder)
     af.check_model(subject)
@@ -163,4 +178,4 @@ def steer_generate(subject: Any, folder: Any, prompt: str, steer: str, strengths
     neurons = steer_targets(folder, steer, k=k, embedder=embedder)
     answers = steer_sweep(subject, prompt, neurons, strengths, stats, chat=chat, system=system,
                           max_new_tokens=max_new_tokens)
-    return {"neurons": [list(n) for n in neurons], "answers": answers}
+    return SteeredGeneration([(int(l), int(n), str(p)) for l, n, p in neurons], answers)
