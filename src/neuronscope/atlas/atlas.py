@@ -6,34 +6,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
-from typing_extensions import TypedDict   # pydantic (the Monitor's schemas) needs it on Python < 3.12
 
 from .. import store
 from ..errors import NeuronscopeError
 from ..refs import check_neuron, format_index_set
 from .folder import AtlasFolder, site_file
+from .records import DecodedToken, NeuronHit
 from .vocab import normalise, read_vocab
 
 if TYPE_CHECKING:
     from ..subject import Subject
 
-
-
-class DecodedToken(TypedDict):
-    """One of a neuron's top decoded tokens at one site."""
-    token: str
-    id: int
-    logit: float
-    prob: float
-
-
-class NeuronHit(TypedDict):
-    """A neuron found by a token or concept lookup."""
-    layer: int
-    neuron: int
-    site: str
-    score: float
-    tokens: list[str]
 
 
 class Atlas:
@@ -175,11 +158,10 @@ class Atlas:
         return [self._row(l, n, s, sc) for sc, l, n, s in found[:k]]
 
     def search(self, query: str, k: int = 50, sites: str | Sequence[str] | None = None,
-               subject: Subject | None = None) -> list[dict[str, Any]]:
+               subject: Subject | None = None) -> list[NeuronHit]:
         """Neurons for a concept (one or more words), best first: see `neuronscope.atlas.search.search`."""
         from .search import search
-        rows: list[dict[str, Any]] = search(self, query, k=k, sites=sites, subject=subject)
-        return rows
+        return search(self, query, k=k, sites=sites, subject=subject)
 
     def _row(self, layer: int, neuron: int, site: str, score: float, n_tokens: int = 5) -> NeuronHit:
         return {"layer": layer, "neuron": neuron, "site": site, "score": score,

@@ -27,7 +27,7 @@ from ..errors import NeuronscopeError
 
 if TYPE_CHECKING:
     from ..subject import Subject
-    from .atlas import DecodedToken
+    from .records import DecodedToken
 
 SIDES = ("pos", "neg")
 

@@ -13,11 +13,12 @@ score = token score + cosine, where
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any, Mapping, Protocol, Sequence, cast
+from typing import TYPE_CHECKING, Protocol, Sequence
 
 import torch
 
 from ..errors import NeuronscopeError
+from .records import NeuronHit
 from .vocab import normalise, word_forms
 
 if TYPE_CHECKING:
@@ -40,7 +41,7 @@ class AtlasLike(Protocol):
 
     def top_ids(self, site: str) -> torch.Tensor: ...
 
-    def _row(self, layer: int, neuron: int, site: str, score: float, n_tokens: int = 5) -> Mapping[str, Any]: ...
+    def _row(self, layer: int, neuron: int, site: str, score: float, n_tokens: int = 5) -> NeuronHit: ...
 
 
 def concept_ids(atlas: AtlasLike, query: str, subject: Subject | None = None) -> list[int]:
@@ -81,8 +82,8 @@ def _pol_rows(idx: NeuronIndex, pol: int) -> torch.Tensor:
 
 
 def search(atlas: AtlasLike, query: str, *, k: int = 50, sites: str | Sequence[str] | None = None,
-           subject: Subject | None = None) -> list[dict[str, Any]]:
-    """Neurons ranked for a concept: [{"layer", "neuron", "site", "score", "tokens"}], best first."""
+           subject: Subject | None = None) -> list[NeuronHit]:
+    """Neurons ranked for a concept (`records.NeuronHit`: layer, neuron, site, score, tokens), best first."""
     if k < 1:
         raise NeuronscopeError(f"k must be at least 1, got {k}.")
     names = _sites(atlas, sites)
@@ -105,11 +106,11 @@ def search(atlas: AtlasLike, query: str, *, k: int = 50, sites: str | Sequence[s
     take = min(k, int((flat > 0).sum()))
     vals, idx = flat.topk(take)
     L, N = atlas.n_layers, atlas.n_neurons
-    out: list[dict[str, Any]] = []
+    out: list[NeuronHit] = []
     for v, j in zip(vals.tolist(), idx.tolist()):
         s, rem = divmod(j, L * N)
         l, n = divmod(rem, N)
-        out.append(cast(dict[str, Any], atlas._row(l, n, names[s], v)))
+        out.append(atlas._row(l, n, names[s], v))
     return out
 
 

@@ -26,7 +26,7 @@ from ..refs import check_polarity
 
 if TYPE_CHECKING:
     from ..atlas import Atlas
-    from ..atlas.atlas import DecodedToken
+    from ..atlas.records import DecodedToken
     from ..describe.describe import Descriptions
     from ..describe.records import DescriptionKind
     from ..stats.results import Exemplar, NeuronStats

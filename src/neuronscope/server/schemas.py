@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal, Optional
 from pydantic import BaseModel, Field
 from typing_extensions import NotRequired, TypedDict
 
-from ..atlas.atlas import DecodedToken
+from ..atlas.records import DecodedToken
 from ..concepts.records import NeuronMatch
 from ..describe.records import DescriptionKind
 from .limits import DEFAULT as L
