@@ -82,25 +82,30 @@ def render_report(r: dict[str, Any]) -> str:
 
 def _sweep_section(sw: dict[str, Any]) -> list[str]:
     L = ["## Runs judged by the sweep", "", sw.get("note", ""), "",
-         "| run | verdict | target x (p) | opposite diff | repetition x | factual right off -> on | same opening |",
-         "|---|---|---|---|---|---|---|"]
+         "| run | verdict | target x (p) | opposite diff | repetition x | factual right off -> on | same opening | "
+         "training s |", "|---|---|---|---|---|---|---|---|"]
     for x in sw.get("judged", []):
-        L.append(f"| {x['name']} | {'passed' if x['passed'] else 'failed'} | {_f(x.get('target_ratio'))} "
-                 f"({_f(x.get('target_p'))}) | {_f(x.get('opposite_diff'))} | {_f(x.get('repetition_ratio'))} | "
-                 f"{_f(x.get('factual_off'))} -> {_f(x.get('factual_on'))} | {_f(x.get('same_opening_on'))} |")
+        L.append(f"| {x['name']} | {'passed' if x['passed'] else 'failed: ' + str(x.get('reason'))} | "
+                 f"{_f(x.get('target_ratio'))} ({_f(x.get('target_p'))}) | {_f(x.get('opposite_diff'))} | "
+                 f"{_f(x.get('repetition_ratio'))} | {_f(x.get('factual_off'))} -> {_f(x.get('factual_on'))} | "
+                 f"{_f(x.get('same_opening_on'))} | {_f(x.get('train_seconds'))} |")
     return L + [""]
 
 
 def _runs_section(r: dict[str, Any]) -> list[str]:
     L: list[str] = []
-    L += ["## Runs", "", "| run | alignment | injected layers | index share | chance 1/layers | "
-          "permutation p | random-init p95 | control p95 | top indices |", "|---|---|---|---|---|---|---|---|---|"]
+    share = {c["name"]: c["striation"] for c in r.get("controls", [])}
+    matched = {p["aligned"]: share.get(p["control"]) for p in (r.get("matched") or {}).get("pairs", [])}
+    L += ["## Runs", "", "| run | alignment | injected layers | index share | matched control's share | "
+          "chance 1/layers | permutation p | random-init p95 | control p95 | top indices |",
+          "|---|---|---|---|---|---|---|---|---|---|"]
     for x in r["runs"]:
         t = {d["null"].split(" ")[0]: d for d in x["striation_tests"]}
         perm, rnd, ctl = t.get("permutation", {}), t.get("random-init", {}), t.get("control", {})
         L.append(f"| {x['name']} | {x['alignment']} | {_layers_text(x['layers'])} | "
-                 f"{x['striation']['index_share']:.3f} | {1 / len(x['layers']):.3f} | {_f(perm.get('p_value'))} | "
-                 f"{_f(rnd.get('null_p95'))} | {_f(ctl.get('null_p95'))} | {', '.join(map(str, x['top_indices']))} |")
+                 f"{x['striation']['index_share']:.3f} | {_f(matched.get(x['name']))} | {1 / len(x['layers']):.3f} | "
+                 f"{_f(perm.get('p_value'))} | {_f(rnd.get('null_p95'))} | {_f(ctl.get('null_p95'))} | "
+                 f"{', '.join(map(str, x['top_indices']))} |")
     L += ["", "Index share: the fraction of the variance of the mean output (layer x index) explained by the hidden "
           "index alone (vertical stripes). Under the within-layer permutation null it sits near 1/layers.", "",
           "## Heat-maps (|mean output|, one colour scale from 0)", ""]

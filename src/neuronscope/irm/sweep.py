@@ -335,7 +335,12 @@ def analyse_grid(subject: Any, out: Path, result: SweepResult, kwargs: dict[str,
     note = (f"Every aligned run was judged like `irm eval --judge builtin` at scale {ev.scale:g} on at most "
             f"{ev.limit} held-out questions; only runs that passed are analysed ({len(result.analysed)} of "
             f"{len([r for r in result.runs if not r.control])}).")
-    judged = [dict(name=r.name, **asdict(r.judged)) for r in result.runs if not r.control and r.judged is not None]
+    judged = [dict(name=r.name, train_seconds=r.seconds, **asdict(r.judged)) for r in result.runs
+              if not r.control and r.judged is not None]
+    secs = sorted(r.seconds for r in result.runs if r.seconds is not None)
+    if secs:
+        note += (f" Training: {len(secs)} runs, {sum(secs) / 60:.0f} min in all (median {secs[len(secs) // 2]:.0f} s "
+                 "a run).")
     sweep_info = {"note": note, "judged": judged, "excluded": result.excluded}
     if not result.analysed:
         text = "\n".join(["# IRM sweep", "", "No aligned run passed its judge; nothing is analysed.", ""]
