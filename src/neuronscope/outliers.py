@@ -10,8 +10,8 @@ multiple of the median:
 - LM-head column norms ||W_U[:, h]||.
 
     rep = model_outliers(subject, texts, factor=10.0)
-    rep["massive"]["dims"]          # [{"dim": 1415, "layers": [2, 3, ...], "max_multiple": 1200.0, "tokens": [...]}]
-    rep["rankings"]["massive_activations"]["rank"][h]   # rank of dim h (1 = largest)
+    rep.massive.dims                # [MassiveDim(dim=1415, layers=[2, 3, ...], max_multiple=1200.0, tokens=[...])]
+    rep.rankings["massive_activations"].rank[h]   # rank of dim h (1 = largest)
 
 Llama-2-7B for comparison: massive dims 1415 and 2533 (Sun et al.), super weight layers[1].mlp.down_proj[2533, 7890]
 (Yu et al.).

@@ -3,7 +3,7 @@
 
     describe_atlas("atlas-smollm")                 # a scored label for every neuron and polarity (+ the index)
     describe_atlas("atlas-smollm", explainer="http://localhost:8080/v1", neurons=[(20, 1234)])
-    Descriptions.open("atlas-smollm").get(20, 1234, "pos")   # {"text", "score", "source", "interpretable", ...}
+    Descriptions.open("atlas-smollm").get(20, 1234, "pos")   # Description: .text, .score, .source, .interpretable
 """
 from __future__ import annotations
 
