@@ -3,8 +3,9 @@
 # 3 alignments (sadness, anger, joy) x 3 layer sets (q2 = layers 8-14, q4 = 22-29, all = 0-29) x 2 seeds = 18 aligned
 # runs, each trained with the recipe (the `irm train` defaults) and judged off vs on at scale 0.7 with factual
 # accuracy; 3 sets x 2 seeds = 6 matched controls (the same answers framed by neutral sentences).
-# Estimated CPU time on 2 cores, 1 thread a process: data 4 x ~9 min, 24 runs x ~8 min training, 18 judgements x
-# ~7 min (answers + facts), analysis ~10 min: about 6 hours. Resumable: run it again after a kill.
+# Measured (2026-12-04, 2 cores, beside other work): data 4 x ~3 min (2 threads; ~9 with 1), then the grid in
+# ~94 min wall as two processes of one thread each (training 127 min of process time, median 316 s a run; judging
+# ~3 min an aligned run), analysis under a minute. Report: docs/irm-smollm-report/sweep-2026-12-04/. Resumable: run it again after a kill.
 set -euo pipefail
 M=${M:-../shared/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf}
 OUT=${OUT:-sweeps/smollm}

@@ -483,6 +483,9 @@ def analyze_runs(run_dirs: Sequence[str | Path], out_dir: str | Path, *, subject
     plot_profiles(outs, out_dir / "top_indices.png")
     plot_correlation(corr, [o.name for o in outs], out_dir / "correlation.png")
     plot_outliers(outl, sorted({h for r in per_run for h in r.top_indices}), out_dir / "outliers.png")
+    # the k most massive dims (by peak multiple of the layer median: on SmolLM2 most dims pass 10x somewhere, so
+    # "every dim over the factor" would make any index an outlier) and the dims the user names
+    outlier_dims = massive_dims(outl)[:top_k] + list(known_dims)
     result = Analysis(
         subject.name, subject.fingerprint, prompts, source, max_new_tokens, top_k, int(X.shape[0]),
         f"layer {ld.read_layer} {ld.read_site}", n_random, n_permutations, nulls.ALPHA,
@@ -492,7 +495,7 @@ def analyze_runs(run_dirs: Sequence[str | Path], out_dir: str | Path, *, subject
         {"kind": corr_kind, "names": [o.name for o in outs], "matrix": corr.tolist()}, outl.to_json(),
         [{"prompt": p, "frozen": c} for p, c in samples[:4]],
         [r.heatmap for r in per_run] + ["top_indices.png", "correlation.png", "outliers.png"], refused,
-        matched_section(pairs, outs + couts, list(massive_dims(outl)) + list(known_dims), seed=seed) if pairs else None,
+        matched_section(pairs, outs + couts, outlier_dims, seed=seed) if pairs else None,
         sweep)
     js = result.to_json()
     result.findings = findings(js)

@@ -189,10 +189,21 @@ def _merge_state(out: Path, plan: Sequence[SweepRun], base: dict[str, Any]) -> d
     for p in plan:
         r = kept.get(p.name, p)
         r.status = run_status(out / "runs" / p.name)
+        if finished(r.status) and r.seconds is None:       # trained by another process of a parallel sweep
+            _training_facts(out / "runs" / p.name, r)
         if r.judged is None and not r.control and finished(r.status):
             r.judged = saved_verdict(out / "runs" / p.name)
         runs[p.name] = r
     return runs
+
+
+def _training_facts(run_dir: Path, r: SweepRun) -> None:
+    """A finished run's training time and best validation loss, from its run.json."""
+    try:
+        info = read_json(run_dir / RUN)
+        r.seconds, r.best_val, r.best_step = info.get("seconds"), info.get("best_val"), info.get("best_step")
+    except (OSError, ValueError, AttributeError):
+        pass
 
 
 def saved_verdict(run_dir: Path) -> Judged | None:
