@@ -165,7 +165,7 @@ def test_a_run_folder_keeps_its_verdict_for_sweeps_of_parts_of_a_grid(stories, t
                       control=tmp_path / "ctrl.jsonl")
     out = tmp_path / "sweep"
     run = out / "runs" / "sadness-all-s0"
-    write_json(run / "run.json", {"status": "done"})
+    write_json(run / "run.json", {"status": "done", "seconds": 301.5, "best_val": 0.6, "best_step": 50})
     (run / "irm.safetensors").write_bytes(b"weights")
     verdict = {"target_doubles": True, "target_significant": True, "opposite_not_up": True, "repetition_ok": False,
                "passed": False, "target_ratio": 20.0, "target_p": 1e-4, "opposite_diff": 0.0,
@@ -179,6 +179,7 @@ def test_a_run_folder_keeps_its_verdict_for_sweeps_of_parts_of_a_grid(stories, t
     runs = _merge_state(out, plan, {})
     j = runs["sadness-all-s0"].judged
     assert j is not None and j.passed is False and j.reason == "repetition over 1.5x" and j.factual_on == 0.7
+    assert (runs["sadness-all-s0"].seconds, runs["sadness-all-s0"].best_step) == (301.5, 50)   # from its run.json
     assert runs["control-all-s0"].judged is None and runs["control-all-s0"].status == "new"
     os.utime(run / "irm.safetensors", (t + 10, t + 10))       # retrained after that judgement: judged again
     again = sweep_plan(stories, {"sadness": tmp_path / "sad.jsonl"}, sets=["all"], seeds=[0],
