@@ -25,7 +25,7 @@ from ..interventions import BoundCapture, Capture, intervene
 from . import nulls
 from .compare import MatchedComparison, Pair, matched_comparison
 from .report import findings, render_report
-from .nulls import NullTest
+from .nulls import NullTest, RecurrenceSummary
 from .metrics import degeneracy, index_scores, index_share, striation, top_indices
 from .training import load_run
 
@@ -93,19 +93,6 @@ class Recurrence:
     control_runs: int
     outlier_ranks: dict[str, int]
 
-
-@dataclass
-class RecurrenceSummary:
-    """The recurrence test without its rows (analysis.json's "recurrence_test")."""
-    null: str
-    k: int
-    runs: int
-    hidden: int
-    expected_per_index: float
-    null_mean: float
-    null_p95: float
-    value: int
-    p_value: float | None
 
 
 @dataclass
@@ -420,8 +407,7 @@ def recurrence_rows(outs: Sequence[RunOutputs], per_run: Sequence[RunAnalysis], 
                        sum(row.index in t for t in ctrl_tops),
                        {k: int(outl.rankings[k].rank[row.index]) for k in OUTLIER_KINDS})
             for row in rec.indices]
-    return rows, RecurrenceSummary(rec.null, rec.k, rec.runs, rec.hidden, rec.expected_per_index, rec.null_mean,
-                                   rec.null_p95, rec.value, rec.p_value)
+    return rows, rec.summary()
 
 
 def analysis_inputs(ld: Loaded, prompts: Sequence[str] | None, chat: bool | None, max_new_tokens: int,

@@ -59,7 +59,7 @@ class IndexCount:
 
 
 @dataclass
-class RecurrenceTest:
+class RecurrenceSummary:
     """How often indices recur in the runs' top k against random top-k sets (value: the most runs of any index)."""
     null: str
     k: int
@@ -70,7 +70,16 @@ class RecurrenceTest:
     null_p95: float
     value: int
     p_value: float | None
+
+
+@dataclass
+class RecurrenceTest(RecurrenceSummary):
+    """The recurrence test with its rows: every index in some run's top k, with its count and family-wise p."""
     indices: list[IndexCount] = field(default_factory=list)
+
+    def summary(self) -> RecurrenceSummary:
+        return RecurrenceSummary(self.null, self.k, self.runs, self.hidden, self.expected_per_index, self.null_mean,
+                                 self.null_p95, self.value, self.p_value)
 
 
 def summarize(value: float, null: Sequence[float], kind: str) -> NullTest:
@@ -188,6 +197,6 @@ def survives(tests: Sequence[NullTest], alpha: float = ALPHA) -> bool | None:
     return all(p < alpha for p in ps)
 
 
-__all__ = ["NullTest", "CoincidenceTest", "IndexCount", "RecurrenceTest", "summarize", "striation_test",
-           "recurrence_test", "coincidence_test", "random_init_irm", "mean_output", "survives", "index_shares",
-           "permute_within_layers", "ALPHA"]
+__all__ = ["NullTest", "CoincidenceTest", "IndexCount", "RecurrenceSummary", "RecurrenceTest", "summarize",
+           "striation_test", "recurrence_test", "coincidence_test", "random_init_irm", "mean_output", "survives",
+           "index_shares", "permute_within_layers", "ALPHA"]
