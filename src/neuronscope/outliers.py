@@ -91,16 +91,13 @@ class OutlierReport:
     early_layers: int
     rankings: dict[str, Ranking]
 
-    def massive_dims(self) -> list[int]:
-        return [d.dim for d in self.massive.dims]
-
-    def to_json(self, full: bool = False) -> dict[str, Any]:
-        """A JSON object; without `full` each ranking leaves out `rank` and `all` (one number a dim)."""
+    def to_json(self) -> dict[str, Any]:
+        """A JSON object (outliers.json, analysis.json's "outliers"): each ranking without `rank` and `all`, which
+        hold one number a dim."""
         d = asdict(self)
-        if not full:
-            for r in d["rankings"].values():
-                r.pop("rank")
-                r.pop("all")
+        for r in d["rankings"].values():
+            r.pop("rank")
+            r.pop("all")
         return d
 
 
@@ -197,7 +194,8 @@ def model_outliers(subject: Subject, texts: Sequence[str] | None = None, *, fact
 
 
 def massive_dims(rep: OutlierReport) -> list[int]:
-    return rep.massive_dims()
+    """The massive dims, the most massive first."""
+    return [d.dim for d in rep.massive.dims]
 
 
 def render_outliers(rep: OutlierReport, top: int = 10) -> str:

@@ -12,9 +12,10 @@ from rich.table import Table
 
 from ..errors import NeuronscopeError
 from ..refs import format_index_set
+from .common import DeviceOpt, DtypeOpt, GgufOpt, ModelArg, console, err_console, fmt_prob, load_subject
+
 if TYPE_CHECKING:
     from ..describe.records import Description
-from .common import DeviceOpt, DtypeOpt, GgufOpt, ModelArg, console, err_console, fmt_prob, load_subject
 
 atlas_app = typer.Typer(help="Decode every MLP neuron through the LM head; show, search and compare atlases.",
                         no_args_is_help=True)

@@ -30,7 +30,6 @@ MIN_SIMILARITY = 0.3
 MIN_WRITES = 0.12
 
 
-
 @dataclasses.dataclass
 class SteeredAnswer:
     """An answer of a dose sweep: strength None is the unsteered answer."""
