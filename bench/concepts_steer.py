@@ -31,16 +31,16 @@ def alice_part(subject: Any, atlas: str, emb: Any) -> dict:
     t0 = time.perf_counter()
     d = mon.clusters(s)
     secs = time.perf_counter() - t0
-    shown = [c for c in d["clusters"] if c.get("kind") in ("concept", "context")]      # what the page shows
-    hidden = [c for c in d["clusters"] if c.get("kind") in ("form", "unclear")]      # behind its toggle
+    shown = [c for c in d.clusters if c.kind in ("concept", "context")]      # what the page shows
+    hidden = [c for c in d.clusters if c.kind in ("form", "unclear")]      # behind its toggle
     print("alice answer:", answer)
-    print("shown:", [(c["name"], c["size"]) for c in shown])
-    print("hidden (syntax, format & unclear):", [(c["name"], c["size"]) for c in hidden])
-    return {"question": ALICE, "answer": answer, "method": d["method"], "n_neurons": d["n_neurons"],
+    print("shown:", [(c.name, c.size) for c in shown])
+    print("hidden (syntax, format & unclear):", [(c.name, c.size) for c in hidden])
+    return {"question": ALICE, "answer": answer, "method": d.method, "n_neurons": d.n_neurons,
             "seconds": round(secs, 3),
-            "shown": [{"name": c["name"], "kind": c["kind"], "size": c["size"], "tokens": c["tokens"][:4]}
+            "shown": [{"name": c.name, "kind": c.kind, "size": c.size, "tokens": c.tokens[:4]}
                       for c in shown],
-            "hidden": [{"name": c["name"], "kind": c["kind"], "size": c["size"]} for c in hidden]}
+            "hidden": [{"name": c.name, "kind": c.kind, "size": c.size} for c in hidden]}
 
 
 def _mentions(text: str, words: set[str]) -> bool:
@@ -177,7 +177,7 @@ def speed_part(subject: Any, atlas: str, emb: Any) -> dict:
             print("no steering for", w, exc)
             continue
         setup.append(time.perf_counter() - t0)
-        mon.remove_steering(s, st["id"])
+        mon.remove_steering(s, st.id)
     res = {"concept_search_ms_median": round(1000 * statistics.median(search), 1),
            "steering_setup_ms_median": round(1000 * statistics.median(setup), 1) if setup else None,
            "n_search": len(search), "n_setup": len(setup)}

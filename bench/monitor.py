@@ -73,7 +73,7 @@ def main() -> None:
     mon.warm()   # as `neuronscope serve` does at start: descriptions, vocabulary, index, embedder
     gc.freeze()  # as serve does after warm (a full collection of those tables held the GIL ~0.2 s)
     s, prompt_len = conversation(mon, args.tokens)
-    T = len(mon.render(s)["ids"])
+    T = len(mon.render(s).ids)
     if args.only == "stalls":
         return stalls(mon, args.long, args.streams)
     if args.only == "ttft":
@@ -126,9 +126,9 @@ def conversation(mon, tokens: int):
     for cut in range(len(new), 0, -1):
         s.messages[1:] = [Message("assistant", subject.decode(new[:cut]), ids=new[:cut])]
         s.changed()
-        if len(mon.render(s)["ids"]) <= tokens:
+        if len(mon.render(s).ids) <= tokens:
             break
-    print(f"conversation: {len(mon.render(s)['ids'])} tokens ({prompt_len} in the prompt)")
+    print(f"conversation: {len(mon.render(s).ids)} tokens ({prompt_len} in the prompt)")
     return s, prompt_len
 
 
@@ -136,8 +136,8 @@ def view_ratios(mon, s, reps: int) -> None:
     """The activation and attribution views against a plain forward of the same conversation (medians, the
     baseline interleaved with each view, each view on a fresh cache)."""
     subject = mon.subject
-    T = len(mon.render(s)["ids"])
-    conv = torch.tensor([mon.render(s)["ids"]])
+    T = len(mon.render(s).ids)
+    conv = torch.tensor([mon.render(s).ids])
 
     def forward():
         with torch.no_grad():
@@ -163,7 +163,7 @@ def view_ratios(mon, s, reps: int) -> None:
     view = mon.activations(s, page_size=50)
     print(f"plain forward ({T} tokens):      {1000 * f_med:8.1f} ms")
     print(f"activation view:                {1000 * med(act):8.1f} ms   ratio {med(act) / f_med:.2f} (target <= 1.5)"
-          f"   [{view['total']} neurons firing, mode {view['mode']}]")
+          f"   [{view.total} neurons firing, mode {view.mode}]")
     print(f"attribution view (top 1000):    {1000 * med(att):8.1f} ms   ratio {med(att) / f_med:.2f} (target <= 3)")
 
 
@@ -176,7 +176,7 @@ def sequential_ttft(mon, prompt_len: int, reps: int) -> None:
         events = mon.send(s2, QUESTION, max_new_tokens=16)
         first = None
         for ev in events:
-            if first is None and ev["type"] == "token":
+            if first is None and ev.type == "token":
                 first = time.perf_counter() - t0
         total.append(time.perf_counter() - t0)
         ttft.append(first)
@@ -283,15 +283,15 @@ def actions(mon, s, T: int, args) -> None:
     mon.activations(s, page_size=50)  # the analysis forward is done; what follows reads it
     mon.attribution(s, T - 1, page_size=1)
     k = mon.knowledge
-    rows = mon.activations(s, page_size=1)["rows"]
-    l, n = (rows[0]["layer"], rows[0]["neuron"]) if rows else (0, 0)
+    rows = mon.activations(s, page_size=1).rows
+    l, n = (rows[0].layer, rows[0].neuron) if rows else (0, 0)
     made: list[str] = []
 
     def add_neurons():
-        made.append(mon.add_steering(s, mode="suppress", neurons=[[l, n], [l, (n + 1) % mon.subject.n_neurons]])["id"])
+        made.append(mon.add_steering(s, mode="suppress", neurons=[[l, n], [l, (n + 1) % mon.subject.n_neurons]]).id)
 
     def add_concept():
-        made.append(mon.add_steering(s, mode="suppress", concept=args.concept, n_neurons=20)["id"])
+        made.append(mon.add_steering(s, mode="suppress", concept=args.concept, n_neurons=20).id)
 
     def toggle():
         mon.set_steering(s, made[0], False)
@@ -351,7 +351,7 @@ def concurrent_ttft(mon, prompt_len: int, n_new: int = 24) -> None:
             t0 = time.perf_counter()
             first = None
             for ev in mon.send(s, QUESTION, max_new_tokens=n_new):
-                if first is None and ev["type"] == "token":
+                if first is None and ev.type == "token":
                     first = time.perf_counter() - t0
             ttft.append(first)
             total.append(time.perf_counter() - t0)
@@ -376,7 +376,7 @@ def stalls(mon, n_tokens: int, n_streams: int = 1) -> None:
     para = "The village by the river had stone houses, narrow streets and a market that opened every morning. "
     b.messages = [Message("user", para * max(1, n_tokens // 19)), Message("assistant", "It is a quiet place.")]
     b.changed()
-    ids = torch.tensor([mon.render(b)["ids"]])
+    ids = torch.tensor([mon.render(b).ids])
     T = ids.shape[1]
     one = []
     for _ in range(3):

@@ -69,7 +69,7 @@ def main() -> None:
     found = atlas.search(args.concept, k=args.neurons, sites=args.sites, subject=subject)
     print(f"candidates for {args.concept!r}:")
     for r in found:
-        print(f"  {r['layer']}:{r['neuron']} {r['site']:<8} score {r['score']:.3f}  {r['tokens']}")
+        print(f"  {r.layer}:{r.neuron} {r.site:<8} score {r.score:.3f}  {r.tokens}")
     questions = QUESTIONS[:args.questions]
 
     def answer(q: str, edits=()) -> str:
@@ -82,17 +82,17 @@ def main() -> None:
         base.append(text)
         ids = torch.cat([subject.encode(q, chat=True), subject.tokenizer(text, return_tensors="pt",
                          add_special_tokens=False)["input_ids"]], 1)
-        layers = sorted({r["layer"] for r in found})
+        layers = sorted({r.layer for r in found})
         with intervene(subject, Capture(layers=layers, sites=("neurons",))) as (cap,):
             subject.logits(ids)
         for j, r in enumerate(found):
-            act = cap.get("neurons", r["layer"])[0, :, r["neuron"]]
+            act = cap.get("neurons", r.layer)[0, :, r.neuron]
             peak[j] = max(float(peak[j]), float(act.abs().max()))
     edits = []
     for j, r in enumerate(found):
-        sign = -1.0 if r["site"] == "down.neg" else 1.0
-        edits.append(Clamp(r["layer"], [r["neuron"]], "all", sign * args.value * float(peak[j])))
-        print(f"  clamp {r['layer']}:{r['neuron']} = {sign * args.value * float(peak[j]):+.2f} "
+        sign = -1.0 if r.site == "down.neg" else 1.0
+        edits.append(Clamp(r.layer, [r.neuron], "all", sign * args.value * float(peak[j])))
+        print(f"  clamp {r.layer}:{r.neuron} = {sign * args.value * float(peak[j]):+.2f} "
               f"(max |act| {float(peak[j]):.2f})")
     steered = [answer(q, edits) for q in questions]
     n_base = sum(bool(DOG.search(t)) for t in base)

@@ -21,8 +21,9 @@ def test_family_parts(model_type):
     assert s.spec.final_norm_gain(s.model).shape == (32,)
     assert s.spec.unembedding(s.model).shape == (512, 32)
     info = s.info()
-    assert info["family"] == s.family and info["neurons_total"] == 3 * 48
-    assert "neurons" in info["sites"] and "resid.post" in info["sites"]
+    assert info.family == s.family and info.neurons_total == 3 * 48
+    assert "neurons" in info.sites and "resid.post" in info.sites
+    assert info.to_json()["class"] == type(s.model).__name__
 
 
 @pytest.mark.parametrize("model_type", FAMILIES)

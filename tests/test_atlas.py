@@ -106,8 +106,8 @@ def test_stories_decodes_equal_direct_computation(stories, stories_atlas):
     d = a.neuron(3, 17)
     assert set(d) == set(a.sites) and len(d["up"]) == 20
     first = d["down.pos"][0]
-    assert first["token"] == stories.tokenizer.decode([first["id"]]) and 0 < first["prob"] <= 1
-    assert a.top_tokens(3, 17, "down.pos", k=3) == [r["token"] for r in d["down.pos"][:3]]
+    assert first.token == stories.tokenizer.decode([first.id]) and 0 < first.prob <= 1
+    assert a.top_tokens(3, 17, "down.pos", k=3) == [r.token for r in d["down.pos"][:3]]
     m = a.manifest
     assert m["model"]["fingerprint"] == stories.fingerprint and m["atlas"]["apply_norm"] is True
     assert m["model"]["n_neurons"] == 172 and m["model"]["tied"] == stories.tied
@@ -230,12 +230,12 @@ def test_search_finds_a_planted_neuron(stories_tokenizer, tmp_path):
     atlas = build_atlas(subject, tmp_path / "planted", progress=False)
     assert atlas.top_tokens(1, 40, "up", 1) == ["happy"]
     top = atlas.search("happy", k=5)
-    assert (top[0]["layer"], top[0]["neuron"], top[0]["site"]) == (1, 40, "up")
-    assert top[0]["tokens"][0] == "happy" and top[0]["score"] >= 1.0
+    assert (top[0].layer, top[0].neuron, top[0].site) == (1, 40, "up")
+    assert top[0].tokens[0] == "happy" and top[0].score >= 1.0
     top = atlas.search("Happy", k=5, subject=subject)        # with vector similarity: cosine ~1 on top
-    assert (top[0]["layer"], top[0]["neuron"], top[0]["site"]) == (1, 40, "up") and top[0]["score"] > 1.9
+    assert (top[0].layer, top[0].neuron, top[0].site) == (1, 40, "up") and top[0].score > 1.9
     hits = atlas.top_neurons_for("happy", site="up")
-    assert (hits[0]["layer"], hits[0]["neuron"]) == (1, 40)
+    assert (hits[0].layer, hits[0].neuron) == (1, 40)
     with pytest.raises(NeuronscopeError, match="No token"):
         atlas.search("zebrafish")
     with pytest.raises(NeuronscopeError, match="not the one"):
@@ -259,7 +259,7 @@ def test_cli_build_show_search_compare(stories_atlas, tmp_path):
     res = r.invoke(app, ["atlas", "show", str(out), "2:23", "--json"])
     assert json.loads(res.output)["decodes"]["up"][0]["id"] == int(a.top_ids("up")[2, 23, 0])
     res = r.invoke(app, ["atlas", "search", str(out), "happy", "--tokens-only", "--json", "-k", "3"])
-    assert res.exit_code == 0 and json.loads(res.output) == a.search("happy", k=3)
+    assert res.exit_code == 0 and json.loads(res.output) == [h.to_json() for h in a.search("happy", k=3)]
     res = r.invoke(app, ["atlas", "compare", str(stories_atlas.folder), str(stories_atlas.folder), "-o",
                          str(tmp_path / "c")])
     assert res.exit_code == 0 and "100.0%" in res.output

@@ -125,8 +125,8 @@ def test_monitor_starts_without_a_damaged_part_and_says_so(stories, built, tmp_p
     decodes, source = k.decodes(3, 17)          # still answers, from the weights
     assert source == "model" and len(decodes["down.pos"]) == 5
     ref = built.neuron(3, 17)["down.pos"][:5]
-    assert [r["id"] for r in decodes["down.pos"]] == [r["id"] for r in ref]
-    assert decodes["down.pos"][0]["prob"] == pytest.approx(ref[0]["prob"], rel=1e-4)
+    assert [r.id for r in decodes["down.pos"]] == [r.id for r in ref]
+    assert decodes["down.pos"][0].prob == pytest.approx(ref[0].prob, rel=1e-4)
 
 
 def test_newer_format_is_refused(built, tmp_path):
@@ -160,7 +160,7 @@ def test_build_some_layers(stories, built, tmp_path, capsys):
     code, out, err = run(capsys, "atlas", "show", tmp_path / "some", "2:5")
     assert code == 2 and "not in this atlas" in err
     assert part.top_neurons_for(built.vocab[int(built.top_ids("up")[1, 0, 0])])   # search sees built layers only
-    assert all(r["layer"] in (1, 3) for r in part.top_neurons_for(built.vocab[int(built.top_ids("up")[1, 0, 0])]))
+    assert all(r.layer in (1, 3) for r in part.top_neurons_for(built.vocab[int(built.top_ids("up")[1, 0, 0])]))
 
 
 def test_compare_does_not_replace_a_users_files(built, tmp_path):

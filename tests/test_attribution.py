@@ -72,16 +72,16 @@ def test_gradients_match_finite_differences(tiny64):
     eps = 1e-3
     checked = 0
     for row in res.rows():
-        l, t, i, a = row["layer"], row["position"], row["neuron"], row["activation"]
+        l, t, i, a = row.layer, row.position, row.neuron, row.activation
         up = _prob(tiny64, ids, s, res.target_token, Clamp(l, [i], positions=[t], value=a + eps))
         dn = _prob(tiny64, ids, s, res.target_token, Clamp(l, [i], positions=[t], value=a - eps))
         fd = (up - dn) / (2 * eps)
-        assert fd == pytest.approx(row["gradient"], rel=1e-3, abs=1e-8)
+        assert fd == pytest.approx(row.gradient, rel=1e-3, abs=1e-8)
         checked += 1
     assert checked == 8
     # the top entry really matters: zeroing it moves p by a visible amount
     top = res.rows()[0]
-    assert top["score"] > 0
+    assert top.score > 0
 
 
 def test_explicit_target_token_and_bad_inputs(tiny64):

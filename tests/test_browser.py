@@ -70,7 +70,7 @@ def test_monitor_page_end_to_end(tmp_path):
             page.wait_for_function("!document.querySelector('#act-summary').textContent.includes('interpretable')")
             n_all = int(page.inner_text("#act-summary").split()[0])
             assert n_all >= n_interp and n_all == mon.activations(
-                next(iter(mon.sessions._sessions.values())), content_only=True)["total"]
+                next(iter(mon.sessions._sessions.values())), content_only=True).total
             first = page.locator("#act-table tbody tr").first.locator(".nid").inner_text()
             page.fill("#act-filter", first)
             page.wait_for_function(f"document.querySelector('#act-summary').textContent.includes('{first}')")
@@ -81,9 +81,9 @@ def test_monitor_page_end_to_end(tmp_path):
             page.wait_for_function("!document.querySelector('#act-summary').textContent.includes('matching')")
 
             # 2. tooltip: p and the top-5 AT the hovered position, as the model's logits say
-            toks = mon.tokens(next(iter(mon.sessions._sessions.values())))["tokens"]
-            ids = [t["id"] for t in toks]
-            pos = next(t["position"] for t in toks if t["role"] == "assistant") + 2
+            toks = mon.tokens(next(iter(mon.sessions._sessions.values()))).tokens
+            ids = [t.id for t in toks]
+            pos = next(t.position for t in toks if t.role == "assistant") + 2
             probs = torch.softmax(subject.logits(torch.tensor([ids]))[0].float(), -1)
             top = probs[pos - 1].topk(5)
             want = [json.dumps(s) for s in mon._next_strings(ids[pos - 1], top.indices.tolist())]
@@ -238,9 +238,9 @@ def test_monitor_page_on_smollm2_alice(smollm, tmp_path):
             page.wait_for_selector("#act-table tbody tr", timeout=60000)
 
             s = next(iter(mon.sessions._sessions.values()))
-            toks = mon.tokens(s)["tokens"]
-            ids = [t["id"] for t in toks]
-            pos = next(t["position"] for t in toks if t["role"] == "assistant") + 1
+            toks = mon.tokens(s).tokens
+            ids = [t.id for t in toks]
+            pos = next(t.position for t in toks if t.role == "assistant") + 1
             probs = torch.softmax(smollm.logits(torch.tensor([ids]))[0].float(), -1)
             top = probs[pos - 1].topk(5)
             page.hover(f'#conversation .tok[data-pos="{pos}"]')
@@ -255,11 +255,11 @@ def test_monitor_page_on_smollm2_alice(smollm, tmp_path):
             page.wait_for_selector("#attr-table tbody tr", timeout=60000)
             assert "top 1000" in page.inner_text("#attr-head")
             att = mon.attribution(s, pos, page_size=1)
-            assert att["target_token"] == ids[pos]
+            assert att.target_token == ids[pos]
 
             # suppress the 20 neurons that most caused that token, on the generated tokens: a new answer beside
-            r = mon.attribution(s, pos, page_size=20)["rows"]
-            mon.add_steering(s, mode="suppress", neurons=[[x["layer"], x["neuron"]] for x in r], label="top20",
+            r = mon.attribution(s, pos, page_size=20).rows
+            mon.add_steering(s, mode="suppress", neurons=[[x.layer, x.neuron] for x in r], label="top20",
                              ranges=[[0, pos]])
             page.reload()
             page.wait_for_selector("#steerbar .chip", timeout=30000)

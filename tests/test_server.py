@@ -166,7 +166,7 @@ def test_attribution_matches_the_library_and_is_cached(client, monitor, subject)
     ref = attribute(subject, torch.tensor([[t["id"] for t in toks]]), pos, top=1000)
     assert d["probability"] == pytest.approx(ref.probability, rel=1e-5)
     assert [(r["layer"], r["position"], r["neuron"]) for r in d["rows"][:50]] == \
-        [(r["layer"], r["position"], r["neuron"]) for r in ref.rows()[:50]]
+        [(r.layer, r.position, r.neuron) for r in ref.rows()[:50]]
     assert all(r["position"] < pos for r in d["rows"])
     assert sum(d["position_scores"]) == pytest.approx(float(ref.score.sum()), rel=1e-4)
     session = monitor.sessions.get(sid, client.cookies["ns_client"])
@@ -181,7 +181,7 @@ def test_neuron_detail_has_decodes_exemplars_and_quantiles(client, atlas_dir):
     d = client.get("/api/neurons/2/5", params={"n_exemplars": 3}).json()
     atlas = Atlas.open(atlas_dir)
     assert d["decodes_source"] == "atlas"
-    assert [x["id"] for x in d["decodes"]["down.pos"]] == [x["id"] for x in atlas.neuron(2, 5)["down.pos"]]
+    assert [x["id"] for x in d["decodes"]["down.pos"]] == [x.id for x in atlas.neuron(2, 5)["down.pos"]]
     assert len(d["exemplars"]["pos"]) == 3
     ex = d["exemplars"]["pos"][0]
     assert len(ex["marks"]) == len(ex["tokens"]) and ex["marks"][ex["position"]] == pytest.approx(ex["normalised"],

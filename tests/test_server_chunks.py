@@ -86,14 +86,14 @@ def test_attribution_in_chunks_equals_the_library(subject):
                      interventions=ivs)
             assert got.target_token == ref.target_token
             assert got.probability == pytest.approx(ref.probability, rel=1e-5)
-            assert [(r["layer"], r["position"], r["neuron"]) for r in got.rows()[:100]] == \
-                [(r["layer"], r["position"], r["neuron"]) for r in ref.rows()[:100]]
+            assert [(r.layer, r.position, r.neuron) for r in got.rows()[:100]] == \
+                [(r.layer, r.position, r.neuron) for r in ref.rows()[:100]]
             torch.testing.assert_close(got.score, ref.score, rtol=1e-4, atol=1e-7)
-            by_key = {(r["layer"], r["position"], r["neuron"]): r["gradient"] for r in ref.rows()}
-            common = [r for r in got.rows() if (r["layer"], r["position"], r["neuron"]) in by_key]
+            by_key = {(r.layer, r.position, r.neuron): r.gradient for r in ref.rows()}
+            common = [r for r in got.rows() if (r.layer, r.position, r.neuron) in by_key]
             assert len(common) > 990  # near-ties at the cut may swap
-            assert [r["gradient"] for r in common] == \
-                pytest.approx([by_key[(r["layer"], r["position"], r["neuron"])] for r in common], rel=1e-3, abs=1e-7)
+            assert [r.gradient for r in common] == \
+                pytest.approx([by_key[(r.layer, r.position, r.neuron)] for r in common], rel=1e-3, abs=1e-7)
 
 
 def test_chunked_prefill_decodes_the_same_answer(subject):
@@ -121,28 +121,28 @@ def test_monitor_views_in_chunks_equal_one_forward(subject):
         for _ in mon.send(s, TEXT, max_new_tokens=16):
             pass
         mon.add_steering(s, mode="suppress", neurons=[[2, 5], [1, 9]], ranges=[[2, 9]], generated=False)
-        T = len(mon.render(s)["ids"])
+        T = len(mon.render(s).ids)
         act = mon.activations(s, page_size=1000)
         att = mon.attribution(s, T - 2, page_size=1000)
-        views.append((s.messages[-1].ids, mon.tokens(s)["tokens"], act, att, mon.neuron(2, 5, 3)))
+        views.append((s.messages[-1].ids, mon.tokens(s).tokens, act, att, mon.neuron(2, 5, 3)))
     (ids1, tok1, act1, att1, n1), (ids2, tok2, act2, att2, n2) = views
     assert ids1 == ids2
-    assert [t["top5"][0]["id"] if t["top5"] else None for t in tok1] == \
-        [t["top5"][0]["id"] if t["top5"] else None for t in tok2]
-    assert [t["steered"] for t in tok1] == [t["steered"] for t in tok2] and any(t["steered"] for t in tok1)
-    key = lambda rows: {(r["layer"], r["neuron"], r["polarity"]): r["activation"] for r in rows}  # noqa: E731
-    assert key(act1["rows"]).keys() == key(act2["rows"]).keys()
-    assert list(key(act1["rows"]).values()) == pytest.approx(list(key(act2["rows"]).values()), rel=1e-4)
-    assert att1["probability"] == pytest.approx(att2["probability"], rel=1e-5)
-    assert [(r["layer"], r["position"], r["neuron"]) for r in att1["rows"][:100]] == \
-        [(r["layer"], r["position"], r["neuron"]) for r in att2["rows"][:100]]
-    for e1, e2 in zip(n1["exemplars"]["pos"], n2["exemplars"]["pos"]):
-        assert e1["marks"] == pytest.approx(e2["marks"], rel=1e-4, abs=1e-6)
+    assert [t.top5[0].id if t.top5 else None for t in tok1] == \
+        [t.top5[0].id if t.top5 else None for t in tok2]
+    assert [t.steered for t in tok1] == [t.steered for t in tok2] and any(t.steered for t in tok1)
+    key = lambda rows: {(r.layer, r.neuron, r.polarity): r.activation for r in rows}  # noqa: E731
+    assert key(act1.rows).keys() == key(act2.rows).keys()
+    assert list(key(act1.rows).values()) == pytest.approx(list(key(act2.rows).values()), rel=1e-4)
+    assert att1.probability == pytest.approx(att2.probability, rel=1e-5)
+    assert [(r.layer, r.position, r.neuron) for r in att1.rows[:100]] == \
+        [(r.layer, r.position, r.neuron) for r in att2.rows[:100]]
+    for e1, e2 in zip(n1.exemplars["pos"], n2.exemplars["pos"]):
+        assert e1.marks == pytest.approx(e2.marks, rel=1e-4, abs=1e-6)
     from neuronscope.stats.results import window_activations  # the library's marks (one whole forward)
     want = window_activations(subject, [e.token_ids for e in knowledge.exemplars(2, 5, "pos", 3)], 2, 5)
-    assert len(want) == len(n1["exemplars"]["pos"]) == 3
-    for e, w in zip(n1["exemplars"]["pos"], want):
-        assert e["marks"] == pytest.approx([knowledge.normalise_one(2, 5, x) for x in w], rel=1e-4, abs=1e-5)
+    assert len(want) == len(n1.exemplars["pos"]) == 3
+    for e, w in zip(n1.exemplars["pos"], want):
+        assert e.marks == pytest.approx([knowledge.normalise_one(2, 5, x) for x in w], rel=1e-4, abs=1e-5)
 
 
 @pytest.mark.slow
@@ -159,7 +159,7 @@ def test_a_long_view_does_not_stall_another_stream(smollm, view):
     para = ("The village by the river had stone houses, narrow streets and a market that opened every morning. ")
     b.messages = [Message("user", para * 12), Message("assistant", "It is a quiet place.")]
     b.changed()
-    ids = torch.tensor([mon.render(b)["ids"]])
+    ids = torch.tensor([mon.render(b).ids])
     T = ids.shape[1]
     assert T > 250
     full = []
@@ -188,9 +188,9 @@ def test_a_long_view_does_not_stall_another_stream(smollm, view):
     try:
         if view == "attribution":
             res = mon.attribution(b, T - 1, page_size=5)
-            assert res["total"] == 1000
+            assert res.total == 1000
         else:
-            assert mon.activations(b, page_size=5)["rows"]
+            assert mon.activations(b, page_size=5).rows
     finally:
         b_span.append(time.perf_counter())
         done.set()

@@ -41,7 +41,7 @@ def _live_session(app) -> str:
     mon = app.state.monitor
     sid = app.state.live.get("sid")
     s = mon.sessions.get(sid, TOKEN) if sid is not None else None
-    if s is None or s.generating is not None or len(mon.render(s)["ids"]) > 120:
+    if s is None or s.generating is not None or len(mon.render(s).ids) > 120:
         s = mon.sessions.create(TOKEN)
         for _ in mon.send(s, "Once upon a time there was a dog", max_new_tokens=6):
             pass

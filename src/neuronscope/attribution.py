@@ -1,7 +1,7 @@
 """Attribution: which neurons caused a token, by |activation x gradient of its probability|, in one backward.
 
     result = attribute(subject, ids, target_position=12)      # why did token 12 come out?
-    result.rows()[:5]  # [{"layer", "position", "neuron", "activation", "gradient", "score"}, ...]
+    result.rows()[:5]  # [AttributionRow(layer, position, neuron, activation, gradient, score), ...]
 
 The token at `target_position` s is predicted by the logits at s - 1, so only the prefix ids[:, :s] is run (later
 tokens cannot matter in a causal model). p = softmax(logits[s - 1])[y] with y = ids[s] (or `target_token`; for
@@ -14,7 +14,7 @@ Score of neuron (l, i) at position t = |a * dp/da| (DESIGN.md section 2); the to
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -24,6 +24,16 @@ from .interventions import BoundCapture, Capture, Intervention, intervene
 if TYPE_CHECKING:
     from .subject import Subject
 
+
+@dataclass
+class AttributionRow:
+    """One neuron at one position behind the token: its activation a, the gradient dp/da and the score |a * dp/da|."""
+    layer: int
+    position: int
+    neuron: int
+    activation: float
+    gradient: float
+    score: float
 
 
 @dataclass
@@ -42,12 +52,11 @@ class Attribution:
     def __len__(self) -> int:
         return int(self.score.numel())
 
-    def rows(self) -> list[dict[str, Any]]:
-        """One dict per (layer, position, neuron): activation, gradient and score as floats."""
+    def rows(self) -> list[AttributionRow]:
+        """One row per (layer, position, neuron), highest score first, as Python numbers."""
         cols = [self.layer.tolist(), self.position.tolist(), self.neuron.tolist(), self.activation.tolist(),
                 self.gradient.tolist(), self.score.tolist()]
-        return [{"layer": l, "position": t, "neuron": i, "activation": a, "gradient": g, "score": s}
-                for l, t, i, a, g, s in zip(*cols)]
+        return [AttributionRow(*row) for row in zip(*cols)]
 
 
 def _last_logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:

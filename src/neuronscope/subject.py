@@ -10,10 +10,10 @@ import hashlib
 import inspect
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable, Sequence, TypedDict
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -28,12 +28,30 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 
 
-# Facts about a loaded model (`Subject.info()`, `neuronscope info --json`); "class" is the *ForCausalLM class.
-ModelInfo = TypedDict("ModelInfo", {
-    "name": str, "family": str, "model_type": "str | None", "class": str, "layers": int, "neurons_per_layer": int,
-    "neurons_total": int, "hidden_size": int, "vocab_size": int, "gated_mlp": bool, "tied_lm_head": bool,
-    "parameters": int, "dtype": str, "device": str, "sites": "list[str]", "has_chat_template": bool,
-    "fingerprint": str})
+@dataclass
+class ModelInfo:
+    """Facts about a loaded model (`Subject.info()`, `neuronscope info`); `model_class` is the *ForCausalLM class."""
+    name: str
+    family: str
+    model_type: str | None
+    model_class: str
+    layers: int
+    neurons_per_layer: int
+    neurons_total: int
+    hidden_size: int
+    vocab_size: int
+    gated_mlp: bool
+    tied_lm_head: bool
+    parameters: int
+    dtype: str
+    device: str
+    sites: list[str]
+    has_chat_template: bool
+    fingerprint: str
+
+    def to_json(self) -> dict[str, Any]:
+        """The facts by name, as `neuronscope info --json` prints them ("class" for `model_class`)."""
+        return {("class" if k == "model_class" else k): v for k, v in asdict(self).items()}
 
 
 _CALL_ARGS: dict[type, tuple[str, bool]] = {}
@@ -322,25 +340,13 @@ class Subject:
     def info(self) -> ModelInfo:
         """Facts about the model, as shown by `neuronscope info`."""
         n_params = sum(p.numel() for p in {id(p): p for p in self.model.parameters()}.values())
-        return {
-            "name": self.name,
-            "family": self.family,
-            "model_type": getattr(self.config, "model_type", None),
-            "class": type(self.model).__name__,
-            "layers": self.n_layers,
-            "neurons_per_layer": self.n_neurons,
-            "neurons_total": self.n_layers * self.n_neurons,
-            "hidden_size": self.hidden_size,
-            "vocab_size": self.vocab_size,
-            "gated_mlp": self.spec.gated,
-            "tied_lm_head": self.tied,
-            "parameters": n_params,
-            "dtype": str(self.dtype).replace("torch.", ""),
-            "device": str(self.device),
-            "sites": self.sites(),
-            "has_chat_template": self.has_chat_template,
-            "fingerprint": self.fingerprint,
-        }
+        return ModelInfo(
+            name=self.name, family=self.family, model_type=getattr(self.config, "model_type", None),
+            model_class=type(self.model).__name__, layers=self.n_layers, neurons_per_layer=self.n_neurons,
+            neurons_total=self.n_layers * self.n_neurons, hidden_size=self.hidden_size, vocab_size=self.vocab_size,
+            gated_mlp=self.spec.gated, tied_lm_head=self.tied, parameters=n_params,
+            dtype=str(self.dtype).replace("torch.", ""), device=str(self.device), sites=self.sites(),
+            has_chat_template=self.has_chat_template, fingerprint=self.fingerprint)
 
     # ---- validation -------------------------------------------------------------------------------------
     def check_layer(self, layer: int) -> int:

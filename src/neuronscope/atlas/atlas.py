@@ -113,14 +113,14 @@ class Atlas:
         return self.vocab[i] if 0 <= i < len(self.vocab) else f"<{i}>"
 
     def neuron(self, layer: int, i: int) -> dict[str, list[DecodedToken]]:
-        """{site: [{"token", "id", "logit", "prob"}, ...]} for neuron i of `layer`, best first."""
+        """{site: [DecodedToken(token, id, logit, prob), ...]} for neuron i of `layer`, best first."""
         self.check(layer, i)
         out: dict[str, list[DecodedToken]] = {}
         for s in self.sites:
             ids = self.top_ids(s)[layer, i].tolist()
             lg = self.top_logits(s)[layer, i].tolist()
             pr = self.top_probs(s)[layer, i].tolist()
-            out[s] = [{"token": self.token(t), "id": t, "logit": a, "prob": p} for t, a, p in zip(ids, lg, pr)]
+            out[s] = [DecodedToken(self.token(t), t, a, p) for t, a, p in zip(ids, lg, pr)]
         return out
 
     def top_tokens(self, layer: int, i: int, site: str = "down.pos", k: int = 5) -> list[str]:
@@ -140,7 +140,7 @@ class Atlas:
     def top_neurons_for(self, token: str, site: str | None = None, k: int = 50) -> list[NeuronHit]:
         """The neurons whose decoded top-k holds `token`, by that token's probability (highest first).
 
-        Returns [{"layer", "neuron", "site", "score", "tokens"}] (score = the token's probability)."""
+        Returns `NeuronHit`s (score = the token's probability)."""
         if not isinstance(token, str) or not token:
             raise NeuronscopeError("Give a token to look up.")
         ids = self.token_ids(token)
@@ -164,5 +164,4 @@ class Atlas:
         return search(self, query, k=k, sites=sites, subject=subject)
 
     def _row(self, layer: int, neuron: int, site: str, score: float, n_tokens: int = 5) -> NeuronHit:
-        return {"layer": layer, "neuron": neuron, "site": site, "score": score,
-                "tokens": self.top_tokens(layer, neuron, site, n_tokens)}
+        return NeuronHit(layer, neuron, site, score, self.top_tokens(layer, neuron, site, n_tokens))

@@ -24,10 +24,10 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 import torch
 
 from ..errors import NeuronscopeError
+from .records import DecodedToken
 
 if TYPE_CHECKING:
     from ..subject import Subject
-    from .records import DecodedToken
 
 SIDES = ("pos", "neg")
 
@@ -280,7 +280,7 @@ def naive_decode(vectors: torch.Tensor, unembedding: torch.Tensor, k: int = 20) 
 def decode_neuron(subject: Subject, layer: int, neuron: int, *, k: int = 5, apply_norm: bool = True,
                   unembedding: torch.Tensor | None = None, gain: torch.Tensor | None = None,
                   vocab: list[str] | None = None) -> dict[str, list[DecodedToken]]:
-    """One neuron decoded through the LM head, from the weights: {site: [{"token", "id", "logit", "prob"}]} for
+    """One neuron decoded through the LM head, from the weights: {site: [DecodedToken, ...]} for
     up, gate (gated MLPs), down.pos and down.neg, best first (the format of `Atlas.neuron`).
 
     The one home of "decode one neuron" (an atlas decodes all of them with `decode`): logits = W_U (g * v), g the
@@ -302,9 +302,9 @@ def decode_neuron(subject: Subject, layer: int, neuron: int, *, k: int = 5, appl
             for side, d in decode(v.unsqueeze(0), W, k=k, sides=sides, method="plain").items():
                 site = name if name != "down" else f"down.{side}"
                 ids = d.ids[0].tolist()
-                out[site] = [{"token": vocab[i] if vocab is not None and 0 <= i < len(vocab) else
-                              subject.tokenizer.decode([i]) if subject.tokenizer is not None else f"<{i}>",
-                              "id": i, "logit": float(lg), "prob": float(p)}
+                out[site] = [DecodedToken(vocab[i] if vocab is not None and 0 <= i < len(vocab) else
+                                          subject.tokenizer.decode([i]) if subject.tokenizer is not None else f"<{i}>",
+                                          i, float(lg), float(p))
                              for i, lg, p in zip(ids, d.logits[0].tolist(), d.probs[0].tolist())]
     order = ("up", "gate", "down.pos", "down.neg")
     return {s: out[s] for s in order if s in out}

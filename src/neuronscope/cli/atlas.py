@@ -90,7 +90,8 @@ def show(
     dec = atlas.neuron(layer, i)
     descs, note = _descriptions(atlas_dir, layer, i)
     if as_json:
-        typer.echo(json.dumps({"layer": layer, "neuron": i, "decodes": {s: v[:k] for s, v in dec.items()},
+        decodes = {s: [d.to_json() for d in v[:k]] for s, v in dec.items()}
+        typer.echo(json.dumps({"layer": layer, "neuron": i, "decodes": decodes,
                                "descriptions": {p: d.to_json() for p, d in descs.items()},
                                "descriptions_note": note}, indent=2))
         return
@@ -99,7 +100,7 @@ def show(
     _print_descriptions(descs, note)
     table = Table(*(f"{s}" for s in dec), title="top tokens (probability)", title_justify="left")
     for r in range(min(k, atlas.top_k)):
-        table.add_row(*(f"{escape(repr(dec[s][r]['token']))} {fmt_prob(dec[s][r]['prob'])}" for s in dec))
+        table.add_row(*(f"{escape(repr(dec[s][r].token))} {fmt_prob(dec[s][r].prob)}" for s in dec))
     console.print(table)
     if exemplars:
         _show_exemplars(atlas_dir, layer, i, exemplars)
@@ -253,7 +254,7 @@ def _search_by_description(atlas_dir: Path, query: str, k: int, sites: Optional[
     rows: list[dict[str, Any]]
     if tokens_only or embedder.lower() == "none" or no_index:
         atlas = Atlas.open(atlas_dir)
-        rows = [dict(r) for r in atlas.search(query, k=k, sites=sites, subject=subject)]
+        rows = [r.to_json() for r in atlas.search(query, k=k, sites=sites, subject=subject)]
         title = f"neurons for {query!r} (decoded tokens only" + (
             "; run `neuronscope describe` for search by meaning" if no_index else "") + model_note + ")"
         cols = [("site", "site"), ("score", "score")]

@@ -19,7 +19,7 @@ def info(
 ) -> None:
     """Show a model's family, layers, neurons, vocabulary and intervention sites."""
     subject = load_subject(model, gguf_file, dtype, device)
-    facts = subject.info()
+    facts = subject.info().to_json()
     if as_json:
         typer.echo(json.dumps(facts, indent=2))
         return

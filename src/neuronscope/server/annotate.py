@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any, Hashable
 
 from ..describe.records import Description
@@ -11,6 +12,15 @@ from .knowledge import Knowledge
 
 
 DescriptionIndex = dict[tuple[int, int, str], Description]  # (layer, neuron, polarity) -> its description
+
+
+@dataclass(frozen=True)
+class NeuronNote:
+    """What a view's row says of its neuron (one polarity): its description, whether that is interpretable, and its
+    top decoded tokens."""
+    description: str | None
+    interpretable: bool
+    top_tokens: list[str]
 
 
 class ViewCache:
@@ -48,6 +58,7 @@ class Annotator:
     def __init__(self, knowledge: Knowledge) -> None:
         self.knowledge = knowledge
         self._desc: DescriptionIndex | None = None
+        self._notes = ViewCache(size=1 << 16)   # the neurons firing in recent views
         self._lock = threading.Lock()
 
     def descriptions(self) -> DescriptionIndex | None:
@@ -60,15 +71,17 @@ class Annotator:
                 self._desc = {(r.layer, r.neuron, r.polarity): r for r in d.all()}
             return self._desc
 
-    def meta(self, row: dict[str, Any]) -> dict[str, Any]:
-        """Add description, interpretable flag and top decoded tokens to a row (at once: views run concurrently)."""
-        if "top_tokens" not in row:
+    def note(self, layer: int, neuron: int, polarity: str) -> NeuronNote:
+        """The neuron's description, interpretable flag and top decoded tokens (looked up once per neuron)."""
+        key = (layer, neuron, polarity)
+        got: NeuronNote | None = self._notes.get(key)
+        if got is None:
             index = self.descriptions()
-            d = index.get((row["layer"], row["neuron"], row["polarity"])) if index is not None else None
-            tops = self.knowledge.top_tokens(row["layer"], row["neuron"], row["polarity"])
-            row.update(description=d.text if d else None, interpretable=bool(d and d.interpretable),
-                       top_tokens=tops)
-        return row
+            d = index.get(key) if index is not None else None
+            got = NeuronNote(d.text if d else None, bool(d and d.interpretable),
+                             self.knowledge.top_tokens(layer, neuron, polarity))
+            self._notes.put(key, got)
+        return got
 
     def level_marks(self) -> dict[str, str] | None:
         """{level: mark} for the statistics' levels the corpus does not resolve (stats.levels), else None."""

@@ -21,7 +21,7 @@ from .runtime import Runtime
 from .sessions import Message, Session
 from .steering import active, generation_edits
 
-Event = dict[str, Any]  # {"type": "token" | "done" | "error", ...}
+Event = S.Event  # TokenEvent | DoneEvent | ErrorEvent
 
 
 def check_idle(s: Session) -> None:
@@ -71,7 +71,7 @@ class Chat:
                 s.messages.pop()
                 raise
             s.changed()
-            s.generating = {"text": "", "n_tokens": 0}
+            s.generating = S.GeneratingOut(text="", n_tokens=0)
         return self._stream(s, prompt, max_new_tokens, temperature, seed)
 
     def regenerate(self, s: Session, *, max_new_tokens: int = 64, temperature: float = 0.0,
@@ -84,7 +84,7 @@ class Chat:
             previous: list[S.PreviousOut] = []
             if msgs and msgs[-1].role == "assistant":
                 last = msgs.pop()
-                before: S.PreviousOut = {"content": last.content, "steered_by": last.steered_by}
+                before = S.PreviousOut(content=last.content, steered_by=last.steered_by)
                 previous = ([before] + last.previous)[:self.limits.max_previous_answers]
             if not msgs or msgs[-1].role != "user":
                 raise NeuronscopeError("There is no message to answer yet; send one first.")
@@ -96,7 +96,7 @@ class Chat:
                 s.messages = old
                 raise
             s.changed()
-            s.generating = {"text": "", "n_tokens": 0}
+            s.generating = S.GeneratingOut(text="", n_tokens=0)
         return self._stream(s, prompt, max_new_tokens, temperature, seed, previous=previous)
 
     @staticmethod
@@ -127,7 +127,7 @@ class Chat:
             new.append(t)
             text = subject.decode([x for x in new if x not in rt.eos])
             with s.lock:
-                s.generating = {"text": text, "n_tokens": len(new)}
+                s.generating = S.GeneratingOut(text=text, n_tokens=len(new))
             q.put(("token", t))
 
         def work() -> None:
@@ -161,7 +161,7 @@ class Chat:
         while True:
             kind, val = q.get()
             if kind == "error":
-                yield {"type": "error", "error": val}
+                yield S.ErrorEvent(error=val)
                 return
             if kind == "end":
                 break
@@ -170,6 +170,6 @@ class Chat:
                 continue
             full = subject.decode([t for t in seen if t not in eos])
             delta, text = full[len(text):], full
-            yield {"type": "token", "id": val, "text": delta, "token": subject.token_strings([val])[0]}
-        yield {"type": "done", "text": text, "n_tokens": len(seen), "finish_reason": val["finish"],
-               "version": val["version"], "steered": steered}
+            yield S.TokenEvent(id=val, text=delta, token=subject.token_strings([val])[0])
+        yield S.DoneEvent(text=text, n_tokens=len(seen), finish_reason=val["finish"], version=val["version"],
+                          steered=steered)

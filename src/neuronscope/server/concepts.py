@@ -32,9 +32,9 @@ class Concepts:
                                    f"{self.limits.max_concept_chars}.")
         from ..concepts.search import NoConceptText
         try:
-            return {"query": query, "results": self.search(query, k), "notes": list(self.knowledge.notes)}
+            return S.ConceptsOut(query=query, results=self.search(query, k), notes=list(self.knowledge.notes))
         except NoConceptText as exc:        # says so instead of listing noise
-            return {"query": query, "results": [], "notes": [str(exc)] + list(self.knowledge.notes)}
+            return S.ConceptsOut(query=query, results=[], notes=[str(exc)] + list(self.knowledge.notes))
 
     def search(self, query: str, k: int) -> list[NeuronMatch]:
         """The rows of `concepts` (copies: a caller may change them)."""

@@ -142,7 +142,7 @@ class Knowledge:
         site = DECODE_SITE.get(polarity, "down.pos")
         if self.atlas is not None:
             return self.atlas.top_tokens(layer, neuron, site, k)
-        return [r["token"] for r in self._model_decodes(layer, neuron)[site][:k]]
+        return [r.token for r in self._model_decodes(layer, neuron)[site][:k]]
 
     def decodes(self, layer: int, neuron: int) -> tuple[dict[str, list[DecodedToken]], str]:
         """(decodes per site, source) from the atlas, or from the weights without one."""
@@ -188,11 +188,10 @@ class Knowledge:
             except NeuronscopeError as exc:  # e.g. no vocabulary token matches: the descriptions may still match
                 atlas_error = exc
             for r in hits:
-                pol = "neg" if r.get("site") == "down.neg" else "pos"
-                key = (int(r["layer"]), int(r["neuron"]), pol)
-                if key not in found or found[key].score < float(r["score"]):
-                    found[key] = NeuronMatch(*key, float(r["score"]), list(r.get("tokens") or []),
-                                             f"atlas:{r.get('site')}")
+                pol = "neg" if r.site == "down.neg" else "pos"
+                key = (r.layer, r.neuron, pol)
+                if key not in found or found[key].score < r.score:
+                    found[key] = NeuronMatch(*key, r.score, list(r.tokens), f"atlas:{r.site}")
         if self.descriptions is not None:
             for m in self.descriptions.search(query, k=2 * k):
                 key = (m.description.layer, m.description.neuron, m.description.polarity)

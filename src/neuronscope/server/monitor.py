@@ -2,8 +2,8 @@
 
     mon = Monitor(subject, Knowledge.load(subject, "atlas/smollm2"))
     s = mon.sessions.create()
-    for event in mon.send(s, "Tell me about dogs", max_new_tokens=40): ...   # {"type": "token", ...}
-    mon.activations(s, page_size=20)["rows"]
+    for event in mon.send(s, "Tell me about dogs", max_new_tokens=40): ...   # TokenEvent..., DoneEvent
+    mon.activations(s, page_size=20).rows          # views are pydantic models (schemas.py)
 
 The parts: `runtime` (the shared model, its scheduler and chunk sizes), `render` (a conversation as tokens),
 `chat` (answers, streamed), `views` (tokens, activations, attribution), `neurons` (a neuron's page), `concepts`
@@ -40,7 +40,7 @@ from .scheduler import STALL_STEPS, FairLock
 from .sessions import Session, SessionStore
 from .steering import MODES, Steerer
 from .transfer import EXPORT_FORMAT, Importer, export_session
-from .views import CONTENT_ROLES, SORTS, Views, chat_mode
+from .views import CONTENT_ROLES, SORTS, Analysis, Views, chat_mode
 
 __all__ = ["Monitor", "MODES", "SORTS", "CONTENT_ROLES", "PLAIN_SEPARATOR", "EXPORT_FORMAT"]
 
@@ -74,7 +74,7 @@ class Monitor:
                                         self._neuron_cache)
         self.cluster_view = Clusters(self.views, self.knowledge, self.limits)
         self.steerer = Steerer(subject, self.knowledge, self.limits, self.renderer, self.concept_search.writers)
-        self.importer = Importer(subject, self.limits, lambda s: len(self.renderer.render(s)["ids"]))
+        self.importer = Importer(subject, self.limits, lambda s: len(self.renderer.render(s).ids))
 
     @property
     def model_lock(self) -> FairLock:
@@ -97,24 +97,23 @@ class Monitor:
     def info(self) -> S.InfoOut:
         """The model, what the atlas provides, notes on what is missing, and the limits."""
         s = self.subject
-        return {"model": {"name": s.name, "family": s.family, "n_layers": s.n_layers, "n_neurons": s.n_neurons,
-                          "hidden_size": s.hidden_size, "vocab_size": s.vocab_size, "fingerprint": s.fingerprint},
-                "chat_template": self.chat_template, "chat_mode": chat_mode(self.chat_template),
-                "capabilities": self.knowledge.capabilities, "notes": list(self.knowledge.notes),
-                "limits": self.limits.public()}
+        model = S.ModelOut(name=s.name, family=s.family, n_layers=s.n_layers, n_neurons=s.n_neurons,
+                           hidden_size=s.hidden_size, vocab_size=s.vocab_size, fingerprint=s.fingerprint)
+        return S.InfoOut(model=model, chat_template=self.chat_template, chat_mode=chat_mode(self.chat_template),
+                         capabilities=self.knowledge.capabilities, notes=list(self.knowledge.notes),
+                         limits=self.limits.public())
 
     def state(self, s: Session) -> S.StateOut:
         """The conversation, steerings and the answer being generated (if any): what a reloaded page restores."""
         with s.lock:
             r = self.render(s)
-            return {"session_id": s.id, "version": s.version, "n_tokens": len(r["ids"]),
-                    "messages": [{"role": m.role, "content": m.content, "steered": bool(m.steerings),
-                                  "start": r["spans"][k][0], "end": r["spans"][k][1], "steered_by": m.steered_by,
-                                  "previous": m.previous}
-                                 for k, m in enumerate(s.messages)],
-                    "steerings": [st.public() for st in s.steerings.values()],
-                    "generating": s.generating.copy() if s.generating is not None else None,
-                    "fingerprint": self.subject.fingerprint}
+            messages = [S.MessageOut(role=m.role, content=m.content, steered=bool(m.steerings), start=r.spans[k][0],
+                                     end=r.spans[k][1], steered_by=m.steered_by, previous=m.previous)
+                        for k, m in enumerate(s.messages)]
+            return S.StateOut(session_id=s.id, version=s.version, n_tokens=len(r.ids), messages=messages,
+                              steerings=[st.public() for st in s.steerings.values()],
+                              generating=s.generating.model_copy() if s.generating is not None else None,
+                              fingerprint=self.subject.fingerprint)
 
     def warm(self) -> None:
         """Do once what the first click of each kind would do (read the descriptions, vocabulary, quantiles and
@@ -175,7 +174,7 @@ class Monitor:
         self.chat.new_chat(s)
 
     # ---- views (views.py, neurons.py, concepts.py, clustering.py) -----------------------------------------
-    def analysis(self, s: Session) -> dict[str, Any]:
+    def analysis(self, s: Session) -> Analysis:
         """One forward of the conversation with its steerings: tokens, top-5, firing neurons (cached)."""
         return self.views.analysis(s)
 
@@ -239,7 +238,8 @@ class Monitor:
         """The session as JSON: conversation (with the exact answer ids), steerings, model fingerprint."""
         return export_session(s, self.subject)
 
-    def import_session(self, s: Session, data: dict[str, Any]) -> S.StateOut:
-        """Replace an idle session's conversation and steerings by an export of this same model (validated)."""
-        self.importer.load(s, data)
+    def import_session(self, s: Session, data: dict[str, Any] | S.ExportOut) -> S.StateOut:
+        """Replace an idle session's conversation and steerings by an export of this same model (validated): its
+        JSON, or the `ExportOut` that `export` returned."""
+        self.importer.load(s, data.model_dump() if isinstance(data, S.ExportOut) else data)
         return self.state(s)

@@ -51,10 +51,10 @@ class NeuronPages:
         """One exemplar as the page shows it: its tokens, its activation and each token's mark (normalised)."""
         k = self.knowledge
         marked = [k.normalise_one(layer, neuron, x) for x in e.acts] if e.acts else None
-        return {"activation": e.activation, "normalised": k.normalise_one(layer, neuron, e.activation),
-                "position": e.position,
-                "tokens": self.renderer.display_tokens(e.token_ids) if e.token_ids else list(e.tokens),
-                "text": e.text, "marks": marked}
+        return S.ExemplarOut(activation=e.activation, normalised=k.normalise_one(layer, neuron, e.activation),
+                             position=e.position,
+                             tokens=self.renderer.display_tokens(e.token_ids) if e.token_ids else list(e.tokens),
+                             text=e.text, marks=marked)
 
     def _neuron(self, layer: int, neuron: int, n_exemplars: int, marks: bool) -> S.NeuronOut:
         k = self.knowledge
@@ -66,12 +66,12 @@ class NeuronPages:
             for e, acts in zip(every, self.window_acts([list(e.token_ids) for e in every], layer, neuron)):
                 e.acts = acts
         exemplars = {pol: [self._exemplar(layer, neuron, e) for e in found[pol]] for pol in POLARITIES}
-        return {"layer": layer, "neuron": neuron, "decodes": decodes, "decodes_source": source,
-                "descriptions": {p: k.description(layer, neuron, p) for p in POLARITIES},
-                "description_kinds": {p: k.description_kinds(layer, neuron, p) for p in POLARITIES},
-                "exemplars": exemplars, "quantiles": k.quantiles_of(layer, neuron),
-                "quantile_marks": self.annotator.level_marks(), "normalised_by": self.annotator.normalised_by(),
-                "notes": list(k.notes)}
+        return S.NeuronOut(layer=layer, neuron=neuron, decodes=decodes, decodes_source=source,
+                           descriptions={p: k.description(layer, neuron, p) for p in POLARITIES},
+                           description_kinds={p: k.description_kinds(layer, neuron, p) for p in POLARITIES},
+                           exemplars=exemplars, quantiles=k.quantiles_of(layer, neuron),
+                           quantile_marks=self.annotator.level_marks(), normalised_by=self.annotator.normalised_by(),
+                           notes=list(k.notes))
 
     def outputs(self, layer: int, neuron: int) -> S.NeuronOutputsOut:
         """What the neuron makes the model say, measured on demand (describe's output effects: raised to its firing
@@ -93,11 +93,11 @@ class NeuronPages:
             e = got.get((layer, neuron, p))
             if e is None:
                 return None
-            return {"value": e.value, "says": [{"token": tok.decode([i]), "delta": d} for i, d in
-                                               zip(e.says, e.says_delta)],
-                    "less": [{"token": tok.decode([i]), "delta": d} for i, d in zip(e.less, e.less_delta)],
-                    "output_score": e.score, "effect": e.effect, "held": output_passes(e.score, e.effect)}
-        return {"layer": layer, "neuron": neuron, "outputs": {p: row(p) for p in POLARITIES}}
+            says = [S.TokenEffectOut(token=tok.decode([i]), delta=d) for i, d in zip(e.says, e.says_delta)]
+            less = [S.TokenEffectOut(token=tok.decode([i]), delta=d) for i, d in zip(e.less, e.less_delta)]
+            return S.OutputEffectOut(value=e.value, says=says, less=less, output_score=e.score, effect=e.effect,
+                                     held=output_passes(e.score, e.effect))
+        return S.NeuronOutputsOut(layer=layer, neuron=neuron, outputs={p: row(p) for p in POLARITIES})
 
     def window_acts(self, windows: list[list[int]], layer: int, neuron: int) -> list[list[float]]:
         """Neuron (layer, neuron)'s activation at every token of each exemplar window: forwards that stop after

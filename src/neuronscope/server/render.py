@@ -6,14 +6,24 @@ each new user turn. A session's rendering is cached in the session until its con
 """
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
 
 from ..subject import Subject
 from .sessions import Message, Session
 
 PLAIN_SEPARATOR = "\n\n"                   # between turns of a plain-continuation chat (no chat template)
 
-Rendering = dict[str, Any]  # {"ids", "spans", "roles", "message", "strings"}
+
+
+@dataclass
+class Rendering:
+    """A conversation as token ids, with each message's span [start, end) and, per token, its role ("user",
+    "assistant", "template" or "separator"), its message's index (-1: none) and its text as it reads in context."""
+    ids: list[int]
+    spans: list[tuple[int, int]]
+    roles: list[str]
+    message: list[int]
+    strings: list[str]
 
 
 class Renderer:
@@ -80,7 +90,7 @@ class Renderer:
             for t in range(len(ids)):
                 if msg_of[t] < 0 and t > 0:
                     roles[t] = "separator"
-        r = s.cache["render"] = {"ids": ids, "spans": spans, "roles": roles, "message": msg_of, "strings": strs}
+        r = s.cache["render"] = Rendering(ids, spans, roles, msg_of, strs)
         return r
 
     def prompt_ids(self, s: Session) -> list[int]:

@@ -7,7 +7,6 @@ from typing import Any, Iterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import TypeAdapter
 
 from ..errors import NeuronscopeError
 from . import schemas as S
@@ -17,11 +16,11 @@ from .http_errors import ERRORS
 
 router = APIRouter()
 SSE: dict[int | str, dict[str, Any]] = {
-    200: {"description": "Server-sent events (stream=true) or one JSON reply (stream=false)",
+    200: {"description": "Server-sent events (stream=true; each event's data is a JSON TokenEvent, then a DoneEvent, "
+                         "or an ErrorEvent) or one JSON reply (stream=false)",
           "content": {"text/event-stream": {"schema": {  # one server-sent event: data is a JSON event
               "type": "object", "properties": {"data": {"type": "string"}, "event": {"type": "string"}}}},
-                      "application/json": {"schema": TypeAdapter(S.ChatOut).json_schema()}}}}
-DONE_FIELDS = ("text", "n_tokens", "finish_reason", "version", "steered")
+                      "application/json": {"schema": S.ChatOut.model_json_schema()}}}}
 
 
 def reply(events: Iterator[Event], stream: bool) -> Response:
@@ -29,16 +28,15 @@ def reply(events: Iterator[Event], stream: bool) -> Response:
     if stream:
         def sse() -> Iterator[str]:
             for ev in events:
-                yield f"data: {json.dumps(ev)}\n\n"
+                yield f"data: {json.dumps(ev.model_dump())}\n\n"
         return StreamingResponse(sse(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    done: Event = {}
     for ev in events:
-        if ev["type"] == "error":
-            raise NeuronscopeError(ev["error"])
-        if ev["type"] == "done":
-            done = ev
-    return JSONResponse({k: done[k] for k in DONE_FIELDS})
+        if isinstance(ev, S.ErrorEvent):
+            raise NeuronscopeError(ev.error)
+        if isinstance(ev, S.DoneEvent):
+            return JSONResponse(ev.model_dump(exclude={"type"}))  # a ChatOut
+    raise NeuronscopeError("The answer ended without a result.")
 
 
 @router.post("/api/sessions/{sid}/reset", response_model=S.StateOut, responses=ERRORS, tags=["chat"])

@@ -53,4 +53,4 @@ def export_session(sid: str, request: Request) -> S.ExportOut:
 def delete_session(sid: str, request: Request) -> S.OkOut:
     if not monitor_of(request).sessions.delete(sid, client_of(request)):
         raise NotFound(f"No session '{sid[:40]}'.")
-    return {"ok": True}
+    return S.OkOut(ok=True)

@@ -14,7 +14,7 @@ router = APIRouter()
 @router.get("/api/sessions/{sid}/steerings", response_model=list[S.SteeringOut], responses=ERRORS,
             tags=["steering"])
 def list_steerings(sid: str, request: Request) -> list[S.SteeringOut]:
-    return monitor_of(request).state(session_of(request, sid))["steerings"]
+    return monitor_of(request).state(session_of(request, sid)).steerings
 
 
 @router.post("/api/sessions/{sid}/steerings", response_model=S.SteeringOut, status_code=201, responses=ERRORS,
@@ -43,4 +43,4 @@ def patch_steering(sid: str, steering_id: str, body: S.SteeringPatchIn, request:
 def remove_steering(sid: str, steering_id: str, request: Request) -> S.OkOut:
     if not monitor_of(request).remove_steering(session_of(request, sid), steering_id):
         raise NotFound(f"No steering '{steering_id[:40]}' in this session.")
-    return {"ok": True}
+    return S.OkOut(ok=True)

@@ -1,16 +1,17 @@
 """Request and response bodies of the Monitor's JSON API (they make up its OpenAPI schema).
 
-Requests (`...In`) are pydantic models: they validate what a client sends. Responses (`...Out`) are TypedDicts: the
-one definition of what the Monitor's views return, both the return types of `Monitor`'s methods (checked by mypy
-where the dicts are built) and the response models of the routes (FastAPI validates and documents them). Every bound
-comes from `limits.DEFAULT`, the one home of the Monitor's limits.
+Requests (`...In`) are pydantic models: they validate what a client sends. Responses (`...Out`) and the events of a
+streamed answer (`...Event`) are pydantic models too: the one definition of what the Monitor returns, both the return
+types of `Monitor`'s methods (a notebook reads `view.rows[0].layer`) and the response models of the routes (FastAPI
+validates, serialises and documents them). Where a view carries a library result it holds the library's own record
+(`DescriptionKind`, `NeuronMatch`, `DecodedToken`), not a copy. Every bound comes from `limits.DEFAULT`, the one home
+of the Monitor's limits.
 """
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, Field
-from typing_extensions import NotRequired, TypedDict
 
 from ..atlas.records import DecodedToken
 from ..concepts.records import NeuronMatch
@@ -18,9 +19,10 @@ from ..describe.records import DescriptionKind
 from .limits import DEFAULT as L
 
 
-class ErrorOut(TypedDict):
+class ErrorOut(BaseModel):
     error: Annotated[str, Field(description="One sentence saying what was wrong.")]
-    detail: NotRequired[list[dict[str, Any]]]
+    detail: Annotated[Optional[list[dict[str, Any]]],
+                      Field(description="Each problem of a malformed request (422 only).")] = None
 
 
 class GenerateIn(BaseModel):
@@ -35,15 +37,38 @@ class ChatIn(GenerateIn):
                          description=f"The user's message (at most {L.max_message_chars} characters; longer is a 400).")
 
 
-class ChatOut(TypedDict):
+class ChatOut(BaseModel):
+    """A finished answer: the reply of a chat with stream=false, and the last event of a streamed one."""
     text: str
     n_tokens: int
-    finish_reason: str
-    version: int
+    finish_reason: Annotated[str, Field(description="eos | length")]
+    version: Annotated[int, Field(description="The session's version once the answer is stored.")]
     steered: bool
 
 
-class ModelOut(TypedDict):
+class TokenEvent(BaseModel):
+    """One generated token of a streamed answer."""
+    type: Literal["token"] = "token"
+    id: int
+    text: Annotated[str, Field(description="What the token adds to the answer's text.")]
+    token: Annotated[str, Field(description="The token as it reads (special tokens shown).")]
+
+
+class DoneEvent(ChatOut):
+    """The last event of a streamed answer: the whole answer."""
+    type: Literal["done"] = "done"
+
+
+class ErrorEvent(BaseModel):
+    """A streamed answer that failed: one sentence."""
+    type: Literal["error"] = "error"
+    error: str
+
+
+Event = Union[TokenEvent, DoneEvent, ErrorEvent]
+
+
+class ModelOut(BaseModel):
     name: str
     family: str
     n_layers: int
@@ -53,7 +78,7 @@ class ModelOut(TypedDict):
     fingerprint: str
 
 
-class InfoOut(TypedDict):
+class InfoOut(BaseModel):
     model: ModelOut
     chat_template: bool
     chat_mode: str
@@ -62,14 +87,14 @@ class InfoOut(TypedDict):
     limits: dict[str, float]
 
 
-class SteerNeuronOut(TypedDict):
+class SteerNeuronOut(BaseModel):
     layer: int
     neuron: int
     polarity: str
     value: float
 
 
-class SteeringOut(TypedDict):
+class SteeringOut(BaseModel):
     id: str
     mode: str
     concept: Optional[str]
@@ -82,12 +107,12 @@ class SteeringOut(TypedDict):
     neurons: list[SteerNeuronOut]
 
 
-class PreviousOut(TypedDict):
+class PreviousOut(BaseModel):
     content: str
     steered_by: list[SteeringOut]
 
 
-class MessageOut(TypedDict):
+class MessageOut(BaseModel):
     role: str
     content: str
     steered: bool
@@ -97,12 +122,12 @@ class MessageOut(TypedDict):
     previous: Annotated[list[PreviousOut], Field(description="Earlier answers to the same message.")]
 
 
-class GeneratingOut(TypedDict):
+class GeneratingOut(BaseModel):
     text: str
     n_tokens: int
 
 
-class StateOut(TypedDict):
+class StateOut(BaseModel):
     session_id: str
     version: int
     n_tokens: int
@@ -112,13 +137,13 @@ class StateOut(TypedDict):
     fingerprint: str
 
 
-class AltOut(TypedDict):
+class AltOut(BaseModel):
     token: str
     id: int
     prob: float
 
 
-class TokenOut(TypedDict):
+class TokenOut(BaseModel):
     position: int
     id: int
     text: str
@@ -130,18 +155,18 @@ class TokenOut(TypedDict):
                                                     "token's rivals; empty for the first token).")]
 
 
-class TokensOut(TypedDict):
+class TokensOut(BaseModel):
     version: int
     chat_mode: str
     tokens: list[TokenOut]
 
 
-class FireOut(TypedDict):
+class FireOut(BaseModel):
     position: int
     value: float
 
 
-class ActivationRowOut(TypedDict):
+class ActivationRowOut(BaseModel):
     layer: int
     neuron: int
     polarity: str
@@ -155,7 +180,7 @@ class ActivationRowOut(TypedDict):
     fires: list[FireOut]
 
 
-class ActivationsOut(TypedDict):
+class ActivationsOut(BaseModel):
     version: int
     mode: Annotated[str, Field(description="normalised | raw (no corpus statistics) | empty")]
     start: int
@@ -170,7 +195,7 @@ class ActivationsOut(TypedDict):
                                                               "when the corpus does not resolve them.")]
 
 
-class AttributionRowOut(TypedDict):
+class AttributionRowOut(BaseModel):
     layer: int
     position: int
     neuron: int
@@ -185,7 +210,7 @@ class AttributionRowOut(TypedDict):
     top_tokens: list[str]
 
 
-class AttributionOut(TypedDict):
+class AttributionOut(BaseModel):
     version: int
     target_position: int
     target_token: int
@@ -199,7 +224,7 @@ class AttributionOut(TypedDict):
     notes: list[str]
 
 
-class ExemplarOut(TypedDict):
+class ExemplarOut(BaseModel):
     activation: float
     normalised: Optional[float]
     position: int
@@ -208,7 +233,7 @@ class ExemplarOut(TypedDict):
     marks: Optional[list[Optional[float]]]
 
 
-class NeuronOut(TypedDict):
+class NeuronOut(BaseModel):
     layer: int
     neuron: int
     decodes: dict[str, list[DecodedToken]]
@@ -223,12 +248,12 @@ class NeuronOut(TypedDict):
     notes: list[str]
 
 
-class TokenEffectOut(TypedDict):
+class TokenEffectOut(BaseModel):
     token: str
     delta: Annotated[float, Field(description="Mean change of its log-probability on the train prompts, nats.")]
 
 
-class OutputEffectOut(TypedDict):
+class OutputEffectOut(BaseModel):
     value: Annotated[float, Field(description="The activation the neuron was set to (its firing level).")]
     says: list[TokenEffectOut]
     less: list[TokenEffectOut]
@@ -237,20 +262,20 @@ class OutputEffectOut(TypedDict):
     held: Annotated[bool, Field(description="Score and effect reach the describe thresholds.")]
 
 
-class NeuronOutputsOut(TypedDict):
+class NeuronOutputsOut(BaseModel):
     layer: int
     neuron: int
     outputs: Annotated[dict[str, Optional[OutputEffectOut]],
                        Field(description="Per polarity; null when the neuron never fires with that sign.")]
 
 
-class ConceptsOut(TypedDict):
+class ConceptsOut(BaseModel):
     query: str
     results: list[NeuronMatch]
     notes: list[str]
 
 
-class ClusterOut(TypedDict):
+class ClusterOut(BaseModel):
     name: str
     kind: Annotated[str, Field(description="'concept' (members read or write a topic), 'context' (they fire here on "
                                             "a topic's words), 'form' (syntax / formatting) or 'unclear'.")]
@@ -265,7 +290,7 @@ class ClusterOut(TypedDict):
                                                               "`position`.")]
 
 
-class ClustersOut(TypedDict):
+class ClustersOut(BaseModel):
     version: int
     method: str
     n_neurons: int
@@ -296,10 +321,19 @@ class SteeringPatchIn(BaseModel):
     enabled: bool = Field(description="Switch the steering on or off (it is kept either way).")
 
 
-class ExportOut(TypedDict):
+class ExportMessageOut(BaseModel):
+    role: str
+    content: str
+    ids: Annotated[Optional[list[int]], Field(description="The exact ids of a generated answer.")]
+    steerings: Annotated[list[str], Field(description="Ids of the steerings this answer was made with.")]
+    steered_by: list[SteeringOut]
+    previous: list[PreviousOut]
+
+
+class ExportOut(BaseModel):
     format: str
     model: dict[str, str]
-    messages: list[dict[str, Any]]
+    messages: list[ExportMessageOut]
     steerings: list[SteeringOut]
     n_steerings_made: int
 
@@ -312,5 +346,5 @@ class ImportIn(BaseModel):
     n_steerings_made: int = Field(0, ge=0, le=10 ** 6)
 
 
-class OkOut(TypedDict):
+class OkOut(BaseModel):
     ok: bool

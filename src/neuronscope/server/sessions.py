@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 
 from ..errors import NeuronscopeError
-from .schemas import GeneratingOut, PreviousOut, SteeringOut
+from .schemas import GeneratingOut, PreviousOut, SteeringOut, SteerNeuronOut
 
 
 @dataclass
@@ -44,10 +44,11 @@ class Steering:
     label: str | None = None                    # a name given by the user or the page (e.g. a cluster's name)
 
     def public(self) -> SteeringOut:
-        return {"id": self.id, "mode": self.mode, "concept": self.concept, "strength": self.strength,
-                "n_neurons": len(self.neurons), "ranges": [list(r) for r in self.ranges], "generated": self.generated,
-                "enabled": self.enabled, "label": self.label,
-                "neurons": [{"layer": l, "neuron": i, "polarity": p, "value": v} for l, i, p, v in self.neurons]}
+        return SteeringOut(id=self.id, mode=self.mode, concept=self.concept, strength=self.strength,
+                           n_neurons=len(self.neurons), ranges=[list(r) for r in self.ranges], generated=self.generated,
+                           enabled=self.enabled, label=self.label,
+                           neurons=[SteerNeuronOut(layer=l, neuron=i, polarity=p, value=v)
+                                    for l, i, p, v in self.neurons])
 
 
 @dataclass
@@ -60,7 +61,7 @@ class Session:
     version: int = 0
     cache: dict[Any, Any] = field(default_factory=dict)  # views by key (a name, or a tuple with arguments)
     owner: str | None = None      # the client token that made it (None: made in-process, e.g. a notebook)
-    generating: GeneratingOut | None = None  # the answer being generated now: {"text", "n_tokens"} (survives a reload)
+    generating: GeneratingOut | None = None  # the answer being generated now: its text so far (survives a reload)
     n_steerings_made: int = 0
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
 
@@ -78,6 +79,8 @@ class Session:
                 return obj.element_size() * obj.numel()
             if isinstance(obj, dict):
                 return sum(size(v) for v in obj.values())
+            if hasattr(obj, "__dict__"):  # a cached view (a pydantic model) or a record (a dataclass)
+                return size(vars(obj))
             if isinstance(obj, (list, tuple)):
                 return sum(size(v) for v in obj) + 8 * len(obj)
             if isinstance(obj, str):

@@ -17,7 +17,7 @@ from ..subject import Subject
 from . import schemas as S
 from .knowledge import Knowledge
 from .limits import Limits
-from .render import Renderer
+from .render import Renderer, Rendering
 from .sessions import Session, Steering
 
 MODES = ("strengthen", "suppress", "clamp")
@@ -59,17 +59,17 @@ def generation_edits(s: Session, prompt_len: int) -> list[Clamp]:
     return ivs
 
 
-def analysis_edits(s: Session, r: dict[str, Any]) -> tuple[list[Clamp], set[int]]:
+def analysis_edits(s: Session, r: Rendering) -> tuple[list[Clamp], set[int]]:
     """The edits of a view's forward over the rendered conversation `r`, and the positions they touch: each
     steering's ranges, and the answers it steered when it steers generated tokens."""
     ivs: list[Clamp] = []
     steered: set[int] = set()
     for st in active(s):
-        pos = {t for a, b in st.ranges for t in range(a, min(b, len(r["ids"])))}
+        pos = {t for a, b in st.ranges for t in range(a, min(b, len(r.ids)))}
         if st.generated:
             for k, m in enumerate(s.messages):
                 if m.role == "assistant" and st.id in m.steerings:
-                    a, b = r["spans"][k]
+                    a, b = r.spans[k]
                     pos.update(range(a, b))
         if pos:
             ivs += clamps(st, sorted(pos))
@@ -168,7 +168,7 @@ class Steerer:
         n = check_request(self.limits, s, mode=mode, concept=concept, neurons=neurons, strength=strength,
                           value=value, n_neurons=n_neurons, ranges=ranges, label=label)
         with s.lock:
-            clean_ranges = check_ranges(ranges, len(self.renderer.render(s)["ids"]), generated)
+            clean_ranges = check_ranges(ranges, len(self.renderer.render(s).ids), generated)
             if neurons:
                 picked = self._explicit(neurons)
             else:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from typing import Any, Callable
 
+from pydantic import ValidationError
+
 from ..errors import NeuronscopeError
 from ..refs import check_neuron, check_polarity
 from ..subject import Subject
@@ -20,12 +22,12 @@ EXPORT_FORMAT = "neuronscope-monitor-session/1"
 def export_session(s: Session, subject: Subject) -> S.ExportOut:
     """The session as JSON: conversation (with the exact answer ids), steerings, model fingerprint."""
     with s.lock:
-        return {"format": EXPORT_FORMAT,
-                "model": {"name": subject.name, "fingerprint": subject.fingerprint},
-                "messages": [{"role": m.role, "content": m.content, "ids": m.ids, "steerings": list(m.steerings),
-                              "steered_by": m.steered_by, "previous": m.previous} for m in s.messages],
-                "steerings": [st.public() for st in s.steerings.values()],
-                "n_steerings_made": s.n_steerings_made}
+        return S.ExportOut(format=EXPORT_FORMAT, model={"name": subject.name, "fingerprint": subject.fingerprint},
+                           messages=[S.ExportMessageOut(role=m.role, content=m.content, ids=m.ids,
+                                                        steerings=list(m.steerings), steered_by=m.steered_by,
+                                                        previous=m.previous) for m in s.messages],
+                           steerings=[st.public() for st in s.steerings.values()],
+                           n_steerings_made=s.n_steerings_made)
 
 
 class Importer:
@@ -56,8 +58,14 @@ class Importer:
         if ids is not None and not (isinstance(ids, list) and all(isinstance(t, int) and 0 <= t < vocab
                                                                   for t in ids)):
             raise NeuronscopeError(f"Message {k} has token ids outside the vocabulary.")
+        try:  # what the page shows of earlier answers: checked now, not when a view is built
+            steered_by = [S.SteeringOut.model_validate(x) for x in m.get("steered_by") or []]
+            previous = [S.PreviousOut.model_validate(x) for x in m.get("previous") or []]
+        except ValidationError as exc:
+            raise NeuronscopeError(f"Message {k} says what steered it in a malformed way "
+                                   f"({exc.errors()[0]['msg']}).") from None
         return Message(role, content, ids=ids, steerings=[str(x) for x in m.get("steerings") or []],
-                       steered_by=list(m.get("steered_by") or []), previous=list(m.get("previous") or []))
+                       steered_by=steered_by, previous=previous)
 
     def _messages(self, data: dict[str, Any]) -> list[Message]:
         msgs = data.get("messages") or []
