@@ -58,7 +58,7 @@ def parse_args() -> argparse.Namespace:
                     help="the Monitor's --stall-steps: decoding steps a view's chunk may add to a streaming step")
     ap.add_argument("--streams", type=int, default=1, help="streaming answers during the stall figures")
     ap.add_argument("--slots", type=int, default=None, help="model calls at once (default: cores / torch threads)")
-    ap.add_argument("--only", choices=["stalls", "ttft", "actions"], default=None,
+    ap.add_argument("--only", choices=["views", "stalls", "ttft", "actions"], default=None,
                     help="run only these figures (after the conversation is built)")
     return ap.parse_args()
 
@@ -80,6 +80,8 @@ def main() -> None:
         return concurrent_ttft(mon, prompt_len)
     if args.only == "actions":
         return actions(mon, s, T, args)
+    if args.only == "views":
+        return view_ratios(mon, s, args.reps)
     view_ratios(mon, s, args.reps)
     sequential_ttft(mon, prompt_len, args.reps)
     actions(mon, s, T, args)

@@ -432,6 +432,36 @@ def test_without_an_atlas_decodes_come_from_the_weights(subject):
     assert c.get("/api/concepts", params={"q": "dog"}).status_code == 400
 
 
+def test_without_an_atlas_many_neurons_decode_in_one_batch_as_one_by_one(subject):
+    """The batched top tokens (what a filtered activation page or a cluster view asks for) equal one neuron's decode
+    through the LM head, and the views that use them agree with it."""
+    from neuronscope.errors import NeuronscopeError
+    k = Knowledge.load(subject, None)
+    keys = [(layer, n, pol) for layer in (0, 3, 4) for n in (1, 17, 171) for pol in ("pos", "neg")]
+    many = k.top_tokens_many(keys + keys[:3], k=5)
+    assert list(many) == keys                                    # each neuron once, in the order asked
+    assert all(many[key] == k.top_tokens(*key) for key in keys)
+    assert many[(3, 17, "pos")] != many[(3, 17, "neg")]
+    with pytest.raises(NeuronscopeError):
+        k.top_tokens_many([(9, 0, "pos")])
+    with pytest.raises(NeuronscopeError):
+        k.top_tokens_many([(0, 172, "pos")])
+    mon = Monitor(subject, k)
+    s = mon.sessions.create()
+    for _ in mon.send(s, PROMPT, max_new_tokens=4):
+        pass
+    rows = mon.activations(s, page_size=20).rows
+    assert rows and all(r.top_tokens == k.top_tokens(r.layer, r.neuron, r.polarity) for r in rows)
+    word = rows[0].top_tokens[0].strip().lower() or "l0/"
+    whole = mon.activations(s, page_size=1000)
+    every = whole.rows
+    assert whole.total == len(every)                             # one page holds every firing neuron
+    found = mon.activations(s, page_size=1000, filter=word).rows
+    hay = {(r.layer, r.neuron, r.polarity): f"l{r.layer}/n{r.neuron} {r.layer}:{r.neuron} {' '.join(r.top_tokens)} "
+           f"{r.polarity}".lower() for r in every}
+    assert found and {(r.layer, r.neuron, r.polarity) for r in found} == {key for key, h in hay.items() if word in h}
+
+
 def test_answers_stream_over_http_token_by_token(monitor):
     import httpx
 

@@ -224,6 +224,14 @@ def test_export_then_import_reproduces_the_answer(app, monitor, subject):
     assert r.status_code == 400 and "not a Monitor session export" in r.json()["error"]
     broken = dict(exported, steerings=[{"mode": "clamp", "neurons": [{"layer": 99, "neuron": 0, "value": 1}]}])
     assert other.post("/api/sessions/import", json=broken).status_code == 400
+    # what steered an earlier answer is checked at import, not when a reload builds the page (it was a 500 there)
+    answer = dict(exported["messages"][1], steered_by=[{"id": "st1", "mode": "clamp"}])
+    garbled = dict(exported, messages=[exported["messages"][0], answer])
+    r = other.post("/api/sessions/import", json=garbled)
+    assert r.status_code == 400 and "Message 1" in r.json()["error"] and len(monitor.sessions) == n
+    in_process = monitor.sessions.create()
+    assert monitor.import_session(in_process, monitor.export(monitor.sessions.get(imp["session_id"],
+                                  other.cookies["ns_client"]))).messages[1].content == steered["text"]
 
 
 # ---- 4. the loop: before/after answers, toggles, clusters ----------------------------------------------------------

@@ -3,11 +3,11 @@ decoded tokens, and how the statistics normalise activations (read from the atla
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Hashable
+from typing import Iterable
 
 from ..describe.records import Description
+from .cache import BoundedCache
 from .knowledge import Knowledge
 
 
@@ -23,42 +23,13 @@ class NeuronNote:
     top_tokens: list[str]
 
 
-class ViewCache:
-    """A thread-safe cache of results that do not depend on a session (neuron details, concept searches), holding
-    the `size` most recently stored."""
-
-    def __init__(self, size: int = 512) -> None:
-        self.size = size
-        self._items: OrderedDict[Hashable, Any] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: Hashable) -> Any:
-        """The value stored under `key`, or None."""
-        with self._lock:
-            return self._items.get(key)
-
-    def put(self, key: Hashable, value: Any) -> None:
-        """Store `value` (dropping the oldest entry when full)."""
-        with self._lock:
-            if key not in self._items and len(self._items) >= self.size:
-                self._items.popitem(last=False)
-            self._items[key] = value
-
-    def clear(self) -> None:
-        with self._lock:
-            self._items.clear()
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-
 class Annotator:
     """Descriptions, interpretable flags and top tokens for rows of neurons, and the normalisation's wording."""
 
     def __init__(self, knowledge: Knowledge) -> None:
         self.knowledge = knowledge
         self._desc: DescriptionIndex | None = None
-        self._notes = ViewCache(size=1 << 16)   # the neurons firing in recent views
+        self._notes = BoundedCache(size=1 << 16)   # the neurons firing in recent views
         self._lock = threading.Lock()
 
     def descriptions(self) -> DescriptionIndex | None:
@@ -76,11 +47,23 @@ class Annotator:
         key = (layer, neuron, polarity)
         got: NeuronNote | None = self._notes.get(key)
         if got is None:
-            index = self.descriptions()
-            d = index.get(key) if index is not None else None
-            got = NeuronNote(d.text if d else None, bool(d and d.interpretable),
-                             self.knowledge.top_tokens(layer, neuron, polarity))
-            self._notes.put(key, got)
+            got = self._make(key, self.knowledge.top_tokens(layer, neuron, polarity))
+        return got
+
+    def prefetch(self, keys: Iterable[tuple[int, int, str]]) -> None:
+        """Look up the notes of many neurons at once (their top tokens in one batch: without an atlas each would
+        otherwise decode through the whole LM head on its own)."""
+        missing = [key for key in dict.fromkeys(keys) if self._notes.get(key) is None]
+        for a in range(0, len(missing), self._notes.size):     # never more at once than the cache holds
+            part = missing[a:a + self._notes.size]
+            for key, tops in self.knowledge.top_tokens_many(part).items():
+                self._make(key, tops)
+
+    def _make(self, key: tuple[int, int, str], top_tokens: list[str]) -> NeuronNote:
+        index = self.descriptions()
+        d = index.get(key) if index is not None else None
+        got = NeuronNote(d.text if d else None, bool(d and d.interpretable), top_tokens)
+        self._notes.put(key, got)
         return got
 
     def level_marks(self) -> dict[str, str] | None:

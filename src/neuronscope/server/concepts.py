@@ -10,7 +10,7 @@ from dataclasses import replace
 from ..concepts.records import NeuronMatch
 from ..errors import NeuronscopeError
 from . import schemas as S
-from .annotate import ViewCache
+from .cache import BoundedCache
 from .knowledge import Knowledge
 from .limits import Limits
 
@@ -18,7 +18,7 @@ from .limits import Limits
 class Concepts:
     """Finds a concept's neurons in one atlas."""
 
-    def __init__(self, knowledge: Knowledge, limits: Limits, cache: ViewCache) -> None:
+    def __init__(self, knowledge: Knowledge, limits: Limits, cache: BoundedCache) -> None:
         self.knowledge, self.limits, self.cache = knowledge, limits, cache
         self._index_ok: bool | None = None
         self._evidence_ok: bool | None = None

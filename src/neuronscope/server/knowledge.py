@@ -12,17 +12,18 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
-from ..atlas.decode import decode_neuron
+from ..atlas.decode import decode, decode_neuron
 from ..atlas.folder import AtlasFolder
 from ..concepts.clusters import ConceptCluster
 from ..concepts.records import NeuronMatch
 from ..errors import NeuronscopeError
 from ..parts import open_parts
 from ..refs import check_polarity
+from .cache import BoundedCache
 
 if TYPE_CHECKING:
     from ..atlas import Atlas
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
     from ..subject import Subject
 
 DECODE_SITE = {"pos": "down.pos", "neg": "down.neg"}   # a negative activation promotes the down.neg tokens
+Key = tuple[int, int, str]                              # (layer, neuron, polarity)
 
 
 @dataclass
@@ -45,6 +47,7 @@ class Knowledge:
     folder: AtlasFolder | None = None
     notes: list[str] = field(default_factory=list)
     _cache: dict[Any, Any] = field(default_factory=dict, repr=False)
+    _tops: BoundedCache = field(default_factory=lambda: BoundedCache(1 << 17), repr=False)  # top tokens, no atlas
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     # ---- opening ------------------------------------------------------------------------------------------
@@ -121,6 +124,16 @@ class Knowledge:
             vocab: list[str] = self._cache["vocab"]
             return vocab
 
+    def _unembedding(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The LM head and the final norm's gain as float32 (copied once)."""
+        with self._lock:
+            if "W_U" not in self._cache:
+                s = self.subject
+                self._cache["W_U"] = (s.spec.unembedding(s.model).detach().float(),
+                                      s.spec.final_norm_gain(s.model).detach().float())
+            got: tuple[torch.Tensor, torch.Tensor] = self._cache["W_U"]
+            return got
+
     def _model_decodes(self, layer: int, neuron: int) -> dict[str, list[DecodedToken]]:
         """Top-5 decodes of one neuron from the weights (when there is no atlas), by atlas.decode.decode_neuron."""
         key = ("dec", layer, neuron)
@@ -128,11 +141,7 @@ class Knowledge:
             if key in self._cache:
                 hit: dict[str, list[DecodedToken]] = self._cache[key]
                 return hit
-            if "W_U" not in self._cache:
-                s = self.subject
-                self._cache["W_U"] = (s.spec.unembedding(s.model).detach().float(),
-                                      s.spec.final_norm_gain(s.model).detach().float())
-            W_U, g = self._cache["W_U"]
+        W_U, g = self._unembedding()
         out = decode_neuron(self.subject, layer, neuron, k=5, unembedding=W_U, gain=g, vocab=self._vocab())
         with self._lock:
             self._cache[key] = out
@@ -143,6 +152,35 @@ class Knowledge:
         if self.atlas is not None:
             return self.atlas.top_tokens(layer, neuron, site, k)
         return [r.token for r in self._model_decodes(layer, neuron)[site][:k]]
+
+    def top_tokens_many(self, keys: Sequence[Key], k: int = 5) -> dict[Key, list[str]]:
+        """`top_tokens` of many neurons: from the atlas, or without one their write vectors decoded together, one
+        batch per layer (`atlas.decode.decode`; on SmolLM2 ~40x faster than one neuron at a time, whose matrix-vector
+        product reads the whole LM head for each)."""
+        if self.atlas is not None:
+            return {key: self.top_tokens(*key, k=k) for key in keys}
+        out: dict[Key, list[str]] = {key: self._tops.get((key, k)) for key in keys}
+        by_layer: dict[int, list[Key]] = {}
+        for key, got in out.items():
+            if got is None:
+                by_layer.setdefault(self.subject.check_layer(key[0]), []).append(key)
+        if by_layer:
+            self._decode_tops(by_layer, k, out)
+        return out
+
+    def _decode_tops(self, by_layer: dict[int, list[Key]], k: int, out: dict[Key, list[str]]) -> None:
+        """Fill `out` with the top tokens of the neurons of `by_layer` (and cache them): a batch per layer."""
+        W_U, g = self._unembedding()
+        vocab = self._vocab()
+        for layer, group in by_layer.items():
+            rows = torch.tensor(self.subject.check_neurons([n for _, n, _ in group]))
+            with torch.no_grad():
+                vecs = self.subject.spec.write_vectors(self.subject.model, layer)[rows].detach().float() * g
+                found = decode(vecs, W_U, k=k, sides=("pos", "neg"), method="plain")
+            for j, key in enumerate(group):
+                ids = found["neg" if DECODE_SITE.get(key[2]) == "down.neg" else "pos"].ids[j].tolist()
+                out[key] = [vocab[i] if 0 <= i < len(vocab) else f"<{i}>" for i in ids]
+                self._tops.put((key, k), out[key])
 
     def decodes(self, layer: int, neuron: int) -> tuple[dict[str, list[DecodedToken]], str]:
         """(decodes per site, source) from the atlas, or from the weights without one."""
@@ -193,11 +231,13 @@ class Knowledge:
                 if key not in found or found[key].score < r.score:
                     found[key] = NeuronMatch(*key, r.score, list(r.tokens), f"atlas:{r.site}")
         if self.descriptions is not None:
-            for m in self.descriptions.search(query, k=2 * k):
-                key = (m.description.layer, m.description.neuron, m.description.polarity)
+            matches = self.descriptions.search(query, k=2 * k)
+            keys = [(m.description.layer, m.description.neuron, m.description.polarity) for m in matches]
+            tops = self.top_tokens_many(keys)
+            for m, key in zip(matches, keys):
                 score = float(m.match)
                 if key not in found or found[key].score < score:
-                    found[key] = NeuronMatch(*key, score, self.top_tokens(*key), "description")
+                    found[key] = NeuronMatch(*key, score, tops[key], "description")
         if not found and atlas_error is not None:
             raise atlas_error
         rows = sorted(found.values(), key=lambda m: -m.score)[:k]
@@ -227,8 +267,9 @@ class Knowledge:
                 return cluster_neurons(self.atlas, neurons, min_size=min_size), "describe"
         from ..concepts.clusters import steer_form
         groups: dict[str, list[list[Any]]] = {}
+        tops = self.top_tokens_many(neurons, k=1)
         for l, i, pol in neurons:  # fallback: neurons whose top decoded token is the same word
-            tok = self.top_tokens(l, i, pol, k=1)[0].strip().lower()
+            tok = tops[(l, i, pol)][0].strip().lower()
             if tok:
                 groups.setdefault(tok, []).append([l, i, pol])
         out = [ConceptCluster(name, "token", m, len(m), 1.0, [name], steer=steer_form(m))

@@ -25,7 +25,8 @@ from ..errors import NeuronscopeError
 from ..interventions import Capture
 from ..subject import Subject
 from . import schemas as S
-from .annotate import Annotator, ViewCache
+from .annotate import Annotator
+from .cache import BoundedCache
 from .chat import Chat, Event
 from .clustering import Clusters
 from .concepts import Concepts
@@ -64,7 +65,7 @@ class Monitor:
         max_pos = getattr(subject.config, "max_position_embeddings", None)
         if max_pos:
             self.limits.max_tokens = min(self.limits.max_tokens, int(max_pos))
-        self._neuron_cache = ViewCache()
+        self._neuron_cache = BoundedCache()
         self.renderer = Renderer(subject)
         self.annotator = Annotator(self.knowledge)
         self.concept_search = Concepts(self.knowledge, self.limits, self._neuron_cache)

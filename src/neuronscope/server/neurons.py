@@ -10,7 +10,8 @@ from ..interventions import Capture
 from ..refs import check_neuron
 from ..stats.results import Exemplar
 from . import schemas as S
-from .annotate import Annotator, ViewCache
+from .annotate import Annotator
+from .cache import BoundedCache
 from .chunked import forward_chunks
 from .knowledge import Knowledge
 from .limits import Limits
@@ -24,7 +25,7 @@ class NeuronPages:
     """Neuron details, cached per (neuron, n_exemplars, marks) in a cache shared with concept search."""
 
     def __init__(self, runtime: Runtime, renderer: Renderer, knowledge: Knowledge, limits: Limits,
-                 annotator: Annotator, cache: ViewCache) -> None:
+                 annotator: Annotator, cache: BoundedCache) -> None:
         self.runtime, self.renderer, self.knowledge = runtime, renderer, knowledge
         self.limits, self.annotator, self.cache = limits, annotator, cache
 

@@ -220,9 +220,10 @@ class Views:
                 d = index.get((row.layer, row.neuron, row.polarity))
                 if not (d and d.interpretable):
                     continue
-            if not self._matches(row, needle):
-                continue
             view.append((row, max(inside, key=lambda tv: abs(tv[1])), len(inside)))
+        if needle:
+            self.annotator.prefetch((r.layer, r.neuron, r.polarity) for r, _, _ in view)
+            view = [x for x in view if self._matches(x[0], needle)]
         return view
 
     def _notes(self, mode: str, interpretable: bool) -> list[str]:
@@ -236,7 +237,9 @@ class Views:
 
     def _page(self, view: list[Picked], page: int, page_size: int) -> list[S.ActivationRowOut]:
         rows: list[S.ActivationRowOut] = []
-        for row, (t, v), count in view[page * page_size:(page + 1) * page_size]:
+        shown = view[page * page_size:(page + 1) * page_size]
+        self.annotator.prefetch((r.layer, r.neuron, r.polarity) for r, _, _ in shown)
+        for row, (t, v), count in shown:
             note = self.annotator.note(row.layer, row.neuron, row.polarity)
             rows.append(S.ActivationRowOut(
                 layer=row.layer, neuron=row.neuron, polarity=row.polarity, activation=v, position=t, count=count,
@@ -282,7 +285,9 @@ class Views:
         """The neurons that caused the token at `position` (top 1000 by |a * dp/da|), once per state, cached."""
         check_page(self.limits, page, page_size)
         res = self.attribution_result(s, position, token_id)
-        page_rows = [self._attribution_row(row) for row in res.rows[page * page_size:(page + 1) * page_size]]
+        shown = res.rows[page * page_size:(page + 1) * page_size]
+        self.annotator.prefetch((r.layer, r.neuron, r.polarity) for r in shown)
+        page_rows = [self._attribution_row(row) for row in shown]
         return S.AttributionOut(version=s.version, target_position=res.target_position,
                                 target_token=res.target_token, target_text=res.target_text,
                                 probability=res.probability, total=len(res.rows), page=page, page_size=page_size,
