@@ -147,15 +147,7 @@ def describe_atlas(atlas_dir: str | Path, *, explainer: Any = None, embedder: An
     source are kept unless overwrite.
     """
     folder = Path(atlas_dir)
-    if not folder.is_dir():
-        raise NeuronscopeError(f"The atlas folder '{folder}' does not exist.")
-    if simulator not in ("tokens", "llm", "auto"):
-        raise NeuronscopeError(f"Unknown simulator '{simulator}'; use tokens or llm.")
-    for name, v in (("interpretable", threshold), ("detection", detection_threshold)):
-        if not 0.0 <= float(v) <= 1.0:
-            raise NeuronscopeError(f"The {name} threshold must be in [0, 1], got {v}.")
-    if outputs not in ("auto", "all", "none"):
-        raise NeuronscopeError(f"--outputs is auto, all or none, got {outputs!r}.")
+    _check_options(folder, simulator, threshold, detection_threshold, outputs)
     af = AtlasFolder.open(folder)
     stats = NeuronStats.from_folder(af)
     try:
@@ -214,23 +206,36 @@ def describe_atlas(atlas_dir: str | Path, *, explainer: Any = None, embedder: An
     if emb is not None:
         from .index import build_index
         emb_info = build_index(folder, emb, progress=progress)
-    summary = summarise(folder, threshold, detection_threshold)
+    times["total"] = time.perf_counter() - t0
     store.update_manifest(folder, "descriptions", {
-        "threshold": float(threshold), "detection_threshold": float(detection_threshold),
-        "detection": "balanced accuracy over the held-out scoring windows; a window fires when its strongest "
-                     "activation reaches half the neuron's strongest or its weakest stored exemplar, whichever is "
-                     "lower",
+        "threshold": float(threshold), "detection_threshold": float(detection_threshold), "detection": DETECTION,
         "output": {"prompts": list(PROMPTS), "n_train": N_TRAIN, "level_rank": LEVEL_RANK,
                    "top_held": top_held(len(vocab.key_of)),
                    "threshold": OUTPUT_THRESHOLD, "min_effect_nats": OUTPUT_MIN_EFFECT, "mode": outputs,
                    "measured_last_run": len(effects)},
         "source": source, "simulator": "tokens" if explainer is None else ("llm" if simulator == "llm" else "tokens"),
         "explainer": getattr(explainer, "name", None), "n_candidates": n_candidates if explainer is not None else 0,
-        "n_exemplars": n_exemplars, "label_exemplars": label_exemplars, "split": split.info(), **summary,
-        "index": emb_info, "seconds_last_run": {k: round(v, 2) for k, v in
-                                                {**times, "total": time.perf_counter() - t0}.items()},
-        "described_last_run": len(rows)})
+        "n_exemplars": n_exemplars, "label_exemplars": label_exemplars, "split": split.info(),
+        **summarise(folder, threshold, detection_threshold), "index": emb_info,
+        "seconds_last_run": {k: round(v, 2) for k, v in times.items()}, "described_last_run": len(rows)})
     return Descriptions.open(folder)
+
+
+DETECTION = ("balanced accuracy over the held-out scoring windows; a window fires when its strongest activation "
+             "reaches half the neuron's strongest or its weakest stored exemplar, whichever is lower")
+
+
+def _check_options(folder: Path, simulator: str, threshold: float, detection_threshold: float, outputs: str) -> None:
+    """One sentence for the first bad option of `describe_atlas`."""
+    if not folder.is_dir():
+        raise NeuronscopeError(f"The atlas folder '{folder}' does not exist.")
+    if simulator not in ("tokens", "llm", "auto"):
+        raise NeuronscopeError(f"Unknown simulator '{simulator}'; use tokens or llm.")
+    for name, v in (("interpretable", threshold), ("detection", detection_threshold)):
+        if not 0.0 <= float(v) <= 1.0:
+            raise NeuronscopeError(f"The {name} threshold must be in [0, 1], got {v}.")
+    if outputs not in ("auto", "all", "none"):
+        raise NeuronscopeError(f"--outputs is auto, all or none, got {outputs!r}.")
 
 
 OUTPUT_BUDGET_S = 30 * 60.0
