@@ -277,6 +277,13 @@ def naive_decode(vectors: torch.Tensor, unembedding: torch.Tensor, k: int = 20) 
     return Decoded(torch.stack(ids), torch.stack(logits), torch.stack(probs), torch.stack(lses))
 
 
+def token_text(i: int, vocab: Sequence[str] | None, tokenizer: Any) -> str:
+    """How a decoded id reads: its vocabulary string, else the tokenizer's decoding, else "<id>"."""
+    if vocab is not None and 0 <= i < len(vocab):
+        return vocab[i]
+    return tokenizer.decode([i]) if tokenizer is not None else f"<{i}>"
+
+
 def decode_neuron(subject: Subject, layer: int, neuron: int, *, k: int = 5, apply_norm: bool = True,
                   unembedding: torch.Tensor | None = None, gain: torch.Tensor | None = None,
                   vocab: list[str] | None = None) -> dict[str, list[DecodedToken]]:
@@ -302,9 +309,7 @@ def decode_neuron(subject: Subject, layer: int, neuron: int, *, k: int = 5, appl
             for side, d in decode(v.unsqueeze(0), W, k=k, sides=sides, method="plain").items():
                 site = name if name != "down" else f"down.{side}"
                 ids = d.ids[0].tolist()
-                out[site] = [DecodedToken(vocab[i] if vocab is not None and 0 <= i < len(vocab) else
-                                          subject.tokenizer.decode([i]) if subject.tokenizer is not None else f"<{i}>",
-                                          i, float(lg), float(p))
+                out[site] = [DecodedToken(token_text(i, vocab, subject.tokenizer), i, float(lg), float(p))
                              for i, lg, p in zip(ids, d.logits[0].tolist(), d.probs[0].tolist())]
     order = ("up", "gate", "down.pos", "down.neg")
     return {s: out[s] for s in order if s in out}

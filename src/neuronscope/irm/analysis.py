@@ -94,7 +94,6 @@ class Recurrence:
     outlier_ranks: dict[str, int]
 
 
-
 @dataclass
 class ControlSummary:
     """A control run as the analysis saw it."""

@@ -16,7 +16,7 @@ p-values are (1 + #null >= value) / (1 + n) for sampled nulls; exact for the hyp
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Sequence
 
 import torch
@@ -78,8 +78,7 @@ class RecurrenceTest(RecurrenceSummary):
     indices: list[IndexCount] = field(default_factory=list)
 
     def summary(self) -> RecurrenceSummary:
-        return RecurrenceSummary(self.null, self.k, self.runs, self.hidden, self.expected_per_index, self.null_mean,
-                                 self.null_p95, self.value, self.p_value)
+        return RecurrenceSummary(**{f.name: getattr(self, f.name) for f in fields(RecurrenceSummary)})
 
 
 def summarize(value: float, null: Sequence[float], kind: str) -> NullTest:

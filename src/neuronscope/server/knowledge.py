@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
-from ..atlas.decode import decode, decode_neuron
+from ..atlas.decode import decode, decode_neuron, token_text
 from ..atlas.folder import AtlasFolder
 from ..concepts.clusters import ConceptCluster
 from ..concepts.records import NeuronMatch
@@ -148,10 +148,11 @@ class Knowledge:
         return out
 
     def top_tokens(self, layer: int, neuron: int, polarity: str = "pos", k: int = 5) -> list[str]:
-        site = DECODE_SITE.get(polarity, "down.pos")
+        """The tokens the neuron promotes firing with this polarity (its down.pos / down.neg decode), best first."""
         if self.atlas is not None:
-            return self.atlas.top_tokens(layer, neuron, site, k)
-        return [r.token for r in self._model_decodes(layer, neuron)[site][:k]]
+            return self.atlas.top_tokens(layer, neuron, DECODE_SITE.get(polarity, "down.pos"), k)
+        key = (layer, neuron, polarity)
+        return self.top_tokens_many([key], k)[key]
 
     def top_tokens_many(self, keys: Sequence[Key], k: int = 5) -> dict[Key, list[str]]:
         """`top_tokens` of many neurons: from the atlas, or without one their write vectors decoded together, one
@@ -171,7 +172,7 @@ class Knowledge:
     def _decode_tops(self, by_layer: dict[int, list[Key]], k: int, out: dict[Key, list[str]]) -> None:
         """Fill `out` with the top tokens of the neurons of `by_layer` (and cache them): a batch per layer."""
         W_U, g = self._unembedding()
-        vocab = self._vocab()
+        vocab, tokenizer = self._vocab(), self.subject.tokenizer
         for layer, group in by_layer.items():
             rows = torch.tensor(self.subject.check_neurons([n for _, n, _ in group]))
             with torch.no_grad():
@@ -179,7 +180,7 @@ class Knowledge:
                 found = decode(vecs, W_U, k=k, sides=("pos", "neg"), method="plain")
             for j, key in enumerate(group):
                 ids = found["neg" if DECODE_SITE.get(key[2]) == "down.neg" else "pos"].ids[j].tolist()
-                out[key] = [vocab[i] if 0 <= i < len(vocab) else f"<{i}>" for i in ids]
+                out[key] = [token_text(i, vocab, tokenizer) for i in ids]
                 self._tops.put((key, k), out[key])
 
     def decodes(self, layer: int, neuron: int) -> tuple[dict[str, list[DecodedToken]], str]:
